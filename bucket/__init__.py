@@ -1,0 +1,146 @@
+"""PRANA Bucket: durable, deduplicating packet store between PRANA browsers and Karma Tracker."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flask import Flask
+from sqlalchemy import event
+
+from config import Config, TestingConfig
+
+
+def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -> Flask:
+    """Build the application: configuration, extensions, blueprints, handlers, commands."""
+    app = Flask(__name__, instance_relative_config=True)
+    configure(app, overrides, testing)
+    register_json(app)
+    register_extensions(app)
+    register_blueprints(app)
+    register_error_handlers(app)
+    register_shell_context(app)
+    register_commands(app)
+    configure_logging(app)
+    return app
+
+
+def configure(app: Flask, overrides: dict[str, Any] | None, testing: bool) -> None:
+    """Load settings from the environment, then explicit overrides; default to SQLite."""
+    app.config.from_object(TestingConfig() if testing else Config())
+    app.config.update(overrides or {})
+    if not app.config.get("SQLALCHEMY_DATABASE_URI"):
+        os.makedirs(app.instance_path, exist_ok=True)
+        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{app.instance_path}/bucket.sqlite3"
+    app.config["MAX_CONTENT_LENGTH"] = app.config["BUCKET_MAX_BODY_BYTES"]
+    engine_options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
+    from bucket.jsonutil import orjson_dumps
+
+    engine_options["json_serializer"] = orjson_dumps
+    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        for option in ("pool_size", "max_overflow"):
+            engine_options.pop(option, None)
+        engine_options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
+
+
+def register_json(app: Flask) -> None:
+    """Serialise responses with orjson."""
+    from bucket.jsonutil import OrjsonProvider
+
+    app.json_provider_class = OrjsonProvider
+    app.json = OrjsonProvider(app)
+
+
+def register_extensions(app: Flask) -> None:
+    """Bind db, migrations, the queue service, CORS and the API object to this app."""
+    from bucket import models  # noqa: F401 - registers the tables on the metadata
+    from bucket.extensions import api, cors, db, migrate, queue
+
+    db.init_app(app)
+    migrate.init_app(app, db, directory=str(app.root_path + "/../migrations"))
+    queue.init_app(app)
+    cors.init_app(
+        app,
+        resources={r"/api/v1/bucket/prana/ingest": {"origins": app.config["BUCKET_CORS_ORIGINS"]}},
+        allow_headers=["Content-Type", "X-CLIENT-TIMESTAMP", "X-PRANA-BATCH-ID", "Idempotency-Key"],
+        expose_headers=["Retry-After", "X-Request-ID"],
+        methods=["POST", "OPTIONS"],
+        max_age=600,
+    )
+    api.init_app(app)
+    with app.app_context():
+        tune_engine(db.engine)
+
+
+def tune_engine(engine) -> None:
+    """SQLite: WAL, and BEGIN IMMEDIATE so each transaction's claims and acks are serialised."""
+    if engine.dialect.name != "sqlite":
+        return
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA busy_timeout=30000")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def register_blueprints(app: Flask) -> None:
+    """Mount the HTTP API and register its schemas in the OpenAPI document."""
+    from bucket.api import consumer, health, ingest, status
+    from bucket.extensions import api
+    from bucket.schemas import (
+        AckBatchSchema,
+        AckSchema,
+        BatchEnvelopeSchema,
+        BatchResultSchema,
+        IngestResultSchema,
+        PacketSchema,
+    )
+
+    for name, schema in (
+        ("Packet", PacketSchema),
+        ("BatchEnvelope", BatchEnvelopeSchema),
+        ("IngestResult", IngestResultSchema),
+        ("BatchResult", BatchResultSchema),
+        ("Ack", AckSchema),
+        ("AckBatch", AckBatchSchema),
+    ):
+        if name not in api.spec.components.schemas:
+            api.spec.components.schema(name, schema=schema)
+    for module in (ingest, consumer, status, health):
+        api.register_blueprint(module.blp)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """One JSON error shape for every failure."""
+    from bucket.errors import register_error_handlers as install
+
+    install(app)
+
+
+def register_shell_context(app: Flask) -> None:
+    """Pre-load what an operator needs in ``flask shell``."""
+    from bucket.shell import shell_context
+
+    app.shell_context_processor(shell_context)
+
+
+def register_commands(app: Flask) -> None:
+    """``flask bucket …`` operator commands."""
+    from bucket.cli import bucket_cli
+
+    app.cli.add_command(bucket_cli)
+
+
+def configure_logging(app: Flask) -> None:
+    """Log at INFO unless configured otherwise."""
+    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))

@@ -1,0 +1,1 @@
+"""HTTP blueprints: each view parses input, calls one service function and shapes the output."""

@@ -1,0 +1,41 @@
+"""Reading JSON bodies the way the browser bridge sends them (JSON, or sendBeacon's text/plain)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask import request
+from flask_smorest import abort
+from marshmallow import Schema, ValidationError
+
+ACCEPTED_MEDIA_TYPES = {"application/json", "text/plain", ""}
+
+
+def read_json_object() -> dict[str, Any]:
+    """Return the body as a JSON object, or abort with a 4xx JSON error naming the problem."""
+    media_type = (request.mimetype or "").lower()
+    if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
+        abort(415, message=f"Unsupported Content-Type {media_type!r}: send application/json.")
+    raw = request.get_data(cache=False)
+    if not raw.strip():
+        abort(400, message="The request body is empty: send a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        abort(400, message=f"The request body is not valid JSON: {exc}.")
+    if not isinstance(body, dict):
+        abort(
+            422,
+            message="The request body must be a JSON object.",
+            errors={"json": [f"Expected an object, got {type(body).__name__}."]},
+        )
+    return body
+
+
+def load_or_abort(schema: Schema, data: dict[str, Any]) -> dict[str, Any]:
+    """Validate with ``schema``; a failure is a 422 listing each offending field."""
+    try:
+        return schema.load(data)
+    except ValidationError as exc:
+        abort(422, message="The request is not valid.", errors={"json": exc.normalized_messages()})

@@ -1,0 +1,122 @@
+"""Karma Tracker's endpoints: poll, acknowledge, change a lease, list a user's packets."""
+
+from __future__ import annotations
+
+from flask import jsonify, request, url_for
+from flask_smorest import Blueprint, abort
+
+from bucket.api.body import load_or_abort, read_json_object
+from bucket.api.presenters import pending_packet_out, user_packet_out
+from bucket.schemas import (
+    AckBatchResultSchema,
+    AckBatchSchema,
+    AckResultSchema,
+    AckSchema,
+    LeaseChangeSchema,
+    PendingQuerySchema,
+    PendingResponseSchema,
+    UserPacketSchema,
+    UserQuerySchema,
+)
+from bucket.services import delivery
+from bucket.services.listing import BadCursor, user_packets
+
+blp = Blueprint(
+    "consumer",
+    __name__,
+    url_prefix="/api/v1/bucket/prana",
+    description="Delivery of stored packets to Karma Tracker.",
+)
+
+ack_schema = AckSchema()
+ack_batch_schema = AckBatchSchema()
+lease_schema = LeaseChangeSchema()
+
+
+@blp.route("/packets/pending", methods=["GET"])
+@blp.arguments(PendingQuerySchema, location="query", as_kwargs=True)
+@blp.response(200, PendingResponseSchema)
+def pending(limit: int, wait: float, visibility_timeout: int | None = None):
+    """Lease up to ``limit`` packets to the caller.
+
+    Each packet stays invisible to other consumers for ``visibility_timeout`` seconds (default
+    ``BUCKET_VISIBILITY_TIMEOUT``); acknowledge it before then or it is served again. With
+    ``wait`` > 0 an empty queue holds the request until a packet arrives or the time is up.
+    """
+    result = delivery.poll(limit, visibility_timeout, wait)
+    packets = [pending_packet_out(row, result.receipt, result.suspect) for row in result.rows]
+    return jsonify(
+        {"packets": packets, "count": len(packets), "queue_size": delivery.ready_count()}
+    )
+
+
+@blp.route("/packets/mark-processed", methods=["POST"])
+@blp.doc(
+    requestBody={
+        "required": True,
+        "content": {"application/json": {"schema": {"oneOf": [
+            {"$ref": "#/components/schemas/Ack"}, {"$ref": "#/components/schemas/AckBatch"}]}}},
+    },
+)
+@blp.response(200, AckResultSchema, description="One result: recorded (or already processed).")
+@blp.alt_response(207, schema=AckBatchResultSchema, description="Many results: some refused.")
+@blp.alt_response(404, response="DEFAULT_ERROR", description="Unknown packet_id.")
+@blp.alt_response(409, response="DEFAULT_ERROR", description="Dead packet or stale receipt.")
+@blp.alt_response(422, response="UNPROCESSABLE_CONTENT")
+def mark_processed():
+    """Record Karma Tracker's outcome for one packet, or for many as ``{"results": [...]}``.
+
+    ``success: true`` ends the packet's life in the queue; ``success: false`` schedules a retry
+    after a back-off, or dead-letters the packet on its last allowed delivery. Acknowledging an
+    already processed packet is harmless. A ``receipt`` from an expired, since-redelivered lease
+    is refused with 409 so it cannot overwrite the newer consumer's outcome.
+    """
+    body = read_json_object()
+    if "results" in body:
+        results = load_or_abort(ack_batch_schema, body)["results"]
+        outcomes = delivery.acknowledge(results)
+        status = 200 if all(o.code == 200 for o in outcomes) else 207
+        return jsonify({"results": [o.as_dict() for o in outcomes]}), status
+    (outcome,) = delivery.acknowledge([load_or_abort(ack_schema, body)])
+    if outcome.code != 200:
+        refuse(outcome)
+    return jsonify(outcome.as_dict())
+
+
+@blp.route("/packets/lease", methods=["POST"])
+@blp.arguments(LeaseChangeSchema)
+@blp.response(200, AckResultSchema)
+@blp.alt_response(404, response="DEFAULT_ERROR", description="Unknown packet_id.")
+@blp.alt_response(409, response="DEFAULT_ERROR", description="The receipt holds no live lease.")
+def change_lease(args: dict):
+    """Extend a lease you hold, or release it at once with ``visibility_timeout: 0``."""
+    outcome = delivery.change_visibility(
+        args["packet_id"], args["receipt"], args["visibility_timeout"]
+    )
+    if outcome.code != 200:
+        refuse(outcome)
+    return jsonify(outcome.as_dict())
+
+
+@blp.route("/packets/user/<string:user_id>", methods=["GET"])
+@blp.arguments(UserQuerySchema, location="query", as_kwargs=True)
+@blp.response(200, UserPacketSchema(many=True))
+def user_listing(user_id: str, limit: int, processed_only: bool, status: str | None = None,
+                 cursor: str | None = None):
+    """A user's packets, newest first; the next page's URL is in the ``Link`` header."""
+    try:
+        rows, next_cursor = user_packets(user_id, limit, processed_only, status, cursor)
+    except BadCursor as exc:
+        abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
+    response = jsonify([user_packet_out(row) for row in rows])
+    if next_cursor:
+        query = {k: v for k, v in request.args.items() if k != "cursor"}
+        url = url_for("consumer.user_listing", user_id=user_id, cursor=next_cursor, **query)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+    return response
+
+
+def refuse(outcome: delivery.AckOutcome) -> None:
+    """Abort with the refusal's code, naming the packet in the one error shape."""
+    abort(outcome.code, message=outcome.message, errors={"packet_id": [outcome.message]},
+          headers={"X-Bucket-Outcome": outcome.status})

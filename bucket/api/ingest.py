@@ -1,0 +1,120 @@
+"""The browser bridge's endpoint: one packet or a batch envelope, JSON or sendBeacon text."""
+
+from __future__ import annotations
+
+from flask import current_app, jsonify, request
+from flask_smorest import Blueprint, abort
+from marshmallow import ValidationError
+
+from bucket.api.body import load_or_abort, read_json_object
+from bucket.schemas import BatchEnvelopeSchema, PacketSchema
+from bucket.services.ingest import store_packets
+
+blp = Blueprint(
+    "ingest", __name__, url_prefix="/api/v1/bucket/prana", description="Packets from PRANA browsers."
+)
+
+packet_schema = PacketSchema()
+envelope_schema = BatchEnvelopeSchema()
+MAX_IDEMPOTENCY_KEY = 255
+
+
+@blp.route("/ingest", methods=["POST"])
+@blp.doc(
+    requestBody={
+        "required": True,
+        "content": {
+            media: {"schema": {"oneOf": [{"$ref": "#/components/schemas/Packet"},
+                                         {"$ref": "#/components/schemas/BatchEnvelope"}]}}
+            for media in ("application/json", "text/plain")
+        },
+    },
+    parameters=[
+        {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255}},
+        {"in": "header", "name": "X-PRANA-BATCH-ID", "schema": {"type": "string"}},
+        {"in": "header", "name": "X-CLIENT-TIMESTAMP", "schema": {"type": "string"}},
+    ],
+    responses={
+        "200": {"description": "Stored (or recognised as a duplicate) and committed.",
+                "content": {"application/json": {"schema": {"oneOf": [
+                    {"$ref": "#/components/schemas/IngestResult"},
+                    {"$ref": "#/components/schemas/BatchResult"}]}}}},
+        "207": {"description": "Batch: some packets were rejected.",
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
+        "422": {"$ref": "#/components/responses/UNPROCESSABLE_CONTENT"},
+        "503": {"$ref": "#/components/responses/DEFAULT_ERROR"},
+    },
+)
+def ingest():
+    """Store one packet or a batch; answer only after the database committed it.
+
+    A retried packet (same natural identity, or same ``Idempotency-Key``) is answered with its
+    original ``packet_id`` and ``"duplicate": true``, and is never stored twice.
+    """
+    body = read_json_object()
+    if "packets" in body:
+        return ingest_batch(body)
+    idempotency_key = request.headers.get("Idempotency-Key") or None
+    if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        abort(400, message=f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters.")
+    packet = load_or_abort(packet_schema, body)
+    (outcome,) = store_packets([packet], idempotency_key)
+    # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
+    answer = {
+        "status": "ingested",
+        "packet_id": outcome.packet_id,
+        "received_at": outcome.received_at.isoformat(),
+    }
+    if outcome.duplicate:
+        answer["duplicate"] = True
+    return jsonify(answer)
+
+
+def ingest_batch(body: dict):
+    """Validate each packet on its own, store the valid ones in one statement, report each."""
+    envelope = load_or_abort(envelope_schema, body)
+    packets = envelope["packets"]
+    limit = current_app.config["BUCKET_MAX_BATCH_SIZE"]
+    if not packets:
+        abort(422, message="The batch is empty.", errors={"json": {"packets": ["Must not be empty."]}})
+    if len(packets) > limit:
+        abort(
+            422,
+            message=f"The batch holds {len(packets)} packets; at most {limit} are accepted at once.",
+            errors={"json": {"packets": [f"At most {limit} packets per batch."]}},
+        )
+    results: list[dict] = [{} for _ in packets]
+    valid: list[tuple[int, dict]] = []
+    for index, raw in enumerate(packets):
+        if not isinstance(raw, dict):
+            results[index] = rejected(index, {"_schema": ["Each packet must be a JSON object."]})
+            continue
+        try:
+            valid.append((index, packet_schema.load(raw)))
+        except ValidationError as exc:
+            results[index] = rejected(index, exc.normalized_messages())
+    if valid:
+        outcomes = store_packets([packet for _, packet in valid])
+        for (index, _), outcome in zip(valid, outcomes):
+            results[index] = {
+                "index": index,
+                "status": "duplicate" if outcome.duplicate else "ingested",
+                "packet_id": outcome.packet_id,
+            }
+    rejected_count = len(packets) - len(valid)
+    duplicates = sum(1 for item in results if item["status"] == "duplicate")
+    answer = {
+        "status": "ingested" if not rejected_count else ("partial" if valid else "rejected"),
+        "batch_id": request.headers.get("X-PRANA-BATCH-ID"),
+        "accepted": len(valid),
+        "duplicates": duplicates,
+        "rejected": rejected_count,
+        "results": results,
+    }
+    status = 200 if not rejected_count else (207 if valid else 422)
+    return jsonify(answer), status
+
+
+def rejected(index: int, errors: dict) -> dict:
+    """One rejected packet's entry in a batch answer."""
+    return {"index": index, "status": "rejected", "errors": errors}

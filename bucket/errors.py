@@ -1,0 +1,74 @@
+"""Error handlers: one JSON shape (code, status, message, errors) for every failure."""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+
+from flask import Flask, jsonify
+from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from bucket.extensions import db
+from bucket.services.ingest import ConflictVanished
+
+log = logging.getLogger(__name__)
+DATABASE_RETRY_AFTER = "2"
+
+
+def error_response(code: int, message: str, headers: dict | None = None, errors: dict | None = None):
+    """Build a response in the service's one error shape."""
+    body = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
+    if errors:
+        body["errors"] = errors
+    response = jsonify(body)
+    response.status_code = code
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def database_unavailable(exc: Exception):
+    """The database did not answer: 503 with Retry-After, so the bridge retries the packet."""
+    db.session.rollback()
+    log.warning("database unavailable: %s", exc.__class__.__name__)
+    return error_response(
+        503,
+        "The database is unavailable; nothing was stored. Retry later.",
+        {"Retry-After": DATABASE_RETRY_AFTER},
+    )
+
+
+def database_error(exc: DBAPIError):
+    """Connection-level DBAPI failures are outages (503); anything else is a bug (500)."""
+    if exc.connection_invalidated or isinstance(exc, OperationalError):
+        return database_unavailable(exc)
+    return internal_error(InternalServerError(original_exception=exc))
+
+
+def internal_error(exc: InternalServerError):
+    """Roll the session back first, then answer 500 without leaking internals."""
+    db.session.rollback()
+    log.error("unhandled error", exc_info=exc.original_exception or exc)
+    return error_response(500, "Internal server error.")
+
+
+def http_error(exc: HTTPException):
+    """Every HTTP error (404, 405, 413, 422, …) in the one shape, always with a message."""
+    if exc.code is None or exc.code >= 500 and isinstance(exc, InternalServerError):
+        return internal_error(exc)
+    data = getattr(exc, "data", None) or {}
+    errors = data.get("errors") or data.get("messages")
+    headers = dict(data.get("headers") or {})
+    if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
+        headers["Allow"] = ", ".join(exc.valid_methods)
+    return error_response(exc.code, data.get("message") or exc.description, headers, errors)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Install the handlers; ours replace flask-smorest's HTTP handler to always add a message."""
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(PoolTimeoutError, database_unavailable)
+    app.register_error_handler(ConflictVanished, database_unavailable)
+    app.register_error_handler(DBAPIError, database_error)
+    app.register_error_handler(InternalServerError, internal_error)

@@ -1,0 +1,30 @@
+"""A Flask JSON provider backed by orjson: responses are serialised several times faster."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from flask.json.provider import DefaultJSONProvider
+
+
+class OrjsonProvider(DefaultJSONProvider):
+    """orjson for dumps/loads, falling back to Flask's defaults for exotic types."""
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return orjson.dumps(obj, default=self.default, option=orjson.OPT_NON_STR_KEYS).decode()
+
+    def loads(self, s: str | bytes, **kwargs: Any) -> Any:
+        return orjson.loads(s)
+
+    def response(self, *args: Any, **kwargs: Any):
+        obj = self._prepare_response_obj(args, kwargs)
+        return self._app.response_class(
+            orjson.dumps(obj, default=self.default, option=orjson.OPT_NON_STR_KEYS),
+            mimetype=self.mimetype,
+        )
+
+
+def orjson_dumps(obj: Any) -> str:
+    """Serializer for SQLAlchemy JSON columns."""
+    return orjson.dumps(obj).decode()

@@ -1,0 +1,97 @@
+"""Database models: the packet table is the source of truth for every packet's delivery state."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from bucket.extensions import db
+
+
+class UTCDateTime(TypeDecorator):
+    """Store naive UTC on every backend and hand back aware UTC datetimes."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is not None:
+            value = value.astimezone(timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class DeliveryState:
+    """Values of ``Packet.delivery_state``."""
+
+    PENDING = "pending"  # waiting for a consumer (possibly until a retry backoff ends)
+    LEASED = "leased"  # handed to a consumer until ``visible_at``
+    PROCESSED = "processed"  # acknowledged with success; its life in the queue is over
+    DEAD = "dead"  # failed ``BUCKET_MAX_ATTEMPTS`` deliveries; kept until requeued or purged
+
+    UNFINISHED = (PENDING, LEASED)
+    ALL = (PENDING, LEASED, PROCESSED, DEAD)
+
+
+class Packet(db.Model):
+    """One 5-second telemetry window of one user, with its delivery bookkeeping."""
+
+    __tablename__ = "packets"
+
+    packet_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # Digest of (system_type, user_id, session_id, timestamp in ms): the natural identity.
+    dedup_key: Mapped[str] = mapped_column(String(32))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+
+    user_id: Mapped[str] = mapped_column(String(256))
+    employee_id: Mapped[str | None] = mapped_column(String(256))
+    session_id: Mapped[str | None] = mapped_column(String(256))
+    lesson_id: Mapped[str | None] = mapped_column(String(256))
+    task_id: Mapped[str | None] = mapped_column(String(256))
+    system_type: Mapped[str | None] = mapped_column(String(16))
+    role: Mapped[str | None] = mapped_column(String(16))
+    client_timestamp: Mapped[datetime] = mapped_column(UTCDateTime())
+    cognitive_state: Mapped[str | None] = mapped_column(String(32))
+    state: Mapped[str | None] = mapped_column(String(32))
+    active_seconds: Mapped[float] = mapped_column(Float)
+    idle_seconds: Mapped[float] = mapped_column(Float)
+    away_seconds: Mapped[float] = mapped_column(Float)
+    focus_score: Mapped[float | None] = mapped_column(Float)
+    integrity_score: Mapped[float | None] = mapped_column(Float)
+    raw_signals: Mapped[dict] = mapped_column(JSON)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    delivery_state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING)
+    # Epoch seconds of the state's clock: when a pending packet becomes visible, when a lease
+    # expires, or when the packet was processed or dead-lettered (purge and requeue use it).
+    visible_at: Mapped[float] = mapped_column(Float)
+    lease_id: Mapped[str | None] = mapped_column(String(32))
+    delivery_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    last_delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    processed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    processed_by_karma: Mapped[bool] = mapped_column(Boolean, default=False)
+    karma_actions: Mapped[Any | None] = mapped_column(JSON)
+    dead_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
+        UniqueConstraint("idempotency_key", name="uq_packets_idempotency_key"),
+        # Claims, lease reaping, status counts, purge and requeue walk this index.
+        Index("ix_packets_queue", "delivery_state", "visible_at"),
+        # The user endpoint: newest first, cursor on (received_at, packet_id).
+        Index("ix_packets_user", "user_id", "received_at", "packet_id"),
+        Index("ix_packets_employee", "employee_id", "received_at", "packet_id"),
+    )
+
+    @property
+    def effective_cognitive_state(self) -> str | None:
+        """The legacy EMS ``state`` stands in for ``cognitive_state`` when only it was sent."""
+        return self.cognitive_state or self.state

@@ -1,0 +1,271 @@
+"""Marshmallow schemas: request validation and response documentation at the HTTP edge."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from bucket.models import DeliveryState
+from bucket.timeutil import parse_client_timestamp
+
+COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK")
+EMS_STATES = ("WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING")
+SYSTEM_TYPES = ("gurukul", "ems")
+ROLES = ("student", "employee")
+WINDOW_SECONDS = 5.0
+WINDOW_TOLERANCE = 0.1
+
+
+class BaseSchema(Schema):
+    """Unknown fields are tolerated everywhere: clients add transport fields we do not own."""
+
+    class Meta:
+        unknown = EXCLUDE
+
+
+class StrictNumber(fields.Float):
+    """A finite JSON number: strings, booleans, NaN and infinities are refused."""
+
+    default_error_messages = {"invalid": "Not a valid number.", "special": "Not a finite number."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.make_error("invalid")
+        if not math.isfinite(value):
+            raise self.make_error("special")
+        return float(value)
+
+
+class ClientTimestamp(fields.Field):
+    """An ISO-8601 timestamp string, normalised to aware UTC."""
+
+    default_error_messages = {"invalid": "Not a valid ISO-8601 timestamp."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any):
+        if not isinstance(value, str):
+            raise self.make_error("invalid")
+        try:
+            return parse_client_timestamp(value)
+        except ValueError as exc:
+            raise self.make_error("invalid") from exc
+
+    def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any):
+        return None if value is None else value.isoformat()
+
+
+def identifier(required: bool = False) -> fields.String:
+    """A 1–256 character identifier, nullable unless required."""
+    return fields.String(
+        required=required, allow_none=not required, validate=validate.Length(min=1, max=256)
+    )
+
+
+class PacketSchema(BaseSchema):
+    """One PRANA packet as the browser bridge sends it (CONTRACT.md, "Packets")."""
+
+    user_id = fields.String(validate=validate.Length(min=1, max=256))
+    employee_id = fields.String(validate=validate.Length(min=1, max=256))
+    session_id = identifier()
+    lesson_id = identifier()
+    task_id = identifier()
+    system_type = fields.String(allow_none=True, validate=validate.OneOf(SYSTEM_TYPES))
+    role = fields.String(allow_none=True, validate=validate.OneOf(ROLES))
+    timestamp = ClientTimestamp(required=True)
+    cognitive_state = fields.String(validate=validate.OneOf(COGNITIVE_STATES))
+    state = fields.String(validate=validate.OneOf(EMS_STATES))
+    active_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
+    idle_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
+    away_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
+    focus_score = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=100))
+    integrity_score = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=1))
+    raw_signals = fields.Dict(required=True)
+
+    @validates_schema(skip_on_field_errors=False, pass_original=True)
+    def check_cross_field_rules(self, data: dict, original: Any, **kwargs: Any) -> None:
+        """Identity, state and the 5-second window, each reported under its own field."""
+        errors: dict[str, list[str]] = {}
+        sent = original if isinstance(original, dict) else {}
+        if sent.get("user_id") is None and sent.get("employee_id") is None:
+            errors["user_id"] = ["Missing data for required field (or give employee_id)."]
+        if sent.get("cognitive_state") is None and sent.get("state") is None:
+            errors["cognitive_state"] = ["Missing data for required field (or give state)."]
+        split = [data.get(name) for name in ("active_seconds", "idle_seconds", "away_seconds")]
+        if all(isinstance(part, float) for part in split):
+            total = sum(split)
+            if abs(total - WINDOW_SECONDS) > WINDOW_TOLERANCE + 1e-9:
+                errors["active_seconds"] = [
+                    f"active_seconds + idle_seconds + away_seconds must be {WINDOW_SECONDS} "
+                    f"(±{WINDOW_TOLERANCE}), got {round(total, 6)}."
+                ]
+        if errors:
+            raise ValidationError(errors)
+
+
+class BatchEnvelopeSchema(BaseSchema):
+    """The batching bridge's envelope; each packet is validated on its own."""
+
+    packets = fields.List(fields.Raw(), required=True)
+    batch_size = fields.Integer(allow_none=True)
+    sent_at = fields.String(allow_none=True)
+
+
+class IngestResultSchema(BaseSchema):
+    """The answer to one stored (or recognised) packet."""
+
+    status = fields.String(metadata={"enum": ["ingested"]})
+    packet_id = fields.String()
+    received_at = fields.String()
+    duplicate = fields.Boolean()
+
+
+class BatchItemResultSchema(BaseSchema):
+    """One packet's outcome inside a batch answer, in request order."""
+
+    index = fields.Integer()
+    status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected"]})
+    packet_id = fields.String()
+    errors = fields.Dict()
+
+
+class BatchResultSchema(BaseSchema):
+    """The answer to a batch envelope."""
+
+    status = fields.String(metadata={"enum": ["ingested", "partial", "rejected"]})
+    batch_id = fields.String(allow_none=True)
+    accepted = fields.Integer()
+    duplicates = fields.Integer()
+    rejected = fields.Integer()
+    results = fields.List(fields.Nested(BatchItemResultSchema))
+
+
+class PendingQuerySchema(BaseSchema):
+    """Query string of ``pending``."""
+
+    limit = fields.Integer(load_default=10, validate=validate.Range(min=1, max=500))
+    visibility_timeout = fields.Integer(validate=validate.Range(min=1, max=43200))
+    wait = fields.Float(load_default=0.0, validate=validate.Range(min=0, max=20))
+
+
+class PacketOutSchema(BaseSchema):
+    """A stored packet as consumers see it."""
+
+    packet_id = fields.String()
+    user_id = fields.String()
+    employee_id = fields.String(allow_none=True)
+    session_id = fields.String(allow_none=True)
+    lesson_id = fields.String(allow_none=True)
+    task_id = fields.String(allow_none=True)
+    system_type = fields.String(allow_none=True)
+    role = fields.String(allow_none=True)
+    cognitive_state = fields.String(allow_none=True)
+    state = fields.String(allow_none=True)
+    focus_score = fields.Float(allow_none=True)
+    integrity_score = fields.Float(allow_none=True)
+    active_seconds = fields.Float()
+    idle_seconds = fields.Float()
+    away_seconds = fields.Float()
+    raw_signals = fields.Dict()
+    client_timestamp = fields.String()
+    received_at = fields.String()
+    delivery_state = fields.String(metadata={"enum": list(DeliveryState.ALL)})
+    delivery_count = fields.Integer()
+
+
+class PendingPacketSchema(PacketOutSchema):
+    """A leased packet: the receipt identifies this delivery in ``mark-processed``."""
+
+    receipt = fields.String()
+    lease_expires_at = fields.String()
+    suspect = fields.Boolean(
+        metadata={"description": "A previous lease of this packet expired unacknowledged."}
+    )
+
+
+class PendingResponseSchema(BaseSchema):
+    """The answer to ``pending``."""
+
+    packets = fields.List(fields.Nested(PendingPacketSchema))
+    count = fields.Integer()
+    queue_size = fields.Integer()
+
+
+class AckSchema(BaseSchema):
+    """One consumer result for one packet."""
+
+    packet_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    success = fields.Boolean(required=True)
+    karma_actions = fields.List(fields.Dict(), allow_none=True, load_default=None)
+    error_message = fields.String(allow_none=True, load_default=None)
+    receipt = fields.String(allow_none=True, load_default=None)
+
+
+class AckBatchSchema(BaseSchema):
+    """Many results at once."""
+
+    results = fields.List(
+        fields.Nested(AckSchema), required=True, validate=validate.Length(min=1, max=500)
+    )
+
+
+class AckResultSchema(BaseSchema):
+    """What happened to one acknowledged packet."""
+
+    packet_id = fields.String()
+    status = fields.String(
+        metadata={"enum": ["processed", "retry_scheduled", "dead", "already_processed"]}
+    )
+    delivery_count = fields.Integer()
+    next_attempt_at = fields.String(allow_none=True)
+    code = fields.Integer()
+    message = fields.String()
+
+
+class AckBatchResultSchema(BaseSchema):
+    """The answer to a batch acknowledgement."""
+
+    results = fields.List(fields.Nested(AckResultSchema))
+
+
+class UserQuerySchema(BaseSchema):
+    """Query string of the user listing."""
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    processed_only = fields.Boolean(load_default=False)
+    status = fields.String(validate=validate.OneOf(DeliveryState.ALL))
+    cursor = fields.String()
+
+
+class UserPacketSchema(PacketOutSchema):
+    """A packet in the user listing, with its outcome."""
+
+    processed_at = fields.String(allow_none=True)
+    processed_by_karma = fields.Boolean()
+    karma_actions = fields.Raw(allow_none=True)
+    last_error = fields.String(allow_none=True)
+    dead_at = fields.String(allow_none=True)
+
+
+class StatusSchema(BaseSchema):
+    """Queue and storage figures."""
+
+    queue_size = fields.Integer()
+    redis_connected = fields.Boolean()
+    queue_backend = fields.String()
+    total_packets = fields.Integer()
+    processed_packets = fields.Integer()
+    pending_packets = fields.Integer()
+    leased_packets = fields.Integer()
+    retrying_packets = fields.Integer()
+    dead_packets = fields.Integer()
+    oldest_pending_age_seconds = fields.Float(allow_none=True)
+    consumer_auth = fields.Boolean()
+
+
+class LeaseChangeSchema(BaseSchema):
+    """Change the visibility of a leased packet (SQS ChangeMessageVisibility)."""
+
+    packet_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    receipt = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    visibility_timeout = fields.Integer(required=True, validate=validate.Range(min=0, max=43200))

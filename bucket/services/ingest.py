@@ -1,0 +1,136 @@
+"""Storing packets: validated rows in, one INSERT per request, duplicates recognised by key."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import or_, select
+
+from bucket.extensions import db, queue
+from bucket.models import DeliveryState, Packet
+from bucket.services.dialect import upsert_insert
+from bucket.timeutil import new_packet_id, utc_now
+
+PACKET_TABLE = Packet.__table__
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+class ConflictVanished(RuntimeError):
+    """A duplicate's original disappeared before it could be read back; the client retries."""
+
+
+@dataclass(frozen=True)
+class IngestOutcome:
+    """What became of one valid packet."""
+
+    packet_id: str
+    received_at: datetime
+    duplicate: bool
+
+
+def identity_key(system_type: str | None, user_id: str, session_id: str | None, ts: datetime) -> str:
+    """Digest of the natural identity: nulls equal, the timestamp as a UTC instant in ms."""
+    millis = (ts - EPOCH) // timedelta(milliseconds=1)
+    text = json.dumps([system_type, user_id, session_id, millis], separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str | None) -> dict:
+    """Turn a validated packet into a table row (EMS ``employee_id`` becomes the user)."""
+    user_id = data.get("user_id") or data["employee_id"]
+    timestamp = data["timestamp"]
+    return {
+        "packet_id": new_packet_id(),
+        "dedup_key": identity_key(data.get("system_type"), user_id, data.get("session_id"), timestamp),
+        "idempotency_key": idempotency_key,
+        "user_id": user_id,
+        "employee_id": data.get("employee_id"),
+        "session_id": data.get("session_id"),
+        "lesson_id": data.get("lesson_id"),
+        "task_id": data.get("task_id"),
+        "system_type": data.get("system_type"),
+        "role": data.get("role"),
+        "client_timestamp": timestamp,
+        "cognitive_state": data.get("cognitive_state"),
+        "state": data.get("state"),
+        "active_seconds": data["active_seconds"],
+        "idle_seconds": data["idle_seconds"],
+        "away_seconds": data["away_seconds"],
+        "focus_score": data.get("focus_score"),
+        "integrity_score": data.get("integrity_score"),
+        "raw_signals": data["raw_signals"],
+        "received_at": received_at,
+        "delivery_state": DeliveryState.PENDING,
+        "visible_at": received_at.timestamp(),
+        "delivery_count": 0,
+        "processed_by_karma": False,
+    }
+
+
+def store_packets(packets: list[dict[str, Any]], idempotency_key: str | None = None) -> list[IngestOutcome]:
+    """Store validated packets and commit; return one outcome per packet, in order.
+
+    Duplicates (of stored packets or of each other) are detected by the unique keys, so two
+    copies racing on two workers still end as one row. Nothing is acknowledged before COMMIT.
+    """
+    received_at = utc_now()
+    rows = [packet_row(data, received_at, idempotency_key) for data in packets]
+    first_by_key: dict[str, dict] = {}
+    for row in rows:
+        first_by_key.setdefault(row["dedup_key"], row)
+    fresh = list(first_by_key.values())
+
+    statement = (
+        upsert_insert(PACKET_TABLE).on_conflict_do_nothing().returning(PACKET_TABLE.c.dedup_key)
+    )
+    params = fresh if len(fresh) > 1 else fresh[0]
+    inserted = {key for (key,) in db.session.execute(statement, params)}
+    existing: dict[str, tuple[str, datetime]] = {}
+    missing = [row for row in fresh if row["dedup_key"] not in inserted]
+    if missing:
+        existing = find_existing(missing, idempotency_key)
+    db.session.commit()
+    if inserted:
+        queue.publish_ready()
+
+    outcomes = []
+    for row in rows:
+        first = first_by_key[row["dedup_key"]]
+        if row is first and row["dedup_key"] in inserted:
+            outcomes.append(IngestOutcome(row["packet_id"], received_at, False))
+        elif first["dedup_key"] in inserted:
+            outcomes.append(IngestOutcome(first["packet_id"], received_at, True))
+        else:
+            packet_id, original_received_at = existing[row["dedup_key"]]
+            outcomes.append(IngestOutcome(packet_id, original_received_at, True))
+    return outcomes
+
+
+def find_existing(rows: list[dict], idempotency_key: str | None) -> dict[str, tuple[str, datetime]]:
+    """Map each conflicting row's dedup key to the stored packet it duplicates."""
+    keys = [row["dedup_key"] for row in rows]
+    condition = PACKET_TABLE.c.dedup_key.in_(keys)
+    if idempotency_key is not None:
+        condition = or_(condition, PACKET_TABLE.c.idempotency_key == idempotency_key)
+    found = db.session.execute(
+        select(
+            PACKET_TABLE.c.packet_id,
+            PACKET_TABLE.c.dedup_key,
+            PACKET_TABLE.c.idempotency_key,
+            PACKET_TABLE.c.received_at,
+        ).where(condition)
+    ).all()
+    by_dedup = {r.dedup_key: (r.packet_id, r.received_at) for r in found}
+    by_idem = {r.idempotency_key: (r.packet_id, r.received_at) for r in found if r.idempotency_key}
+    result = {}
+    for key in keys:
+        match = by_dedup.get(key) or by_idem.get(idempotency_key)
+        if match is None:
+            # The conflicting row vanished between INSERT and SELECT (a purge): the caller retries.
+            raise ConflictVanished(f"conflicting packet {key} disappeared")
+        result[key] = match
+    return result

@@ -1,0 +1,28 @@
+"""What ``flask shell`` pre-loads for operators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def shell_context() -> dict[str, Any]:
+    """db, the packet model, the queue service and the service functions an operator reaches for."""
+    from bucket.extensions import db, queue
+    from bucket.models import DeliveryState, Packet
+    from bucket.services import delivery
+    from bucket.services.ingest import store_packets
+    from bucket.services.listing import user_packets
+    from bucket.services.stats import collect_stats
+
+    return {
+        "db": db,
+        "Packet": Packet,
+        "DeliveryState": DeliveryState,
+        "queue": queue,
+        "stats": collect_stats,
+        "user_packets": user_packets,
+        "store_packets": store_packets,
+        "claim": delivery.claim,
+        "acknowledge": delivery.acknowledge,
+        "requeue": delivery.requeue,
+    }

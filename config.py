@@ -1,0 +1,93 @@
+"""Configuration read from the environment, with development defaults and a testing variant."""
+
+from __future__ import annotations
+
+import os
+
+
+def env_str(name: str, default: str | None = None) -> str | None:
+    """Return a stripped environment value, treating an empty string as unset."""
+    value = os.environ.get(name, "").strip()
+    return value or default
+
+
+def env_int(name: str, default: int) -> int:
+    """Parse an integer variable; a malformed value fails loudly at start-up."""
+    value = env_str(name)
+    return default if value is None else int(value)
+
+
+def env_float(name: str, default: float) -> float:
+    """Parse a float variable; a malformed value fails loudly at start-up."""
+    value = env_str(name)
+    return default if value is None else float(value)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    """Parse a yes/no variable (1/true/yes/on)."""
+    value = env_str(name)
+    if value is None:
+        return default
+    return value.lower() in {"1", "true", "yes", "on"}
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    """Parse a comma-separated variable into its non-empty items."""
+    value = env_str(name)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def normalize_database_url(url: str | None) -> str | None:
+    """Accept Render's ``postgres://`` URLs and pick the psycopg 3 driver for PostgreSQL."""
+    if not url:
+        return None
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+class Config:
+    """Production and development settings, all overridable from the environment."""
+
+    def __init__(self) -> None:
+        self.SQLALCHEMY_DATABASE_URI = normalize_database_url(env_str("DATABASE_URL"))
+        self.REDIS_URL = env_str("REDIS_URL")
+        self.BUCKET_REDIS_PREFIX = env_str("BUCKET_REDIS_PREFIX", "prana-bucket")
+        self.PORT = env_int("PORT", 3000)
+        self.BUCKET_CORS_ORIGINS = env_list("BUCKET_CORS_ORIGINS", ["*"])
+        self.BUCKET_CONSUMER_TOKENS = env_list("BUCKET_CONSUMER_TOKEN", [])
+        self.BUCKET_VISIBILITY_TIMEOUT = env_int("BUCKET_VISIBILITY_TIMEOUT", 60)
+        self.BUCKET_MAX_ATTEMPTS = env_int("BUCKET_MAX_ATTEMPTS", 5)
+        self.BUCKET_RETRY_BACKOFF = env_float("BUCKET_RETRY_BACKOFF", 10.0)
+        self.BUCKET_RETRY_BACKOFF_MAX = env_float("BUCKET_RETRY_BACKOFF_MAX", 3600.0)
+        self.BUCKET_MAX_BODY_BYTES = env_int("BUCKET_MAX_BODY_BYTES", 1024 * 1024)
+        self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
+        self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
+        self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
+        self.BUCKET_AUTO_MIGRATE = env_bool("BUCKET_AUTO_MIGRATE", False)
+        self.MAX_CONTENT_LENGTH = self.BUCKET_MAX_BODY_BYTES
+        self.SQLALCHEMY_ENGINE_OPTIONS = {
+            "pool_size": env_int("BUCKET_DB_POOL_SIZE", 10),
+            "max_overflow": env_int("BUCKET_DB_MAX_OVERFLOW", 10),
+            "pool_recycle": 1800,
+        }
+        self.SQLALCHEMY_TRACK_MODIFICATIONS = False
+        # flask-smorest / OpenAPI
+        self.API_TITLE = "PRANA Bucket"
+        self.API_VERSION = "1.0.0"
+        self.OPENAPI_VERSION = "3.0.3"
+        self.OPENAPI_URL_PREFIX = "/"
+        self.OPENAPI_JSON_PATH = "openapi.json"
+        self.OPENAPI_SWAGGER_UI_PATH = None
+        self.TESTING = False
+
+
+class TestingConfig(Config):
+    """Settings for the test suite: overridden per test through ``create_app(overrides)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.TESTING = True

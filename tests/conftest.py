@@ -1,0 +1,123 @@
+"""Fixtures: an isolated app per test on each backend (SQLite + memory, PostgreSQL + Redis)."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+
+import pytest
+from flask_migrate import upgrade
+
+from bucket import create_app
+from bucket.extensions import db, queue
+from tests import servers
+
+BACKENDS = ["sqlite", "postgres"]
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory):
+    """A migrated SQLite file, copied for each test (migrations run once, not per test)."""
+    path = tmp_path_factory.mktemp("template") / "bucket.sqlite3"
+    app = create_app({"SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}"}, testing=True)
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+    return path
+
+
+@pytest.fixture(scope="session")
+def postgres_database():
+    """One migrated PostgreSQL database for the session, dropped at the end."""
+    reason = servers.postgres_reachable()
+    if reason:
+        servers.unavailable(reason)
+    name, url = servers.create_database()
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url}, testing=True)
+    with app.app_context():
+        upgrade()
+        db.engine.dispose()
+    yield url
+    servers.drop_database(name)
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """The machine's shared Redis (tests use their own key prefix on it)."""
+    reason = servers.redis_reachable()
+    if reason:
+        servers.unavailable(reason)
+    return servers.REDIS_TEST_URL
+
+
+def backend_config(request, backend: str, tmp_path) -> dict:
+    """Config overrides selecting the backend pair for one test."""
+    prefix = f"bucket-test-{uuid.uuid4().hex[:10]}"
+    if backend == "sqlite":
+        path = tmp_path / "bucket.sqlite3"
+        shutil.copy(request.getfixturevalue("sqlite_template"), path)
+        return {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}", "REDIS_URL": None,
+                "BUCKET_REDIS_PREFIX": prefix}
+    return {
+        "SQLALCHEMY_DATABASE_URI": request.getfixturevalue("postgres_database"),
+        "REDIS_URL": request.getfixturevalue("redis_url"),
+        "BUCKET_REDIS_PREFIX": prefix,
+    }
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request) -> str:
+    """The backend pair under test: ``sqlite`` (+ memory) or ``postgres`` (+ Redis)."""
+    return request.param
+
+
+@pytest.fixture
+def app_config() -> dict:
+    """Extra config for the ``app`` fixture; override in a test module or with indirect params."""
+    return {}
+
+
+@pytest.fixture
+def make_app(request, backend, tmp_path):
+    """Build apps sharing this test's database and queue (a "restart" builds another)."""
+    base = backend_config(request, backend, tmp_path)
+    built = []
+
+    def build(**overrides):
+        app = create_app({**base, **overrides}, testing=True)
+        built.append(app)
+        return app
+
+    yield build
+    for app in built:
+        with app.app_context():
+            db.session.remove()
+            if app is built[0]:
+                clean_state(app)
+            db.engine.dispose()
+
+
+def clean_state(app) -> None:
+    """Empty the shared PostgreSQL table and this test's Redis keys."""
+    if db.engine.dialect.name == "postgresql":
+        with db.engine.begin() as conn:
+            conn.exec_driver_sql("TRUNCATE packets")
+    queue.flush()
+
+
+@pytest.fixture
+def app(make_app, app_config):
+    """The application under test, on the parametrized backend."""
+    return make_app(**app_config)
+
+
+@pytest.fixture
+def client(app):
+    """A test client of ``app``."""
+    return app.test_client()
+
+
+@pytest.fixture
+def runner(app):
+    """A CLI runner of ``app``."""
+    return app.test_cli_runner()

@@ -1,0 +1,43 @@
+"""Valid packets to start from; tests override the fields they care about."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
+_sequence = itertools.count()
+_base = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
+
+
+def fixture(name: str) -> dict:
+    """A packet from ``shared/fixtures`` (falls back to the copy in ``tests/fixtures``)."""
+    path = FIXTURES / name
+    if not path.exists():
+        path = Path(__file__).resolve().parent / "fixtures" / name
+    return json.loads(path.read_text())
+
+
+def make_packet(**overrides) -> dict:
+    """A valid gurukul packet with a unique timestamp (so it is not a duplicate)."""
+    n = next(_sequence)
+    packet = {
+        "user_id": "stu_test",
+        "session_id": "sess_test",
+        "lesson_id": "lesson_1",
+        "system_type": "gurukul",
+        "role": "student",
+        "timestamp": (_base + timedelta(seconds=5 * n)).isoformat().replace("+00:00", "Z"),
+        "cognitive_state": "ON_TASK",
+        "active_seconds": 4.0,
+        "idle_seconds": 1.0,
+        "away_seconds": 0.0,
+        "focus_score": 70,
+        "raw_signals": {"tab_visible": True, "n": n},
+        "queued_at": "2026-11-28T10:00:00.001Z",
+        "retry_count": 0,
+    }
+    packet.update(overrides)
+    return packet

@@ -1,0 +1,114 @@
+"""Reaching the real PostgreSQL and Redis servers, and starting private ones for fault tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+
+import psycopg
+import pytest
+import redis
+
+PG_ADMIN_URL = os.environ.get("BUCKET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("BUCKET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(reason: str) -> None:
+    """Skip with a visible reason on a developer machine; fail in CI, where servers must exist."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI=true: required servers must be running)")
+    pytest.skip(reason)
+
+
+def postgres_reachable() -> str | None:
+    """None when PostgreSQL answers, else why not."""
+    try:
+        with psycopg.connect(PG_ADMIN_URL, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return None
+    except psycopg.Error as exc:
+        return f"PostgreSQL at {PG_ADMIN_URL} is unreachable: {exc}"
+
+
+def redis_reachable(url: str = REDIS_TEST_URL) -> str | None:
+    """None when Redis answers, else why not."""
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2).ping()
+        return None
+    except redis.RedisError as exc:
+        return f"Redis at {url} is unreachable: {exc}"
+
+
+def with_database(url: str, name: str) -> str:
+    """The admin URL pointed at another database."""
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+def create_database() -> tuple[str, str]:
+    """Create a uniquely named PostgreSQL database; return (name, SQLAlchemy URL)."""
+    name = f"bucket_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = with_database(PG_ADMIN_URL, name).replace("postgresql://", "postgresql+psycopg://", 1)
+    return name, url
+
+
+def drop_database(name: str) -> None:
+    """Drop a test database, disconnecting whoever still holds it."""
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, on a free port, that the test may kill and restart."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = tempfile.mkdtemp(prefix="bucket-redis-")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "PrivateRedis":
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server is not installed")
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while redis_reachable(self.url) is not None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("private redis-server did not start")
+            time.sleep(0.05)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, no persistence."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def stop(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
