@@ -14,7 +14,7 @@ class QueueBackend(Protocol):
     def publish_ready(self) -> None:
         """Tell every waiting consumer, in any process, that packets may be ready."""
 
-    def listen(self, signal: "WakeSignal") -> None:
+    def listen(self, signal: WakeSignal) -> None:
         """Start forwarding other processes' announcements to ``signal`` (idempotent)."""
 
     def ping(self) -> bool:

@@ -26,6 +26,8 @@ from bucket.timeutil import epoch_now, from_epoch
 T = Packet.__table__
 PACKET_COLUMNS = [c for c in T.c if c.name not in ("dedup_key", "idempotency_key")]
 EXHAUSTED_LEASE_ERROR = "lease expired without acknowledgement on the last allowed delivery"
+# Heads a claim may find taken by concurrent claims before it answers "nothing visible".
+CLAIM_ROUNDS = 3
 
 
 @dataclass
@@ -39,7 +41,7 @@ class DeliverySettings:
     long_poll_interval: float
 
     @classmethod
-    def from_app(cls) -> "DeliverySettings":
+    def from_app(cls) -> DeliverySettings:
         config = current_app.config
         return cls(
             visibility_timeout=config["BUCKET_VISIBILITY_TIMEOUT"],
@@ -102,11 +104,11 @@ def next_source(now: float) -> str | None:
     Suspects are packets whose lease expired unacknowledged; they take their turn in arrival
     order but are served alone, so a poison packet cannot drag its batch-mates with it.
     """
+    def head(state: str):
+        return select(func.min(T.c.visible_at)).where(_visible(state, now)).scalar_subquery()
+
     heads = db.session.execute(
-        select(
-            select(func.min(T.c.visible_at)).where(_visible(DeliveryState.PENDING, now)).scalar_subquery(),
-            select(func.min(T.c.visible_at)).where(_visible(DeliveryState.LEASED, now)).scalar_subquery(),
-        )
+        select(head(DeliveryState.PENDING), head(DeliveryState.LEASED))
     ).one()
     healthy_head, suspect_head = heads
     if suspect_head is not None and (healthy_head is None or suspect_head <= healthy_head):
@@ -117,26 +119,44 @@ def next_source(now: float) -> str | None:
 
 
 def claim(limit: int, visibility_timeout: int | None = None) -> Claim:
-    """Lease up to ``limit`` visible packets to one consumer and commit."""
+    """Lease up to ``limit`` visible packets to one consumer and commit.
+
+    The head is looked up before its rows are locked, so a concurrent claim can take it first;
+    then the next head is looked up (a fresh snapshot per statement on PostgreSQL) instead of
+    answering "empty" while other packets are still visible.
+    """
     settings = DeliverySettings.from_app()
     timeout = visibility_timeout or settings.visibility_timeout
-    now = epoch_now()
-    reap_exhausted(now, settings)
-    source = next_source(now)
-    if source is None:
-        db.session.commit()
-        return Claim([], None, False)
-    suspect = source == DeliveryState.LEASED
+    for _ in range(CLAIM_ROUNDS):
+        now = epoch_now()
+        reap_exhausted(now, settings)
+        source = next_source(now)
+        if source is None:
+            break
+        suspect = source == DeliveryState.LEASED
+        receipt = secrets.token_hex(8)
+        rows = _lease(source, 1 if suspect else limit, receipt, now, timeout, settings)
+        if rows:
+            db.session.commit()
+            rows.sort(key=lambda row: row.packet_id)
+            return Claim(rows, receipt, suspect)
+    db.session.commit()
+    return Claim([], None, False)
+
+
+def _lease(
+    source: str, limit: int, receipt: str, now: float, timeout: int, settings: DeliverySettings
+) -> list[Any]:
+    """One UPDATE leasing the oldest visible rows of ``source`` that nobody else has locked."""
     candidates = (
         select(T.c.packet_id)
         .where(_visible(source, now), T.c.delivery_count < settings.max_attempts)
         .order_by(T.c.visible_at, T.c.packet_id)
-        .limit(1 if suspect else limit)
+        .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    receipt = secrets.token_hex(8)
-    rows = db.session.execute(
+    return db.session.execute(
         update(T)
         .where(T.c.packet_id.in_(candidates))
         .values(
@@ -148,9 +168,6 @@ def claim(limit: int, visibility_timeout: int | None = None) -> Claim:
         )
         .returning(*PACKET_COLUMNS)
     ).all()
-    db.session.commit()
-    rows.sort(key=lambda row: row.packet_id)
-    return Claim(rows, receipt if rows else None, suspect)
 
 
 def poll(limit: int, visibility_timeout: int | None, wait: float) -> Claim:
@@ -197,7 +214,9 @@ class AckOutcome:
     message: str | None = None
 
     def as_dict(self) -> dict:
-        body: dict[str, Any] = {"packet_id": self.packet_id, "status": self.status, "code": self.code}
+        body: dict[str, Any] = {
+            "packet_id": self.packet_id, "status": self.status, "code": self.code
+        }
         if self.delivery_count is not None:
             body["delivery_count"] = self.delivery_count
         if self.next_attempt_at is not None:
