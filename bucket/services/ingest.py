@@ -8,15 +8,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import or_, select
+import orjson
+from sqlalchemy import or_, select, text
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState, Packet
-from bucket.services.dialect import upsert_insert
+from bucket.services.dialect import dialect_name, upsert_insert, write_connection
 from bucket.timeutil import new_packet_id, utc_now
 
 PACKET_TABLE = Packet.__table__
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+BATCH_INSERT_SQL = text(
+    "INSERT INTO packets SELECT * FROM json_populate_recordset(NULL::packets, CAST(:doc AS json)) "
+    "ON CONFLICT DO NOTHING RETURNING dedup_key"
+)
 
 
 class ConflictVanished(RuntimeError):
@@ -84,16 +89,12 @@ def store_packets(packets: list[dict[str, Any]], idempotency_key: str | None = N
         first_by_key.setdefault(row["dedup_key"], row)
     fresh = list(first_by_key.values())
 
-    statement = (
-        upsert_insert(PACKET_TABLE).on_conflict_do_nothing().returning(PACKET_TABLE.c.dedup_key)
-    )
-    params = fresh if len(fresh) > 1 else fresh[0]
-    inserted = {key for (key,) in db.session.execute(statement, params)}
     existing: dict[str, tuple[str, datetime]] = {}
-    missing = [row for row in fresh if row["dedup_key"] not in inserted]
-    if missing:
-        existing = find_existing(missing, idempotency_key)
-    db.session.commit()
+    with write_connection() as connection:
+        inserted = insert_rows(connection, fresh)
+        missing = [row for row in fresh if row["dedup_key"] not in inserted]
+        if missing:
+            existing = find_existing(connection, missing, idempotency_key)
     if inserted:
         queue.publish_ready()
 
@@ -110,13 +111,30 @@ def store_packets(packets: list[dict[str, Any]], idempotency_key: str | None = N
     return outcomes
 
 
-def find_existing(rows: list[dict], idempotency_key: str | None) -> dict[str, tuple[str, datetime]]:
+def insert_rows(connection: Any, rows: list[dict]) -> set[str]:
+    """INSERT … ON CONFLICT DO NOTHING in one statement; return the dedup keys that were new."""
+    if len(rows) > 1 and dialect_name() == "postgresql":
+        # One JSON parameter instead of ~30 per row: the statement text stays small and cached,
+        # and PostgreSQL parses the rows server-side (several times faster for batches).
+        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
+        result = connection.execute(BATCH_INSERT_SQL, {"doc": doc})
+    else:
+        statement = (
+            upsert_insert(PACKET_TABLE).on_conflict_do_nothing().returning(PACKET_TABLE.c.dedup_key)
+        )
+        result = connection.execute(statement, rows if len(rows) > 1 else rows[0])
+    return {key for (key,) in result}
+
+
+def find_existing(
+    connection: Any, rows: list[dict], idempotency_key: str | None
+) -> dict[str, tuple[str, datetime]]:
     """Map each conflicting row's dedup key to the stored packet it duplicates."""
     keys = [row["dedup_key"] for row in rows]
     condition = PACKET_TABLE.c.dedup_key.in_(keys)
     if idempotency_key is not None:
         condition = or_(condition, PACKET_TABLE.c.idempotency_key == idempotency_key)
-    found = db.session.execute(
+    found = connection.execute(
         select(
             PACKET_TABLE.c.packet_id,
             PACKET_TABLE.c.dedup_key,
