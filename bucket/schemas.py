@@ -48,7 +48,7 @@ class ClientTimestamp(fields.Field):
             raise self.make_error("invalid")
         try:
             return parse_client_timestamp(value)
-        except ValueError as exc:
+        except (ValueError, OverflowError) as exc:  # year 1 or 9999 with an offset overflows UTC
             raise self.make_error("invalid") from exc
 
     def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any):
@@ -65,16 +65,18 @@ def identifier(required: bool = False) -> fields.String:
 class PacketSchema(BaseSchema):
     """One PRANA packet as the browser bridge sends it (CONTRACT.md, "Packets")."""
 
-    user_id = fields.String(validate=validate.Length(min=1, max=256))
-    employee_id = fields.String(validate=validate.Length(min=1, max=256))
+    # Null counts as absent for the identity and state pairs; the cross-field check below
+    # requires one of each pair (an EMS client may send ``user_id: null`` next to employee_id).
+    user_id = fields.String(allow_none=True, validate=validate.Length(min=1, max=256))
+    employee_id = fields.String(allow_none=True, validate=validate.Length(min=1, max=256))
     session_id = identifier()
     lesson_id = identifier()
     task_id = identifier()
     system_type = fields.String(allow_none=True, validate=validate.OneOf(SYSTEM_TYPES))
     role = fields.String(allow_none=True, validate=validate.OneOf(ROLES))
     timestamp = ClientTimestamp(required=True)
-    cognitive_state = fields.String(validate=validate.OneOf(COGNITIVE_STATES))
-    state = fields.String(validate=validate.OneOf(EMS_STATES))
+    cognitive_state = fields.String(allow_none=True, validate=validate.OneOf(COGNITIVE_STATES))
+    state = fields.String(allow_none=True, validate=validate.OneOf(EMS_STATES))
     active_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
     idle_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
     away_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
