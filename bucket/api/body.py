@@ -16,14 +16,17 @@ def read_json_object() -> dict[str, Any]:
     """Return the body as a JSON object, or abort with a 4xx JSON error naming the problem."""
     media_type = (request.mimetype or "").lower()
     if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
-        abort(415, message=f"Unsupported Content-Type {media_type!r}: send application/json.")
+        message = f"Unsupported Content-Type {media_type!r}: send application/json."
+        abort(415, message=message, errors={"headers": {"Content-Type": [message]}})
     raw = request.get_data(cache=False)
     if not raw.strip():
-        abort(400, message="The request body is empty: send a JSON object.")
+        message = "The request body is empty: send a JSON object."
+        abort(400, message=message, errors={"json": [message]})
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        abort(400, message=f"The request body is not valid JSON: {exc}.")
+        message = f"The request body is not valid JSON: {exc}."
+        abort(400, message=message, errors={"json": [message]})
     if not isinstance(body, dict):
         abort(
             422,

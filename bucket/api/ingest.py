@@ -56,7 +56,8 @@ def ingest():
         return ingest_batch(body)
     idempotency_key = request.headers.get("Idempotency-Key") or None
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
-        abort(400, message=f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters.")
+        message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters."
+        abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
     packet = load_or_abort(packet_schema, body)
     (outcome,) = store_packets([packet], idempotency_key)
     # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
