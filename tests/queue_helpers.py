@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from bucket.extensions import db
+from bucket.models import Packet
 from bucket.timeutil import epoch_now
 from tests.factories import make_packet
 
@@ -68,10 +69,9 @@ def expire(app, packet_ids: list[str] | None = None, seconds: float = 1.0) -> No
 
 
 def row(app, packet_id: str) -> Any:
-    """The packet's row as stored."""
+    """The packet's row as stored (JSON columns decoded)."""
     with app.app_context():
-        found = db.session.execute(
-            text("SELECT * FROM packets WHERE packet_id = :p"), {"p": packet_id}
-        ).one()
+        table = Packet.__table__
+        found = db.session.execute(select(table).where(table.c.packet_id == packet_id)).one()
         db.session.commit()
         return found
