@@ -1,4 +1,20 @@
-"""gunicorn settings: threaded workers so long polls hold a thread, not a whole worker."""
+"""gunicorn settings: threaded workers so long polls hold a thread, not a whole worker.
+
+Worker class and counts, and why:
+
+- ``worker_class = "gthread"``: a long poll (``pending?wait=N``, N <= 20 s) parks one thread on
+  an in-process condition and holds no database connection (each claim commits first), so the
+  other threads of the same worker keep serving ingest. A sync worker would be blocked whole for
+  up to 20 s per waiting consumer; gevent/eventlet would need psycopg and redis patched.
+- ``workers`` = ``WEB_CONCURRENCY`` (default 2): processes for CPU parallelism and for surviving
+  a crashed worker; every worker hears Redis readiness announcements, so a packet ingested by
+  any worker of any instance wakes polls waiting in all of them.
+- ``threads`` = ``BUCKET_THREADS`` (default 16): concurrent requests per worker. Keep it at or
+  below ``BUCKET_DB_POOL_SIZE + BUCKET_DB_MAX_OVERFLOW`` (10 + 10) so a busy thread never waits
+  for a connection; an instance opens at most ``workers × (pool + overflow)`` connections.
+  Karma Tracker workers each hold at most one waiting poll, so 16 threads leave ample room.
+- ``timeout = 60``: above the longest wait (20 s), so a waiting poll never looks hung.
+"""
 
 import os
 

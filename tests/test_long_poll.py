@@ -1,0 +1,127 @@
+"""Long polling: ``pending?wait=N`` returns soon after a packet arrives, holding no DB connection.
+
+Latencies are printed (run with ``-s``), not asserted: the only bound checked is that the poll
+came back with the packet before its wait expired, which a missed wake-up would break because
+the fallback re-check interval is set longer than the wait.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bucket.extensions import db, queue
+from tests.queue_helpers import API, ingest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Waiter(threading.Thread):
+    """A consumer blocked in ``pending?wait=…`` on its own test client."""
+
+    def __init__(self, app, wait: float) -> None:
+        super().__init__(daemon=True)
+        self.client = app.test_client()
+        self.wait = wait
+        self.body: dict | None = None
+        self.returned_at = 0.0
+
+    def run(self) -> None:
+        response = self.client.get(f"{API}/packets/pending?limit=10&wait={self.wait}")
+        self.returned_at = time.monotonic()
+        assert response.status_code == 200
+        self.body = response.json
+
+
+def wait_until_listening(app) -> None:
+    """Let the waiter reach its wait (and, with Redis, the listener subscribe)."""
+    time.sleep(0.3)
+    with app.app_context():
+        redis_backend = queue.state.redis
+    if redis_backend is not None:
+        assert redis_backend.subscribed.wait(5), "the Redis listener never subscribed"
+
+
+def measure(waiting_app, ingesting_client, wait: float, label: str) -> float:
+    """Ingest while a poll waits; return seconds from the ingest's answer to the poll's."""
+    waiter = Waiter(waiting_app, wait)
+    started = time.monotonic()
+    waiter.start()
+    wait_until_listening(waiting_app)
+    packet_id = ingest(ingesting_client, user_id="long-poll")
+    ingested_at = time.monotonic()
+    waiter.join(wait + 5)
+    assert waiter.body is not None, "the long poll never answered"
+    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
+    assert waiter.returned_at - started < wait, "woken only when the wait expired"
+    latency = waiter.returned_at - ingested_at
+    print(f"\nlong-poll wake-up latency ({label}): {latency * 1000:.1f} ms")
+    return latency
+
+
+def test_long_poll_returns_soon_after_a_packet_arrives(make_app, backend):
+    """A waiting poll is woken by an ingest on the same instance, not by its re-check timer."""
+    app = make_app(BUCKET_LONG_POLL_INTERVAL=30)
+    measure(app, app.test_client(), wait=8, label=f"same instance, {backend}")
+
+
+def test_long_poll_is_woken_by_another_instance(make_app, backend):
+    """A packet ingested by another instance wakes the poll: via Redis, else the DB re-check."""
+    interval = 30 if backend == "postgres" else 0.5  # memory cannot cross instances: re-check
+    waiting = make_app(BUCKET_LONG_POLL_INTERVAL=interval)
+    ingesting = make_app()
+    measure(waiting, ingesting.test_client(), wait=8, label=f"other instance, {backend}")
+
+
+def test_waiting_poll_holds_no_database_connection(app):
+    """While a poll waits, its database connection is back in the pool."""
+    waiter = Waiter(app, 5)
+    waiter.start()
+    wait_until_listening(app)
+    with app.app_context():
+        checked_out = db.engine.pool.checkedout()
+    ingest(app.test_client(), user_id="pool")
+    waiter.join(10)
+    assert checked_out == 0
+    assert waiter.body is not None and waiter.body["count"] == 1
+
+
+def test_long_poll_on_an_empty_queue_answers_empty_when_the_wait_ends(client):
+    """Nothing arrives: the poll answers an empty batch after about ``wait`` seconds."""
+    started = time.monotonic()
+    response = client.get(f"{API}/packets/pending?limit=10&wait=1")
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert response.json["count"] == 0
+    assert 0.9 <= elapsed < 5
+
+
+def test_long_poll_returns_at_once_when_packets_wait(client):
+    """A wait never delays a poll that finds packets (wait=20, the maximum)."""
+    packet_id = ingest(client, user_id="ready")
+    started = time.monotonic()
+    response = client.get(f"{API}/packets/pending?limit=10&wait=20")
+    assert response.status_code == 200
+    assert [p["packet_id"] for p in response.json["packets"]] == [packet_id]
+    assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("wait", ["21", "-1", "soon"])
+def test_wait_outside_0_to_20_seconds_is_rejected(client, wait):
+    """``wait`` above 20 s (or not a number) is a 4xx like any other bad input."""
+    response = client.get(f"{API}/packets/pending?limit=10&wait={wait}")
+    assert response.status_code == 422
+    assert "wait" in str(response.json["errors"])
+
+
+def test_gunicorn_runs_threaded_workers_that_outlast_a_long_poll():
+    """Long polls need gthread workers with threads to spare and a timeout above 20 s."""
+    settings: dict = {}
+    exec((ROOT / "gunicorn.conf.py").read_text(), settings)
+    assert settings["worker_class"] == "gthread"
+    assert settings["threads"] >= 4
+    assert settings["timeout"] > 20
+    assert "gunicorn.conf.py" in (ROOT / "Procfile").read_text()
