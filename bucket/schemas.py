@@ -38,6 +38,18 @@ class StrictNumber(fields.Float):
         return float(value)
 
 
+class Text(fields.String):
+    """A string without NUL characters: PostgreSQL text cannot hold them, so refuse them here."""
+
+    default_error_messages = {"nul": "Must not contain NUL characters."}
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if "\x00" in text:
+            raise self.make_error("nul")
+        return text
+
+
 class ClientTimestamp(fields.Field):
     """An ISO-8601 timestamp string, normalised to aware UTC."""
 
@@ -57,7 +69,7 @@ class ClientTimestamp(fields.Field):
 
 def identifier(required: bool = False) -> fields.String:
     """A 1–256 character identifier, nullable unless required."""
-    return fields.String(
+    return Text(
         required=required, allow_none=not required, validate=validate.Length(min=1, max=256)
     )
 
@@ -67,8 +79,8 @@ class PacketSchema(BaseSchema):
 
     # Null counts as absent for the identity and state pairs; the cross-field check below
     # requires one of each pair (an EMS client may send ``user_id: null`` next to employee_id).
-    user_id = fields.String(allow_none=True, validate=validate.Length(min=1, max=256))
-    employee_id = fields.String(allow_none=True, validate=validate.Length(min=1, max=256))
+    user_id = Text(allow_none=True, validate=validate.Length(min=1, max=256))
+    employee_id = Text(allow_none=True, validate=validate.Length(min=1, max=256))
     session_id = identifier()
     lesson_id = identifier()
     task_id = identifier()
@@ -196,11 +208,11 @@ class PendingResponseSchema(BaseSchema):
 class AckSchema(BaseSchema):
     """One consumer result for one packet."""
 
-    packet_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    packet_id = Text(required=True, validate=validate.Length(min=1, max=64))
     success = fields.Boolean(required=True)
     karma_actions = fields.List(fields.Dict(), allow_none=True, load_default=None)
-    error_message = fields.String(allow_none=True, load_default=None)
-    receipt = fields.String(allow_none=True, load_default=None)
+    error_message = Text(allow_none=True, load_default=None)
+    receipt = Text(allow_none=True, load_default=None)
 
 
 class AckBatchSchema(BaseSchema):
@@ -268,6 +280,6 @@ class StatusSchema(BaseSchema):
 class LeaseChangeSchema(BaseSchema):
     """Change the visibility of a leased packet (SQS ChangeMessageVisibility)."""
 
-    packet_id = fields.String(required=True, validate=validate.Length(min=1, max=64))
-    receipt = fields.String(required=True, validate=validate.Length(min=1, max=64))
+    packet_id = Text(required=True, validate=validate.Length(min=1, max=64))
+    receipt = Text(required=True, validate=validate.Length(min=1, max=64))
     visibility_timeout = fields.Integer(required=True, validate=validate.Range(min=0, max=43200))

@@ -238,6 +238,21 @@ def test_invalid_field_is_rejected_by_name_and_not_stored(client, app, field, va
     assert stored(app) == []
 
 
+@pytest.mark.parametrize("field", ["user_id", "employee_id", "session_id", "lesson_id", "task_id"])
+def test_nul_characters_in_identifiers_are_refused_not_a_500(client, app, field):
+    """PostgreSQL text cannot hold NUL, so it is a 422 naming the field on every backend."""
+    assert_error(client.post(INGEST, json=make_packet(**{field: "a\u0000b"})), 422, field)
+    assert stored(app) == []
+
+
+def test_nul_inside_raw_signals_is_stored_and_returned_intact(client):
+    """raw_signals is free-form JSON: an escaped NUL inside it survives the round trip."""
+    signals = {"label": "a\u0000b", "nested": {"k": [1, "\u0000"]}}
+    assert client.post(INGEST, json=make_packet(raw_signals=signals)).status_code == 200
+    polled = client.get(f"{API}/packets/pending").json["packets"]
+    assert polled[0]["raw_signals"] == signals
+
+
 @pytest.mark.parametrize(
     "missing", ["timestamp", "active_seconds", "idle_seconds", "away_seconds", "raw_signals"]
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select, tuple_
 
@@ -30,10 +30,10 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         padded = cursor + "=" * (-len(cursor) % 4)
         received_at, packet_id = json.loads(base64.urlsafe_b64decode(padded))
         moment = datetime.fromisoformat(received_at)
-        if moment.tzinfo is None or not isinstance(packet_id, str):
+        if moment.tzinfo is None or not isinstance(packet_id, str) or "\x00" in packet_id:
             raise ValueError("malformed cursor")
-        return moment, packet_id
-    except (ValueError, TypeError) as exc:
+        return moment.astimezone(UTC), packet_id
+    except (ValueError, TypeError, OverflowError) as exc:
         raise BadCursor("The cursor is not valid; use the Link header of a previous page.") from exc
 
 
@@ -45,6 +45,8 @@ def user_packets(
     cursor: str | None = None,
 ) -> tuple[list, str | None]:
     """Return one page of the user's packets (also found by EMS ``employee_id``) and the next cursor."""
+    if "\x00" in user_id:
+        return [], None  # no stored id holds NUL, and PostgreSQL would refuse the parameter
     filters = []
     if processed_only:
         filters.append(T.c.delivery_state == DeliveryState.PROCESSED)
