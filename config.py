@@ -68,6 +68,22 @@ class Config:
         self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
         self.BUCKET_AUTO_MIGRATE = env_bool("BUCKET_AUTO_MIGRATE", False)
+        self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)
+        # Operations: proxies, rate limits, logs (README, "Configuration").
+        self.BUCKET_TRUSTED_PROXIES = env_int("BUCKET_TRUSTED_PROXIES", 0)
+        self.BUCKET_RATE_LIMIT_ENABLED = env_bool("BUCKET_RATE_LIMIT_ENABLED", True)
+        self.BUCKET_RATE_LIMIT_INGEST_PER_IP = env_str(
+            "BUCKET_RATE_LIMIT_INGEST_PER_IP", "9000 per minute"
+        )
+        self.BUCKET_RATE_LIMIT_INGEST_PER_USER = env_str(
+            "BUCKET_RATE_LIMIT_INGEST_PER_USER", "600 per minute"
+        )
+        self.BUCKET_RATE_LIMIT_STRATEGY = env_str(
+            "BUCKET_RATE_LIMIT_STRATEGY", "sliding-window-counter"
+        )
+        self.BUCKET_REQUEST_LOG = env_bool("BUCKET_REQUEST_LOG", True)
+        self.LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
+        self.LOG_FORMAT = env_str("LOG_FORMAT", "json")
         self.MAX_CONTENT_LENGTH = self.BUCKET_MAX_BODY_BYTES
         self.SQLALCHEMY_ENGINE_OPTIONS = {
             "pool_size": env_int("BUCKET_DB_POOL_SIZE", 10),
@@ -81,7 +97,11 @@ class Config:
         self.OPENAPI_VERSION = "3.0.3"
         self.OPENAPI_URL_PREFIX = "/"
         self.OPENAPI_JSON_PATH = "openapi.json"
-        self.OPENAPI_SWAGGER_UI_PATH = None
+        self.OPENAPI_SWAGGER_UI_PATH = "docs"
+        # Swagger UI's assets come from a CDN: the page works in a browser, tests never load it.
+        self.OPENAPI_SWAGGER_UI_URL = env_str(
+            "BUCKET_SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
+        )
         self.TESTING = False
 
 
@@ -91,3 +111,5 @@ class TestingConfig(Config):
     def __init__(self) -> None:
         super().__init__()
         self.TESTING = True
+        # Suites ingest thousands of packets from one address and user; rate limit tests opt in.
+        self.BUCKET_RATE_LIMIT_ENABLED = env_bool("BUCKET_RATE_LIMIT_ENABLED", False)

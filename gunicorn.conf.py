@@ -16,7 +16,10 @@ Worker class and counts, and why:
 - ``timeout = 60``: above the longest wait (20 s), so a waiting poll never looks hung.
 """
 
+import glob
 import os
+import shutil
+import tempfile
 
 bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
 # gthread: each worker serves many requests at once; a long poll (up to 20 s) parks one thread
@@ -28,3 +31,33 @@ timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = None
+
+
+# Prometheus multiprocess mode: every worker writes its counters to files in one directory and
+# a scrape of any worker sums them. The variable must be set before a worker imports the app,
+# hence here, at configuration time, in the master.
+_created_metrics_dir = None
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    _created_metrics_dir = tempfile.mkdtemp(prefix="prana-bucket-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _created_metrics_dir
+
+
+def on_starting(server):
+    """Start from zero: files left by an earlier run would be added to this run's figures."""
+    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    os.makedirs(directory, exist_ok=True)
+    for path in glob.glob(os.path.join(directory, "*.db")):
+        os.remove(path)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges; its counters stay in the totals."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)
+
+
+def on_exit(server):
+    """Remove the metrics directory if this master created it."""
+    if _created_metrics_dir:
+        shutil.rmtree(_created_metrics_dir, ignore_errors=True)

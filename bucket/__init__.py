@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -16,13 +15,16 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     """Build the application: configuration, extensions, blueprints, handlers, commands."""
     app = Flask(__name__, instance_relative_config=True)
     configure(app, overrides, testing)
+    configure_logging(app)
     register_json(app)
+    register_request_hooks(app)
     register_extensions(app)
+    register_rate_limits(app)
     register_blueprints(app)
+    document_api(app)
     register_error_handlers(app)
     register_shell_context(app)
     register_commands(app)
-    configure_logging(app)
     return app
 
 
@@ -95,7 +97,7 @@ def tune_engine(engine) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP API and register its schemas in the OpenAPI document."""
-    from bucket.api import consumer, health, ingest, status
+    from bucket.api import consumer, health, ingest, metrics, status
     from bucket.extensions import api
     from bucket.schemas import (
         AckBatchSchema,
@@ -116,7 +118,7 @@ def register_blueprints(app: Flask) -> None:
     ):
         if name not in api.spec.components.schemas:
             api.spec.components.schema(name, schema=schema)
-    for module in (ingest, consumer, status, health):
+    for module in (ingest, consumer, status, health, metrics):
         api.register_blueprint(module.blp)
 
 
@@ -142,5 +144,35 @@ def register_commands(app: Flask) -> None:
 
 
 def configure_logging(app: Flask) -> None:
-    """Log at INFO unless configured otherwise."""
-    logging.basicConfig(level=app.config.get("LOG_LEVEL", "INFO"))
+    """JSON log lines on stderr at LOG_LEVEL, unless the host configured logging already."""
+    from bucket.request_log import configure_logging as install
+
+    install(app)
+
+
+def register_request_hooks(app: Flask) -> None:
+    """Request id and log line, request metrics, trusted proxies, the consumer token (in order)."""
+    from bucket.auth import init_auth
+    from bucket.metrics import init_metrics
+    from bucket.ratelimit import trust_proxies
+    from bucket.request_log import init_request_log
+
+    init_request_log(app)
+    init_metrics(app)
+    trust_proxies(app)
+    init_auth(app)
+
+
+def register_rate_limits(app: Flask) -> None:
+    """Ingest limits per client address and per user (BUCKET_RATE_LIMIT_*)."""
+    from bucket.extensions import rate_limits
+
+    rate_limits.init_app(app)
+
+
+def document_api(app: Flask) -> None:
+    """Complete the OpenAPI document: security, refusals and limits that no view declares."""
+    from bucket.api.docs import complete_spec
+    from bucket.extensions import api
+
+    complete_spec(app, api.spec)

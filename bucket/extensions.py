@@ -9,6 +9,7 @@ from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
 from bucket.queue import QueueService
+from bucket.ratelimit import RateLimits
 
 
 class Base(DeclarativeBase):
@@ -20,3 +21,4 @@ migrate = Migrate()
 api = Api()
 cors = CORS()
 queue = QueueService()
+rate_limits = RateLimits()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import request
+from flask import g, request
 from flask_smorest import abort
 from marshmallow import Schema, ValidationError
 
@@ -18,6 +18,9 @@ def read_json_object() -> dict[str, Any]:
     if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
         message = f"Unsupported Content-Type {media_type!r}: send application/json."
         abort(415, message=message, errors={"headers": {"Content-Type": [message]}})
+    parsed = g.get("json_body")  # decoded once already, by the rate limiter's look at the user
+    if parsed is not None:
+        return parsed
     raw = request.get_data(cache=False)
     if not raw.strip():
         message = "The request body is empty: send a JSON object."

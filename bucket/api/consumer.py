@@ -7,6 +7,7 @@ from flask_smorest import Blueprint, abort
 
 from bucket.api.body import load_or_abort, read_json_object
 from bucket.api.presenters import pending_packet_out, user_packet_out
+from bucket.metrics import note_acks
 from bucket.schemas import (
     AckBatchResultSchema,
     AckBatchSchema,
@@ -75,9 +76,11 @@ def mark_processed():
     if "results" in body:
         results = load_or_abort(ack_batch_schema, body)["results"]
         outcomes = delivery.acknowledge(results)
+        note_acks(outcomes)
         status = 200 if all(o.code == 200 for o in outcomes) else 207
         return jsonify({"results": [o.as_dict() for o in outcomes]}), status
     (outcome,) = delivery.acknowledge([load_or_abort(ack_schema, body)])
+    note_acks([outcome])
     if outcome.code != 200:
         refuse(outcome)
     return jsonify(outcome.as_dict())

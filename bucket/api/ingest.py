@@ -8,6 +8,7 @@ from marshmallow import ValidationError
 
 from bucket.api.body import load_or_abort, read_json_object
 from bucket.schemas import BatchEnvelopeSchema, PacketSchema
+from bucket.metrics import note_packets
 from bucket.services.ingest import store_packets
 
 blp = Blueprint(
@@ -60,6 +61,7 @@ def ingest():
         abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
     packet = load_or_abort(packet_schema, body)
     (outcome,) = store_packets([packet], idempotency_key)
+    note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
     # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
     answer = {
         "status": "ingested",
@@ -104,6 +106,7 @@ def ingest_batch(body: dict):
             }
     rejected_count = len(packets) - len(valid)
     duplicates = sum(1 for item in results if item["status"] == "duplicate")
+    note_packets(ingested=len(valid) - duplicates, duplicate=duplicates, rejected=rejected_count)
     answer = {
         "status": "ingested" if not rejected_count else ("partial" if valid else "rejected"),
         "batch_id": request.headers.get("X-PRANA-BATCH-ID"),

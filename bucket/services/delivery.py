@@ -436,3 +436,44 @@ def requeue(
         queue.publish_ready()
     return count
 
+
+
+@dataclass
+class QueueRebuild:
+    """What ``rebuild_queue`` found and did."""
+
+    dead_lettered: int
+    expired_leases: int
+    ready: int
+    retrying: int
+    leased: int
+    queue_backend: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def rebuild_queue() -> QueueRebuild:
+    """Bring the queue in line with the database after an outage, a flush or a deploy.
+
+    The database is the queue, so nothing is copied: exhausted expired leases are dead-lettered
+    now (instead of at the next poll), the rest of the expired leases stay suspects (visible,
+    served alone), and readiness is announced so every waiting long poll looks at once.
+    """
+    settings = DeliverySettings.from_app()
+    now = epoch_now()
+    dead = reap_exhausted(now, settings)
+    leased = T.c.delivery_state == DeliveryState.LEASED
+    pending = T.c.delivery_state == DeliveryState.PENDING
+    visible = T.c.visible_at <= now
+    row = db.session.execute(
+        select(
+            func.count().filter(and_(leased, visible)).label("expired"),
+            func.count().filter(and_(pending, visible)).label("ready"),
+            func.count().filter(and_(pending, ~visible)).label("retrying"),
+            func.count().filter(and_(leased, ~visible)).label("leased"),
+        ).where(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
+    ).one()
+    db.session.commit()
+    queue.publish_ready()
+    return QueueRebuild(dead, row.expired, row.ready, row.retrying, row.leased, queue.backend_name)

@@ -1,0 +1,121 @@
+"""Completing the OpenAPI document with what the views' decorators cannot say.
+
+Authentication, rate limits and body-level refusals happen in request hooks shared by many
+views, so their responses are added here, once, from the same facts the hooks use.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from bucket.auth import PROTECTED_BLUEPRINTS
+
+ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+RETRY_AFTER = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}
+    }
+}
+SECURITY_SCHEMES = {
+    "ConsumerToken": {"type": "http", "scheme": "bearer",
+                      "description": "One of the tokens in BUCKET_CONSUMER_TOKEN."},
+    "ConsumerApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
+                       "description": "The same token, in the X-API-Key header."},
+}
+DESCRIPTION = """\
+Durable, deduplicating packet store between PRANA browsers and Karma Tracker.
+
+Every response carries an `X-Request-ID` header (the caller's, when it sent a plain one of at most
+128 characters, or a fresh one), which also appears in the service's log line for the request.
+Errors share one JSON shape: `code`, `status`, `message` and, per offending field, `errors`.
+When `BUCKET_CONSUMER_TOKEN` is set, the consumer and status endpoints need
+`Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes, `/metrics`
+and this document stay open. Ingest is rate limited per client address and per user (429 with
+`Retry-After`).
+"""
+HEALTH_SCHEMA = {
+    "type": "object",
+    "properties": {"status": {"type": "string", "enum": ["ok"]}},
+    "required": ["status"],
+}
+READY_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "unavailable"]},
+        "database": {"type": "boolean"},
+        "redis_connected": {"type": "boolean"},
+        "queue_backend": {"type": "string", "enum": ["redis", "memory"]},
+    },
+    "required": ["status", "database", "redis_connected", "queue_backend"],
+}
+
+
+def error(description: str, headers: dict | None = None) -> dict[str, Any]:
+    """A response in the one error shape."""
+    response: dict[str, Any] = {"description": description, "content": ERROR}
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+BODY_REFUSALS = {
+    "400": error("The body is empty or not JSON."),
+    "413": error("The body is larger than BUCKET_MAX_BODY_BYTES."),
+    "415": error("The Content-Type is neither JSON nor text/plain."),
+}
+AUTH_REFUSALS = {
+    "401": error("No consumer token was sent."),
+    "403": error("The consumer token is not valid."),
+}
+UNAVAILABLE = error("The database does not answer; nothing changed. Retry later.", RETRY_AFTER)
+TOO_MANY = error("Too many packets from this address or for this user.", RETRY_AFTER)
+
+
+def complete_spec(app: Flask, spec: Any) -> None:
+    """Add refusals, security and probe bodies to every operation of ``spec``."""
+    spec.options.setdefault("info", {})["description"] = DESCRIPTION
+    responses = spec.components.responses
+    if "UNPROCESSABLE_CONTENT" not in responses:
+        # Some views name the 422 response by its RFC 9110 phrase; flask-smorest's is the older one.
+        spec.components.response(
+            "UNPROCESSABLE_CONTENT", error("The request is not valid: see errors per field.")
+        )
+    secured = bool(app.config.get("BUCKET_CONSUMER_TOKENS"))
+    if secured:
+        for name, scheme in SECURITY_SCHEMES.items():
+            if name not in spec.components.security_schemes:
+                spec.components.security_scheme(name, scheme)
+    for path, item in spec._paths.items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            complete_operation(path, method, operation, secured)
+
+
+def complete_operation(path: str, method: str, operation: dict, secured: bool) -> None:
+    """One operation: which hooks can refuse it decides which responses it documents."""
+    tags = set(operation.get("tags", []))
+    answers = operation.setdefault("responses", {})
+    if path == "/health":
+        answers["200"] = {"description": "The process answers.",
+                          "content": {"application/json": {"schema": HEALTH_SCHEMA}}}
+        return
+    if path == "/health/ready":
+        ready = {"application/json": {"schema": READY_SCHEMA}}
+        answers["200"] = {"description": "The database answers.", "content": ready}
+        answers["503"] = {"description": "The database does not answer.", "content": ready}
+        return
+    if path == "/metrics":
+        return
+    if method in ("post", "put", "patch"):
+        for code, response in BODY_REFUSALS.items():
+            answers.setdefault(code, response)
+    answers.setdefault("503", UNAVAILABLE)
+    if "ingest" in tags:
+        answers.setdefault("429", TOO_MANY)
+    if secured and tags & PROTECTED_BLUEPRINTS:
+        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+        for code, response in AUTH_REFUSALS.items():
+            answers.setdefault(code, response)

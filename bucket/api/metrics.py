@@ -1,0 +1,25 @@
+"""Prometheus scrape endpoint (open, like the health probes)."""
+
+from __future__ import annotations
+
+from flask import Response
+from flask_smorest import Blueprint
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from bucket.metrics import render_metrics
+
+blp = Blueprint("metrics", __name__, description="Prometheus metrics (no authentication).")
+
+
+@blp.route("/metrics", methods=["GET"])
+@blp.doc(
+    responses={
+        "200": {
+            "description": "Prometheus text exposition format 0.0.4.",
+            "content": {"text/plain": {"schema": {"type": "string"}}},
+        }
+    }
+)
+def metrics():
+    """Request counts and latencies (all workers), packet outcomes and queue gauges."""
+    return Response(render_metrics(), content_type=CONTENT_TYPE_LATEST)

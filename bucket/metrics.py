@@ -1,0 +1,174 @@
+"""Prometheus metrics: requests and latency per endpoint, packet outcomes, queue gauges.
+
+Per-request metrics are process-local counters; under gunicorn, ``PROMETHEUS_MULTIPROC_DIR``
+(set by ``gunicorn.conf.py``) makes every worker write them to shared files that a scrape sums,
+so any worker answers for all. Queue gauges are read from the database at scrape time, so they
+are the same whichever worker answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from flask import Flask, g, request
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from sqlalchemy.exc import SQLAlchemyError
+
+log = logging.getLogger(__name__)
+
+# Labels only: an unlabelled metric would create its value (a file, in multiprocess mode) at import.
+REQUESTS = Counter(
+    "bucket_http_requests", "HTTP requests answered, by endpoint, method and status.",
+    ["endpoint", "method", "status"],
+)
+LATENCY = Histogram(
+    "bucket_http_request_duration_seconds", "Time to answer a request, by endpoint.",
+    ["endpoint"],
+    # Long polls wait up to 20 s; ingest and acks should sit in the first few buckets.
+    buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0),
+)
+PACKETS = Counter(
+    "bucket_packets", "Packets by outcome as the HTTP API saw them: ingested, duplicate, "
+    "rejected (ingest), processed, failed, dead (acknowledgements; lease reaping also "
+    "dead-letters, see bucket_queue_packets{state=\"dead\"}).",
+    ["outcome"],
+)
+PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
+# Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
+ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
+
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def note_packets(**counts: int) -> None:
+    """Record this request's packet outcomes for the metrics and the request log."""
+    noted = g.get("packet_counts")
+    if noted is None:
+        noted = g.packet_counts = {}
+    for outcome, count in counts.items():
+        if count:
+            noted[outcome] = noted.get(outcome, 0) + count
+
+
+def note_acks(outcomes: Iterable[Any]) -> None:
+    """Record acknowledgement outcomes (objects with a ``status``) as packet outcomes."""
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        name = ACK_OUTCOMES.get(outcome.status)
+        if name:
+            counts[name] = counts.get(name, 0) + 1
+    note_packets(**counts)
+
+
+def record_request(response):
+    """Count the request and its latency; cached label children keep this to a dict lookup."""
+    started = g.get("request_started")
+    endpoint = request.endpoint or "unmatched"
+    key = (endpoint, request.method, response.status_code)
+    children = _children.get(key)
+    if children is None:
+        children = _children[key] = (
+            REQUESTS.labels(endpoint, request.method, str(response.status_code)),
+            LATENCY.labels(endpoint),
+        )
+    children[0].inc()
+    if started is not None:
+        children[1].observe(time.perf_counter() - started)
+    counts = g.get("packet_counts")
+    if counts is None and endpoint == "ingest.ingest" and response.status_code == 422:
+        counts = g.packet_counts = {"rejected": 1}  # one packet refused by validation
+    for outcome, count in (counts or {}).items():
+        PACKETS.labels(outcome).inc(count)
+    return response
+
+
+class QueueCollector:
+    """Queue gauges computed from the database when scraped (the same on every worker)."""
+
+    def collect(self) -> Iterator[Metric]:
+        from bucket.extensions import db
+        from bucket.services.stats import collect_stats
+
+        up = GaugeMetricFamily("bucket_database_up", "1 when the database answered this scrape.")
+        try:
+            stats = collect_stats()
+        except SQLAlchemyError as exc:
+            db.session.rollback()
+            log.warning("metrics: database unavailable: %s", exc.__class__.__name__)
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        yield GaugeMetricFamily(
+            "bucket_queue_depth", "Packets a poll could take right now.", value=stats.queue_size
+        )
+        yield GaugeMetricFamily(
+            "bucket_queue_leased", "Packets leased to a consumer right now.",
+            value=stats.leased_packets,
+        )
+        oldest = stats.oldest_pending_age_seconds
+        yield GaugeMetricFamily(
+            "bucket_queue_oldest_pending_age_seconds",
+            "Age of the oldest unfinished packet (0 when none waits).",
+            value=0.0 if oldest is None or math.isnan(oldest) else oldest,
+        )
+        states = GaugeMetricFamily(
+            "bucket_queue_packets", "Stored packets by delivery state.", labels=["state"]
+        )
+        states.add_metric(["ready"], stats.queue_size)
+        states.add_metric(["unfinished"], stats.pending_packets)
+        states.add_metric(["leased"], stats.leased_packets)
+        states.add_metric(["retrying"], stats.retrying_packets)
+        states.add_metric(["processed"], stats.processed_packets)
+        states.add_metric(["dead"], stats.dead_packets)
+        states.add_metric(["total"], stats.total_packets)
+        yield states
+        backend = GaugeMetricFamily(
+            "bucket_queue_backend", "The queue backend in use (1) and the other (0).",
+            labels=["backend"],
+        )
+        for name in ("redis", "memory"):
+            backend.add_metric([name], 1 if stats.queue_backend == name else 0)
+        yield backend
+        yield GaugeMetricFamily(
+            "bucket_redis_connected", "1 when Redis answered a ping.",
+            value=1 if stats.redis_connected else 0,
+        )
+
+
+def multiprocess_dir() -> str | None:
+    """The shared directory of multiprocess mode, or None for a single process."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def render_metrics() -> bytes:
+    """The exposition text: request metrics (summed over workers) and queue gauges."""
+    if multiprocess_dir():
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    queue_registry = CollectorRegistry(auto_describe=False)
+    queue_registry.register(QueueCollector())
+    return generate_latest(registry) + generate_latest(queue_registry)
+
+
+def init_metrics(app: Flask) -> None:
+    """Count every request once it has its response (also errors, 401s and 429s)."""
+    disable_created_metrics()  # the *_created series only double the scrape
+    app.after_request(record_request)

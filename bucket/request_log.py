@@ -1,0 +1,80 @@
+"""One JSON log line per request, and a request id that the caller gets back."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+
+from flask import Flask, current_app, g, request
+from pythonjsonlogger.orjson import OrjsonFormatter
+
+log = logging.getLogger("bucket.request")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+# A caller's id is echoed only when it is short and plain: nothing that could forge log lines.
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def json_formatter() -> logging.Formatter:
+    """Every log line as one JSON object: time, level, logger, message and any extra fields."""
+    return OrjsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s",
+        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+    )
+
+
+def configure_logging(app: Flask) -> None:
+    """Log to stderr (JSON unless LOG_FORMAT=text) when nothing configured logging before us."""
+    root = logging.getLogger()
+    if root.handlers:  # gunicorn --log-config, pytest, an embedding application: theirs wins
+        return
+    handler = logging.StreamHandler()
+    if (app.config.get("LOG_FORMAT") or "json").lower() == "json":
+        handler.setFormatter(json_formatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(app.config.get("LOG_LEVEL") or "INFO")
+
+
+def start_request() -> None:
+    """Stamp the start time and the request id (the caller's, or a fresh one)."""
+    g.request_started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID_HEADER)
+    if incoming and VALID_REQUEST_ID.fullmatch(incoming):
+        g.request_id = incoming
+    else:
+        g.request_id = os.urandom(8).hex()
+
+
+def finish_request(response):
+    """Echo the request id and write the request's log line (no bodies, no headers, no query)."""
+    request_id = g.get("request_id")
+    if request_id:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    if current_app.config.get("BUCKET_REQUEST_LOG", True) and log.isEnabledFor(logging.INFO):
+        started = g.get("request_started")
+        fields = {
+            "method": request.method,
+            "path": request.path,
+            "endpoint": request.endpoint,
+            "status": response.status_code,
+            "duration_ms": None if started is None else round(
+                (time.perf_counter() - started) * 1000, 2
+            ),
+            "request_id": request_id,
+            "client": request.remote_addr,
+        }
+        packets = g.get("packet_counts")
+        if packets:
+            fields["packets"] = packets
+        log.info("request", extra=fields)
+    return response
+
+
+def init_request_log(app: Flask) -> None:
+    """Register the hooks first, so even requests refused by auth or limits are logged."""
+    app.before_request(start_request)
+    app.after_request(finish_request)

@@ -1,0 +1,68 @@
+"""Retention: delete processed (and, on request, dead) packets in short, bounded batches.
+
+Each batch is its own transaction deleting at most ``batch_size`` rows picked through the queue
+index (``delivery_state``, ``visible_at``, which holds the time a packet was processed or
+dead-lettered); on PostgreSQL the rows are picked with ``FOR UPDATE SKIP LOCKED``, so a purge
+never waits on, or blocks, the rows that ingest, polls and acks are touching. Run it on a
+schedule (``flask bucket purge`` from a cron job) or on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import delete, func, select
+
+from bucket.extensions import db
+from bucket.models import DeliveryState, Packet
+from bucket.timeutil import epoch_now, from_epoch
+
+T = Packet.__table__
+SECONDS_PER_DAY = 86400.0
+
+
+@dataclass
+class PurgeReport:
+    """How many packets a purge matched or deleted, and where it drew the line."""
+
+    cutoff: datetime
+    states: tuple[str, ...]
+    packets: int
+    batches: int
+    dry_run: bool
+
+
+def purge(
+    older_than_days: float,
+    include_dead: bool = False,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+) -> PurgeReport:
+    """Delete packets processed (or dead, with ``include_dead``) more than N days ago."""
+    if older_than_days < 0 or batch_size < 1:
+        raise ValueError("older_than_days must be >= 0 and batch_size >= 1")
+    cutoff = epoch_now() - older_than_days * SECONDS_PER_DAY
+    states = (DeliveryState.PROCESSED, DeliveryState.DEAD) if include_dead else (
+        DeliveryState.PROCESSED,
+    )
+    expired = (T.c.delivery_state.in_(states), T.c.visible_at < cutoff)
+    if dry_run:
+        count = db.session.execute(select(func.count()).select_from(T).where(*expired)).scalar_one()
+        db.session.commit()
+        return PurgeReport(from_epoch(cutoff), states, count, 0, True)
+    deleted = batches = 0
+    while True:
+        victims = (
+            select(T.c.packet_id)
+            .where(*expired)
+            .limit(batch_size)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        count = db.session.execute(delete(T).where(T.c.packet_id.in_(victims))).rowcount or 0
+        db.session.commit()
+        batches += 1
+        deleted += count
+        if count < batch_size:
+            return PurgeReport(from_epoch(cutoff), states, deleted, batches, False)
