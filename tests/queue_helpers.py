@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from sqlalchemy import select, text
 
-from bucket.extensions import db
+from bucket.extensions import db, queue
 from bucket.models import Packet
 from bucket.timeutil import epoch_now
 from tests.factories import make_packet
@@ -75,3 +77,46 @@ def row(app, packet_id: str) -> Any:
         found = db.session.execute(select(table).where(table.c.packet_id == packet_id)).one()
         db.session.commit()
         return found
+
+
+class Waiter(threading.Thread):
+    """A consumer blocked in ``pending?wait=…`` on its own test client."""
+
+    def __init__(self, app, wait: float) -> None:
+        super().__init__(daemon=True)
+        self.client = app.test_client()
+        self.wait = wait
+        self.body: dict | None = None
+        self.returned_at = 0.0
+
+    def run(self) -> None:
+        response = self.client.get(f"{API}/packets/pending?limit=10&wait={self.wait}")
+        self.returned_at = time.monotonic()
+        assert response.status_code == 200
+        self.body = response.json
+
+
+def wait_until_listening(app) -> None:
+    """Let the waiter reach its wait (and, with Redis, the listener subscribe)."""
+    time.sleep(0.3)
+    with app.app_context():
+        redis_backend = queue.state.redis
+    if redis_backend is not None:
+        assert redis_backend.subscribed.wait(5), "the Redis listener never subscribed"
+
+
+def measure_wake_up(waiting_app, ingesting_client, wait: float, label: str) -> float:
+    """Ingest while a poll waits; return seconds from the ingest's answer to the poll's."""
+    waiter = Waiter(waiting_app, wait)
+    started = time.monotonic()
+    waiter.start()
+    wait_until_listening(waiting_app)
+    packet_id = ingest(ingesting_client, user_id="long-poll")
+    ingested_at = time.monotonic()
+    waiter.join(wait + 5)
+    assert waiter.body is not None, "the long poll never answered"
+    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
+    assert waiter.returned_at - started < wait, "woken only when the wait expired"
+    latency = waiter.returned_at - ingested_at
+    print(f"\nlong-poll wake-up latency ({label}): {latency * 1000:.1f} ms")
+    return latency

@@ -7,65 +7,21 @@ the fallback re-check interval is set longer than the wait.
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from bucket.extensions import db, queue
-from tests.queue_helpers import API, ingest
+from bucket.extensions import db
+from tests.queue_helpers import API, Waiter, ingest, measure_wake_up, wait_until_listening
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-class Waiter(threading.Thread):
-    """A consumer blocked in ``pending?wait=…`` on its own test client."""
-
-    def __init__(self, app, wait: float) -> None:
-        super().__init__(daemon=True)
-        self.client = app.test_client()
-        self.wait = wait
-        self.body: dict | None = None
-        self.returned_at = 0.0
-
-    def run(self) -> None:
-        response = self.client.get(f"{API}/packets/pending?limit=10&wait={self.wait}")
-        self.returned_at = time.monotonic()
-        assert response.status_code == 200
-        self.body = response.json
-
-
-def wait_until_listening(app) -> None:
-    """Let the waiter reach its wait (and, with Redis, the listener subscribe)."""
-    time.sleep(0.3)
-    with app.app_context():
-        redis_backend = queue.state.redis
-    if redis_backend is not None:
-        assert redis_backend.subscribed.wait(5), "the Redis listener never subscribed"
-
-
-def measure(waiting_app, ingesting_client, wait: float, label: str) -> float:
-    """Ingest while a poll waits; return seconds from the ingest's answer to the poll's."""
-    waiter = Waiter(waiting_app, wait)
-    started = time.monotonic()
-    waiter.start()
-    wait_until_listening(waiting_app)
-    packet_id = ingest(ingesting_client, user_id="long-poll")
-    ingested_at = time.monotonic()
-    waiter.join(wait + 5)
-    assert waiter.body is not None, "the long poll never answered"
-    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
-    assert waiter.returned_at - started < wait, "woken only when the wait expired"
-    latency = waiter.returned_at - ingested_at
-    print(f"\nlong-poll wake-up latency ({label}): {latency * 1000:.1f} ms")
-    return latency
 
 
 def test_long_poll_returns_soon_after_a_packet_arrives(make_app, backend):
     """A waiting poll is woken by an ingest on the same instance, not by its re-check timer."""
     app = make_app(BUCKET_LONG_POLL_INTERVAL=30)
-    measure(app, app.test_client(), wait=8, label=f"same instance, {backend}")
+    measure_wake_up(app, app.test_client(), wait=8, label=f"same instance, {backend}")
 
 
 def test_long_poll_is_woken_by_another_instance(make_app, backend):
@@ -73,7 +29,7 @@ def test_long_poll_is_woken_by_another_instance(make_app, backend):
     interval = 30 if backend == "postgres" else 0.5  # memory cannot cross instances: re-check
     waiting = make_app(BUCKET_LONG_POLL_INTERVAL=interval)
     ingesting = make_app()
-    measure(waiting, ingesting.test_client(), wait=8, label=f"other instance, {backend}")
+    measure_wake_up(waiting, ingesting.test_client(), wait=8, label=f"other instance, {backend}")
 
 
 def test_waiting_poll_holds_no_database_connection(app):
