@@ -1,0 +1,99 @@
+"""Structured request logs: one JSON line per request, with a request id and no secrets."""
+
+import json
+import logging
+
+import pytest
+
+from bucket.request_log import json_formatter
+from tests.factories import make_packet
+
+API = "/api/v1/bucket/prana"
+TOKEN = "log-test-secret-token"
+
+
+@pytest.fixture
+def app_config():
+    return {"BUCKET_CONSUMER_TOKENS": [TOKEN]}
+
+
+@pytest.fixture
+def request_lines(caplog):
+    """The request log records of the test, as the JSON lines the service would print."""
+    caplog.set_level(logging.INFO, logger="bucket.request")
+    formatter = json_formatter()
+
+    def lines():
+        records = [r for r in caplog.records if r.name == "bucket.request"]
+        return [json.loads(formatter.format(record)) for record in records]
+
+    return lines
+
+
+def test_one_json_line_per_request_with_the_essentials(client, request_lines):
+    """method, path, status, duration_ms and request_id, on one line per request."""
+    client.get("/health")
+    client.get("/no/such/path")
+    first, second = request_lines()
+    assert first["method"] == "GET" and first["path"] == "/health" and first["status"] == 200
+    assert isinstance(first["duration_ms"], float) and first["duration_ms"] >= 0
+    assert first["level"] == "INFO" and first["logger"] == "bucket.request"
+    assert len(first["request_id"]) == 16 and first["request_id"] != second["request_id"]
+    assert second["status"] == 404
+
+
+def test_request_id_is_taken_from_the_caller_and_echoed(client, request_lines):
+    """A plain X-Request-ID is kept; otherwise one is generated; both come back in the header."""
+    given = client.get("/health", headers={"X-Request-ID": "trace-42.abc"})
+    assert given.headers["X-Request-ID"] == "trace-42.abc"
+    generated = client.get("/health")
+    assert len(generated.headers["X-Request-ID"]) == 16
+    assert [line["request_id"] for line in request_lines()] == [
+        "trace-42.abc", generated.headers["X-Request-ID"]
+    ]
+
+
+def test_a_forged_request_id_is_replaced(client):
+    """Ids with spaces, quotes or over 128 characters cannot smuggle text into the logs."""
+    for forged in ('a" "injected', "x" * 129, "a b"):
+        echoed = client.get("/health", headers={"X-Request-ID": forged}).headers["X-Request-ID"]
+        assert echoed != forged and len(echoed) == 16
+
+
+def test_refused_requests_are_logged_and_carry_an_id(client, request_lines):
+    """401s from the token check are logged with their id like any other answer."""
+    response = client.get(f"{API}/packets/pending")
+    assert response.status_code == 401 and response.headers["X-Request-ID"]
+    (line,) = request_lines()
+    assert line["status"] == 401 and line["request_id"] == response.headers["X-Request-ID"]
+
+
+def test_packet_counts_are_logged_without_bodies_or_tokens(client, request_lines):
+    """Ingest and ack lines count packets; no packet field, signal or token appears."""
+    marker = "very-private-signal-value"
+    first = make_packet(raw_signals={"note": marker}, user_id="private-user")
+    client.post(f"{API}/ingest", json={"packets": [first, make_packet(), {"bad": True}]})
+    client.post(f"{API}/ingest", json=first)
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    packets = client.get(f"{API}/packets/pending?limit=10", headers=auth).json["packets"]
+    client.post(
+        f"{API}/packets/mark-processed",
+        json={"results": [{"packet_id": p["packet_id"], "success": True} for p in packets]},
+        headers=auth,
+    )
+    client.get(f"{API}/status", headers={"X-API-Key": TOKEN})
+    lines = request_lines()
+    assert lines[0]["packets"] == {"ingested": 2, "rejected": 1}
+    assert lines[1]["packets"] == {"duplicate": 1}
+    assert lines[3]["packets"] == {"processed": 2}
+    text = "\n".join(json.dumps(line) for line in lines)
+    for secret in (marker, TOKEN, "raw_signals", "private-user", "limit=10"):
+        assert secret not in text
+
+
+def test_the_request_log_can_be_turned_off(make_app, caplog):
+    """BUCKET_REQUEST_LOG=false silences the lines; the request id header stays."""
+    caplog.set_level(logging.INFO, logger="bucket.request")
+    client = make_app(BUCKET_REQUEST_LOG=False).test_client()
+    assert client.get("/health").headers["X-Request-ID"]
+    assert not [r for r in caplog.records if r.name == "bucket.request"]
