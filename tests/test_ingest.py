@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -386,6 +387,24 @@ def test_body_over_the_limit_is_a_413_json_error(make_app):
     assert len(stored(app)) == 1
 
 
+def test_chunked_body_over_the_limit_is_a_413_not_a_truncated_read(make_app):
+    """A chunked body (no Content-Length) over the limit is refused, not cut and misread."""
+    app = make_app(BUCKET_MAX_BODY_BYTES=2048)
+    client = app.test_client()
+
+    def chunked(packet: dict):
+        return client.post(
+            INGEST,
+            input_stream=io.BytesIO(json.dumps(packet).encode()),
+            headers={"Transfer-Encoding": "chunked", "Content-Type": "application/json"},
+            environ_overrides={"wsgi.input_terminated": True},
+        )
+
+    assert chunked(make_packet(raw_signals={"pad": "x" * 500})).status_code == 200
+    assert_error(chunked(make_packet(raw_signals={"pad": "x" * 5000})), 413)
+    assert len(stored(app)) == 1
+
+
 def test_unknown_path_is_a_404_json_error(client):
     """404 keeps the one JSON shape (never an HTML page)."""
     assert_error(client.get(f"{API}/nowhere"), 404)
@@ -440,6 +459,18 @@ def test_cross_origin_post_carries_the_allow_origin_header(client):
         INGEST, json=make_packet(), headers={"Origin": ORIGIN, "X-CLIENT-TIMESTAMP": "1"}
     )
     assert response.status_code == 200
+    assert response.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [make_packet(role="x"), {"packets": [make_packet(role="x")]}, []],
+    ids=["packet", "batch", "not-an-object"],
+)
+def test_error_answers_carry_cors_headers_so_the_page_can_read_them(client, body):
+    """A rejected cross-origin post is readable by the page (it must not retry it blindly)."""
+    response = client.post(INGEST, json=body, headers={"Origin": ORIGIN})
+    assert response.status_code == 422
     assert response.headers["Access-Control-Allow-Origin"] in (ORIGIN, "*")
 
 

@@ -22,6 +22,11 @@ def read_json_object() -> dict[str, Any]:
     if parsed is not None:
         return parsed
     raw = request.get_data(cache=False)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # Werkzeug cuts a chunked body at the limit instead of refusing it: refuse it here.
+        message = f"The request body exceeds {limit} bytes."
+        abort(413, message=message, errors={"json": [message]})
     if not raw.strip():
         message = "The request body is empty: send a JSON object."
         abort(400, message=message, errors={"json": [message]})
