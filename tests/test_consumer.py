@@ -308,16 +308,16 @@ def test_acks_from_another_app_instance_count(make_app):
 
 
 def test_two_pollers_racing_never_get_the_same_packet(make_app):
-    """Concurrent polls from several threads split the queue: no packet is served twice."""
-    app = make_app()
-    client = app.test_client()
+    """Concurrent polls from threads on two app instances split the queue: none served twice."""
+    apps = [make_app(), make_app()]
+    client = apps[0].test_client()
     client.post(f"{API}/ingest", json={"packets": [make_packet() for _ in range(120)]})
     served: list[list[str]] = [[] for _ in range(4)]
     start = threading.Barrier(4)
     errors: list[BaseException] = []
 
     def consumer(slot: int) -> None:
-        own = app.test_client()
+        own = apps[slot % 2].test_client()
         try:
             start.wait()
             for _ in range(60):
