@@ -53,9 +53,12 @@ def collect_stats() -> QueueStats:
             func.min(T.c.received_at)
             .filter(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
             .label("oldest"),
+            # In the same statement, so every figure comes from one snapshot: a total read
+            # later would count packets ingested meanwhile as processed.
+            select(func.count()).select_from(T).scalar_subquery().label("total"),
         ).where(T.c.delivery_state.in_((*DeliveryState.UNFINISHED, DeliveryState.DEAD)))
     ).one()
-    total = db.session.execute(select(func.count()).select_from(T)).scalar_one()
+    total = row.total
     db.session.commit()
     unfinished = row.ready + row.retrying + row.leased
     oldest_age = (utc_now() - row.oldest).total_seconds() if row.oldest is not None else None
