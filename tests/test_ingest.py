@@ -588,6 +588,16 @@ def test_idempotency_key_repeat_is_a_duplicate_even_with_another_identity(client
     assert len(stored(app)) == 2
 
 
+def test_idempotency_keys_of_different_users_never_collide(client, app):
+    """Two browsers choosing the same key keep both packets: a key belongs to its user."""
+    headers = {"Idempotency-Key": "1"}
+    first = client.post(INGEST, json=make_packet(user_id="stu_x"), headers=headers).json
+    second = client.post(INGEST, json=make_packet(user_id="stu_y"), headers=headers).json
+    assert "duplicate" not in second
+    assert second["packet_id"] != first["packet_id"]
+    assert sorted(row["user_id"] for row in stored(app)) == ["stu_x", "stu_y"]
+
+
 def test_natural_duplicate_with_a_new_idempotency_key_is_still_a_duplicate(client, app):
     """Matching either the key or the natural identity makes a duplicate."""
     packet = make_packet()

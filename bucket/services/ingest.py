@@ -44,6 +44,14 @@ def identity_key(system_type: str | None, user_id: str, session_id: str | None, 
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def scoped_idempotency_key(user_id: str, key: str | None) -> str | None:
+    """The key as stored, scoped to its user: two browsers choosing one key never collide."""
+    if key is None:
+        return None
+    text = json.dumps([user_id, key], separators=(",", ":"))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str | None) -> dict:
     """Turn a validated packet into a table row (EMS ``employee_id`` becomes the user)."""
     user_id = data.get("user_id") or data["employee_id"]
@@ -51,7 +59,7 @@ def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str
     return {
         "packet_id": new_packet_id(),
         "dedup_key": identity_key(data.get("system_type"), user_id, data.get("session_id"), timestamp),
-        "idempotency_key": idempotency_key,
+        "idempotency_key": scoped_idempotency_key(user_id, idempotency_key),
         "user_id": user_id,
         "employee_id": data.get("employee_id"),
         "session_id": data.get("session_id"),
@@ -94,7 +102,7 @@ def store_packets(packets: list[dict[str, Any]], idempotency_key: str | None = N
         inserted = insert_rows(connection, fresh)
         missing = [row for row in fresh if row["dedup_key"] not in inserted]
         if missing:
-            existing = find_existing(connection, missing, idempotency_key)
+            existing = find_existing(connection, missing, missing[0]["idempotency_key"])
     if inserted:
         queue.publish_ready()
 
