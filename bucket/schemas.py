@@ -128,9 +128,9 @@ class BatchEnvelopeSchema(BaseSchema):
 class IngestResultSchema(BaseSchema):
     """The answer to one stored (or recognised) packet."""
 
-    status = fields.String(metadata={"enum": ["ingested"]})
-    packet_id = fields.String()
-    received_at = fields.String()
+    status = fields.String(required=True, metadata={"enum": ["ingested"]})
+    packet_id = fields.String(required=True)
+    received_at = fields.String(required=True)
     duplicate = fields.Boolean()
 
 
@@ -146,12 +146,12 @@ class BatchItemResultSchema(BaseSchema):
 class BatchResultSchema(BaseSchema):
     """The answer to a batch envelope."""
 
-    status = fields.String(metadata={"enum": ["ingested", "partial", "rejected"]})
+    status = fields.String(required=True, metadata={"enum": ["ingested", "partial", "rejected"]})
     batch_id = fields.String(allow_none=True)
-    accepted = fields.Integer()
-    duplicates = fields.Integer()
-    rejected = fields.Integer()
-    results = fields.List(fields.Nested(BatchItemResultSchema))
+    accepted = fields.Integer(required=True)
+    duplicates = fields.Integer(required=True)
+    rejected = fields.Integer(required=True)
+    results = fields.List(fields.Nested(BatchItemResultSchema), required=True)
 
 
 class PendingQuerySchema(BaseSchema):
@@ -227,8 +227,10 @@ class AckResultSchema(BaseSchema):
     """What happened to one acknowledged packet."""
 
     packet_id = fields.String()
+    # Every AckOutcome status: acks (incl. refusals inside a 207 batch) and lease changes.
     status = fields.String(
-        metadata={"enum": ["processed", "retry_scheduled", "dead", "already_processed"]}
+        metadata={"enum": ["processed", "retry_scheduled", "dead", "already_processed",
+                           "not_found", "stale_receipt", "released", "extended", "not_leased"]}
     )
     delivery_count = fields.Integer()
     next_attempt_at = fields.String(allow_none=True)

@@ -73,9 +73,49 @@ UNAVAILABLE = error("The database does not answer; nothing changed. Retry later.
 TOO_MANY = error("Too many packets from this address or for this user.", RETRY_AFTER)
 
 
+def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
+    """State the packet rules that marshmallow checks across fields, as far as JSON Schema can.
+
+    The window rule (active + idle + away = 5.0 s ± 0.1) has no JSON Schema form; it is in the
+    description, and a request breaking it gets 422 naming ``active_seconds``.
+    """
+    packet = schemas.get("Packet")
+    if packet is not None:
+        packet["properties"]["timestamp"] = {
+            "type": "string", "format": "date-time",
+            "description": "ISO-8601 client time; Z or an offset (none means UTC).",
+        }
+        packet["allOf"] = [
+            {"anyOf": [
+                {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+                {"required": ["employee_id"], "properties": {"employee_id": {"type": "string"}}},
+            ]},
+            {"anyOf": [
+                {"required": ["cognitive_state"],
+                 "properties": {"cognitive_state": {"type": "string"}}},
+                {"required": ["state"], "properties": {"state": {"type": "string"}}},
+            ]},
+        ]
+        packet["description"] = (
+            "One 5-second window. user_id (or employee_id) and cognitive_state (or state) are "
+            "required; active_seconds + idle_seconds + away_seconds must be 5.0 (±0.1)."
+        )
+    envelope = schemas.get("BatchEnvelope")
+    if envelope is not None:
+        envelope["properties"]["packets"] = {
+            "type": "array",
+            "items": {"$ref": "#/components/schemas/Packet"},
+            "minItems": 1,
+            "maxItems": app.config["BUCKET_MAX_BATCH_SIZE"],
+            "description": "Each packet is validated on its own: bad ones are reported in the "
+                           "answer (207, or 422 when none is valid), good ones are stored.",
+        }
+
+
 def complete_spec(app: Flask, spec: Any) -> None:
     """Add refusals, security and probe bodies to every operation of ``spec``."""
     spec.options.setdefault("info", {})["description"] = DESCRIPTION
+    complete_packet_schemas(app, spec.components.schemas)
     responses = spec.components.responses
     if "UNPROCESSABLE_CONTENT" not in responses:
         # Some views name the 422 response by its RFC 9110 phrase; flask-smorest's is the older one.
@@ -115,6 +155,14 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
     answers.setdefault("503", UNAVAILABLE)
     if "ingest" in tags:
         answers.setdefault("429", TOO_MANY)
+        answers["422"] = {
+            "description": "Nothing stored: one invalid packet (the error shape), or a batch "
+                           "whose every packet was rejected (the batch answer).",
+            "content": {"application/json": {"schema": {"oneOf": [
+                {"$ref": "#/components/schemas/Error"},
+                {"$ref": "#/components/schemas/BatchResult"},
+            ]}}},
+        }
     if secured and tags & PROTECTED_BLUEPRINTS:
         operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
         for code, response in AUTH_REFUSALS.items():

@@ -1,0 +1,144 @@
+"""The OpenAPI document: valid, complete, and true to what the service answers."""
+
+import pytest
+from openapi_schema_validator import OAS30Validator
+from openapi_spec_validator import validate
+
+from tests.factories import make_packet
+
+API = "/api/v1/bucket/prana"
+TOKEN = "docs-token"
+AUTH = {"X-API-Key": TOKEN}
+UNDOCUMENTED_ENDPOINTS = {"static"}
+
+
+@pytest.fixture
+def app_config():
+    return {"BUCKET_CONSUMER_TOKENS": [TOKEN]}
+
+
+@pytest.fixture
+def spec(client):
+    response = client.get("/openapi.json")
+    assert response.status_code == 200
+    return response.json
+
+
+def resolve(spec, item):
+    """Follow a local $ref (responses, schemas) to the object it names."""
+    while "$ref" in item:
+        node = spec
+        for part in item["$ref"].lstrip("#/").split("/"):
+            node = node[part]
+        item = node
+    return item
+
+
+def assert_matches(spec, path, method, response):
+    """The response's status is documented and its JSON body fits the documented schema."""
+    operation = spec["paths"][path][method]
+    documented = operation["responses"].get(str(response.status_code))
+    assert documented is not None, f"{method.upper()} {path} answered {response.status_code}"
+    documented = resolve(spec, documented)
+    content = documented.get("content")
+    if not content:
+        return
+    assert response.mimetype in content, (path, response.mimetype)
+    schema = content[response.mimetype]["schema"]
+    if response.mimetype == "application/json":
+        OAS30Validator({**schema, "components": spec["components"]}).validate(response.json)
+
+
+@pytest.mark.parametrize("tokens", [[], [TOKEN]])
+def test_the_document_is_valid_openapi_3(make_app, tokens):
+    """The document validates as OpenAPI 3, with and without consumer auth configured."""
+    document = make_app(BUCKET_CONSUMER_TOKENS=tokens).test_client().get("/openapi.json").json
+    validate(document)
+    assert document["openapi"].startswith("3.")
+
+
+def test_every_route_is_documented_with_its_methods(app, spec):
+    """Each URL rule of the app (but the docs themselves) appears with each of its methods."""
+    for rule in app.url_map.iter_rules():
+        if rule.endpoint in UNDOCUMENTED_ENDPOINTS or rule.endpoint.startswith("api-docs."):
+            continue
+        path = rule.rule.replace("<string:", "{").replace("<", "{").replace(">", "}")
+        assert path in spec["paths"], path
+        for method in rule.methods - {"HEAD", "OPTIONS"}:
+            operation = spec["paths"][path][method.lower()]
+            assert operation.get("summary"), (path, method)
+            assert "200" in operation["responses"], (path, method)
+
+
+def test_security_and_refusals_are_documented(spec):
+    """Protected operations declare the token and their 401/403; ingest declares 413/415/429."""
+    schemes = spec["components"]["securitySchemes"]
+    assert schemes["ConsumerToken"]["scheme"] == "bearer"
+    assert schemes["ConsumerApiKey"]["name"] == "X-API-Key"
+    for path in ("/packets/pending", "/packets/mark-processed", "/packets/lease", "/status"):
+        operation = next(iter(v for k, v in spec["paths"][API + path].items() if k != "parameters"))
+        assert operation["security"] and {"401", "403"} <= set(operation["responses"])
+    ingest = spec["paths"][f"{API}/ingest"]["post"]
+    assert "security" not in ingest
+    assert {"400", "413", "415", "422", "429", "503"} <= set(ingest["responses"])
+    assert "Retry-After" in ingest["responses"]["429"]["headers"]
+    assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_real_responses_match_the_document(client, spec):
+    """A walk through every endpoint, good and bad requests: each answer fits the document."""
+    ingest = f"{API}/ingest"
+    checks = [
+        (ingest, "post", client.post(ingest, json=make_packet())),
+        (ingest, "post", client.post(ingest, json={"packets": [make_packet(), make_packet()]})),
+        (ingest, "post", client.post(ingest, json={"packets": [make_packet(), {"bad": 1}]})),
+        (ingest, "post", client.post(ingest, json={"packets": [{"bad": 1}]})),
+        (ingest, "post", client.post(ingest, json={"user_id": "x"})),
+        (ingest, "post", client.post(ingest, data=b"{", content_type="application/json")),
+        (ingest, "post", client.post(ingest, data=b"<x/>", content_type="application/xml")),
+    ]
+    pending = f"{API}/packets/pending"
+    polled = client.get(f"{pending}?limit=2", headers=AUTH)
+    checks += [
+        (pending, "get", polled),
+        (pending, "get", client.get(f"{pending}?limit=0", headers=AUTH)),
+        (pending, "get", client.get(pending)),
+        (pending, "get", client.get(pending, headers={"X-API-Key": "wrong"})),
+    ]
+    first, second = polled.json["packets"]
+    ack = f"{API}/packets/mark-processed"
+    lease = f"{API}/packets/lease"
+    checks += [
+        (lease, "post", client.post(lease, headers=AUTH, json={
+            "packet_id": second["packet_id"], "receipt": second["receipt"],
+            "visibility_timeout": 30})),
+        (lease, "post", client.post(lease, headers=AUTH, json={
+            "packet_id": "nope", "receipt": "r", "visibility_timeout": 30})),
+        (ack, "post", client.post(ack, headers=AUTH, json={
+            "packet_id": first["packet_id"], "success": True, "karma_actions": [{"a": 1}]})),
+        (ack, "post", client.post(ack, headers=AUTH, json={"results": [
+            {"packet_id": second["packet_id"], "success": False, "error_message": "karma down"},
+            {"packet_id": "unknown", "success": True}]})),
+        (ack, "post", client.post(ack, headers=AUTH, json={"packet_id": "unknown", "success": 1})),
+        (ack, "post", client.post(ack, headers=AUTH, json={"packet_id": "unknown",
+                                                           "success": True})),
+    ]
+    user = f"{API}/packets/user/{{user_id}}"
+    checks += [
+        (user, "get", client.get(f"{API}/packets/user/stu_test?limit=1", headers=AUTH)),
+        (user, "get", client.get(f"{API}/packets/user/stu_test?cursor=zz", headers=AUTH)),
+        (f"{API}/status", "get", client.get(f"{API}/status", headers=AUTH)),
+        ("/health", "get", client.get("/health")),
+        ("/health/ready", "get", client.get("/health/ready")),
+        ("/metrics", "get", client.get("/metrics")),
+    ]
+    for path, method, response in checks:
+        assert response.status_code < 500, (path, response.json)
+        assert_matches(spec, path, method, response)
+
+
+def test_the_docs_page_serves_swagger_ui_for_the_document(client):
+    """/docs is an HTML page pointing at /openapi.json (its assets load in a browser only)."""
+    response = client.get("/docs")
+    assert response.status_code == 200 and response.mimetype == "text/html"
+    assert "/openapi.json" in response.get_data(as_text=True)
