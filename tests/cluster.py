@@ -1,0 +1,124 @@
+"""Real service instances for fault tests: migrations, gunicorn masters and their workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+from tests.servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def service_env(database_url: str, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
+    """The environment of one instance: shared database and Redis, no rate limits."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
+    env.pop("WEB_CONCURRENCY", None)
+    env.update(
+        DATABASE_URL=database_url,
+        REDIS_URL=redis_url,
+        BUCKET_REDIS_PREFIX=prefix,
+        BUCKET_RATE_LIMIT_ENABLED="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def migrate(env: dict[str, str]) -> None:
+    """``flask db upgrade`` against the instance's database, as the Procfile's release step."""
+    subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT, env=env, check=True, capture_output=True, timeout=120,
+    )
+
+
+def child_pids(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (gunicorn's workers under its master)."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name is parenthesised and may hold spaces: the ppid follows the last ')'.
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            children.append(int(entry))
+    return sorted(children)
+
+
+class Instance:
+    """One service instance: a gunicorn master with gthread workers on a free port."""
+
+    def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 8) -> None:
+        self.env = env
+        self.workers = workers
+        self.threads = threads
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="bucket-gunicorn-", suffix=".log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> Instance:
+        """Start gunicorn and wait until every worker has booted and /health answers."""
+        self.process = subprocess.Popen(
+            [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "--bind",
+             f"127.0.0.1:{self.port}", "--workers", str(self.workers), "--threads",
+             str(self.threads), "wsgi:app"],
+            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited:\n{self.output()}")
+            try:
+                if (requests.get(f"{self.url}/health", timeout=1).status_code == 200
+                        and len(self.worker_pids()) == self.workers):
+                    return self
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"gunicorn did not start:\n{self.output()}")
+            time.sleep(0.1)
+
+    def worker_pids(self) -> list[int]:
+        """The worker processes the master runs right now."""
+        return child_pids(self.process.pid) if self.process else []
+
+    def kill_worker(self) -> int:
+        """SIGKILL one worker (the master replaces it); return its pid."""
+        victim = self.worker_pids()[0]
+        os.kill(victim, signal.SIGKILL)
+        return victim
+
+    def output(self) -> str:
+        """What gunicorn and the app logged so far."""
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        """SIGTERM the master (graceful), SIGKILL it if it lingers."""
+        if self.process is None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=10)
+        self.process = None
+        self.log.close()
