@@ -487,6 +487,16 @@ def test_cors_origins_setting_restricts_who_may_post(make_app):
     assert "Access-Control-Allow-Origin" not in post.headers
 
 
+def test_operating_names_from_the_environment_apply(make_app, monkeypatch):
+    """BUCKET_CORS_ORIGINS (comma-separated) and BUCKET_MAX_BODY_BYTES are read from the env."""
+    monkeypatch.setenv("BUCKET_CORS_ORIGINS", "https://gurukul.example, http://localhost:5173")
+    monkeypatch.setenv("BUCKET_MAX_BODY_BYTES", "1500")
+    client = make_app().test_client()
+    assert preflight(client).headers["Access-Control-Allow-Origin"] == ORIGIN
+    assert "Access-Control-Allow-Origin" not in preflight(client, "https://evil.example").headers
+    assert_error(client.post(INGEST, json=make_packet(raw_signals={"pad": "x" * 2000})), 413)
+
+
 # --- idempotency --------------------------------------------------------------------------------
 
 
