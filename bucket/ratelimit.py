@@ -4,23 +4,29 @@ Only ingest is limited: it is the one endpoint open to the internet. Consumer an
 endpoints are never throttled (the original's limiter throttled its own poller and stranded
 packets); they are guarded by the consumer token instead. Counters live in Redis when
 ``REDIS_URL`` is set, so every worker and instance shares them, and fall back to memory while
-Redis is unreachable (Flask-Limiter retries Redis with a growing back-off).
+Redis is unreachable (Redis is tried again a second later).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
 
 import orjson
 from flask import Flask, current_app, g, request
-from flask_limiter import Limit, Limiter, RateLimitExceeded
+from flask_limiter import Limiter
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import STRATEGIES
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bucket.api.body import ACCEPTED_MEDIA_TYPES
+
+log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "bucket.ratelimit"
 INGEST_ENDPOINT = "ingest.ingest"
@@ -72,36 +78,75 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
-def ingest_user() -> str:
-    """The user the ingest request is for (the first packet's, for a batch)."""
-    return g.get("rate_user") or ""
+class IngestLimits:
+    """One application's ingest limits and where their counters live.
+
+    Flask-Limiter builds the storage (Redis or memory) and the strategy; the ingest check calls
+    that strategy directly, because resolving limits generically for every request cost more
+    than the counter round trips themselves. While the shared storage fails, counting goes on
+    in this process's memory and the storage is tried again after ``retry_after`` seconds.
+    """
+
+    def __init__(self, limiter: Limiter, per_ip: str, per_user: str, strategy: str,
+                 retry_after: float) -> None:
+        self.limiter = limiter
+        self.primary = limiter.limiter
+        self.fallback = STRATEGIES[strategy](MemoryStorage())
+        self.per_ip = parse_many(per_ip) if per_ip else []
+        self.per_user = parse_many(per_user) if per_user else []
+        self.retry_after = retry_after
+        self._down_until = 0.0
+
+    def strategy(self):
+        """The shared counters, or memory while they are unreachable."""
+        return self.primary if time.monotonic() >= self._down_until else self.fallback
+
+    def hit(self, item: RateLimitItem, scope: str, key: str, cost: int) -> bool:
+        """Count ``cost`` against one limit; False when it would go over."""
+        strategy = self.strategy()
+        if strategy is self.primary:
+            try:
+                return strategy.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
+            except Exception as exc:  # noqa: BLE001 - each storage raises its own errors
+                log.warning("rate limit storage unavailable, counting in memory: %s", exc)
+                self._down_until = time.monotonic() + self.retry_after
+        return self.fallback.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
+
+    def retry_after_seconds(self, item: RateLimitItem, scope: str, key: str) -> int:
+        """Whole seconds until the breached window lets a request through."""
+        try:
+            stats = self.strategy().get_window_stats(item, INGEST_ENDPOINT, scope, key)
+            return max(1, math.ceil(stats.reset_time - time.time()))
+        except Exception:  # noqa: BLE001 - storage gone between hit and answer
+            return 1
 
 
-def ingest_cost() -> int:
-    """Packets in the request: a batch of 100 counts as 100 windows of telemetry."""
-    return g.get("rate_cost", 1)
+def check_ingest_limits():
+    """Refuse an ingest request over its address's or its user's allowance, in packets."""
+    if request.endpoint != INGEST_ENDPOINT or request.method != "POST":
+        return None
+    read_ingest_identity()
+    limits: IngestLimits = current_app.extensions[EXTENSION_KEY]
+    cost = g.rate_cost
+    checks = [("ip", client_address(), limits.per_ip)]
+    if g.rate_user:
+        checks.append(("user", g.rate_user, limits.per_user))
+    for scope, key, items in checks:
+        for item in items:
+            if not limits.hit(item, scope, key, cost):
+                return too_many_requests(limits, item, scope, key)
+    return None
 
 
-def exempt_request() -> bool:
-    """Every endpoint but ingest is exempt."""
-    return request.endpoint != INGEST_ENDPOINT
-
-
-def too_many_requests(exc: RateLimitExceeded):
+def too_many_requests(limits: IngestLimits, item: RateLimitItem, scope: str, key: str):
     """429 in the one error shape, with ``Retry-After`` from the breached window."""
     from bucket.errors import error_response
 
-    limiter: Limiter = current_app.extensions[EXTENSION_KEY]
-    retry_after = 1
-    breached = limiter.current_limit
-    if breached is not None:
-        try:
-            retry_after = max(1, math.ceil(breached.reset_at - time.time()))
-        except Exception:  # noqa: BLE001 - storage gone between hit and answer: keep the default
-            pass
+    retry_after = limits.retry_after_seconds(item, scope, key)
+    who = "this address" if scope == "ip" else "this user"
     return error_response(
         429,
-        f"Too many packets: the limit is {exc.description}. Retry after {retry_after} s.",
+        f"Too many packets from {who}: the limit is {item}. Retry after {retry_after} s.",
         {"Retry-After": str(retry_after)},
     )
 
@@ -122,46 +167,35 @@ def storage_settings(app: Flask) -> tuple[str, dict[str, Any]]:
 
 
 class RateLimits:
-    """Flask extension: one Flask-Limiter per application, kept in ``app.extensions``."""
+    """Flask extension: each application's ingest limits, kept in ``app.extensions``."""
 
     def __init__(self, app: Flask | None = None) -> None:
         if app is not None:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Build this app's limiter; with ``BUCKET_RATE_LIMIT_ENABLED`` off it installs no hook."""
+        """Build this app's limits; with ``BUCKET_RATE_LIMIT_ENABLED`` off nothing is installed."""
         config = app.config
-        enabled = bool(config.get("BUCKET_RATE_LIMIT_ENABLED", True))
+        if not config.get("BUCKET_RATE_LIMIT_ENABLED", True):
+            return
         storage_uri, storage_options = storage_settings(app)
-        if enabled:
-            app.before_request(read_ingest_identity)  # before the limiter's own hook
-        ingest_only = {"methods": ["POST"], "cost": ingest_cost}
+        strategy = config["BUCKET_RATE_LIMIT_STRATEGY"]
         limiter = Limiter(
             client_address,
-            default_limits=[
-                Limit(config["BUCKET_RATE_LIMIT_INGEST_PER_IP"], scope="ip", **ingest_only),
-                Limit(
-                    config["BUCKET_RATE_LIMIT_INGEST_PER_USER"],
-                    key_function=ingest_user,
-                    scope="user",
-                    exempt_when=lambda: not ingest_user(),
-                    **ingest_only,
-                ),
-            ],
-            strategy=config["BUCKET_RATE_LIMIT_STRATEGY"],
+            strategy=strategy,
             storage_uri=storage_uri,
             storage_options=storage_options,
-            in_memory_fallback_enabled=True,
-            headers_enabled=False,  # headers would cost a storage round trip per request
-            swallow_errors=True,
-            enabled=enabled,
+            headers_enabled=False,
         )
-        limiter.request_filter(exempt_request)
+        # Flask-Limiter's own per-request hook has no limit to resolve: every request is exempt
+        # from it, and ingest is checked by ``check_ingest_limits`` instead.
+        limiter.request_filter(lambda: True)
         limiter.init_app(app)
-        app.extensions[EXTENSION_KEY] = limiter
-        app.register_error_handler(RateLimitExceeded, too_many_requests)
-
-    @staticmethod
-    def limiter() -> Limiter:
-        """The current application's Flask-Limiter."""
-        return current_app.extensions[EXTENSION_KEY]
+        app.extensions[EXTENSION_KEY] = IngestLimits(
+            limiter,
+            config["BUCKET_RATE_LIMIT_INGEST_PER_IP"],
+            config["BUCKET_RATE_LIMIT_INGEST_PER_USER"],
+            strategy,
+            float(config.get("BUCKET_REDIS_RETRY_AFTER", 1.0)),
+        )
+        app.before_request(check_ingest_limits)

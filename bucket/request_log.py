@@ -7,22 +7,43 @@ import os
 import re
 import time
 
+import orjson
 from flask import Flask, current_app, g, request
-from pythonjsonlogger.orjson import OrjsonFormatter
 
 log = logging.getLogger("bucket.request")
+# Attributes every LogRecord has; anything else on a record came in through ``extra``.
+STANDARD_ATTRIBUTES = frozenset(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
 REQUEST_ID_HEADER = "X-Request-ID"
 # A caller's id is echoed only when it is short and plain: nothing that could forge log lines.
 VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
+class JsonLineFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, extra fields, any traceback.
+
+    Hand-rolled on orjson because it runs once per request: several times cheaper than a
+    general-purpose JSON formatter.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in STANDARD_ATTRIBUTES:
+                line[key] = value
+        if record.exc_info:
+            line["exc_info"] = self.formatException(record.exc_info)
+        return orjson.dumps(line, default=str).decode()
+
+
 def json_formatter() -> logging.Formatter:
-    """Every log line as one JSON object: time, level, logger, message and any extra fields."""
-    return OrjsonFormatter(
-        "%(asctime)s %(levelname)s %(name)s %(message)s",
-        rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
-    )
+    """The formatter of the service's log lines."""
+    return JsonLineFormatter()
 
 
 def configure_logging(app: Flask) -> None:
@@ -70,7 +91,9 @@ def finish_request(response):
         packets = g.get("packet_counts")
         if packets:
             fields["packets"] = packets
-        log.info("request", extra=fields)
+        # makeRecord + handle: what log.info does, minus the stack walk that finds the caller.
+        log.handle(log.makeRecord(log.name, logging.INFO, __name__, 0, "request", None, None,
+                                  extra=fields))
     return response
 
 
