@@ -15,6 +15,7 @@ import random
 import statistics
 import threading
 import time
+import traceback
 import uuid
 from collections import Counter
 
@@ -36,7 +37,8 @@ CONSUMERS = 4
 LEASE_SECONDS = 5
 # Long enough that, in the latency test, only a Redis wake-up can end a poll before its wait.
 RECHECK_SECONDS = 10
-RETRYABLE = (requests.ConnectionError, requests.Timeout)
+# Broken connections, timeouts and responses cut off mid-body by a killed worker.
+RETRYABLE = (requests.RequestException, ValueError)
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +116,19 @@ class Ledger:
         self.ingest_failures: list[str] = []
         self.ingest_retries = 0
         self.consumer_errors = 0
+        self.crashes: list[str] = []
+
+    def guard(self, target):
+        """Run a client thread, recording a crash instead of losing it with the thread."""
+
+        def run(*args):
+            try:
+                target(*args)
+            except Exception:  # noqa: BLE001 - reported by the test's assertions
+                with self.lock:
+                    self.crashes.append(traceback.format_exc())
+
+        return run
 
     def processed_all(self) -> bool:
         with self.lock:
@@ -200,12 +215,12 @@ def consumer(instances, number: int, stop: threading.Event, ledger: Ledger) -> N
             )
             if response.status_code != 200:
                 raise requests.ConnectionError(f"status {response.status_code}")
+            packets = response.json()["packets"]
         except RETRYABLE:
             with ledger.lock:
                 ledger.consumer_errors += 1
             time.sleep(0.1)
             continue
-        packets = response.json()["packets"]
         with ledger.lock:
             for packet in packets:
                 ledger.processed[packet["packet_id"]] += 1
@@ -260,13 +275,17 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     started = time.monotonic()
 
     consumers = [
-        threading.Thread(target=consumer, args=(instances, n, stop, ledger), daemon=True)
+        threading.Thread(
+            target=ledger.guard(consumer), args=(instances, n, stop, ledger), daemon=True
+        )
         for n in range(CONSUMERS)
     ]
     share = [PACKETS // INGEST_THREADS + (n < PACKETS % INGEST_THREADS)
              for n in range(INGEST_THREADS)]
     ingesters = [
-        threading.Thread(target=ingester, args=(instances, n, share[n], ledger), daemon=True)
+        threading.Thread(
+            target=ledger.guard(ingester), args=(instances, n, share[n], ledger), daemon=True
+        )
         for n in range(INGEST_THREADS)
     ]
     faults = threading.Thread(target=run_faults, args=(cluster, ledger, events, started))
@@ -304,6 +323,7 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
         f"  ingest phase {ingested_in:.1f} s, total {elapsed:.1f} s;"
         f" workers now {[len(i.worker_pids()) for i in instances]}"
     )
+    assert not ledger.crashes, ledger.crashes[0]
     assert len(events) == 3, f"the faults did not all happen: {events}"
     assert not ledger.ingest_failures, ledger.ingest_failures[:5]
     assert len(acked) == PACKETS
