@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -43,13 +44,40 @@ def isoformat(moment: datetime | None) -> str | None:
     return None if moment is None else moment.isoformat()
 
 
+class _PacketIdClock:
+    """Monotonic UUIDv7 parts: within one millisecond a 12-bit counter keeps ids in issue order."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._millis = 0
+        self._counter = 0
+
+    def next(self) -> tuple[int, int]:
+        with self._lock:
+            millis = time.time_ns() // 1_000_000
+            if millis <= self._millis:
+                millis = self._millis
+                self._counter += 1
+                if self._counter > 0xFFF:  # counter exhausted: borrow the next millisecond
+                    millis += 1
+                    self._counter = 0
+            else:
+                self._counter = 0
+            self._millis = millis
+            return millis, self._counter
+
+
+_packet_id_clock = _PacketIdClock()
+
+
 def new_packet_id() -> str:
-    """Return a time-ordered UUID (version 7) so new rows land at the end of the key index."""
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    """Return a time-ordered UUID (version 7): new rows land at the end of the key index, and
+    packets of one batch keep their order (RFC 9562, method 1: a counter in ``rand_a``)."""
+    millis, counter = _packet_id_clock.next()
+    rand = int.from_bytes(os.urandom(8), "big")
     value = (millis & ((1 << 48) - 1)) << 80
     value |= 0x7 << 76
-    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= counter << 64
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
     return str(uuid.UUID(int=value))

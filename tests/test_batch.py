@@ -222,3 +222,16 @@ def test_batch_rows_carry_every_field_like_single_ingest(client, app):
     assert match[0]["client_timestamp"].startswith("2026-11-28T10:00:00.250")
     assert match[0]["focus_score"] is None and match[0]["integrity_score"] == 0.5
     assert match[0]["delivery_state"] == "leased"
+
+
+def test_packets_of_a_batch_are_served_in_batch_order(client):
+    """Packet ids are time-ordered with a per-millisecond counter, so a batch keeps its order."""
+    packets = [make_packet(user_id=f"order_{i}") for i in range(40)]
+    posted = client.post(INGEST, json=envelope(packets))
+    assert posted.status_code == 200
+    ids_in_batch = [result["packet_id"] for result in posted.json["results"]]
+    assert ids_in_batch == sorted(ids_in_batch)
+
+    served = client.get(f"{API}/packets/pending?limit=40").json["packets"]
+    assert [p["packet_id"] for p in served] == ids_in_batch
+    assert [p["user_id"] for p in served] == [f"order_{i}" for i in range(40)]
