@@ -34,17 +34,18 @@ accesslog = None
 
 
 # Prometheus multiprocess mode: every worker writes its counters to files in one directory and
-# a scrape of any worker sums them. The variable must be set before a worker imports the app,
-# hence here, at configuration time, in the master.
+# a scrape of any worker sums them. The variable must be set before a worker imports the app;
+# on_starting runs in the master before any worker is forked (the app is not preloaded).
 _created_metrics_dir = None
-if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-    _created_metrics_dir = tempfile.mkdtemp(prefix="prana-bucket-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = _created_metrics_dir
 
 
 def on_starting(server):
-    """Start from zero: files left by an earlier run would be added to this run's figures."""
-    directory = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+    """Point workers at a metrics directory, emptied: old files would add to this run's figures."""
+    global _created_metrics_dir
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        directory = _created_metrics_dir = tempfile.mkdtemp(prefix="prana-bucket-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.makedirs(directory, exist_ok=True)
     for path in glob.glob(os.path.join(directory, "*.db")):
         os.remove(path)

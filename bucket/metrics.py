@@ -23,6 +23,7 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    values,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -151,14 +152,17 @@ class QueueCollector:
         )
 
 
-def multiprocess_dir() -> str | None:
-    """The shared directory of multiprocess mode, or None for a single process."""
-    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+def multiprocess_mode() -> bool:
+    """True when this process's metrics live in shared files (decided when prometheus_client
+    was imported, so a variable set later cannot make a scrape read files nobody writes)."""
+    return values.ValueClass is not values.MutexValue and bool(
+        os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    )
 
 
 def render_metrics() -> bytes:
     """The exposition text: request metrics (summed over workers) and queue gauges."""
-    if multiprocess_dir():
+    if multiprocess_mode():
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
     else:
