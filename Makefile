@@ -18,6 +18,8 @@ run: install
 	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
 
 test: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
 lint: install

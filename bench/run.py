@@ -3,7 +3,8 @@
 Usage: .venv/bin/python bench/run.py [--duration 15] [--connections 32] [--batch 100]
                                       [--prefill 0]
 Needs wrk (Debian package ``wrk``), PostgreSQL and Redis on 127.0.0.1. Prints requests/s, the ratio
-to the trivial endpoint, batch packets/s and latency percentiles; creates and drops its own database.
+to the trivial endpoint, batch packets/s and latency percentiles; creates and drops its own
+database.
 """
 
 from __future__ import annotations
@@ -58,9 +59,20 @@ def stop_server(process: subprocess.Popen) -> None:
 def wrk(port: int, script: str, duration: int, connections: int, env: dict) -> dict:
     """Run wrk and parse requests/s, latency percentiles and non-2xx answers."""
     out = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s",
-         str(ROOT / "bench" / script), f"http://127.0.0.1:{port}/api/v1/bucket/prana/ingest"],
-        capture_output=True, text=True, env=env, check=True,
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{duration}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / script),
+            f"http://127.0.0.1:{port}/api/v1/bucket/prana/ingest",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
     ).stdout
     figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
     for pct in ("50", "99"):
@@ -104,12 +116,22 @@ def main() -> None:
     args = parser.parse_args()
 
     name, url = create_database()
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": "redis://127.0.0.1:6379/0",
-           "BUCKET_REDIS_PREFIX": f"bench-{name}", "BUCKET_RATE_LIMIT_ENABLED": "false",
-           "BATCH": str(args.batch)}
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "REDIS_URL": "redis://127.0.0.1:6379/0",
+        "BUCKET_REDIS_PREFIX": f"bench-{name}",
+        "BUCKET_RATE_LIMIT_ENABLED": "false",
+        "BATCH": str(args.batch),
+    }
     try:
-        subprocess.run([str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"], cwd=ROOT, env=env,
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+            cwd=ROOT,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
         if args.prefill:
             started = time.monotonic()
             prefill(url, args.prefill)
@@ -130,14 +152,20 @@ def main() -> None:
         finally:
             stop_server(bucket)
 
-        print(f"trivial endpoint : {base['rps']:8.0f} req/s  p50 {base['p50_ms']:.2f} ms  "
-              f"p99 {base['p99_ms']:.2f} ms")
-        print(f"single ingest    : {single['rps']:8.0f} req/s  p50 {single['p50_ms']:.2f} ms  "
-              f"p99 {single['p99_ms']:.2f} ms  non-2xx {single['non2xx']}")
+        print(
+            f"trivial endpoint : {base['rps']:8.0f} req/s  p50 {base['p50_ms']:.2f} ms  "
+            f"p99 {base['p99_ms']:.2f} ms"
+        )
+        print(
+            f"single ingest    : {single['rps']:8.0f} req/s  p50 {single['p50_ms']:.2f} ms  "
+            f"p99 {single['p99_ms']:.2f} ms  non-2xx {single['non2xx']}"
+        )
         print(f"ratio            : {single['rps'] / base['rps']:.3f} (goal >= 0.4)")
-        print(f"batch ingest     : {batch['rps'] * args.batch:8.0f} packets/s "
-              f"({batch['rps']:.0f} batches/s of {args.batch}) p50 {batch['p50_ms']:.2f} ms  "
-              f"p99 {batch['p99_ms']:.2f} ms  non-2xx {batch['non2xx']}")
+        print(
+            f"batch ingest     : {batch['rps'] * args.batch:8.0f} packets/s "
+            f"({batch['rps']:.0f} batches/s of {args.batch}) p50 {batch['p50_ms']:.2f} ms  "
+            f"p99 {batch['p99_ms']:.2f} ms  non-2xx {batch['non2xx']}"
+        )
     finally:
         drop_database(name)
 

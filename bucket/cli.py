@@ -49,8 +49,9 @@ def stats_command() -> None:
     is_flag=True,
     help="Also make packets waiting out a retry back-off visible now.",
 )
-def requeue_command(user_id: str | None, since: str | None, until: str | None,
-                    include_retrying: bool) -> None:
+def requeue_command(
+    user_id: str | None, since: str | None, until: str | None, include_retrying: bool
+) -> None:
     """Put dead (and optionally retrying) packets back in the queue with fresh attempts."""
     states = (DeliveryState.DEAD,)
     if include_retrying:
@@ -87,8 +88,9 @@ def replay_command(user_id: str, since: str | None, until: str | None) -> None:
     help="Rows deleted per transaction (default BUCKET_PURGE_BATCH_SIZE).",
 )
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
-def purge_command(older_than_days: float | None, include_dead: bool, batch_size: int | None,
-                  dry_run: bool) -> None:
+def purge_command(
+    older_than_days: float | None, include_dead: bool, batch_size: int | None, dry_run: bool
+) -> None:
     """Delete processed packets older than the retention period, in short batches.
 
     Dead packets are kept unless --include-dead is given. Schedule this daily (a cron job

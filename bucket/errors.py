@@ -6,7 +6,8 @@ import logging
 from http import HTTPStatus
 
 from flask import Flask, jsonify
-from sqlalchemy.exc import DBAPIError, OperationalError, TimeoutError as PoolTimeoutError
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
 from bucket.extensions import db
@@ -16,7 +17,9 @@ log = logging.getLogger(__name__)
 DATABASE_RETRY_AFTER = "2"
 
 
-def error_response(code: int, message: str, headers: dict | None = None, errors: dict | None = None):
+def error_response(
+    code: int, message: str, headers: dict | None = None, errors: dict | None = None
+):
     """Build a response in the service's one error shape."""
     body = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
     if errors:

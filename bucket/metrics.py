@@ -33,19 +33,22 @@ log = logging.getLogger(__name__)
 
 # Labels only: an unlabelled metric would create its value (a file, in multiprocess mode) at import.
 REQUESTS = Counter(
-    "bucket_http_requests", "HTTP requests answered, by endpoint, method and status.",
+    "bucket_http_requests",
+    "HTTP requests answered, by endpoint, method and status.",
     ["endpoint", "method", "status"],
 )
 LATENCY = Histogram(
-    "bucket_http_request_duration_seconds", "Time to answer a request, by endpoint.",
+    "bucket_http_request_duration_seconds",
+    "Time to answer a request, by endpoint.",
     ["endpoint"],
     # Long polls wait up to 20 s; ingest and acks should sit in the first few buckets.
     buckets=(0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0),
 )
 PACKETS = Counter(
-    "bucket_packets", "Packets by outcome as the HTTP API saw them: ingested, duplicate, "
+    "bucket_packets",
+    "Packets by outcome as the HTTP API saw them: ingested, duplicate, "
     "rejected (ingest), processed, failed, dead (acknowledgements; lease reaping also "
-    "dead-letters, see bucket_queue_packets{state=\"dead\"}).",
+    'dead-letters, see bucket_queue_packets{state="dead"}).',
     ["outcome"],
 )
 PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
@@ -119,7 +122,8 @@ class QueueCollector:
             "bucket_queue_depth", "Packets a poll could take right now.", value=stats.queue_size
         )
         yield GaugeMetricFamily(
-            "bucket_queue_leased", "Packets leased to a consumer right now.",
+            "bucket_queue_leased",
+            "Packets leased to a consumer right now.",
             value=stats.leased_packets,
         )
         oldest = stats.oldest_pending_age_seconds
@@ -140,14 +144,16 @@ class QueueCollector:
         states.add_metric(["total"], stats.total_packets)
         yield states
         backend = GaugeMetricFamily(
-            "bucket_queue_backend", "The queue backend in use (1) and the other (0).",
+            "bucket_queue_backend",
+            "The queue backend in use (1) and the other (0).",
             labels=["backend"],
         )
         for name in ("redis", "memory"):
             backend.add_metric([name], 1 if stats.queue_backend == name else 0)
         yield backend
         yield GaugeMetricFamily(
-            "bucket_redis_connected", "1 when Redis answered a ping.",
+            "bucket_redis_connected",
+            "1 when Redis answered a ping.",
             value=1 if stats.redis_connected else 0,
         )
 

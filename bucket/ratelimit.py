@@ -87,8 +87,9 @@ class IngestLimits:
     in this process's memory and the storage is tried again after ``retry_after`` seconds.
     """
 
-    def __init__(self, limiter: Limiter, per_ip: str, per_user: str, strategy: str,
-                 retry_after: float) -> None:
+    def __init__(
+        self, limiter: Limiter, per_ip: str, per_user: str, strategy: str, retry_after: float
+    ) -> None:
         self.limiter = limiter
         self.primary = limiter.limiter
         self.fallback = STRATEGIES[strategy](MemoryStorage())

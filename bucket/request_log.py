@@ -82,9 +82,9 @@ def finish_request(response):
             "path": request.path,
             "endpoint": request.endpoint,
             "status": response.status_code,
-            "duration_ms": None if started is None else round(
-                (time.perf_counter() - started) * 1000, 2
-            ),
+            "duration_ms": None
+            if started is None
+            else round((time.perf_counter() - started) * 1000, 2),
             "request_id": request_id,
             "client": request.remote_addr,
         }
@@ -92,8 +92,9 @@ def finish_request(response):
         if packets:
             fields["packets"] = packets
         # makeRecord + handle: what log.info does, minus the stack walk that finds the caller.
-        log.handle(log.makeRecord(log.name, logging.INFO, __name__, 0, "request", None, None,
-                                  extra=fields))
+        log.handle(
+            log.makeRecord(log.name, logging.INFO, __name__, 0, "request", None, None, extra=fields)
+        )
     return response
 
 

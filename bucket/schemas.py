@@ -229,8 +229,19 @@ class AckResultSchema(BaseSchema):
     packet_id = fields.String()
     # Every AckOutcome status: acks (incl. refusals inside a 207 batch) and lease changes.
     status = fields.String(
-        metadata={"enum": ["processed", "retry_scheduled", "dead", "already_processed",
-                           "not_found", "stale_receipt", "released", "extended", "not_leased"]}
+        metadata={
+            "enum": [
+                "processed",
+                "retry_scheduled",
+                "dead",
+                "already_processed",
+                "not_found",
+                "stale_receipt",
+                "released",
+                "extended",
+                "not_leased",
+            ]
+        }
     )
     delivery_count = fields.Integer()
     next_attempt_at = fields.String(allow_none=True)

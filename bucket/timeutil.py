@@ -6,12 +6,12 @@ import os
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 
 def utc_now() -> datetime:
     """Return the current time as an aware UTC datetime."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def epoch_now() -> float:
@@ -28,15 +28,15 @@ def from_epoch(seconds: float | None) -> datetime | None:
     """Convert epoch seconds to an aware UTC datetime (None stays None)."""
     if seconds is None:
         return None
-    return datetime.fromtimestamp(seconds, timezone.utc)
+    return datetime.fromtimestamp(seconds, UTC)
 
 
 def parse_client_timestamp(text: str) -> datetime:
     """Parse an ISO-8601 client timestamp: ``Z`` or an offset, none meaning UTC."""
     moment = datetime.fromisoformat(text.strip())
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.astimezone(timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC)
 
 
 def isoformat(moment: datetime | None) -> str | None:

@@ -37,7 +37,11 @@ def migrate(env: dict[str, str]) -> None:
     """``flask db upgrade`` against the instance's database, as the Procfile's release step."""
     subprocess.run(
         [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-        cwd=ROOT, env=env, check=True, capture_output=True, timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
 
 
@@ -76,18 +80,32 @@ class Instance:
     def start(self, timeout: float = 30.0) -> Instance:
         """Start gunicorn and wait until every worker has booted and /health answers."""
         self.process = subprocess.Popen(
-            [str(BIN / "gunicorn"), "--config", "gunicorn.conf.py", "--bind",
-             f"127.0.0.1:{self.port}", "--workers", str(self.workers), "--threads",
-             str(self.threads), "wsgi:app"],
-            cwd=ROOT, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                str(BIN / "gunicorn"),
+                "--config",
+                "gunicorn.conf.py",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                str(self.workers),
+                "--threads",
+                str(self.threads),
+                "wsgi:app",
+            ],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"gunicorn exited:\n{self.output()}")
             try:
-                if (requests.get(f"{self.url}/health", timeout=1).status_code == 200
-                        and len(self.worker_pids()) == self.workers):
+                if (
+                    requests.get(f"{self.url}/health", timeout=1).status_code == 200
+                    and len(self.worker_pids()) == self.workers
+                ):
                     return self
             except requests.RequestException:
                 pass

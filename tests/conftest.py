@@ -56,8 +56,11 @@ def backend_config(request, backend: str, tmp_path) -> dict:
     if backend == "sqlite":
         path = tmp_path / "bucket.sqlite3"
         shutil.copy(request.getfixturevalue("sqlite_template"), path)
-        return {"SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}", "REDIS_URL": None,
-                "BUCKET_REDIS_PREFIX": prefix}
+        return {
+            "SQLALCHEMY_DATABASE_URI": f"sqlite:///{path}",
+            "REDIS_URL": None,
+            "BUCKET_REDIS_PREFIX": prefix,
+        }
     return {
         "SQLALCHEMY_DATABASE_URI": request.getfixturevalue("postgres_database"),
         "REDIS_URL": request.getfixturevalue("redis_url"),

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 _sequence = itertools.count()
-_base = datetime(2026, 11, 28, 10, 0, 0, tzinfo=timezone.utc)
+_base = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
 
 
 def fixture(name: str) -> dict:

@@ -90,8 +90,9 @@ def test_replay_puts_one_users_packets_back_in_the_queue(app, client, runner):
     mine = ingest(client, 2, user_id="replayed")
     other = ingest(client, 1, user_id="someone-else")
     process_all(client)
-    result = runner.invoke(args=["bucket", "replay", "--user", "replayed",
-                                 "--since", "2000-01-01T00:00:00"])
+    result = runner.invoke(
+        args=["bucket", "replay", "--user", "replayed", "--since", "2000-01-01T00:00:00"]
+    )
     assert result.exit_code == 0 and "replayed 2 packets of user replayed" in result.output
     served = client.get(f"{API}/packets/pending?limit=10").json["packets"]
     assert sorted(p["packet_id"] for p in served) == sorted(mine)

@@ -49,9 +49,12 @@ def cluster():
     name, url = servers.create_database()
     redis_server = PrivateRedis().start()
     env = service_env(
-        url, redis_server.url, f"fault-{uuid.uuid4().hex[:8]}",
+        url,
+        redis_server.url,
+        f"fault-{uuid.uuid4().hex[:8]}",
         BUCKET_LONG_POLL_INTERVAL=str(RECHECK_SECONDS),
-        BUCKET_DB_POOL_SIZE="4", BUCKET_DB_MAX_OVERFLOW="6",
+        BUCKET_DB_POOL_SIZE="4",
+        BUCKET_DB_MAX_OVERFLOW="6",
     )
     instances: list[Instance] = []
     try:
@@ -86,8 +89,9 @@ def test_long_poll_is_woken_across_real_instances(cluster):
         waiter = threading.Thread(target=wait_for_packet)
         waiter.start()
         time.sleep(0.4)
-        posted = requests.post(f"{ingest_side.url}{API}/ingest",
-                               json=make_packet(user_id=f"latency-{n}"), timeout=10)
+        posted = requests.post(
+            f"{ingest_side.url}{API}/ingest", json=make_packet(user_id=f"latency-{n}"), timeout=10
+        )
         ingested_at = time.monotonic()
         assert posted.status_code == 200
         waiter.join(20)
@@ -95,8 +99,11 @@ def test_long_poll_is_woken_across_real_instances(cluster):
         assert [p["packet_id"] for p in result["body"]["packets"]] == [packet_id]
         assert result["at"] - result["started"] < 8, "woken only when the wait expired"
         latencies.append(result["at"] - ingested_at)
-        acked = requests.post(f"{ingest_side.url}{API}/packets/mark-processed",
-                              json={"packet_id": packet_id, "success": True}, timeout=10)
+        acked = requests.post(
+            f"{ingest_side.url}{API}/packets/mark-processed",
+            json={"packet_id": packet_id, "success": True},
+            timeout=10,
+        )
         assert acked.status_code == 200
     print(
         "\ncross-instance long-poll wake-up latency over gunicorn + Redis: "
@@ -142,8 +149,11 @@ def post_with_retries(instances, start: int, payload: dict, ledger: Ledger) -> d
         try:
             response = requests.post(f"{instance.url}{API}/ingest", json=payload, timeout=10)
             if response.status_code < 500:
-                return response.json() if response.status_code in (200, 207) else {
-                    "error": response.status_code, "body": response.text}
+                return (
+                    response.json()
+                    if response.status_code in (200, 207)
+                    else {"error": response.status_code, "body": response.text}
+                )
         except RETRYABLE:
             pass
         with ledger.lock:
@@ -225,14 +235,21 @@ def consumer(instances, number: int, stop: threading.Event, ledger: Ledger) -> N
             for packet in packets:
                 ledger.processed[packet["packet_id"]] += 1
         results = [
-            {"packet_id": p["packet_id"], "success": True, "karma_actions": [{"n": 1}],
-             **({"receipt": p["receipt"]} if batch_acks else {})}
+            {
+                "packet_id": p["packet_id"],
+                "success": True,
+                "karma_actions": [{"n": 1}],
+                **({"receipt": p["receipt"]} if batch_acks else {}),
+            }
             for p in packets
         ]
         if batch_acks and results:
             outcome = ack_with_retries(instances, turn, {"results": results}, ledger)
-            refused = [] if outcome is None else [
-                r for r in outcome["body"].get("results", []) if r["code"] != 200]
+            refused = (
+                []
+                if outcome is None
+                else [r for r in outcome["body"].get("results", []) if r["code"] != 200]
+            )
             if outcome is None or refused:
                 with ledger.lock:
                     ledger.refused_acks.append({"outcome": outcome, "refused": refused})
@@ -280,8 +297,9 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
         )
         for n in range(CONSUMERS)
     ]
-    share = [PACKETS // INGEST_THREADS + (n < PACKETS % INGEST_THREADS)
-             for n in range(INGEST_THREADS)]
+    share = [
+        PACKETS // INGEST_THREADS + (n < PACKETS % INGEST_THREADS) for n in range(INGEST_THREADS)
+    ]
     ingesters = [
         threading.Thread(
             target=ledger.guard(ingester), args=(instances, n, share[n], ledger), daemon=True
@@ -341,4 +359,3 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
         assert status["queue_size"] == 0
         assert status["redis_connected"] is True
     assert all(len(i.worker_pids()) == 2 for i in instances), "the master replaced its worker"
-

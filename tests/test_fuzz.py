@@ -76,8 +76,12 @@ def fuzz_operation(operation) -> int:
     sent = 0
 
     @given(case=operation.as_strategy())
-    @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck),
-              database=None)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        database=None,
+    )
     def run(case):
         nonlocal sent
         sent += 1

@@ -49,7 +49,8 @@ def test_request_id_is_taken_from_the_caller_and_echoed(client, request_lines):
     generated = client.get("/health")
     assert len(generated.headers["X-Request-ID"]) == 16
     assert [line["request_id"] for line in request_lines()] == [
-        "trace-42.abc", generated.headers["X-Request-ID"]
+        "trace-42.abc",
+        generated.headers["X-Request-ID"],
     ]
 
 

@@ -42,15 +42,19 @@ def test_requests_are_counted_by_endpoint_and_status_with_latency(client):
     client.get("/no/such/path")
     after = scrape(client)
     labels = {"endpoint": "health.health", "method": "GET", "status": "200"}
-    assert sample(after, "bucket_http_requests_total", **labels) - sample(
-        before, "bucket_http_requests_total", **labels
-    ) == 3
+    assert (
+        sample(after, "bucket_http_requests_total", **labels)
+        - sample(before, "bucket_http_requests_total", **labels)
+        == 3
+    )
     missing = {"endpoint": "unmatched", "method": "GET", "status": "404"}
     assert sample(after, "bucket_http_requests_total", **missing) >= 1
     count = "bucket_http_request_duration_seconds_count"
-    assert sample(after, count, endpoint="health.health") - sample(
-        before, count, endpoint="health.health"
-    ) == 3
+    assert (
+        sample(after, count, endpoint="health.health")
+        - sample(before, count, endpoint="health.health")
+        == 3
+    )
 
 
 def test_packet_outcomes_are_counted(make_app):
@@ -108,7 +112,8 @@ def test_metrics_answer_without_the_database(make_app, backend, tmp_path):
     """A scrape during a database outage still answers, with bucket_database_up 0."""
     make_app()
     bad = (
-        f"sqlite:///{tmp_path}/missing/x.sqlite3" if backend == "sqlite"
+        f"sqlite:///{tmp_path}/missing/x.sqlite3"
+        if backend == "sqlite"
         else f"postgresql+psycopg://postgres@127.0.0.1:{servers.free_port()}/gone"
     )
     text = scrape(make_app(SQLALCHEMY_DATABASE_URI=bad).test_client())
@@ -137,7 +142,10 @@ def test_gunicorn_workers_report_one_sum_not_fragments(request, backend, tmp_pat
         env.pop("REDIS_URL", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py", "wsgi:app"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     try:

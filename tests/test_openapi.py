@@ -109,19 +109,65 @@ def test_real_responses_match_the_document(client, spec):
     ack = f"{API}/packets/mark-processed"
     lease = f"{API}/packets/lease"
     checks += [
-        (lease, "post", client.post(lease, headers=AUTH, json={
-            "packet_id": second["packet_id"], "receipt": second["receipt"],
-            "visibility_timeout": 30})),
-        (lease, "post", client.post(lease, headers=AUTH, json={
-            "packet_id": "nope", "receipt": "r", "visibility_timeout": 30})),
-        (ack, "post", client.post(ack, headers=AUTH, json={
-            "packet_id": first["packet_id"], "success": True, "karma_actions": [{"a": 1}]})),
-        (ack, "post", client.post(ack, headers=AUTH, json={"results": [
-            {"packet_id": second["packet_id"], "success": False, "error_message": "karma down"},
-            {"packet_id": "unknown", "success": True}]})),
+        (
+            lease,
+            "post",
+            client.post(
+                lease,
+                headers=AUTH,
+                json={
+                    "packet_id": second["packet_id"],
+                    "receipt": second["receipt"],
+                    "visibility_timeout": 30,
+                },
+            ),
+        ),
+        (
+            lease,
+            "post",
+            client.post(
+                lease,
+                headers=AUTH,
+                json={"packet_id": "nope", "receipt": "r", "visibility_timeout": 30},
+            ),
+        ),
+        (
+            ack,
+            "post",
+            client.post(
+                ack,
+                headers=AUTH,
+                json={
+                    "packet_id": first["packet_id"],
+                    "success": True,
+                    "karma_actions": [{"a": 1}],
+                },
+            ),
+        ),
+        (
+            ack,
+            "post",
+            client.post(
+                ack,
+                headers=AUTH,
+                json={
+                    "results": [
+                        {
+                            "packet_id": second["packet_id"],
+                            "success": False,
+                            "error_message": "karma down",
+                        },
+                        {"packet_id": "unknown", "success": True},
+                    ]
+                },
+            ),
+        ),
         (ack, "post", client.post(ack, headers=AUTH, json={"packet_id": "unknown", "success": 1})),
-        (ack, "post", client.post(ack, headers=AUTH, json={"packet_id": "unknown",
-                                                           "success": True})),
+        (
+            ack,
+            "post",
+            client.post(ack, headers=AUTH, json={"packet_id": "unknown", "success": True}),
+        ),
     ]
     user = f"{API}/packets/user/{{user_id}}"
     checks += [

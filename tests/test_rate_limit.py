@@ -131,7 +131,8 @@ def test_forwarded_for_is_ignored_unless_proxies_are_trusted(make_app):
 def test_consumer_and_operator_endpoints_are_never_throttled(make_app):
     """With a 1-packet allowance, an authenticated poller still polls and acks at will."""
     client = limited(
-        make_app, BUCKET_RATE_LIMIT_INGEST_PER_IP="1 per minute",
+        make_app,
+        BUCKET_RATE_LIMIT_INGEST_PER_IP="1 per minute",
         BUCKET_RATE_LIMIT_INGEST_PER_USER="1 per minute",
     ).test_client()
     auth = {"Authorization": f"Bearer {TOKEN}"}

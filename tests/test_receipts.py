@@ -111,8 +111,12 @@ def test_batch_ack_answers_per_packet_outcomes_in_one_update(make_app):
         db.session.commit()
 
     results = [
-        {"packet_id": done, "success": True, "karma_actions": [{"a": 1}],
-         "receipt": served[done]["receipt"]},
+        {
+            "packet_id": done,
+            "success": True,
+            "karma_actions": [{"a": 1}],
+            "receipt": served[done]["receipt"],
+        },
         {"packet_id": failed, "success": False, "error_message": "karma 500"},
         {"packet_id": "no-such-packet", "success": True},
         {"packet_id": stale, "success": True, "receipt": served[stale]["receipt"]},
@@ -182,8 +186,13 @@ def test_lease_change_is_refused_without_a_live_lease(client, app):
     receipt = poll(client)["packets"][0]["receipt"]
     assert lease(client, packet_id, "not-my-receipt", 30).status_code == 409
     assert lease(client, "no-such-packet", receipt, 30).status_code == 404
-    assert client.post(f"{API}/packets/lease", json={
-        "packet_id": packet_id, "receipt": receipt, "visibility_timeout": -1}).status_code == 422
+    assert (
+        client.post(
+            f"{API}/packets/lease",
+            json={"packet_id": packet_id, "receipt": receipt, "visibility_timeout": -1},
+        ).status_code
+        == 422
+    )
     expire(app, [packet_id])
     assert lease(client, packet_id, receipt, 30).status_code == 409
     assert ack(client, packet_id, receipt=receipt).status_code == 200

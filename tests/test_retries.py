@@ -180,8 +180,14 @@ def test_requeue_command_selects_by_time_range_and_all(make_app):
     assert row(app, recent).delivery_state == "dead"
 
     result = runner.invoke(
-        args=["bucket", "requeue", "--since", "2024-01-01T00:00:00+00:00",
-              "--until", "2025-01-01T00:00:00+00:00"]
+        args=[
+            "bucket",
+            "requeue",
+            "--since",
+            "2024-01-01T00:00:00+00:00",
+            "--until",
+            "2025-01-01T00:00:00+00:00",
+        ]
     )
     assert requeued(result.output) == 1
     assert row(app, recent).delivery_state == "pending"

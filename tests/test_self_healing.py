@@ -116,8 +116,10 @@ def test_wake_ups_return_to_redis_after_it_was_down(make_app, private_redis):
     assert waiter.body is not None
     assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
     assert waiter.returned_at - started < 15, "the waiting poll was never woken"
-    print(f"wake-up latency of a poll that waited through the restart: "
-          f"{(waiter.returned_at - ingested_at) * 1000:.1f} ms")
+    print(
+        f"wake-up latency of a poll that waited through the restart: "
+        f"{(waiter.returned_at - ingested_at) * 1000:.1f} ms"
+    )
 
 
 def test_service_started_without_redis_switches_to_it_when_it_appears(make_app):

@@ -171,8 +171,9 @@ def make_machine(app):
             assert response.status_code == 200
             assert response.json["status"] == "already_processed"
 
-        @precondition(lambda self: any(not m.expired for m in self.model.values()
-                                       if m.state == "leased"))
+        @precondition(
+            lambda self: any(not m.expired for m in self.model.values() if m.state == "leased")
+        )
         @rule(data=st.data())
         def expire_lease(self, data) -> None:
             live = [pid for pid in self.leased_ids() if not self.model[pid].expired]

@@ -55,8 +55,16 @@ def pending(limit: int, wait: float, visibility_timeout: int | None = None):
 @blp.doc(
     requestBody={
         "required": True,
-        "content": {"application/json": {"schema": {"oneOf": [
-            {"$ref": "#/components/schemas/Ack"}, {"$ref": "#/components/schemas/AckBatch"}]}}},
+        "content": {
+            "application/json": {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/Ack"},
+                        {"$ref": "#/components/schemas/AckBatch"},
+                    ]
+                }
+            }
+        },
     },
 )
 @blp.response(200, AckResultSchema, description="One result: recorded (or already processed).")
@@ -104,8 +112,13 @@ def change_lease(args: dict):
 @blp.route("/packets/user/<string:user_id>", methods=["GET"])
 @blp.arguments(UserQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, UserPacketSchema(many=True))
-def user_listing(user_id: str, limit: int, processed_only: bool, status: str | None = None,
-                 cursor: str | None = None):
+def user_listing(
+    user_id: str,
+    limit: int,
+    processed_only: bool,
+    status: str | None = None,
+    cursor: str | None = None,
+):
     """A user's packets, newest first; the next page's URL is in the ``Link`` header."""
     try:
         rows, next_cursor = user_packets(user_id, limit, processed_only, status, cursor)
@@ -121,5 +134,9 @@ def user_listing(user_id: str, limit: int, processed_only: bool, status: str | N
 
 def refuse(outcome: delivery.AckOutcome) -> None:
     """Abort with the refusal's code, naming the packet in the one error shape."""
-    abort(outcome.code, message=outcome.message, errors={"packet_id": [outcome.message]},
-          headers={"X-Bucket-Outcome": outcome.status})
+    abort(
+        outcome.code,
+        message=outcome.message,
+        errors={"packet_id": [outcome.message]},
+        headers={"X-Bucket-Outcome": outcome.status},
+    )

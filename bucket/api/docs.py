@@ -15,14 +15,22 @@ from bucket.auth import PROTECTED_BLUEPRINTS
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 RETRY_AFTER = {
     "Retry-After": {
-        "description": "Seconds to wait before retrying.", "schema": {"type": "integer"}
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "integer"},
     }
 }
 SECURITY_SCHEMES = {
-    "ConsumerToken": {"type": "http", "scheme": "bearer",
-                      "description": "One of the tokens in BUCKET_CONSUMER_TOKEN."},
-    "ConsumerApiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key",
-                       "description": "The same token, in the X-API-Key header."},
+    "ConsumerToken": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "One of the tokens in BUCKET_CONSUMER_TOKEN.",
+    },
+    "ConsumerApiKey": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": "The same token, in the X-API-Key header.",
+    },
 }
 DESCRIPTION = """\
 Durable, deduplicating packet store between PRANA browsers and Karma Tracker.
@@ -82,19 +90,29 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
     packet = schemas.get("Packet")
     if packet is not None:
         packet["properties"]["timestamp"] = {
-            "type": "string", "format": "date-time",
+            "type": "string",
+            "format": "date-time",
             "description": "ISO-8601 client time; Z or an offset (none means UTC).",
         }
         packet["allOf"] = [
-            {"anyOf": [
-                {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
-                {"required": ["employee_id"], "properties": {"employee_id": {"type": "string"}}},
-            ]},
-            {"anyOf": [
-                {"required": ["cognitive_state"],
-                 "properties": {"cognitive_state": {"type": "string"}}},
-                {"required": ["state"], "properties": {"state": {"type": "string"}}},
-            ]},
+            {
+                "anyOf": [
+                    {"required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
+                    {
+                        "required": ["employee_id"],
+                        "properties": {"employee_id": {"type": "string"}},
+                    },
+                ]
+            },
+            {
+                "anyOf": [
+                    {
+                        "required": ["cognitive_state"],
+                        "properties": {"cognitive_state": {"type": "string"}},
+                    },
+                    {"required": ["state"], "properties": {"state": {"type": "string"}}},
+                ]
+            },
         ]
         packet["description"] = (
             "One 5-second window. user_id (or employee_id) and cognitive_state (or state) are "
@@ -108,7 +126,7 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
             "minItems": 1,
             "maxItems": app.config["BUCKET_MAX_BATCH_SIZE"],
             "description": "Each packet is validated on its own: bad ones are reported in the "
-                           "answer (207, or 422 when none is valid), good ones are stored.",
+            "answer (207, or 422 when none is valid), good ones are stored.",
         }
 
 
@@ -139,8 +157,10 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
     tags = set(operation.get("tags", []))
     answers = operation.setdefault("responses", {})
     if path == "/health":
-        answers["200"] = {"description": "The process answers.",
-                          "content": {"application/json": {"schema": HEALTH_SCHEMA}}}
+        answers["200"] = {
+            "description": "The process answers.",
+            "content": {"application/json": {"schema": HEALTH_SCHEMA}},
+        }
         return
     if path == "/health/ready":
         ready = {"application/json": {"schema": READY_SCHEMA}}
@@ -157,11 +177,17 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
         answers.setdefault("429", TOO_MANY)
         answers["422"] = {
             "description": "Nothing stored: one invalid packet (the error shape), or a batch "
-                           "whose every packet was rejected (the batch answer).",
-            "content": {"application/json": {"schema": {"oneOf": [
-                {"$ref": "#/components/schemas/Error"},
-                {"$ref": "#/components/schemas/BatchResult"},
-            ]}}},
+            "whose every packet was rejected (the batch answer).",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/Error"},
+                            {"$ref": "#/components/schemas/BatchResult"},
+                        ]
+                    }
+                }
+            },
         }
     if secured and tags & PROTECTED_BLUEPRINTS:
         operation["security"] = [{name: []} for name in SECURITY_SCHEMES]

@@ -7,12 +7,15 @@ from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
 from bucket.api.body import load_or_abort, read_json_object
-from bucket.schemas import BatchEnvelopeSchema, PacketSchema
 from bucket.metrics import note_packets
+from bucket.schemas import BatchEnvelopeSchema, PacketSchema
 from bucket.services.ingest import store_packets
 
 blp = Blueprint(
-    "ingest", __name__, url_prefix="/api/v1/bucket/prana", description="Packets from PRANA browsers."
+    "ingest",
+    __name__,
+    url_prefix="/api/v1/bucket/prana",
+    description="Packets from PRANA browsers.",
 )
 
 packet_schema = PacketSchema()
@@ -25,8 +28,14 @@ MAX_IDEMPOTENCY_KEY = 255
     requestBody={
         "required": True,
         "content": {
-            media: {"schema": {"oneOf": [{"$ref": "#/components/schemas/Packet"},
-                                         {"$ref": "#/components/schemas/BatchEnvelope"}]}}
+            media: {
+                "schema": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/Packet"},
+                        {"$ref": "#/components/schemas/BatchEnvelope"},
+                    ]
+                }
+            }
             for media in ("application/json", "text/plain")
         },
     },
@@ -36,12 +45,25 @@ MAX_IDEMPOTENCY_KEY = 255
         {"in": "header", "name": "X-CLIENT-TIMESTAMP", "schema": {"type": "string"}},
     ],
     responses={
-        "200": {"description": "Stored (or recognised as a duplicate) and committed.",
-                "content": {"application/json": {"schema": {"oneOf": [
-                    {"$ref": "#/components/schemas/IngestResult"},
-                    {"$ref": "#/components/schemas/BatchResult"}]}}}},
-        "207": {"description": "Batch: some packets were rejected.",
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}}},
+        "200": {
+            "description": "Stored (or recognised as a duplicate) and committed.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "oneOf": [
+                            {"$ref": "#/components/schemas/IngestResult"},
+                            {"$ref": "#/components/schemas/BatchResult"},
+                        ]
+                    }
+                }
+            },
+        },
+        "207": {
+            "description": "Batch: some packets were rejected.",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}
+            },
+        },
         "422": {"$ref": "#/components/responses/UNPROCESSABLE_CONTENT"},
         "503": {"$ref": "#/components/responses/DEFAULT_ERROR"},
     },
@@ -79,11 +101,13 @@ def ingest_batch(body: dict):
     packets = envelope["packets"]
     limit = current_app.config["BUCKET_MAX_BATCH_SIZE"]
     if not packets:
-        abort(422, message="The batch is empty.", errors={"json": {"packets": ["Must not be empty."]}})
+        abort(
+            422, message="The batch is empty.", errors={"json": {"packets": ["Must not be empty."]}}
+        )
     if len(packets) > limit:
         abort(
             422,
-            message=f"The batch holds {len(packets)} packets; at most {limit} are accepted at once.",
+            message=f"The batch holds {len(packets)} packets; at most {limit} are accepted.",
             errors={"json": {"packets": [f"At most {limit} packets per batch."]}},
         )
     results: list[dict] = [{} for _ in packets]
@@ -98,7 +122,7 @@ def ingest_batch(body: dict):
             results[index] = rejected(index, exc.normalized_messages())
     if valid:
         outcomes = store_packets([packet for _, packet in valid])
-        for (index, _), outcome in zip(valid, outcomes):
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
             results[index] = {
                 "index": index,
                 "status": "duplicate" if outcome.duplicate else "ingested",

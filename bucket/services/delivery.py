@@ -104,6 +104,7 @@ def next_source(now: float) -> str | None:
     Suspects are packets whose lease expired unacknowledged; they take their turn in arrival
     order but are served alone, so a poison packet cannot drag its batch-mates with it.
     """
+
     def head(state: str):
         return select(func.min(T.c.visible_at)).where(_visible(state, now)).scalar_subquery()
 
@@ -194,7 +195,9 @@ def ready_count(now: float | None = None) -> int:
     now = epoch_now() if now is None else now
     settings = DeliverySettings.from_app()
     return db.session.execute(
-        select(func.count()).select_from(T).where(
+        select(func.count())
+        .select_from(T)
+        .where(
             T.c.delivery_state.in_(DeliveryState.UNFINISHED),
             T.c.visible_at <= now,
             T.c.delivery_count < settings.max_attempts,
@@ -215,7 +218,9 @@ class AckOutcome:
 
     def as_dict(self) -> dict:
         body: dict[str, Any] = {
-            "packet_id": self.packet_id, "status": self.status, "code": self.code
+            "packet_id": self.packet_id,
+            "status": self.status,
+            "code": self.code,
         }
         if self.delivery_count is not None:
             body["delivery_count"] = self.delivery_count
@@ -236,9 +241,11 @@ def _results_table(results: list[dict]) -> Subquery:
             "boolean, receipt text, jitter float8, error_message text, karma_actions json)"
         )
     else:
-        sql = "SELECT " + ", ".join(
-            f"json_extract(value, '$.{name}') AS {name}" for name in names
-        ) + " FROM json_each(:doc)"
+        sql = (
+            "SELECT "
+            + ", ".join(f"json_extract(value, '$.{name}') AS {name}" for name in names)
+            + " FROM json_each(:doc)"
+        )
     typed = [
         column("packet_id", String),
         column("success"),
@@ -340,7 +347,10 @@ def _updated_outcome(row: Any) -> AckOutcome:
         return AckOutcome(row.packet_id, 200, "processed", row.delivery_count)
     if row.delivery_state == DeliveryState.DEAD:
         return AckOutcome(
-            row.packet_id, 200, "dead", row.delivery_count,
+            row.packet_id,
+            200,
+            "dead",
+            row.delivery_count,
             message="failed on its last allowed delivery: dead-lettered",
         )
     return AckOutcome(row.packet_id, 200, "retry_scheduled", row.delivery_count, row.visible_at)
@@ -353,11 +363,17 @@ def _refused_outcome(packet_id: str, row: Any | None) -> AckOutcome:
         return AckOutcome(packet_id, 200, "already_processed", row.delivery_count)
     if row.delivery_state == DeliveryState.DEAD:
         return AckOutcome(
-            packet_id, 409, "dead", row.delivery_count,
+            packet_id,
+            409,
+            "dead",
+            row.delivery_count,
             message="The packet is dead-lettered; requeue it before acknowledging.",
         )
     return AckOutcome(
-        packet_id, 409, "stale_receipt", row.delivery_count,
+        packet_id,
+        409,
+        "stale_receipt",
+        row.delivery_count,
         message="The receipt is not the packet's current lease: it was redelivered.",
     )
 
@@ -394,7 +410,10 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
         if outcome.code == 200 or outcome.status == "stale_receipt":
             # Processed packets have no lease; an expired or replaced lease cannot be changed.
             outcome = AckOutcome(
-                packet_id, 409, "not_leased", outcome.delivery_count,
+                packet_id,
+                409,
+                "not_leased",
+                outcome.delivery_count,
                 message="The receipt does not name a live lease of this packet.",
             )
         return outcome
@@ -435,7 +454,6 @@ def requeue(
     if count:
         queue.publish_ready()
     return count
-
 
 
 @dataclass

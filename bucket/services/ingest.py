@@ -5,19 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import or_, select, text
 
-from bucket.extensions import db, queue
+from bucket.extensions import queue
 from bucket.models import DeliveryState, Packet
 from bucket.services.dialect import dialect_name, upsert_insert, write_connection
 from bucket.timeutil import new_packet_id, utc_now
 
 PACKET_TABLE = Packet.__table__
-EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 BATCH_INSERT_SQL = text(
     "INSERT INTO packets SELECT * FROM json_populate_recordset(NULL::packets, CAST(:doc AS json)) "
     "ON CONFLICT DO NOTHING RETURNING dedup_key"
@@ -37,7 +37,9 @@ class IngestOutcome:
     duplicate: bool
 
 
-def identity_key(system_type: str | None, user_id: str, session_id: str | None, ts: datetime) -> str:
+def identity_key(
+    system_type: str | None, user_id: str, session_id: str | None, ts: datetime
+) -> str:
     """Digest of the natural identity: nulls equal, the timestamp as a UTC instant in ms."""
     millis = (ts - EPOCH) // timedelta(milliseconds=1)
     text = json.dumps([system_type, user_id, session_id, millis], separators=(",", ":"))
@@ -58,7 +60,9 @@ def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str
     timestamp = data["timestamp"]
     return {
         "packet_id": new_packet_id(),
-        "dedup_key": identity_key(data.get("system_type"), user_id, data.get("session_id"), timestamp),
+        "dedup_key": identity_key(
+            data.get("system_type"), user_id, data.get("session_id"), timestamp
+        ),
         "idempotency_key": scoped_idempotency_key(user_id, idempotency_key),
         "user_id": user_id,
         "employee_id": data.get("employee_id"),
@@ -84,7 +88,9 @@ def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str
     }
 
 
-def store_packets(packets: list[dict[str, Any]], idempotency_key: str | None = None) -> list[IngestOutcome]:
+def store_packets(
+    packets: list[dict[str, Any]], idempotency_key: str | None = None
+) -> list[IngestOutcome]:
     """Store validated packets and commit; return one outcome per packet, in order.
 
     Duplicates (of stored packets or of each other) are detected by the unique keys, so two

@@ -44,7 +44,7 @@ def user_packets(
     status: str | None = None,
     cursor: str | None = None,
 ) -> tuple[list, str | None]:
-    """Return one page of the user's packets (also found by EMS ``employee_id``) and the next cursor."""
+    """One page of the user's packets (EMS ones by ``employee_id`` too) and the next cursor."""
     if "\x00" in user_id:
         return [], None  # no stored id holds NUL, and PostgreSQL would refuse the parameter
     filters = []
@@ -68,5 +68,7 @@ def user_packets(
     db.session.commit()
     rows.sort(key=lambda row: (row.received_at, row.packet_id), reverse=True)
     page = rows[:limit]
-    next_cursor = encode_cursor(page[-1].received_at, page[-1].packet_id) if len(rows) > limit else None
+    next_cursor = (
+        encode_cursor(page[-1].received_at, page[-1].packet_id) if len(rows) > limit else None
+    )
     return page, next_cursor

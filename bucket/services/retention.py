@@ -43,8 +43,10 @@ def purge(
     if older_than_days < 0 or batch_size < 1:
         raise ValueError("older_than_days must be >= 0 and batch_size >= 1")
     cutoff = epoch_now() - older_than_days * SECONDS_PER_DAY
-    states = (DeliveryState.PROCESSED, DeliveryState.DEAD) if include_dead else (
-        DeliveryState.PROCESSED,
+    states = (
+        (DeliveryState.PROCESSED, DeliveryState.DEAD)
+        if include_dead
+        else (DeliveryState.PROCESSED,)
     )
     expired = (T.c.delivery_state.in_(states), T.c.visible_at < cutoff)
     if dry_run:
