@@ -8,6 +8,7 @@ from typing import Any
 from flask import Flask
 from sqlalchemy import event
 
+from bucket.services.dialect import AUTOCOMMIT_BIND
 from config import Config, TestingConfig
 
 
@@ -44,6 +45,15 @@ def configure(app: Flask, overrides: dict[str, Any] | None, testing: bool) -> No
         for option in ("pool_size", "max_overflow"):
             engine_options.pop(option, None)
         engine_options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
+    else:
+        # Ingest's own pool whose connections stay in autocommit: no per-request mode switch.
+        app.config["SQLALCHEMY_BINDS"] = {
+            AUTOCOMMIT_BIND: {
+                "url": app.config["SQLALCHEMY_DATABASE_URI"],
+                "isolation_level": "AUTOCOMMIT",
+                **engine_options,
+            }
+        }
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
 
 

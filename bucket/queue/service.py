@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
+from bucket.queue.announcer import Announcer
 from bucket.queue.base import WakeSignal
 from bucket.queue.memory import MemoryBackend
 from bucket.queue.redis_backend import RedisBackend
@@ -32,6 +33,7 @@ class QueueState:
         self.retry_after = retry_after
         self._down_until = 0.0
         self._lock = threading.Lock()
+        self.announcer = Announcer(self.publish_to_redis)
 
     def redis_usable(self) -> bool:
         """True when Redis is configured and not inside its back-off window after a failure."""
@@ -43,6 +45,15 @@ class QueueState:
             if time.monotonic() >= self._down_until:
                 log.warning("redis unavailable, using the in-memory queue: %s", exc)
             self._down_until = time.monotonic() + self.retry_after
+
+    def publish_to_redis(self) -> None:
+        """One PUBLISH to every process of every instance (run by the announcer thread)."""
+        if not self.redis_usable():
+            return
+        try:
+            self.redis.publish_ready()
+        except (redis.RedisError, OSError) as exc:
+            self.mark_redis_down(exc)
 
 
 class QueueService:
@@ -84,14 +95,12 @@ class QueueService:
             return False
 
     def publish_ready(self) -> None:
-        """Announce new or returned packets: local waiters at once, other processes via Redis."""
+        """Announce new or returned packets: local waiters at once, other processes via Redis
+        from the background announcer (the caller never waits on the network)."""
         state = self.state
         state.memory.publish_ready()
-        if state.redis_usable():
-            try:
-                state.redis.publish_ready()
-            except (redis.RedisError, OSError) as exc:
-                state.mark_redis_down(exc)
+        if state.redis is not None:
+            state.announcer.request()
 
     def wake_generation(self) -> int:
         """Read before looking in the database, then pass to ``wait_for_ready``."""

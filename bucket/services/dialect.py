@@ -22,6 +22,9 @@ def upsert_insert(table):
     return module.insert(table)
 
 
+AUTOCOMMIT_BIND = "autocommit"
+
+
 @contextmanager
 def write_connection() -> Iterator[Any]:
     """Where ingest runs its statements; what it has executed is committed when the block ends.
@@ -31,7 +34,7 @@ def write_connection() -> Iterator[Any]:
     the session's BEGIN IMMEDIATE transaction, committed here.
     """
     if dialect_name() == "postgresql":
-        with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        with db.engines[AUTOCOMMIT_BIND].connect() as connection:
             yield connection
     else:
         try:
