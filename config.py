@@ -67,7 +67,6 @@ class Config:
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
         self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
-        self.BUCKET_AUTO_MIGRATE = env_bool("BUCKET_AUTO_MIGRATE", False)
         self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)
         # Operations: proxies, rate limits, logs (README, "Configuration").
         self.BUCKET_TRUSTED_PROXIES = env_int("BUCKET_TRUSTED_PROXIES", 0)
