@@ -1,4 +1,4 @@
-"""Operator commands: ``flask bucket stats | requeue | replay | purge | rebuild-queue``."""
+"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from flask.cli import AppGroup
 
 from bucket.models import DeliveryState
 from bucket.services import delivery
+from bucket.services.counters import recount_processed
 from bucket.services.retention import purge
 from bucket.services.stats import collect_stats
 
@@ -123,3 +124,14 @@ def rebuild_queue_command() -> None:
     leased and awaiting redelivery, and announces readiness on the queue service.
     """
     echo_table(delivery.rebuild_queue().as_dict())
+
+
+@bucket_cli.command("recount")
+def recount_command() -> None:
+    """Recount processed packets from the table and reset the status counter to it.
+
+    The counter is kept exact by every ack, replay and purge; run this after changing rows by
+    hand in SQL, or after a deploy during which an older version (without the counter) still
+    answered acks. It reads every processed row, so it takes a while on a big table.
+    """
+    click.echo(f"processed packets: {recount_processed()}")

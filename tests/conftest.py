@@ -101,10 +101,10 @@ def make_app(request, backend, tmp_path):
 
 
 def clean_state(app) -> None:
-    """Empty the shared PostgreSQL table and this test's Redis keys."""
+    """Empty the shared PostgreSQL tables and this test's Redis keys."""
     if db.engine.dialect.name == "postgresql":
         with db.engine.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE packets")
+            conn.exec_driver_sql("TRUNCATE packets, packet_counters")
     queue.flush()
 
 

@@ -50,9 +50,10 @@ class Model:
 
 
 def reset(app) -> None:
-    """Empty the table and the queue between examples."""
+    """Empty the tables (packets and their counters) and the queue between examples."""
     with app.app_context():
         db.session.execute(text("DELETE FROM packets"))
+        db.session.execute(text("DELETE FROM packet_counters"))
         db.session.commit()
         queue.flush()
 

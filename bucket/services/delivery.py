@@ -20,6 +20,7 @@ from sqlalchemy.sql import Subquery
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState, Packet
+from bucket.services import counters
 from bucket.services.dialect import dialect_name
 from bucket.timeutil import epoch_now, from_epoch
 
@@ -281,7 +282,9 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
                 "karma_actions": item.get("karma_actions") if item["success"] else None,
             },
         )
-    r = _results_table(list(unique.values()))
+    # In packet_id order, so concurrent acks of overlapping batches lock their rows in one
+    # order and queue behind each other instead of deadlocking.
+    r = _results_table(sorted(unique.values(), key=lambda item: item["packet_id"]))
     leased = T.c.delivery_state == DeliveryState.LEASED
     attempts = case((leased, T.c.delivery_count), else_=T.c.delivery_count + 1)
     exhausted = attempts >= settings.max_attempts
@@ -329,6 +332,9 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
                 )
             )
         }
+    # Only unfinished rows were updated, so every processed row returned was just processed.
+    states = [row.delivery_state for row in updated.values()]
+    counters.bump(counters.PROCESSED, states.count(DeliveryState.PROCESSED))
     db.session.commit()
     if any(row.delivery_state == DeliveryState.PENDING for row in updated.values()):
         queue.publish_ready()
@@ -430,8 +436,13 @@ def requeue(
     received_to=None,
     reset_attempts: bool = True,
 ) -> int:
-    """Put matching packets back in the queue as fresh pending packets; returns how many."""
-    conditions = [T.c.delivery_state.in_(states)]
+    """Put matching packets back in the queue as fresh pending packets; returns how many.
+
+    Processed packets (a replay) are updated by a statement of their own, whose row count is
+    exactly how many left the processed state: the processed counter drops by that much in
+    the same transaction.
+    """
+    conditions = []
     if user_id is not None:
         conditions.append(T.c.user_id == user_id)
     if received_from is not None:
@@ -449,7 +460,17 @@ def requeue(
     }
     if reset_attempts:
         values["delivery_count"] = 0
-    count = db.session.execute(update(T).where(*conditions).values(**values)).rowcount or 0
+
+    def requeue_from(chosen: tuple[str, ...]) -> int:
+        statement = update(T).where(T.c.delivery_state.in_(chosen), *conditions).values(**values)
+        return db.session.execute(statement).rowcount or 0
+
+    others = tuple(state for state in states if state != DeliveryState.PROCESSED)
+    count = requeue_from(others) if others else 0
+    if DeliveryState.PROCESSED in states:
+        replayed = requeue_from((DeliveryState.PROCESSED,))
+        counters.bump(counters.PROCESSED, -replayed)
+        count += replayed
     db.session.commit()
     if count:
         queue.publish_ready()

@@ -16,6 +16,7 @@ from sqlalchemy import delete, func, select
 
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
+from bucket.services import counters
 from bucket.timeutil import epoch_now, from_epoch
 
 T = Packet.__table__
@@ -62,7 +63,15 @@ def purge(
             .with_for_update(skip_locked=True)
             .scalar_subquery()
         )
-        count = db.session.execute(delete(T).where(T.c.packet_id.in_(victims))).rowcount or 0
+        gone = (
+            db.session.execute(
+                delete(T).where(T.c.packet_id.in_(victims)).returning(T.c.delivery_state)
+            )
+            .scalars()
+            .all()
+        )
+        count = len(gone)
+        counters.bump(counters.PROCESSED, -gone.count(DeliveryState.PROCESSED))
         db.session.commit()
         batches += 1
         deleted += count

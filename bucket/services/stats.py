@@ -9,6 +9,7 @@ from sqlalchemy import and_, func, select
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState, Packet
+from bucket.services import counters
 from bucket.timeutil import epoch_now, utc_now
 
 T = Packet.__table__
@@ -35,7 +36,11 @@ class QueueStats:
 
 
 def collect_stats() -> QueueStats:
-    """Count by delivery state over the queue index; processed = total − unfinished − dead."""
+    """Count unfinished and dead packets over the queue index; processed from its counter.
+
+    No figure walks the processed rows, the bulk of the table: the counter is kept exact by
+    the transactions that change it, and the total is the sum of the parts.
+    """
     now = epoch_now()
     max_attempts = current_app.config["BUCKET_MAX_ATTEMPTS"]
     pending = T.c.delivery_state == DeliveryState.PENDING
@@ -53,21 +58,21 @@ def collect_stats() -> QueueStats:
             func.min(T.c.received_at)
             .filter(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
             .label("oldest"),
-            # In the same statement, so every figure comes from one snapshot: a total read
-            # later would count packets ingested meanwhile as processed.
-            select(func.count()).select_from(T).scalar_subquery().label("total"),
+            # In the same statement, so every figure comes from one snapshot: an ack committed
+            # between two reads would be counted both as unfinished and as processed.
+            counters.total(counters.PROCESSED).label("processed"),
         ).where(T.c.delivery_state.in_((*DeliveryState.UNFINISHED, DeliveryState.DEAD)))
     ).one()
-    total = row.total
     db.session.commit()
     unfinished = row.ready + row.retrying + row.leased
+    processed = int(row.processed)  # sum() of a BIGINT is NUMERIC on PostgreSQL
     oldest_age = (utc_now() - row.oldest).total_seconds() if row.oldest is not None else None
     return QueueStats(
         queue_size=row.ready + row.expired,
         redis_connected=queue.redis_connected(),
         queue_backend=queue.backend_name,
-        total_packets=total,
-        processed_packets=total - unfinished - row.dead,
+        total_packets=processed + unfinished + row.dead,
+        processed_packets=processed,
         pending_packets=unfinished,
         leased_packets=row.leased,
         retrying_packets=row.retrying,
