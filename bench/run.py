@@ -96,12 +96,18 @@ def prefill(url: str, rows: int) -> None:
               client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds,
               raw_signals, received_at, delivery_state, visible_at, delivery_count,
               processed_by_karma, processed_at)
-            SELECT gen_random_uuid()::text, md5(g::text), 'fill_' || (g % 5000), 's', 'gurukul',
+            SELECT gen_random_uuid()::text, md5(g::text), 'fill_' || (g %% 5000), 's', 'gurukul',
               now() - make_interval(secs => g), 'ON_TASK', 5, 0, 0, '{}'::json,
               now() - make_interval(secs => g), 'processed', extract(epoch from now()) - g, 1,
               true, now() - make_interval(secs => g)
             FROM generate_series(1, %s) AS g
             """,
+            (rows,),
+        )
+        # Status reads processed packets from their counter, which set-based inserts bypass.
+        conn.execute(
+            "INSERT INTO packet_counters AS c (name, shard, value) VALUES ('processed', 1, %s) "
+            "ON CONFLICT (name, shard) DO UPDATE SET value = c.value + excluded.value",
             (rows,),
         )
         conn.execute("ANALYZE packets")
