@@ -56,7 +56,6 @@ class Config:
         self.SQLALCHEMY_DATABASE_URI = normalize_database_url(env_str("DATABASE_URL"))
         self.REDIS_URL = env_str("REDIS_URL")
         self.BUCKET_REDIS_PREFIX = env_str("BUCKET_REDIS_PREFIX", "prana-bucket")
-        self.PORT = env_int("PORT", 3000)
         self.BUCKET_CORS_ORIGINS = env_list("BUCKET_CORS_ORIGINS", ["*"])
         self.BUCKET_CONSUMER_TOKENS = env_list("BUCKET_CONSUMER_TOKEN", [])
         self.BUCKET_VISIBILITY_TIMEOUT = env_int("BUCKET_VISIBILITY_TIMEOUT", 60)
@@ -83,12 +82,11 @@ class Config:
         self.BUCKET_REQUEST_LOG = env_bool("BUCKET_REQUEST_LOG", True)
         self.LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
         self.LOG_FORMAT = env_str("LOG_FORMAT", "json")
-        self.MAX_CONTENT_LENGTH = self.BUCKET_MAX_BODY_BYTES
-        self.SQLALCHEMY_ENGINE_OPTIONS = {
-            "pool_size": env_int("BUCKET_DB_POOL_SIZE", 10),
-            "max_overflow": env_int("BUCKET_DB_MAX_OVERFLOW", 10),
-            "pool_recycle": 1800,
-        }
+        # Per engine (queue and ingest each have one): a worker uses at most one connection per
+        # thread at a time, and keeps up to 2 × BUCKET_DB_POOL_SIZE open when idle.
+        self.BUCKET_DB_POOL_SIZE = env_int("BUCKET_DB_POOL_SIZE", 5)
+        self.BUCKET_DB_MAX_OVERFLOW = env_int("BUCKET_DB_MAX_OVERFLOW", 11)
+        self.BUCKET_REDIS_RETRY_AFTER = env_float("BUCKET_REDIS_RETRY_AFTER", 1.0)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
         # flask-smorest / OpenAPI
         self.API_TITLE = "PRANA Bucket"

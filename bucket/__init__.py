@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import event
 
-from bucket.services.dialect import AUTOCOMMIT_BIND
+from bucket.database import configure_database, tune_engine
 from config import Config, TestingConfig
 
 
@@ -30,31 +28,11 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
 
 
 def configure(app: Flask, overrides: dict[str, Any] | None, testing: bool) -> None:
-    """Load settings from the environment, then explicit overrides; default to SQLite."""
+    """Load settings from the environment, then explicit overrides, then the database wiring."""
     app.config.from_object(TestingConfig() if testing else Config())
     app.config.update(overrides or {})
-    if not app.config.get("SQLALCHEMY_DATABASE_URI"):
-        os.makedirs(app.instance_path, exist_ok=True)
-        app.config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{app.instance_path}/bucket.sqlite3"
     app.config["MAX_CONTENT_LENGTH"] = app.config["BUCKET_MAX_BODY_BYTES"]
-    engine_options = dict(app.config.get("SQLALCHEMY_ENGINE_OPTIONS") or {})
-    from bucket.jsonutil import orjson_dumps
-
-    engine_options["json_serializer"] = orjson_dumps
-    if app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
-        for option in ("pool_size", "max_overflow"):
-            engine_options.pop(option, None)
-        engine_options.setdefault("connect_args", {"timeout": 30, "check_same_thread": False})
-    else:
-        # Ingest's own pool whose connections stay in autocommit: no per-request mode switch.
-        app.config["SQLALCHEMY_BINDS"] = {
-            AUTOCOMMIT_BIND: {
-                "url": app.config["SQLALCHEMY_DATABASE_URI"],
-                "isolation_level": "AUTOCOMMIT",
-                **engine_options,
-            }
-        }
-    app.config["SQLALCHEMY_ENGINE_OPTIONS"] = engine_options
+    configure_database(app)
 
 
 def register_json(app: Flask) -> None:
@@ -84,25 +62,6 @@ def register_extensions(app: Flask) -> None:
     api.init_app(app)
     with app.app_context():
         tune_engine(db.engine)
-
-
-def tune_engine(engine) -> None:
-    """SQLite: WAL, and BEGIN IMMEDIATE so each transaction's claims and acks are serialised."""
-    if engine.dialect.name != "sqlite":
-        return
-
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA busy_timeout=30000")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def register_blueprints(app: Flask) -> None:

@@ -157,7 +157,7 @@ def storage_settings(app: Flask) -> tuple[str, dict[str, Any]]:
     url = app.config.get("REDIS_URL")
     if not url:
         return "memory://", {}
-    prefix = app.config.get("BUCKET_REDIS_PREFIX", "prana-bucket")
+    prefix = app.config["BUCKET_REDIS_PREFIX"]
     # Fail fast like the queue's client: a dead Redis must not stall ingest.
     return url, {
         "key_prefix": f"{prefix}:limits",
@@ -197,6 +197,6 @@ class RateLimits:
             config["BUCKET_RATE_LIMIT_INGEST_PER_IP"],
             config["BUCKET_RATE_LIMIT_INGEST_PER_USER"],
             strategy,
-            float(config.get("BUCKET_REDIS_RETRY_AFTER", 1.0)),
+            float(config["BUCKET_REDIS_RETRY_AFTER"]),
         )
         app.before_request(check_ingest_limits)

@@ -121,8 +121,9 @@ class BatchEnvelopeSchema(BaseSchema):
     """The batching bridge's envelope; each packet is validated on its own."""
 
     packets = fields.List(fields.Raw(), required=True)
-    batch_size = fields.Integer(allow_none=True)
-    sent_at = fields.String(allow_none=True)
+    # Transport fields: described, never a reason to refuse the packets they carry.
+    batch_size = fields.Raw(load_default=None, metadata={"description": "Packets the bridge sent."})
+    sent_at = fields.Raw(load_default=None, metadata={"description": "When the bridge sent it."})
 
 
 class IngestResultSchema(BaseSchema):

@@ -237,3 +237,15 @@ def test_packets_of_a_batch_are_served_in_batch_order(client):
     served = client.get(f"{API}/packets/pending?limit=40").json["packets"]
     assert [p["packet_id"] for p in served] == ids_in_batch
     assert [p["user_id"] for p in served] == [f"order_{i}" for i in range(40)]
+
+
+@pytest.mark.parametrize(
+    "transport", [{"batch_size": "3 packets"}, {"sent_at": 1764324000000}, {"batch_size": None}]
+)
+def test_envelope_transport_fields_never_sink_the_packets(client, app, transport):
+    """batch_size and sent_at are the bridge's transport fields: any value is tolerated."""
+    body = {"packets": [make_packet(), make_packet()], **transport}
+    response = client.post(INGEST, json=body)
+    assert response.status_code == 200, response.json
+    assert response.json["accepted"] == 2
+    assert len(stored(app)) == 2

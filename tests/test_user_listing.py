@@ -230,3 +230,11 @@ def test_user_id_with_unusual_characters_is_listed(client):
 def test_nul_in_the_user_id_path_is_an_empty_list(client):
     """A user id no packet can have answers an empty list, never a 500."""
     assert listing(client, "a%00b").json == []
+
+
+def test_user_ids_with_a_slash_are_listed(client):
+    """Any 1–256 character id is a valid user: a slash (sent encoded) does not break the route."""
+    stored = ingest(client, 2, user_id="team/a")
+    response = client.get(f"{API}/packets/user/team%2Fa")
+    assert response.status_code == 200
+    assert sorted(ids_of(response)) == sorted(stored)

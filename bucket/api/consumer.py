@@ -109,7 +109,7 @@ def change_lease(args: dict):
     return jsonify(outcome.as_dict())
 
 
-@blp.route("/packets/user/<string:user_id>", methods=["GET"])
+@blp.route("/packets/user/<path:user_id>", methods=["GET"])
 @blp.arguments(UserQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, UserPacketSchema(many=True))
 def user_listing(

@@ -9,7 +9,7 @@ from marshmallow import ValidationError
 from bucket.api.body import load_or_abort, read_json_object
 from bucket.metrics import note_packets
 from bucket.schemas import BatchEnvelopeSchema, PacketSchema
-from bucket.services.ingest import store_packets
+from bucket.services.ingest import store_batch, store_packets
 
 blp = Blueprint(
     "ingest",
@@ -96,7 +96,7 @@ def ingest():
 
 
 def ingest_batch(body: dict):
-    """Validate each packet on its own, store the valid ones in one statement, report each."""
+    """Validate each packet on its own; the valid ones are stored in one statement."""
     envelope = load_or_abort(envelope_schema, body)
     packets = envelope["packets"]
     limit = current_app.config["BUCKET_MAX_BATCH_SIZE"]
@@ -110,39 +110,28 @@ def ingest_batch(body: dict):
             message=f"The batch holds {len(packets)} packets; at most {limit} are accepted.",
             errors={"json": {"packets": [f"At most {limit} packets per batch."]}},
         )
-    results: list[dict] = [{} for _ in packets]
     valid: list[tuple[int, dict]] = []
+    errors: dict[int, dict] = {}
     for index, raw in enumerate(packets):
         if not isinstance(raw, dict):
-            results[index] = rejected(index, {"_schema": ["Each packet must be a JSON object."]})
+            errors[index] = {"_schema": ["Each packet must be a JSON object."]}
             continue
         try:
             valid.append((index, packet_schema.load(raw)))
         except ValidationError as exc:
-            results[index] = rejected(index, exc.normalized_messages())
-    if valid:
-        outcomes = store_packets([packet for _, packet in valid])
-        for (index, _), outcome in zip(valid, outcomes, strict=True):
-            results[index] = {
-                "index": index,
-                "status": "duplicate" if outcome.duplicate else "ingested",
-                "packet_id": outcome.packet_id,
-            }
-    rejected_count = len(packets) - len(valid)
-    duplicates = sum(1 for item in results if item["status"] == "duplicate")
-    note_packets(ingested=len(valid) - duplicates, duplicate=duplicates, rejected=rejected_count)
+            errors[index] = exc.normalized_messages()
+    summary = store_batch(len(packets), valid, errors)
+    note_packets(
+        ingested=summary.accepted - summary.duplicates,
+        duplicate=summary.duplicates,
+        rejected=summary.rejected,
+    )
     answer = {
-        "status": "ingested" if not rejected_count else ("partial" if valid else "rejected"),
+        "status": summary.status,
         "batch_id": request.headers.get("X-PRANA-BATCH-ID"),
-        "accepted": len(valid),
-        "duplicates": duplicates,
-        "rejected": rejected_count,
-        "results": results,
+        "accepted": summary.accepted,
+        "duplicates": summary.duplicates,
+        "rejected": summary.rejected,
+        "results": summary.results,
     }
-    status = 200 if not rejected_count else (207 if valid else 422)
-    return jsonify(answer), status
-
-
-def rejected(index: int, errors: dict) -> dict:
-    """One rejected packet's entry in a batch answer."""
-    return {"index": index, "status": "rejected", "errors": errors}
+    return jsonify(answer), summary.http_status

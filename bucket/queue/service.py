@@ -66,9 +66,9 @@ class QueueService:
     def init_app(self, app: Flask) -> None:
         """Register per-app state; nothing connects until the first use."""
         app.extensions[EXTENSION_KEY] = QueueState(
-            app.config.get("REDIS_URL"),
-            app.config.get("BUCKET_REDIS_PREFIX", "prana-bucket"),
-            app.config.get("BUCKET_REDIS_RETRY_AFTER", 1.0),
+            app.config["REDIS_URL"],
+            app.config["BUCKET_REDIS_PREFIX"],
+            app.config["BUCKET_REDIS_RETRY_AFTER"],
         )
 
     @property

@@ -50,6 +50,52 @@ class IngestOutcome:
     duplicate: bool
 
 
+@dataclass
+class BatchSummary:
+    """A batch envelope's outcome: one result per packet, in request order, and the totals."""
+
+    results: list[dict]
+    accepted: int
+    duplicates: int
+    rejected: int
+
+    @property
+    def status(self) -> str:
+        if not self.rejected:
+            return "ingested"
+        return "partial" if self.accepted else "rejected"
+
+    @property
+    def http_status(self) -> int:
+        """200 when every packet was accepted, 207 when some were rejected, 422 when none was."""
+        if not self.rejected:
+            return 200
+        return 207 if self.accepted else 422
+
+
+def store_batch(
+    size: int, valid: list[tuple[int, dict[str, Any]]], errors: dict[int, dict]
+) -> BatchSummary:
+    """Store a batch's valid packets (by request index) in one statement and report each packet."""
+    results: list[dict] = [
+        {"index": index, "status": "rejected", "errors": errors[index]}
+        for index in range(size)
+        if index in errors
+    ]
+    by_index = {result["index"]: result for result in results}
+    if valid:
+        outcomes = store_packets([packet for _, packet in valid])
+        for (index, _), outcome in zip(valid, outcomes, strict=True):
+            by_index[index] = {
+                "index": index,
+                "status": "duplicate" if outcome.duplicate else "ingested",
+                "packet_id": outcome.packet_id,
+            }
+    ordered = [by_index[index] for index in range(size)]
+    duplicates = sum(1 for item in ordered if item["status"] == "duplicate")
+    return BatchSummary(ordered, len(valid), duplicates, len(errors))
+
+
 def identity_key(
     system_type: str | None, user_id: str, session_id: str | None, ts: datetime
 ) -> str:
