@@ -10,9 +10,12 @@ Worker class and counts, and why:
   a crashed worker; every worker hears Redis readiness announcements, so a packet ingested by
   any worker of any instance wakes polls waiting in all of them.
 - ``threads`` = ``BUCKET_THREADS`` (default 16): concurrent requests per worker. Keep it at or
-  below ``BUCKET_DB_POOL_SIZE + BUCKET_DB_MAX_OVERFLOW`` (10 + 10) so a busy thread never waits
-  for a connection; an instance opens at most ``workers × (pool + overflow)`` connections.
-  Karma Tracker workers each hold at most one waiting poll, so 16 threads leave ample room.
+  below ``BUCKET_DB_POOL_SIZE + BUCKET_DB_MAX_OVERFLOW`` (5 + 11) so a busy thread never waits
+  for a connection. Each thread holds at most one connection at a time (ingest uses its own
+  autocommit engine, everything else the session's), so a worker has at most ``threads`` in use
+  and keeps up to ``2 × BUCKET_DB_POOL_SIZE`` idle: with the defaults an instance stays under
+  ``workers × threads`` = 32 connections. Karma Tracker workers each hold at most one waiting
+  poll, so 16 threads leave ample room.
 - ``timeout = 60``: above the longest wait (20 s), so a waiting poll never looks hung.
 """
 
