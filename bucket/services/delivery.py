@@ -27,6 +27,7 @@ from bucket.timeutil import epoch_now, from_epoch
 T = Packet.__table__
 PACKET_COLUMNS = [c for c in T.c if c.name not in ("dedup_key", "idempotency_key")]
 EXHAUSTED_LEASE_ERROR = "lease expired without acknowledgement on the last allowed delivery"
+RELEASED_LAST_ERROR = "lease released by its consumer on the last allowed delivery"
 # Heads a claim may find taken by concurrent claims before it answers "nothing visible".
 CLAIM_ROUNDS = 3
 
@@ -70,12 +71,27 @@ def _visible(state: str, now: float):
     return and_(T.c.delivery_state == state, T.c.visible_at <= now)
 
 
-def reap_exhausted(now: float, settings: DeliverySettings) -> int:
-    """Dead-letter packets whose last allowed lease expired: a poison packet cannot loop forever."""
+def ready_condition(now: float, max_attempts: int):
+    """The one definition of "a poll could take it now" (claims, ``queue_size``, status)."""
+    return and_(
+        T.c.delivery_state.in_(DeliveryState.UNFINISHED),
+        T.c.visible_at <= now,
+        T.c.delivery_count < max_attempts,
+    )
+
+
+def reap_exhausted(
+    now: float, settings: DeliverySettings, states: tuple[str, ...] = (DeliveryState.LEASED,)
+) -> int:
+    """Dead-letter packets whose last allowed lease expired: a poison packet cannot loop forever.
+
+    Polls reap expired leases only (few rows, straight off the queue index); the operator's
+    rebuild also reaps pending packets left over after ``BUCKET_MAX_ATTEMPTS`` was lowered.
+    """
     victims = (
         select(T.c.packet_id)
         .where(
-            T.c.delivery_state.in_(DeliveryState.UNFINISHED),
+            T.c.delivery_state.in_(states),
             T.c.visible_at <= now,
             T.c.delivery_count >= settings.max_attempts,
         )
@@ -153,7 +169,9 @@ def _lease(
     candidates = (
         select(T.c.packet_id)
         .where(_visible(source, now), T.c.delivery_count < settings.max_attempts)
-        .order_by(T.c.visible_at, T.c.packet_id)
+        # visible_at alone: the (delivery_state, visible_at) index yields this order, so the
+        # scan stops after ``limit`` rows however long the backlog (ties are few and harmless).
+        .order_by(T.c.visible_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
@@ -196,13 +214,7 @@ def ready_count(now: float | None = None) -> int:
     now = epoch_now() if now is None else now
     settings = DeliverySettings.from_app()
     return db.session.execute(
-        select(func.count())
-        .select_from(T)
-        .where(
-            T.c.delivery_state.in_(DeliveryState.UNFINISHED),
-            T.c.visible_at <= now,
-            T.c.delivery_count < settings.max_attempts,
-        )
+        select(func.count()).select_from(T).where(ready_condition(now, settings.max_attempts))
     ).scalar_one()
 
 
@@ -386,8 +398,12 @@ def _refused_outcome(packet_id: str, row: Any | None) -> AckOutcome:
 
 def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> AckOutcome:
     """Extend a held lease, or release it at once with ``visibility_timeout`` 0."""
+    settings = DeliverySettings.from_app()
     now = epoch_now()
     release = visibility_timeout == 0
+    new_values = (
+        release_values(now, settings) if release else {"visible_at": now + visibility_timeout}
+    )
     row = db.session.execute(
         update(T)
         .where(
@@ -396,11 +412,7 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
             T.c.lease_id == receipt,
             T.c.visible_at > now,
         )
-        .values(
-            delivery_state=DeliveryState.PENDING if release else DeliveryState.LEASED,
-            visible_at=now + visibility_timeout,
-            lease_id=None if release else receipt,
-        )
+        .values(**new_values)
         .returning(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at)
     ).first()
     current = None
@@ -423,10 +435,28 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
                 message="The receipt does not name a live lease of this packet.",
             )
         return outcome
+    if row.delivery_state == DeliveryState.DEAD:
+        return AckOutcome(packet_id, 200, "dead", row.delivery_count, message=RELEASED_LAST_ERROR)
     if release:
         queue.publish_ready()
         return AckOutcome(packet_id, 200, "released", row.delivery_count)
     return AckOutcome(packet_id, 200, "extended", row.delivery_count, row.visible_at)
+
+
+def release_values(now: float, settings: DeliverySettings) -> dict[str, Any]:
+    """A released lease is visible again at once; on its last allowed delivery it is dead.
+
+    As with SQS, a delivery counts when it is handed out, so a release does not give the packet
+    another try; dead-lettering it here (with a reason) beats a silent reap at the next poll.
+    """
+    exhausted = T.c.delivery_count >= settings.max_attempts
+    return {
+        "delivery_state": case((exhausted, DeliveryState.DEAD), else_=DeliveryState.PENDING),
+        "visible_at": now,
+        "lease_id": None,
+        "dead_at": case((exhausted, from_epoch(now)), else_=None),
+        "last_error": case((exhausted, RELEASED_LAST_ERROR), else_=T.c.last_error),
+    }
 
 
 def requeue(
@@ -501,7 +531,7 @@ def rebuild_queue() -> QueueRebuild:
     """
     settings = DeliverySettings.from_app()
     now = epoch_now()
-    dead = reap_exhausted(now, settings)
+    dead = reap_exhausted(now, settings, DeliveryState.UNFINISHED)
     leased = T.c.delivery_state == DeliveryState.LEASED
     pending = T.c.delivery_state == DeliveryState.PENDING
     visible = T.c.visible_at <= now

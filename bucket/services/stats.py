@@ -10,6 +10,7 @@ from sqlalchemy import and_, func, select
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState, Packet
 from bucket.services import counters
+from bucket.services.delivery import ready_condition
 from bucket.timeutil import epoch_now, utc_now
 
 T = Packet.__table__
@@ -51,9 +52,7 @@ def collect_stats() -> QueueStats:
             func.count().filter(and_(pending, visible)).label("ready"),
             func.count().filter(and_(pending, ~visible)).label("retrying"),
             func.count().filter(leased).label("leased"),
-            func.count()
-            .filter(and_(leased, visible, T.c.delivery_count < max_attempts))
-            .label("expired"),
+            func.count().filter(ready_condition(now, max_attempts)).label("queue_size"),
             func.count().filter(T.c.delivery_state == DeliveryState.DEAD).label("dead"),
             func.min(T.c.received_at)
             .filter(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
@@ -68,7 +67,7 @@ def collect_stats() -> QueueStats:
     processed = int(row.processed)  # sum() of a BIGINT is NUMERIC on PostgreSQL
     oldest_age = (utc_now() - row.oldest).total_seconds() if row.oldest is not None else None
     return QueueStats(
-        queue_size=row.ready + row.expired,
+        queue_size=row.queue_size,
         redis_connected=queue.redis_connected(),
         queue_backend=queue.backend_name,
         total_packets=processed + unfinished + row.dead,
