@@ -19,11 +19,6 @@ def epoch_now() -> float:
     return time.time()
 
 
-def to_epoch(moment: datetime) -> float:
-    """Convert an aware datetime to epoch seconds."""
-    return moment.timestamp()
-
-
 def from_epoch(seconds: float | None) -> datetime | None:
     """Convert epoch seconds to an aware UTC datetime (None stays None)."""
     if seconds is None:
