@@ -103,3 +103,18 @@ class Packet(db.Model):
         Index("ix_packets_user", "user_id", "received_at", "packet_id"),
         Index("ix_packets_employee", "employee_id", "received_at", "packet_id"),
     )
+
+
+class PacketCounter(db.Model):
+    """One shard of a running count of packets, summed by status instead of counting rows.
+
+    Counting processed rows would walk every one of them; the counter is bumped in the same
+    transaction as each change into or out of the counted state (see ``services/counters``).
+    Writers pick a random shard, so concurrent acks seldom wait on one hot row.
+    """
+
+    __tablename__ = "packet_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    shard: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
