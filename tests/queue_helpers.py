@@ -54,20 +54,36 @@ def listing(client, user_id: str, **params: Any) -> list[dict]:
     return response.json
 
 
+def _move_visible_at(app, assignment: str, params: dict[str, Any], packet_ids) -> None:
+    """Set ``visible_at`` of the leased or pending packets (all, or only ``packet_ids``)."""
+    sql = (
+        f"UPDATE packets SET visible_at = {assignment}"
+        " WHERE delivery_state IN ('leased', 'pending')"
+    )
+    if packet_ids is not None:
+        sql += " AND packet_id IN (" + ", ".join(f":p{i}" for i in range(len(packet_ids))) + ")"
+        params = {**params, **{f"p{i}": pid for i, pid in enumerate(packet_ids)}}
+    with app.app_context():
+        db.session.execute(text(sql), params)
+        db.session.commit()
+
+
 def expire(app, packet_ids: list[str] | None = None, seconds: float = 1.0) -> None:
     """Move time forward for leased or backing-off packets by moving their ``visible_at`` back.
 
     Tests drive the queue clock this way instead of sleeping: the lease of a leased packet
     ends and the back-off of a pending one is over, exactly as if the time had passed.
     """
-    sql = "UPDATE packets SET visible_at = :moment WHERE delivery_state IN ('leased', 'pending')"
-    params: dict[str, Any] = {"moment": epoch_now() - seconds}
-    if packet_ids is not None:
-        sql += " AND packet_id IN (" + ", ".join(f":p{i}" for i in range(len(packet_ids))) + ")"
-        params.update({f"p{i}": pid for i, pid in enumerate(packet_ids)})
-    with app.app_context():
-        db.session.execute(text(sql), params)
-        db.session.commit()
+    _move_visible_at(app, ":moment", {"moment": epoch_now() - seconds}, packet_ids)
+
+
+def advance(app, seconds: float, packet_ids: list[str] | None = None) -> None:
+    """Let ``seconds`` pass for leased or pending packets: each ``visible_at`` moves back by it.
+
+    Unlike ``expire`` this keeps the differences between leases, so a test can show that a
+    lease extended past that much time still holds while the original one would have ended.
+    """
+    _move_visible_at(app, "visible_at - :seconds", {"seconds": seconds}, packet_ids)
 
 
 def row(app, packet_id: str) -> Any:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 from bucket.extensions import db
 from bucket.models import Packet
 from tests.factories import fixture, make_packet
+from tests.queue_helpers import expire
 
 API = "/api/v1/bucket/prana"
 PENDING = f"{API}/packets/pending"
@@ -96,22 +97,33 @@ def test_a_leased_packet_is_not_served_again_while_leased(client, app):
 def test_a_packet_is_served_again_after_its_lease_expires(client, app):
     """A consumer that never acknowledges does not lose the packet: it comes back."""
     (packet_id,) = ingest(client)
-    assert poll_ids(client, "visibility_timeout=1") == [packet_id]
+    assert poll_ids(client, "visibility_timeout=60") == [packet_id]
     assert poll_ids(client) == []
-    time.sleep(1.2)
+    expire(app, [packet_id])
     assert poll_ids(client) == [packet_id]
     assert row_of(app, packet_id)["delivery_count"] == 2
 
 
+def test_a_short_lease_runs_out_on_the_real_clock(client, app):
+    """A one-second lease really ends: after waiting it out, the packet is served as a suspect."""
+    (packet_id,) = ingest(client)
+    assert poll_ids(client, "visibility_timeout=1") == [packet_id]
+    time.sleep(1.5)
+    again = client.get(f"{PENDING}?limit=10").json["packets"]
+    assert [p["packet_id"] for p in again] == [packet_id]
+    assert (again[0]["delivery_count"], again[0]["suspect"]) == (2, True)
+
+
 def test_default_lease_comes_from_config(make_app):
     """BUCKET_VISIBILITY_TIMEOUT sets the lease when the poll does not."""
-    app = make_app(BUCKET_VISIBILITY_TIMEOUT=1)
+    app = make_app(BUCKET_VISIBILITY_TIMEOUT=1234)
     client = app.test_client()
     (packet_id,) = ingest(client)
+    before = time.time()
     assert poll_ids(client) == [packet_id]
+    after = time.time()
+    assert before + 1234 <= row_of(app, packet_id)["visible_at"] <= after + 1234
     assert poll_ids(client) == []
-    time.sleep(1.2)
-    assert poll_ids(client) == [packet_id]
 
 
 def test_limit_defaults_to_ten_and_reaches_five_hundred(client):

@@ -1,12 +1,11 @@
 """Consumer crashes: unacknowledged packets come back, and a poison packet dies alone.
 
-Lease expiry is driven by moving ``visible_at`` into the past (``tests.queue_helpers.expire``),
-except in the first test, which waits out a real one-second lease.
+Lease expiry is driven by moving ``visible_at`` into the past (``tests.queue_helpers.expire``);
+tests/test_consumer.py has the test that waits out a real one-second lease.
 """
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 
 from tests.queue_helpers import ack, expire, ingest, poll, row, status
@@ -15,11 +14,11 @@ from tests.queue_helpers import ack, expire, ingest, poll, row, status
 def test_unacknowledged_packets_return_after_the_lease_with_count_incremented(client, app):
     """A consumer that crashes before acking loses nothing: the packets are served again."""
     ids = [ingest(client, user_id="crash") for _ in range(3)]
-    first = poll(client, limit=10, visibility_timeout=1)
+    first = poll(client, limit=10, visibility_timeout=60)
     assert sorted(p["packet_id"] for p in first["packets"]) == sorted(ids)
     assert poll(client, limit=10)["count"] == 0, "leased packets are invisible to others"
 
-    time.sleep(1.1)
+    expire(app, ids)  # the consumer crashed: its leases run out
     seen = []
     for _ in range(3):
         again = poll(client, limit=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from tests.factories import make_packet
+from tests.queue_helpers import expire
 
 API = "/api/v1/bucket/prana"
 STATUS = f"{API}/status"
@@ -63,13 +64,14 @@ def test_counts_follow_every_delivery_state(make_app):
     assert body["oldest_pending_age_seconds"] >= 0
 
 
-def test_queue_size_counts_an_expired_lease_as_ready(client):
+def test_queue_size_counts_an_expired_lease_as_ready(client, app):
     """A lease that ran out is pollable again, so queue_size includes it."""
-    ingest(client, 2)
-    client.get(f"{API}/packets/pending?limit=1&visibility_timeout=1")
+    first, _ = ingest(client, 2)
+    polled = client.get(f"{API}/packets/pending?limit=1&visibility_timeout=60").json
+    assert [p["packet_id"] for p in polled["packets"]] == [first]
     body = client.get(STATUS).json
     assert (body["queue_size"], body["leased_packets"], body["pending_packets"]) == (1, 1, 2)
-    time.sleep(1.2)
+    expire(app, [first])  # the lease runs out
     body = client.get(STATUS).json
     assert (body["queue_size"], body["leased_packets"], body["pending_packets"]) == (2, 1, 2)
 
