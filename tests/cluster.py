@@ -62,6 +62,27 @@ def child_pids(pid: int) -> list[int]:
     return sorted(children)
 
 
+def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM ``process`` and wait; if it lingers, SIGKILL its children and then it.
+
+    The children (gunicorn workers) are killed while the master still holds them, so their
+    pids cannot have been reused by then.
+    """
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        for pid in child_pids(process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        process.kill()
+        process.wait(timeout=10)
+
+
 class Instance:
     """One service instance: a gunicorn master with gthread workers on a free port."""
 
@@ -78,7 +99,10 @@ class Instance:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, timeout: float = 30.0) -> Instance:
-        """Start gunicorn and wait until every worker has booted and /health answers."""
+        """Start gunicorn and wait until every worker has booted and /health answers.
+
+        A start that fails stops what it started before raising, so no gunicorn outlives it.
+        """
         self.process = subprocess.Popen(
             [
                 str(BIN / "gunicorn"),
@@ -97,6 +121,14 @@ class Instance:
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
+        try:
+            self._wait_until_serving(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_until_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
@@ -106,7 +138,7 @@ class Instance:
                     requests.get(f"{self.url}/health", timeout=1).status_code == 200
                     and len(self.worker_pids()) == self.workers
                 ):
-                    return self
+                    return
             except requests.RequestException:
                 pass
             if time.monotonic() > deadline:
@@ -129,14 +161,10 @@ class Instance:
         return Path(self.log.name).read_text(errors="replace")[-4000:]
 
     def stop(self) -> None:
-        """SIGTERM the master (graceful), SIGKILL it if it lingers."""
-        if self.process is None:
-            return
-        self.process.terminate()
+        """SIGTERM the master (graceful), SIGKILL it and its workers if it lingers."""
+        process, self.process = self.process, None
         try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-        self.process = None
-        self.log.close()
+            if process is not None:
+                stop_process(process)
+        finally:
+            self.log.close()

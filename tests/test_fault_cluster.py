@@ -9,6 +9,7 @@ processed twice is a bug, as is any acknowledged ingest never processed.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -47,25 +48,26 @@ def cluster():
     if servers.postgres_reachable():
         servers.unavailable(servers.postgres_reachable())
     name, url = servers.create_database()
-    redis_server = PrivateRedis().start()
-    env = service_env(
-        url,
-        redis_server.url,
-        f"fault-{uuid.uuid4().hex[:8]}",
-        BUCKET_LONG_POLL_INTERVAL=str(RECHECK_SECONDS),
-        BUCKET_DB_POOL_SIZE="4",
-        BUCKET_DB_MAX_OVERFLOW="6",
-    )
-    instances: list[Instance] = []
-    try:
+    with contextlib.ExitStack() as cleanup:  # every step is undone even if a later one fails
+        cleanup.callback(servers.drop_database, name)
+        redis_server = PrivateRedis()
+        cleanup.callback(redis_server.stop)
+        redis_server.start()
+        env = service_env(
+            url,
+            redis_server.url,
+            f"fault-{uuid.uuid4().hex[:8]}",
+            BUCKET_LONG_POLL_INTERVAL=str(RECHECK_SECONDS),
+            BUCKET_DB_POOL_SIZE="4",
+            BUCKET_DB_MAX_OVERFLOW="6",
+        )
         migrate(env)
-        instances = [Instance(env).start(), Instance(env).start()]
+        instances: list[Instance] = []
+        for _ in range(2):
+            instance = Instance(env)
+            cleanup.callback(instance.stop)  # registered before it starts
+            instances.append(instance.start())
         yield {"instances": instances, "redis": redis_server, "database": url}
-    finally:
-        for instance in instances:
-            instance.stop()
-        redis_server.stop()
-        servers.drop_database(name)
 
 
 def pg_url(sqlalchemy_url: str) -> str:

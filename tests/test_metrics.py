@@ -11,6 +11,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests import servers
+from tests.cluster import stop_process
 from tests.conftest import backend_config
 from tests.factories import make_packet
 
@@ -171,5 +172,4 @@ def test_gunicorn_workers_report_one_sum_not_fragments(request, backend, tmp_pat
             text = requests.get(f"{base}/metrics", timeout=5, headers={"Connection": "close"}).text
             assert sample(text, "bucket_http_requests_total", **labels) == sent
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        stop_process(process, grace=30)
