@@ -14,6 +14,8 @@ import psycopg
 import pytest
 import redis
 
+from bucket.extensions import db
+
 PG_ADMIN_URL = os.environ.get("BUCKET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("BUCKET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 IN_CI = os.environ.get("CI", "").lower() == "true"
@@ -66,6 +68,19 @@ def drop_database(name: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+def dispose_engines(app) -> None:
+    """Close the pooled connections of every engine of ``app``.
+
+    On PostgreSQL the app has two: the default one and ingest's autocommit bind.
+    ``db.engine.dispose()`` alone leaves the bind's connections open until the garbage
+    collector finds them, and psycopg then warns that they were never closed.
+    """
+    with app.app_context():
+        db.session.remove()
+        for engine in db.engines.values():
+            engine.dispose()
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now."""
     with socket.socket() as sock:
@@ -109,6 +124,7 @@ class PrivateRedis:
         deadline = time.monotonic() + 10
         while redis_reachable(self.url) is not None:
             if time.monotonic() > deadline:
+                self.kill()  # a start that failed leaves no redis-server behind
                 raise RuntimeError("private redis-server did not start")
             time.sleep(0.05)
         return self

@@ -36,9 +36,7 @@ def empty_database(backend, tmp_path, request):
 def fresh_app(empty_database):
     app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
     yield app
-    with app.app_context():
-        db.session.remove()
-        db.engine.dispose()
+    servers.dispose_engines(app)
 
 
 def flask_db(app, *args: str):

@@ -14,6 +14,7 @@ from bucket import create_app
 from bucket.extensions import db
 from tests import servers
 from tests.factories import make_packet
+from tests.queue_helpers import expire
 
 API = "/api/v1/bucket/prana"
 INGEST = f"{API}/ingest"
@@ -156,16 +157,15 @@ def test_unreachable_database_answers_503_never_2xx(backend, tmp_path):
         assert_unavailable(client.get(f"{API}/status"))
         assert client.post(INGEST, json=make_packet(role="x")).status_code == 422
     finally:
-        with app.app_context():
-            db.engine.dispose()
+        servers.dispose_engines(app)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_dropped_postgres_database_mid_test_answers_503(backend, postgres_database):
     """PostgreSQL vanishing under a running app: every later ingest is 503, none is 2xx."""
     name, url = servers.create_database()
+    app = create_app({"SQLALCHEMY_DATABASE_URI": url, "REDIS_URL": None}, testing=True)
     try:
-        app = create_app({"SQLALCHEMY_DATABASE_URI": url, "REDIS_URL": None}, testing=True)
         with app.app_context():
             upgrade()
         client = app.test_client()
@@ -176,9 +176,8 @@ def test_dropped_postgres_database_mid_test_answers_503(backend, postgres_databa
             assert_unavailable(client.post(INGEST, json=make_packet()))
             assert_unavailable(client.post(INGEST, json={"packets": [make_packet()]}))
             assert_unavailable(client.get(PENDING))
-        with app.app_context():
-            db.engine.dispose()
     finally:
+        servers.dispose_engines(app)
         servers.drop_database(name)
 
 
@@ -187,13 +186,14 @@ def test_restarted_app_serves_packets_ingested_before_the_restart(make_app):
     before = make_app()
     client = before.test_client()
     ids = [client.post(INGEST, json=make_packet()).json["packet_id"] for _ in range(4)]
-    leased = client.get(f"{PENDING}?limit=1&visibility_timeout=1").json["packets"]
+    leased = client.get(f"{PENDING}?limit=1&visibility_timeout=60").json["packets"]
     assert [p["packet_id"] for p in leased] == ids[:1]
     del client, before  # the "crash": the first process and its memory queue are gone
 
-    after = make_app().test_client()
+    restarted = make_app()
+    after = restarted.test_client()
     assert [p["packet_id"] for p in after.get(f"{PENDING}?limit=10").json["packets"]] == ids[1:]
-    time.sleep(1.2)
+    expire(restarted, ids[:1])  # the crashed process's lease runs out
     assert [p["packet_id"] for p in after.get(f"{PENDING}?limit=10").json["packets"]] == ids[:1]
     for packet_id in ids:
         assert after.post(ACK, json={"packet_id": packet_id, "success": True}).status_code == 200
