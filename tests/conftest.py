@@ -93,11 +93,10 @@ def make_app(request, backend, tmp_path):
 
     yield build
     for app in built:
-        with app.app_context():
-            db.session.remove()
-            if app is built[0]:
+        if app is built[0]:
+            with app.app_context():
                 clean_state(app)
-            db.engine.dispose()
+        servers.dispose_engines(app)
 
 
 def clean_state(app) -> None:

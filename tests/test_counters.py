@@ -24,6 +24,7 @@ from bucket.services.retention import purge
 from tests import servers
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, status
+from tests.servers import dispose_engines
 
 T = Packet.__table__
 ACK = f"{API}/packets/mark-processed"
@@ -256,9 +257,7 @@ def test_migration_seeds_the_counter_from_the_packets_already_stored(empty_datab
         assert cli.invoke(args=["db", "upgrade"]).exit_code == 0
         assert assert_exact(app, client)["processed_packets"] == 4
     finally:
-        with app.app_context():
-            db.session.remove()
-            db.engine.dispose()
+        dispose_engines(app)
 
 
 def capture_statements(app, client, path: str) -> list[tuple[str, dict]]:
