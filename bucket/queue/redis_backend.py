@@ -110,9 +110,10 @@ class RedisBackend:
         confirmation = pubsub.get_message(timeout=self.LIVENESS_SECONDS)
         if confirmation is None or confirmation.get("type") != "subscribe":
             raise redis.ConnectionError(f"unexpected answer to SUBSCRIBE: {confirmation!r}")
-        self.subscribed.set()
-        # Announcements made while we were not subscribed were missed: wake waiters to look.
+        # Announcements made while we were not subscribed were missed: wake waiters to look
+        # (before ``subscribed`` is set, so whoever waits for it sees that wake-up done).
         self._bump_all()
+        self.subscribed.set()
         awaiting_pong = False
         while True:
             message = pubsub.get_message(timeout=self.LIVENESS_SECONDS)

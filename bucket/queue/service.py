@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import redis
 
 from bucket.queue.announcer import Announcer
-from bucket.queue.base import WakeSignal
+from bucket.queue.base import QueueBackend, WakeSignal
 from bucket.queue.memory import MemoryBackend
 from bucket.queue.redis_backend import RedisBackend
 
@@ -26,8 +26,10 @@ class QueueState:
     """Per-application state of the queue service, kept in ``app.extensions``."""
 
     def __init__(self, redis_url: str | None, prefix: str, retry_after: float) -> None:
-        self.memory = MemoryBackend()
-        self.redis = RedisBackend(redis_url, prefix) if redis_url else None
+        # Both backends implement QueueBackend: memory always (this process's waiters), Redis
+        # when configured (every process of every instance).
+        self.memory: QueueBackend = MemoryBackend()
+        self.redis: RedisBackend | None = RedisBackend(redis_url, prefix) if redis_url else None
         self.signal = WakeSignal()
         self.memory.listen(self.signal)
         self.retry_after = retry_after
