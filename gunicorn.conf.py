@@ -9,13 +9,14 @@ Worker class and counts, and why:
 - ``workers`` = ``WEB_CONCURRENCY`` (default 2): processes for CPU parallelism and for surviving
   a crashed worker; every worker hears Redis readiness announcements, so a packet ingested by
   any worker of any instance wakes polls waiting in all of them.
-- ``threads`` = ``BUCKET_THREADS`` (default 16): concurrent requests per worker. Keep it at or
-  below ``BUCKET_DB_POOL_SIZE + BUCKET_DB_MAX_OVERFLOW`` (5 + 11) so a busy thread never waits
-  for a connection. Each thread holds at most one connection at a time (ingest uses its own
-  autocommit engine, everything else the session's), so a worker has at most ``threads`` in use
-  and keeps up to ``2 × BUCKET_DB_POOL_SIZE`` idle: with the defaults an instance stays under
-  ``workers × threads`` = 32 connections. Karma Tracker workers each hold at most one waiting
-  poll, so 16 threads leave ample room.
+- ``threads`` = ``BUCKET_THREADS`` (default 16): concurrent requests per worker. The pool size
+  (``BUCKET_DB_POOL_SIZE``) defaults to the same number, so a busy thread neither waits for a
+  connection nor opens a fresh one per request. Each thread holds at most one connection at a
+  time; connections open on demand, so a worker keeps about as many as its peak concurrency on
+  ingest's autocommit engine plus the few that polls and acks use on the other. Budget
+  PostgreSQL's ``max_connections`` for ``instances × workers × (threads + a few)`` (2 × 2 × 20
+  fits the default 100 with room). Karma Tracker workers each hold at most one waiting poll, so
+  16 threads leave ample room.
 - ``timeout = 60``: above the longest wait (20 s), so a waiting poll never looks hung.
 """
 
