@@ -22,6 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.cluster import migrate  # noqa: E402
 from tests.servers import create_database, drop_database, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -131,13 +132,7 @@ def main() -> None:
         "BATCH": str(args.batch),
     }
     try:
-        subprocess.run(
-            [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-        )
+        migrate(env)
         if args.prefill:
             started = time.monotonic()
             prefill(url, args.prefill)

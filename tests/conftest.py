@@ -108,6 +108,20 @@ def clean_state(app) -> None:
 
 
 @pytest.fixture
+def empty_database(backend, tmp_path, request):
+    """A database with no tables at all, on the backend under test."""
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path}/fresh.sqlite3"
+        return
+    request.getfixturevalue("postgres_database")  # skips (or fails in CI) without PostgreSQL
+    name, url = servers.create_database()
+    try:
+        yield url
+    finally:
+        servers.drop_database(name)
+
+
+@pytest.fixture
 def app(make_app, app_config):
     """The application under test, on the parametrized backend."""
     return make_app(**app_config)

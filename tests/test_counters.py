@@ -21,7 +21,6 @@ from bucket import create_app
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
 from bucket.services.retention import purge
-from tests import servers
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, status
 from tests.servers import dispose_engines
@@ -214,20 +213,6 @@ def test_concurrent_acks_from_several_threads_count_each_packet_once(backend, ap
         shards = db.session.execute(text("SELECT count(*) FROM packet_counters")).scalar_one()
         db.session.commit()
     assert shards > 1  # the acks spread over several shards instead of one hot row
-
-
-@pytest.fixture
-def empty_database(backend, tmp_path, request):
-    """A database with no tables at all, on the backend under test."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path}/fresh.sqlite3"
-        return
-    request.getfixturevalue("postgres_database")  # skips (or fails in CI) without PostgreSQL
-    name, url = servers.create_database()
-    try:
-        yield url
-    finally:
-        servers.drop_database(name)
 
 
 def test_migration_seeds_the_counter_from_the_packets_already_stored(empty_database):

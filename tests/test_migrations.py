@@ -19,20 +19,6 @@ EXPECTED_INDEXES = {
 
 
 @pytest.fixture
-def empty_database(backend, tmp_path, request):
-    """A database with no tables at all, on the backend under test."""
-    if backend == "sqlite":
-        yield f"sqlite:///{tmp_path}/fresh.sqlite3"
-        return
-    request.getfixturevalue("postgres_database")  # skips (or fails in CI) without PostgreSQL
-    name, url = servers.create_database()
-    try:
-        yield url
-    finally:
-        servers.drop_database(name)
-
-
-@pytest.fixture
 def fresh_app(empty_database):
     app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
     yield app
