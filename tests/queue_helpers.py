@@ -23,6 +23,11 @@ def ingest(client, **overrides) -> str:
     return response.json["packet_id"]
 
 
+def ingest_many(client, count: int = 1, **overrides) -> list[str]:
+    """Post ``count`` fresh packets one by one (each its own received_at); ids oldest first."""
+    return [ingest(client, **overrides) for _ in range(count)]
+
+
 def poll(client, limit: int = 10, **params: Any) -> dict:
     """GET pending and return the body (the poll must succeed)."""
     query = "&".join(f"{k}={v}" for k, v in {"limit": limit, **params}.items())

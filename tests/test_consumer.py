@@ -12,6 +12,7 @@ from bucket.extensions import db
 from bucket.models import Packet
 from tests.factories import fixture, make_packet
 from tests.queue_helpers import expire
+from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
 PENDING = f"{API}/packets/pending"
@@ -43,16 +44,6 @@ def row_of(app, packet_id: str) -> dict:
         )
         db.session.remove()
     return dict(row)
-
-
-def ingest(client, count: int = 1, **overrides) -> list[str]:
-    """Post ``count`` fresh packets one by one; return their ids in order."""
-    ids = []
-    for _ in range(count):
-        response = client.post(f"{API}/ingest", json=make_packet(**overrides))
-        assert response.status_code == 200
-        ids.append(response.json["packet_id"])
-    return ids
 
 
 def poll_ids(client, query: str = "limit=10") -> list[str]:

@@ -10,20 +10,11 @@ from sqlalchemy import select, update
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
 from bucket.services.retention import purge
-from tests.factories import make_packet
+from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
 T = Packet.__table__
 DAY = 86400.0
-
-
-def ingest(client, count, **fields):
-    ids = []
-    for _ in range(count):
-        response = client.post(f"{API}/ingest", json=make_packet(**fields))
-        assert response.status_code == 200
-        ids.append(response.json["packet_id"])
-    return ids
 
 
 def process_all(client):

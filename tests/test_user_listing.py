@@ -9,6 +9,7 @@ import re
 import pytest
 
 from tests.factories import fixture, make_packet
+from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
 USER_FIELDS = {
@@ -28,16 +29,6 @@ USER_FIELDS = {
     "delivery_state",
 }
 NEXT_LINK = re.compile(r'<([^>]+)>;\s*rel="next"')
-
-
-def ingest(client, count: int, **overrides) -> list[str]:
-    """Post packets one by one (so each has its own received_at); return ids oldest first."""
-    ids = []
-    for _ in range(count):
-        response = client.post(f"{API}/ingest", json=make_packet(**overrides))
-        assert response.status_code == 200
-        ids.append(response.json["packet_id"])
-    return ids
 
 
 def listing(client, user_id: str, query: str = ""):
