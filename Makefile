@@ -13,9 +13,12 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 
 install: $(BIN)/.installed
 
+# The Procfile's lines, run as a platform runs them: through a shell, with the venv on PATH.
+procfile = PATH="$(abspath $(BIN)):$$PATH" bash -c '$(shell sed -n 's/^$(1): //p' Procfile)'
+
 run: install
-	$(BIN)/flask --app wsgi db upgrade
-	$(BIN)/gunicorn --config gunicorn.conf.py wsgi:app
+	$(call procfile,release)
+	$(call procfile,web)
 
 test: install
 	$(BIN)/ruff check .

@@ -57,7 +57,7 @@ class Config:
         self.REDIS_URL = env_str("REDIS_URL")
         self.BUCKET_REDIS_PREFIX = env_str("BUCKET_REDIS_PREFIX", "prana-bucket")
         self.BUCKET_CORS_ORIGINS = env_list("BUCKET_CORS_ORIGINS", ["*"])
-        self.BUCKET_CONSUMER_TOKENS = env_list("BUCKET_CONSUMER_TOKEN", [])
+        self.BUCKET_CONSUMER_TOKEN = env_list("BUCKET_CONSUMER_TOKEN", [])
         self.BUCKET_VISIBILITY_TIMEOUT = env_int("BUCKET_VISIBILITY_TIMEOUT", 60)
         self.BUCKET_MAX_ATTEMPTS = env_int("BUCKET_MAX_ATTEMPTS", 5)
         self.BUCKET_RETRY_BACKOFF = env_float("BUCKET_RETRY_BACKOFF", 10.0)

@@ -25,16 +25,22 @@ import os
 import shutil
 import tempfile
 
-bind = f"0.0.0.0:{os.environ.get('PORT', '3000')}"
+from config import env_int
+
+# Empty values count as unset, as everywhere in config.py.
+bind = f"0.0.0.0:{env_int('PORT', 3000)}"
 # gthread: each worker serves many requests at once; a long poll (up to 20 s) parks one thread
 # and no database connection, so ingest keeps flowing beside waiting consumers.
 worker_class = "gthread"
-workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-threads = int(os.environ.get("BUCKET_THREADS", "16"))
+workers = env_int("WEB_CONCURRENCY", 2)
+threads = env_int("BUCKET_THREADS", 16)
 timeout = 60
 graceful_timeout = 30
 keepalive = 5
 accesslog = None
+# gunicorn's control socket is one path per user: several instances on one host would fight
+# over it, and nothing here uses it.
+control_socket_disable = True
 
 
 # Prometheus multiprocess mode: every worker writes its counters to files in one directory and
@@ -46,7 +52,7 @@ _created_metrics_dir = None
 def on_starting(server):
     """Point workers at a metrics directory, emptied: old files would add to this run's figures."""
     global _created_metrics_dir
-    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR", "").strip()
     if not directory:
         directory = _created_metrics_dir = tempfile.mkdtemp(prefix="prana-bucket-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory

@@ -41,7 +41,7 @@ def require_consumer_token():
     """Refuse protected endpoints without a valid token: 401 when absent, 403 when wrong."""
     if request.blueprint not in PROTECTED_BLUEPRINTS:
         return None
-    tokens = current_app.config["BUCKET_CONSUMER_TOKENS"]
+    tokens = current_app.config["BUCKET_CONSUMER_TOKEN"]
     candidate = presented_token()
     if candidate is None:
         return error_response(
@@ -57,11 +57,11 @@ def require_consumer_token():
 
 def init_auth(app: Flask) -> None:
     """Install the token check; without a token the consumer side is open, and we say so."""
-    tokens = app.config.get("BUCKET_CONSUMER_TOKENS") or []
+    tokens = app.config.get("BUCKET_CONSUMER_TOKEN") or []
     if isinstance(tokens, str):
         tokens = tokens.split(",")
     tokens = [token.strip() for token in tokens if token and token.strip()]
-    app.config["BUCKET_CONSUMER_TOKENS"] = tokens
+    app.config["BUCKET_CONSUMER_TOKEN"] = tokens
     if not tokens:
         log.warning(
             "BUCKET_CONSUMER_TOKEN is not set: pending, mark-processed, user listings and status "

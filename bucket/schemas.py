@@ -8,7 +8,7 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
 
 from bucket.models import DeliveryState
-from bucket.timeutil import parse_client_timestamp
+from bucket.timeutil import TIMESTAMP_RULE, parse_client_timestamp
 
 COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK")
 EMS_STATES = ("WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING")
@@ -53,7 +53,7 @@ class Text(fields.String):
 class ClientTimestamp(fields.Field):
     """An ISO-8601 timestamp string, normalised to aware UTC."""
 
-    default_error_messages = {"invalid": "Not a valid ISO-8601 timestamp."}
+    default_error_messages = {"invalid": f"Not {TIMESTAMP_RULE}."}
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any):
         if not isinstance(value, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 import uuid
@@ -26,9 +27,24 @@ def from_epoch(seconds: float | None) -> datetime | None:
     return datetime.fromtimestamp(seconds, UTC)
 
 
+# The one rule for a client timestamp, enforced here and published as the OpenAPI ``pattern``:
+# an ISO-8601 date and time (``T`` or a space between them) whose year is 1900–2999. Every such
+# instant converts to UTC (year 0001 or 9999 with an offset would not), and no browser clock,
+# however skewed, reports a time outside it.
+TIMESTAMP_PATTERN = r"^(19|2[0-9])[0-9]{2}-[0-9]{2}-[0-9]{2}[T ]"
+TIMESTAMP_RULE = "an ISO-8601 date and time with a year from 1900 to 2999"
+_timestamp_shape = re.compile(TIMESTAMP_PATTERN)
+
+
 def parse_client_timestamp(text: str) -> datetime:
-    """Parse an ISO-8601 client timestamp: ``Z`` or an offset, none meaning UTC."""
-    moment = datetime.fromisoformat(text.strip())
+    """Parse an ISO-8601 client timestamp: ``Z`` or an offset, none meaning UTC.
+
+    Raises ``ValueError`` for anything outside ``TIMESTAMP_PATTERN`` or not a real moment.
+    """
+    text = text.strip()
+    if not _timestamp_shape.match(text):
+        raise ValueError(f"not {TIMESTAMP_RULE}")
+    moment = datetime.fromisoformat(text)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC)

@@ -2,17 +2,60 @@
 
 from __future__ import annotations
 
-import shutil
-import uuid
+import os
 
-import pytest
-from flask_migrate import upgrade
+# Variables of the service that are not BUCKET_*; with every BUCKET_* one (except the tests' own
+# BUCKET_TEST_*) they are dropped before anything reads them, so a developer's exported
+# configuration (the README's .env recipe) never leaks into a test. Tests that need one set it.
+SERVICE_VARIABLES = frozenset(
+    {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "PORT",
+        "WEB_CONCURRENCY",
+        "LOG_LEVEL",
+        "LOG_FORMAT",
+        "PROMETHEUS_MULTIPROC_DIR",
+    }
+)
 
-from bucket import create_app
-from bucket.extensions import db, queue
-from tests import servers
+
+def is_service_variable(name: str) -> bool:
+    """Whether ``name`` configures the service (and so must not reach a test unasked)."""
+    if name.startswith("BUCKET_"):
+        return not name.startswith("BUCKET_TEST_")
+    return name in SERVICE_VARIABLES or name.startswith("FLASK_")
+
+
+for _name in [name for name in os.environ if is_service_variable(name)]:
+    del os.environ[_name]
+
+import shutil  # noqa: E402 - after the scrub: nothing may read the environment before it
+import uuid  # noqa: E402
+
+import pytest  # noqa: E402
+from flask_migrate import upgrade  # noqa: E402
+
+from bucket import create_app  # noqa: E402
+from bucket.extensions import db, queue  # noqa: E402
+from tests import servers  # noqa: E402
 
 BACKENDS = ["sqlite", "postgres"]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say how many tests were skipped because a server did not answer (never in CI)."""
+    missing = [
+        report
+        for report in terminalreporter.stats.get("skipped", [])
+        if servers.MISSING_SERVER in str(report.longrepr)
+    ]
+    if missing:
+        terminalreporter.write_line(
+            f"{len(missing)} tests skipped for a missing server (PostgreSQL, Redis or a binary); "
+            "set CI=true to make them fail instead",
+            yellow=True,
+        )
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from sqlalchemy import select, text
 from bucket.extensions import db, queue
 from bucket.models import Packet
 from bucket.timeutil import epoch_now
+from tests.concurrency import join_all
 from tests.factories import make_packet
 
 API = "/api/v1/bucket/prana"
@@ -134,7 +135,7 @@ def measure_wake_up(waiting_app, ingesting_client, wait: float, label: str) -> f
     wait_until_listening(waiting_app)
     packet_id = ingest(ingesting_client, user_id="long-poll")
     ingested_at = time.monotonic()
-    waiter.join(wait + 5)
+    join_all([waiter], wait + 5, "long poll")
     assert waiter.body is not None, "the long poll never answered"
     assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
     assert waiter.returned_at - started < wait, "woken only when the wait expired"

@@ -18,14 +18,22 @@ from bucket.extensions import db
 
 PG_ADMIN_URL = os.environ.get("BUCKET_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("BUCKET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-IN_CI = os.environ.get("CI", "").lower() == "true"
+# How CI systems say "this is CI": GitHub, GitLab and most others set CI=true, some CI=1 or yes.
+CI_VALUES = frozenset({"1", "true", "yes"})
+# Every skip for a missing server starts with this, so the summary can count them.
+MISSING_SERVER = "missing server:"
+
+
+def in_ci(environ=os.environ) -> bool:
+    """True when ``CI`` says we run in CI, where every server the suite needs must answer."""
+    return environ.get("CI", "").strip().lower() in CI_VALUES
 
 
 def unavailable(reason: str) -> None:
     """Skip with a visible reason on a developer machine; fail in CI, where servers must exist."""
-    if IN_CI:
-        pytest.fail(f"{reason} (CI=true: required servers must be running)")
-    pytest.skip(reason)
+    if in_ci():
+        pytest.fail(f"{reason} (CI is set: required servers must be running)")
+    pytest.skip(f"{MISSING_SERVER} {reason}")
 
 
 def postgres_reachable() -> str | None:

@@ -21,7 +21,7 @@ OPEN = ["/health", "/health/ready", "/metrics", "/openapi.json", "/docs"]
 @pytest.fixture
 def app_config():
     """Two valid tokens, as during a key rotation."""
-    return {"BUCKET_CONSUMER_TOKENS": list(TOKENS)}
+    return {"BUCKET_CONSUMER_TOKEN": list(TOKENS)}
 
 
 def call(client, method, url, body, headers=None):
@@ -111,7 +111,7 @@ def test_ingest_stays_open_to_browsers(client):
 def test_without_a_token_the_service_is_open_warns_and_says_so(make_app, caplog):
     """No BUCKET_CONSUMER_TOKEN: it starts, logs a warning, and status reports auth off."""
     with caplog.at_level(logging.WARNING, logger="bucket.auth"):
-        app = make_app(BUCKET_CONSUMER_TOKENS=[])
+        app = make_app(BUCKET_CONSUMER_TOKEN=[])
     assert any("BUCKET_CONSUMER_TOKEN is not set" in r.getMessage() for r in caplog.records)
     client = app.test_client()
     assert client.get(f"{API}/packets/pending").status_code == 200
@@ -120,7 +120,7 @@ def test_without_a_token_the_service_is_open_warns_and_says_so(make_app, caplog)
 
 def test_comma_separated_tokens_from_config_are_split(make_app):
     """A raw comma-separated value (as in the environment) yields each token."""
-    app = make_app(BUCKET_CONSUMER_TOKENS="one, two")
+    app = make_app(BUCKET_CONSUMER_TOKEN="one, two")
     client = app.test_client()
     assert client.get(f"{API}/status", headers={"X-API-Key": "two"}).status_code == 200
     assert client.get(f"{API}/status", headers={"X-API-Key": "one, two"}).status_code == 403

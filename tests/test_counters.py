@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 import re
-import threading
 import time
 from collections import Counter
 
@@ -21,6 +20,7 @@ from bucket import create_app
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
 from bucket.services.retention import purge
+from tests.concurrency import run_threads
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, status
 from tests.servers import dispose_engines
@@ -184,29 +184,18 @@ def test_concurrent_acks_from_several_threads_count_each_packet_once(backend, ap
     """Six threads ack the same 240 packets in shuffled batches: processed ends at exactly 240."""
     ids = ingest_many(client, 240)
     poll(client, limit=240)  # some leased, so acks without a receipt race on leased rows too
-    errors: list[BaseException] = []
-    start = threading.Barrier(6)
 
     def acker(seed: int) -> None:
-        try:
-            mine = ids[:]
-            random.Random(seed).shuffle(mine)
-            worker = app.test_client()
-            start.wait()
-            for offset in range(0, len(mine), 20):
-                chunk = mine[offset : offset + 20]
-                body = {"results": [{"packet_id": pid, "success": True} for pid in chunk]}
-                response = worker.post(ACK, json=body)
-                assert response.status_code == 200, response.json
-        except BaseException as exc:  # reported by the main thread
-            errors.append(exc)
+        mine = ids[:]
+        random.Random(seed).shuffle(mine)
+        worker = app.test_client()
+        for offset in range(0, len(mine), 20):
+            chunk = mine[offset : offset + 20]
+            body = {"results": [{"packet_id": pid, "success": True} for pid in chunk]}
+            response = worker.post(ACK, json=body)
+            assert response.status_code == 200, response.json
 
-    threads = [threading.Thread(target=acker, args=(seed,)) for seed in range(6)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(60)
-    assert not errors, errors
+    run_threads(6, acker)
     figures = assert_exact(app, client)
     assert (figures["processed_packets"], figures["total_packets"]) == (240, 240)
     with app.app_context():

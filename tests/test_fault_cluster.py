@@ -26,13 +26,14 @@ import requests
 
 from tests import servers
 from tests.cluster import Instance, migrate, service_env
+from tests.concurrency import join_all, wait_until
 from tests.factories import make_packet
 from tests.servers import PrivateRedis
 
 pytestmark = pytest.mark.slow
 
 API = "/api/v1/bucket/prana"
-PACKETS = int(os.environ.get("BUCKET_FAULT_PACKETS", "3000"))
+PACKETS = int(os.environ.get("BUCKET_TEST_FAULT_PACKETS", "3000"))
 INGEST_THREADS = 12
 CONSUMERS = 4
 LEASE_SECONDS = 5
@@ -269,8 +270,12 @@ def run_faults(cluster, ledger: Ledger, events: list[str], started: float) -> No
     victim_instance = cluster["instances"][0]
 
     def wait_for(fraction: float) -> None:
-        while len(ledger.acked) < PACKETS * fraction:
-            time.sleep(0.02)
+        wait_until(
+            lambda: len(ledger.acked) >= PACKETS * fraction,
+            120,
+            f"ingest never reached {fraction:.0%} of {PACKETS} packets",
+            interval=0.02,
+        )
 
     wait_for(1 / 3)
     redis_server.kill()
@@ -308,20 +313,21 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
         )
         for n in range(INGEST_THREADS)
     ]
-    faults = threading.Thread(target=run_faults, args=(cluster, ledger, events, started))
+    faults = threading.Thread(
+        target=ledger.guard(run_faults), args=(cluster, ledger, events, started), daemon=True
+    )
     for thread in consumers + ingesters + [faults]:
         thread.start()
-    for thread in ingesters:
-        thread.join(180)
-    ingested_in = time.monotonic() - started
-    faults.join(30)
-    deadline = time.monotonic() + 60
-    while not ledger.processed_all() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.0)  # let the last acknowledgements land
-    stop.set()
-    for thread in consumers:
-        thread.join(15)
+    try:
+        join_all(ingesters, 180, "ingest client")
+        ingested_in = time.monotonic() - started
+        join_all([faults], 30, "fault injector")
+        assert not ledger.crashes, ledger.crashes[0]
+        wait_until(ledger.processed_all, 60, "acknowledged packets were never all processed", 0.2)
+        time.sleep(1.0)  # let the last acknowledgements land
+    finally:
+        stop.set()
+    join_all(consumers, 15, "consumer")
     elapsed = time.monotonic() - started
 
     acked = set(ledger.acked)

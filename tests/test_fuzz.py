@@ -4,25 +4,39 @@ Schemathesis generates valid and invalid inputs (bodies, query strings, path par
 headers) from the document and checks each answer: never a 5xx, status codes, content types,
 headers and bodies as documented, invalid input refused, valid input accepted. No network: the
 requests go straight to the Flask app. The number of examples is bounded to keep CI fast.
+
+The examples come from a fixed seed, so every run sends the same requests and a failure is
+reproduced by running the test again. ``BUCKET_TEST_FUZZ_SEED`` picks another seed
+(``random`` draws one); a failure always names the seed that found it.
 """
 
 import copy
 import math
 import os
+import random
 
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 
 TOKEN = "fuzz-consumer-token"
-MAX_EXAMPLES = int(os.environ.get("BUCKET_FUZZ_EXAMPLES", "40"))
+MAX_EXAMPLES = int(os.environ.get("BUCKET_TEST_FUZZ_EXAMPLES", "40"))
+DEFAULT_SEED = 20261201
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def fuzz_seed() -> int:
+    """The seed of this run: fixed unless ``BUCKET_TEST_FUZZ_SEED`` says otherwise."""
+    chosen = os.environ.get("BUCKET_TEST_FUZZ_SEED", "").strip()
+    if chosen == "random":
+        return random.SystemRandom().getrandbits(64)
+    return int(chosen) if chosen else DEFAULT_SEED
 
 
 @pytest.fixture
 def app_config():
     """Token and rate limits on, as in production, so their refusals are fuzzed too."""
-    return {"BUCKET_CONSUMER_TOKENS": [TOKEN], "BUCKET_RATE_LIMIT_ENABLED": True}
+    return {"BUCKET_CONSUMER_TOKEN": [TOKEN], "BUCKET_RATE_LIMIT_ENABLED": True}
 
 
 def map_query(context, query):
@@ -71,10 +85,11 @@ def fit_body(case):
     case.body = body
 
 
-def fuzz_operation(operation) -> int:
+def fuzz_operation(operation, run_seed: int) -> int:
     """Run the bounded examples of one operation; return how many were sent."""
     sent = 0
 
+    @seed(run_seed)
     @given(case=operation.as_strategy())
     @settings(
         max_examples=MAX_EXAMPLES,
@@ -100,15 +115,22 @@ def test_every_operation_survives_generated_input(app, capsys):
     )
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app, config=config)
     schema.hook(map_query)
+    run_seed = fuzz_seed()
     failures, counts = {}, {}
     for result in schema.get_all_operations():
         operation = result.ok()
         try:
-            counts[operation.label] = fuzz_operation(operation)
+            counts[operation.label] = fuzz_operation(operation, run_seed)
         except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - report them all at once
             failures[operation.label] = f"{type(exc).__name__}: {exc}"
     with capsys.disabled():
         total = sum(counts.values())
-        print(f"\nfuzzed {len(counts) + len(failures)} operations, {total} examples: {counts}")
+        print(
+            f"\nfuzzed {len(counts) + len(failures)} operations, {total} examples "
+            f"(seed {run_seed}): {counts}"
+        )
     assert len(counts) + len(failures) >= 9
-    assert not failures, "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
+    reproduce = f"reproduce with BUCKET_TEST_FUZZ_SEED={run_seed} pytest {__file__}"
+    assert not failures, (
+        reproduce + "\n\n" + "\n\n".join(f"{label}\n{text}" for label, text in failures.items())
+    )

@@ -4,7 +4,7 @@ import pytest
 
 from tests import servers
 
-TOKEN_CONFIG = {"BUCKET_CONSUMER_TOKENS": ["secret"]}
+TOKEN_CONFIG = {"BUCKET_CONSUMER_TOKEN": ["secret"]}
 
 
 def unreachable_database(backend, tmp_path) -> str:

@@ -132,8 +132,19 @@ def test_null_user_id_next_to_employee_id_counts_as_absent(client, app):
         ("2026-11-28T15:30:00+05:30", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
         ("2026-11-28T05:00:00.250-05:00", datetime(2026, 11, 28, 10, 0, 0, 250000, tzinfo=UTC)),
         ("2026-11-28T10:00:00", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+        ("2026-11-28 10:00:00Z", datetime(2026, 11, 28, 10, 0, tzinfo=UTC)),
+        ("1900-01-01T00:00:00+05:00", datetime(1899, 12, 31, 19, 0, tzinfo=UTC)),
+        ("2999-12-31T23:59:59-05:00", datetime(3000, 1, 1, 4, 59, 59, tzinfo=UTC)),
     ],
-    ids=["zulu", "positive-offset", "negative-offset", "naive-is-utc"],
+    ids=[
+        "zulu",
+        "positive-offset",
+        "negative-offset",
+        "naive-is-utc",
+        "space-for-t",
+        "first-year-with-offset",
+        "last-year-with-offset",
+    ],
 )
 def test_timestamp_forms_are_stored_as_the_utc_instant(client, app, timestamp, instant):
     """Z, an offset, or no zone (meaning UTC) all become the same UTC instant."""
@@ -201,6 +212,10 @@ INVALID = [
     ("timestamp", "2026-11-28T10:00:00+25:00"),
     ("timestamp", "0001-01-01T00:00:00+01:00"),
     ("timestamp", "9999-12-31T23:59:59-01:00"),
+    ("timestamp", "1899-12-31T23:59:59Z"),
+    ("timestamp", "3000-01-01T00:00:00Z"),
+    ("timestamp", "2026-11-28"),
+    ("timestamp", "20261128T100000Z"),
     ("timestamp", None),
     ("cognitive_state", "HAPPY"),
     ("cognitive_state", "WORKING"),

@@ -14,7 +14,7 @@ TOKEN = "log-test-secret-token"
 
 @pytest.fixture
 def app_config():
-    return {"BUCKET_CONSUMER_TOKENS": [TOKEN]}
+    return {"BUCKET_CONSUMER_TOKEN": [TOKEN]}
 
 
 @pytest.fixture

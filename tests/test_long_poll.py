@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bucket.extensions import db
+from tests.concurrency import join_all
 from tests.queue_helpers import API, Waiter, ingest, measure_wake_up, wait_until_listening
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,7 +41,7 @@ def test_waiting_poll_holds_no_database_connection(app):
     with app.app_context():
         checked_out = db.engine.pool.checkedout()
     ingest(app.test_client(), user_id="pool")
-    waiter.join(10)
+    join_all([waiter], 10, "long poll")
     assert checked_out == 0
     assert waiter.body is not None and waiter.body["count"] == 1
 

@@ -1,11 +1,16 @@
 """The OpenAPI document: valid, complete, and true to what the service answers."""
 
 import re
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from marshmallow import ValidationError
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
+from bucket.schemas import PacketSchema
 from tests.factories import make_packet
 
 API = "/api/v1/bucket/prana"
@@ -16,7 +21,7 @@ UNDOCUMENTED_ENDPOINTS = {"static"}
 
 @pytest.fixture
 def app_config():
-    return {"BUCKET_CONSUMER_TOKENS": [TOKEN]}
+    return {"BUCKET_CONSUMER_TOKEN": [TOKEN]}
 
 
 @pytest.fixture
@@ -54,7 +59,7 @@ def assert_matches(spec, path, method, response):
 @pytest.mark.parametrize("tokens", [[], [TOKEN]])
 def test_the_document_is_valid_openapi_3(make_app, tokens):
     """The document validates as OpenAPI 3, with and without consumer auth configured."""
-    document = make_app(BUCKET_CONSUMER_TOKENS=tokens).test_client().get("/openapi.json").json
+    document = make_app(BUCKET_CONSUMER_TOKEN=tokens).test_client().get("/openapi.json").json
     validate(document)
     assert document["openapi"].startswith("3.")
 
@@ -190,3 +195,39 @@ def test_the_docs_page_serves_swagger_ui_for_the_document(client):
     response = client.get("/docs")
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "/openapi.json" in response.get_data(as_text=True)
+
+
+offsets = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(
+    lambda minutes: timezone(timedelta(minutes=minutes))
+)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(
+    moment=st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+    zone=st.none() | st.just(UTC) | offsets,
+    space=st.booleans(),
+)
+def test_service_accepts_a_timestamp_exactly_when_the_document_does(moment, zone, space):
+    """The published ``date-time`` + ``pattern`` and the service's parser agree on every value,
+    from year 1 to 9999 with any offset (the range where UTC conversion used to overflow)."""
+    from bucket.timeutil import TIMESTAMP_PATTERN
+
+    text = moment.replace(tzinfo=zone).isoformat(sep=" " if space else "T")
+    documented = re.match(TIMESTAMP_PATTERN, text) is not None
+    try:
+        PacketSchema().load(make_packet(timestamp=text))
+        accepted = True
+    except ValidationError as exc:
+        assert set(exc.messages) == {"timestamp"}, exc.messages
+        accepted = False
+    assert accepted == documented, text
+
+
+def test_the_document_publishes_the_timestamp_rule_the_service_enforces(spec):
+    """The Packet schema's timestamp carries the service's own pattern (one rule, two readers)."""
+    from bucket.timeutil import TIMESTAMP_PATTERN
+
+    timestamp = spec["components"]["schemas"]["Packet"]["properties"]["timestamp"]
+    assert timestamp["format"] == "date-time"
+    assert timestamp["pattern"] == TIMESTAMP_PATTERN

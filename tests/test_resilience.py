@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 import uuid
 
@@ -13,6 +12,7 @@ from sqlalchemy import create_engine, text
 from bucket import create_app
 from bucket.extensions import db
 from tests import servers
+from tests.concurrency import run_threads
 from tests.factories import make_packet
 from tests.queue_helpers import expire
 
@@ -34,28 +34,6 @@ def count_rows(app, where: str = "1=1", **params) -> int:
             ).scalar()
     finally:
         engine.dispose()
-
-
-def run_threads(count: int, target) -> list:
-    """Run ``target(index)`` on ``count`` threads released at once; return results, raise errors."""
-    barrier = threading.Barrier(count)
-    results: list = [None] * count
-    errors: list[BaseException] = []
-
-    def body(index: int) -> None:
-        try:
-            barrier.wait()
-            results[index] = target(index)
-        except BaseException as exc:  # noqa: BLE001 - surfaced in the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=body, args=(i,)) for i in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    assert not errors, errors
-    return results
 
 
 # --- concurrent duplicates ----------------------------------------------------------------------

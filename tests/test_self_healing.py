@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 from bucket.extensions import queue
+from tests.concurrency import join_all
 from tests.queue_helpers import (
     Waiter,
     ack,
@@ -112,7 +113,7 @@ def test_wake_ups_return_to_redis_after_it_was_down(make_app, private_redis):
     print(f"\nback on Redis {healed:.2f} s after it restarted")
     packet_id = ingest(client, user_id="after-restart")
     ingested_at = time.monotonic()
-    waiter.join(20)
+    join_all([waiter], 20, "long poll")
     assert waiter.body is not None
     assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
     assert waiter.returned_at - started < 15, "the waiting poll was never woken"

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask
 
 from bucket.auth import PROTECTED_BLUEPRINTS
+from bucket.timeutil import TIMESTAMP_PATTERN
 
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 RETRY_AFTER = {
@@ -92,7 +93,9 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
         packet["properties"]["timestamp"] = {
             "type": "string",
             "format": "date-time",
-            "description": "ISO-8601 client time; Z or an offset (none means UTC).",
+            "pattern": TIMESTAMP_PATTERN,
+            "description": "ISO-8601 client time with a year from 1900 to 2999; Z or an offset "
+            "(none means UTC). A space may stand for the T.",
         }
         packet["allOf"] = [
             {
@@ -140,7 +143,7 @@ def complete_spec(app: Flask, spec: Any) -> None:
         spec.components.response(
             "UNPROCESSABLE_CONTENT", error("The request is not valid: see errors per field.")
         )
-    secured = bool(app.config.get("BUCKET_CONSUMER_TOKENS"))
+    secured = bool(app.config.get("BUCKET_CONSUMER_TOKEN"))
     if secured:
         for name, scheme in SECURITY_SCHEMES.items():
             if name not in spec.components.security_schemes:

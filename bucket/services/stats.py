@@ -77,5 +77,5 @@ def collect_stats() -> QueueStats:
         retrying_packets=row.retrying,
         dead_packets=row.dead,
         oldest_pending_age_seconds=oldest_age,
-        consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKENS")),
+        consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
     )
