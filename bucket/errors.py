@@ -42,9 +42,25 @@ def database_unavailable(exc: Exception):
     )
 
 
+# SQLite's primary result codes that mean "the database cannot serve now", not "bad SQL":
+# BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN. SQLite reports its own SQL errors as
+# OperationalError too (SQLITE_ERROR), and those are bugs.
+SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
+
+
+def is_outage(exc: DBAPIError) -> bool:
+    """Whether a DBAPI error means the database is unreachable or busy (not a bug of ours)."""
+    if exc.connection_invalidated:
+        return True
+    code = getattr(exc.orig, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in SQLITE_UNAVAILABLE_CODES
+    return isinstance(exc, OperationalError)
+
+
 def database_error(exc: DBAPIError):
     """Connection-level DBAPI failures are outages (503); anything else is a bug (500)."""
-    if exc.connection_invalidated or isinstance(exc, OperationalError):
+    if is_outage(exc):
         return database_unavailable(exc)
     return internal_error(InternalServerError(original_exception=exc))
 

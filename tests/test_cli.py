@@ -6,7 +6,9 @@ from sqlalchemy import select, update
 
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
+from tests.concurrency import join_all
 from tests.factories import make_packet
+from tests.queue_helpers import Waiter, wait_until_listening
 
 API = "/api/v1/bucket/prana"
 T = Packet.__table__
@@ -26,6 +28,21 @@ def process_all(client):
         client.post(f"{API}/packets/mark-processed", json={"results": results})
 
 
+def poll_all(client) -> list[dict]:
+    """Lease everything visible now (one poll of up to 100)."""
+    return client.get(f"{API}/packets/pending?limit=100").json["packets"]
+
+
+def delivery_counts(app, ids) -> dict[str, int]:
+    """Each packet's delivery count as stored."""
+    with app.app_context():
+        rows = db.session.execute(
+            select(T.c.packet_id, T.c.delivery_count).where(T.c.packet_id.in_(ids))
+        ).all()
+        db.session.commit()
+    return dict(rows)
+
+
 def set_rows(app, ids, **values):
     with app.app_context():
         db.session.execute(update(T).where(T.c.packet_id.in_(ids)).values(**values))
@@ -42,7 +59,14 @@ def row_states(app):
 def test_every_option_has_help(app):
     """Each bucket command and option documents itself (kebab-case names)."""
     group = app.cli.commands["bucket"]
-    assert set(group.commands) >= {"stats", "requeue", "replay", "purge", "rebuild-queue"}
+    assert set(group.commands) >= {
+        "stats",
+        "requeue",
+        "replay",
+        "purge",
+        "rebuild-queue",
+        "recount",
+    }
     for name, command in group.commands.items():
         assert command.help, name
         for param in command.params:
@@ -115,6 +139,63 @@ def test_requeue_brings_dead_packets_back(app, client, runner):
     result = runner.invoke(args=["bucket", "requeue", "--user", "unlucky"])
     assert result.exit_code == 0 and "requeued 2 packets" in result.output
     assert set(row_states(app).values()) == {DeliveryState.PENDING}
+    assert set(delivery_counts(app, dead).values()) == {0}, "attempts start over"
+    served = client.get(f"{API}/packets/pending?limit=10").json["packets"]
+    assert sorted(p["packet_id"] for p in served) == sorted(dead)
+
+
+def test_requeue_include_retrying_ends_back_offs_now(app, client, runner):
+    """--include-retrying also makes packets waiting out a back-off visible, attempts reset;
+    without it they keep waiting."""
+    dead = ingest(client, 1, user_id="mixed")
+    retrying = ingest(client, 1, user_id="mixed")
+    set_rows(app, dead, delivery_state=DeliveryState.DEAD, delivery_count=5)
+    set_rows(app, retrying, delivery_count=2, visible_at=time.time() + 3600)
+    plain = runner.invoke(args=["bucket", "requeue"])
+    assert "requeued 1 packets" in plain.output
+    assert [p["packet_id"] for p in poll_all(client)] == dead
+    set_rows(app, dead, delivery_state=DeliveryState.DEAD, delivery_count=5)
+    wider = runner.invoke(args=["bucket", "requeue", "--include-retrying"])
+    assert wider.exit_code == 0 and "requeued 2 packets" in wider.output
+    assert sorted(p["packet_id"] for p in poll_all(client)) == sorted(dead + retrying)
+    assert set(delivery_counts(app, dead + retrying).values()) == {1}  # reset, then leased once
+
+
+def test_replay_serves_dead_and_retrying_packets_and_leaves_leased_ones(app, client, runner):
+    """replay covers processed, dead and retrying packets of the user; a leased one stays with
+    its consumer (its receipt still acknowledges it)."""
+    processed, dead, retrying, leased = ingest(client, 4, user_id="replay-all")
+    leases = {p["packet_id"]: p for p in poll_all(client)}
+    ack = f"{API}/packets/mark-processed"
+    assert client.post(ack, json={"packet_id": processed, "success": True}).status_code == 200
+    set_rows(app, [dead], delivery_state=DeliveryState.DEAD)
+    set_rows(app, [retrying], delivery_state=DeliveryState.PENDING, visible_at=time.time() + 3600)
+    result = runner.invoke(args=["bucket", "replay", "--user", "replay-all"])
+    assert result.exit_code == 0 and "replayed 3 packets" in result.output
+    assert row_states(app)[leased] == DeliveryState.LEASED
+    served = sorted(p["packet_id"] for p in poll_all(client))
+    assert served == sorted([processed, dead, retrying])
+    receipt = leases[leased]["receipt"]
+    done = client.post(ack, json={"packet_id": leased, "success": True, "receipt": receipt})
+    assert done.status_code == 200
+
+
+def test_rebuild_queue_wakes_polls_that_are_waiting(make_app):
+    """A packet that reached the table without an announcement (restored from a backup, a
+    lost wake-up) is handed to a waiting poll as soon as rebuild-queue runs."""
+    app = make_app(BUCKET_LONG_POLL_INTERVAL=30)  # only a wake-up can end the wait early
+    client = app.test_client()
+    packet_id = ingest(client, 1, user_id="silent")[0]
+    set_rows(app, [packet_id], visible_at=time.time() + 3600)  # not visible to the first look
+    waiter = Waiter(app, 15)
+    started = time.monotonic()
+    waiter.start()
+    wait_until_listening(app)
+    set_rows(app, [packet_id], visible_at=time.time() - 1)  # visible, and nobody announced it
+    assert app.test_cli_runner().invoke(args=["bucket", "rebuild-queue"]).exit_code == 0
+    join_all([waiter], 20, "long poll")
+    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
+    assert waiter.returned_at - started < 10, "the waiting poll was not woken"
 
 
 def test_rebuild_queue_dead_letters_exhausted_leases_and_reports(app, client, runner):

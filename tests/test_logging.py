@@ -2,12 +2,17 @@
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from bucket.request_log import json_formatter
 from tests.factories import make_packet
 
+ROOT = Path(__file__).resolve().parent.parent
 API = "/api/v1/bucket/prana"
 TOKEN = "log-test-secret-token"
 
@@ -98,3 +103,57 @@ def test_the_request_log_can_be_turned_off(make_app, caplog):
     client = make_app(BUCKET_REQUEST_LOG=False).test_client()
     assert client.get("/health").headers["X-Request-ID"]
     assert not [r for r in caplog.records if r.name == "bucket.request"]
+
+
+def run_service_process(tmp_path, **environ: str) -> list[str]:
+    """Serve two requests in a fresh interpreter importing ``wsgi`` (as gunicorn's workers
+    do, no test logging in the way); return the lines it wrote to stderr."""
+    script = (
+        "from wsgi import app\n"
+        "client = app.test_client()\n"
+        "assert client.get('/health').status_code == 200\n"
+        "assert client.get('/no/such/path').status_code == 404\n"
+    )
+    env = {
+        "PATH": os.environ["PATH"],
+        "DATABASE_URL": f"sqlite:///{tmp_path}/log.sqlite3",
+        "BUCKET_CONSUMER_TOKEN": TOKEN,  # no start-up warning in the way
+        **environ,
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stderr.splitlines()
+
+
+def test_log_format_json_by_default_in_a_real_process(tmp_path):
+    """Unset LOG_FORMAT: every request is one JSON object on stderr."""
+    lines = [json.loads(line) for line in run_service_process(tmp_path)]
+    assert [(line["path"], line["status"]) for line in lines] == [
+        ("/health", 200),
+        ("/no/such/path", 404),
+    ]
+    assert all(line["logger"] == "bucket.request" for line in lines)
+
+
+def test_log_format_text_in_a_real_process(tmp_path):
+    """LOG_FORMAT=text: plain lines (time, level, logger, message), not JSON."""
+    lines = run_service_process(tmp_path, LOG_FORMAT="text")
+    assert len(lines) == 2
+    for line in lines:
+        assert " INFO bucket.request request" in line
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(line)
+
+
+def test_log_level_hides_request_lines_in_a_real_process(tmp_path):
+    """LOG_LEVEL=WARNING: request lines (INFO) are not written; warnings still are."""
+    assert run_service_process(tmp_path, LOG_LEVEL="WARNING") == []
+    warned = run_service_process(tmp_path, LOG_LEVEL="WARNING", BUCKET_CONSUMER_TOKEN="")
+    assert len(warned) == 1 and "BUCKET_CONSUMER_TOKEN is not set" in warned[0]

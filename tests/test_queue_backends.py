@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import pytest
@@ -10,6 +11,7 @@ import redis
 from bucket.queue.base import QueueBackend, WakeSignal
 from bucket.queue.memory import MemoryBackend
 from bucket.queue.redis_backend import RedisBackend
+from tests.concurrency import join_all
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -58,14 +60,21 @@ def test_an_announcement_wakes_a_listener(make_backend):
 
 
 def test_flush_keeps_listeners_working(make_backend):
-    """A flush drops what the backend holds, never the ability to wake waiters."""
+    """A flush drops what the backend holds, never the ability to wake waiters: a poll already
+    waiting when the flush happens is still woken by the next announcement, and only once."""
     backend = make_backend()
     signal = WakeSignal()
     listening(backend, signal)
-    backend.flush()
     seen = signal.generation
+    woken = threading.Event()
+    waiter = threading.Thread(target=lambda: signal.wait(seen, 10.0) and woken.set(), daemon=True)
+    waiter.start()
+    backend.flush()
+    assert not woken.wait(0.3), "a flush is not an announcement"
     backend.publish_ready()
-    assert signal.wait(seen, 5.0)
+    join_all([waiter], 10, "waiter")
+    assert woken.is_set()
+    assert signal.generation == seen + 1
 
 
 def test_redis_announcements_cross_processes_but_not_prefixes(redis_url):

@@ -37,6 +37,23 @@ def test_failure_returns_after_exponential_jittered_backoff(make_app):
         expire(app, [packet_id])
 
 
+def test_backoff_jitter_spreads_retries_of_packets_that_failed_together(make_app):
+    """Thirty packets failed in one batch come back spread over [0.5, 1] × the back-off, so a
+    karma outage does not return them all in the same instant."""
+    app = make_app(BUCKET_RETRY_BACKOFF=100, BUCKET_MAX_ATTEMPTS=5)
+    client = app.test_client()
+    ids = [ingest(client, user_id="herd") for _ in range(30)]
+    assert poll(client, limit=30)["count"] == 30
+    sent = time.time()
+    results = [{"packet_id": pid, "success": False, "error_message": "down"} for pid in ids]
+    response = client.post("/api/v1/bucket/prana/packets/mark-processed", json={"results": results})
+    assert response.status_code == 200
+    delays = sorted(row(app, pid).visible_at - sent for pid in ids)
+    assert 50 - 1 <= delays[0] and delays[-1] <= 100 + 1, delays
+    assert len({round(delay, 3) for delay in delays}) >= 25, "retries were not jittered"
+    assert delays[-1] - delays[0] > 10, f"jitter spread only {delays[-1] - delays[0]:.2f} s"
+
+
 def test_backoff_is_capped(make_app):
     """No retry waits longer than BUCKET_RETRY_BACKOFF_MAX."""
     app = make_app(BUCKET_RETRY_BACKOFF=10, BUCKET_RETRY_BACKOFF_MAX=15, BUCKET_MAX_ATTEMPTS=9)
