@@ -7,7 +7,7 @@ end
 
 function init(args)
   sent = 0
-  run = tostring(os.time())
+  run = (os.getenv("RUN") or "") .. tostring(os.time())
   size = tonumber(os.getenv("BATCH") or "100")
 end
 

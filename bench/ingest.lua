@@ -1,4 +1,4 @@
--- wrk script: POST one unique, valid packet per request (unique user/timestamp per thread).
+-- wrk script: POST one unique, valid packet per request (unique user/timestamp per thread and run).
 local next_id = 1
 function setup(thread)
   thread:set("id", next_id)
@@ -7,7 +7,7 @@ end
 
 function init(args)
   sent = 0
-  run = tostring(os.time())
+  run = (os.getenv("RUN") or "") .. tostring(os.time())
 end
 
 wrk.method = "POST"

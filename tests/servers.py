@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -147,3 +149,106 @@ class PrivateRedis:
     def stop(self) -> None:
         self.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def postgres_binary(name: str) -> str | None:
+    """A PostgreSQL server program (initdb, pg_ctl), from PATH or Debian's versioned folder."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+class PrivatePostgres:
+    """A PostgreSQL server of the test's own (``initdb`` + ``pg_ctl`` on a free port).
+
+    Fault tests stop, crash and restart it; the machine's shared server is never touched. As
+    root (CI), the server runs as the ``postgres`` user, since PostgreSQL refuses to run as root.
+    ``settings`` are passed to the server as ``-c name=value``.
+    """
+
+    def __init__(self, **settings: str) -> None:
+        self.port = free_port()
+        self.settings = {"listen_addresses": "127.0.0.1", "fsync": "on", **settings}
+        self.root = Path(tempfile.mkdtemp(prefix="bucket-pg-"))
+        self.data = self.root / "data"
+        self.log = self.root / "server.log"
+        self.as_postgres = os.geteuid() == 0
+
+    @property
+    def url(self) -> str:
+        """The SQLAlchemy URL of its ``postgres`` database."""
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def dsn(self) -> str:
+        """The libpq URL of its ``postgres`` database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *command: str, check: bool = True, timeout: float = 60) -> None:
+        if self.as_postgres:
+            command = ("runuser", "-u", "postgres", "--", *command)
+        subprocess.run(
+            command, check=check, timeout=timeout, capture_output=True, cwd=str(self.root)
+        )
+
+    def start(self) -> PrivatePostgres:
+        """initdb on first start (trust auth, user postgres), then start and wait for it."""
+        initdb, pg_ctl = postgres_binary("initdb"), postgres_binary("pg_ctl")
+        if initdb is None or pg_ctl is None:
+            unavailable("PostgreSQL's initdb and pg_ctl are not installed")
+        if self.as_postgres:
+            shutil.chown(self.root, "postgres", "postgres")
+        if not self.data.exists():
+            self._run(initdb, "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8")
+        options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
+        options += f" -p {self.port} -k {self.root}"
+        try:
+            self._run(
+                pg_ctl, "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "start"
+            )
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"private PostgreSQL did not start:\n{self.server_log()}") from exc
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        """``pg_ctl stop -m fast`` (or smart/immediate); nothing happens if it is not running."""
+        self._run(
+            postgres_binary("pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", check=False
+        )
+
+    def postmaster_pid(self) -> int | None:
+        """The server's main process, while it runs."""
+        pid_file = self.data / "postmaster.pid"
+        try:
+            return int(pid_file.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would: the next start runs crash recovery."""
+        pid = self.postmaster_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        # Its children (backends) notice the dead postmaster and exit; wait for the port.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) != 0:
+                    return
+            time.sleep(0.05)
+
+    def server_log(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def destroy(self) -> None:
+        """Stop it (immediately) and delete its files."""
+        self.stop("immediate")
+        shutil.rmtree(self.root, ignore_errors=True)

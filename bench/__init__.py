@@ -1,0 +1,1 @@
+"""The benchmark suite (``python -m bench``): the service against a trivial ceiling, same run."""

@@ -1,0 +1,5 @@
+"""``python -m bench [--quick | --smoke] [--only …]``."""
+
+from bench.run import main
+
+main()

@@ -1,0 +1,328 @@
+"""What the benchmark runs on: private PostgreSQL and Redis, the service as the Procfile starts
+it, wrk, set-based fills, and the CPU, WAL and memory figures it reads off the processes."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.cluster import child_pids  # noqa: E402
+from tests.servers import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
+
+BIN = Path(sys.executable).parent
+TICKS = os.sysconf("SC_CLK_TCK")
+# Limits far above what the benchmark sends: every request pays for both checks, none is refused.
+UNLIMITED = "1000000000 per minute"
+TOKEN = "bench-consumer-token"
+
+
+def procfile_web() -> str:
+    """The Procfile's web command, as a platform runs it."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith("web: "):
+            return line[len("web: ") :]
+    raise RuntimeError("the Procfile has no web line")
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """The ``pct`` percentile (0–100) of ``values`` by nearest rank; 0 for none."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered) + 0.5) - 1))
+    return ordered[index]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+class Service:
+    """gunicorn started by the Procfile's web line (``module`` replacing ``wsgi:app``)."""
+
+    def __init__(self, env: dict[str, str], module: str = "wsgi:app", name: str = "bucket"):
+        self.port = free_port()
+        self.name = name
+        command = procfile_web()
+        if module != "wsgi:app":
+            command = command.replace("wsgi:app", module)
+        self.log_path = Path(env.get("BENCH_LOG_DIR", "/tmp")) / f"bench-{name}-{self.port}.log"
+        self.log = self.log_path.open("w")
+        self.process = subprocess.Popen(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env={
+                **env,
+                "PATH": f"{BIN}:{env.get('PATH', os.environ['PATH'])}",
+                "PORT": str(self.port),
+            },
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1)
+                if len(self.worker_pids()) >= 1:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{self.name} did not start:\n{self.log_path.read_text()[-3000:]}")
+
+    def worker_pids(self) -> list[int]:
+        return child_pids(self.process.pid)
+
+    def rss_mb(self) -> list[float]:
+        """Resident memory of each worker, in MB."""
+        sizes = []
+        for pid in self.worker_pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmRSS:\s+(\d+) kB", status)
+            if match:
+                sizes.append(int(match.group(1)) / 1024)
+        return sizes
+
+    def cpu_seconds(self) -> float:
+        """CPU used by the master and its workers so far."""
+        return sum(process_cpu(pid) for pid in [self.process.pid, *self.worker_pids()])
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self.log.close()
+
+
+def process_cpu(pid: int, children: bool = False) -> float:
+    """utime + stime of ``pid`` in seconds (plus its reaped children's, with ``children``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / TICKS
+
+
+class Database:
+    """The benchmark's private PostgreSQL, with pg_stat_statements, and its accounting."""
+
+    def __init__(self) -> None:
+        self.server = PrivatePostgres(
+            shared_preload_libraries="pg_stat_statements",
+            max_connections="200",
+            **{"pg_stat_statements.track": "all"},
+        ).start()
+        self.url = self.server.url
+        self.dsn = self.server.dsn
+        with self.connect() as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+
+    def connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.dsn, autocommit=True)
+
+    def cpu_seconds(self) -> float:
+        """CPU of the server: postmaster, its live processes and the ones it already reaped."""
+        pid = self.server.postmaster_pid()
+        if pid is None:
+            return 0.0
+        return process_cpu(pid, children=True) + sum(process_cpu(c) for c in child_pids(pid))
+
+    def wal_lsn(self) -> int:
+        with self.connect() as conn:
+            return int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])
+
+    def reset_statements(self) -> None:
+        with self.connect() as conn:
+            conn.execute("SELECT pg_stat_statements_reset()")
+
+    def top_statements(self, limit: int = 8) -> list[dict]:
+        """The statements that took the most server time since the last reset."""
+        with self.connect() as conn:
+            rows = conn.execute(
+                """
+                SELECT left(regexp_replace(query, '\\s+', ' ', 'g'), 90), calls,
+                       round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 4),
+                       wal_bytes
+                FROM pg_stat_statements
+                WHERE query NOT ILIKE '%pg_stat_statements%'
+                ORDER BY total_exec_time DESC LIMIT %s
+                """,
+                (limit,),
+            ).fetchall()
+        return [
+            {"query": q, "calls": c, "total_ms": float(t), "mean_ms": float(m), "wal_bytes": int(w)}
+            for q, c, t, m, w in rows
+        ]
+
+    def table_bytes(self) -> tuple[int, int, int]:
+        """(rows, heap bytes, index bytes) of the packets table."""
+        with self.connect() as conn:
+            conn.execute("VACUUM ANALYZE packets")
+            rows = conn.execute("SELECT count(*) FROM packets").fetchone()[0]
+            heap = conn.execute("SELECT pg_table_size('packets')").fetchone()[0]
+            index = conn.execute("SELECT pg_indexes_size('packets')").fetchone()[0]
+        return rows, heap, index
+
+    def stop(self) -> None:
+        self.server.destroy()
+
+
+@dataclass
+class Accounting:
+    """Server CPU and WAL consumed between ``start`` and ``stop``."""
+
+    database: Database
+    service: Service | None = None
+    db_cpu: float = 0.0
+    app_cpu: float = 0.0
+    wal: int = 0
+
+    def __enter__(self) -> Accounting:
+        self._db, self._wal = self.database.cpu_seconds(), self.database.wal_lsn()
+        self._app = self.service.cpu_seconds() if self.service else 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.db_cpu = self.database.cpu_seconds() - self._db
+        self.wal = self.database.wal_lsn() - self._wal
+        if self.service:
+            self.app_cpu = self.service.cpu_seconds() - self._app
+
+
+FILL_SQL = """
+INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type, role,
+  client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
+  raw_signals, received_at, delivery_state, visible_at, delivery_count, processed_by_karma,
+  processed_at)
+SELECT
+  substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
+    || substr(h, 18, 3) || '-' || substr(h, 21, 12),
+  md5(%(run)s || g::text), 'fill_' || (g %% 5000), 's_' || (g %% 5000), 'lesson_1', 'gurukul',
+  'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
+  50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t, %(state)s,
+  extract(epoch FROM t), %(count)s, %(processed)s, CASE WHEN %(processed)s THEN t END
+FROM (
+  SELECT g, %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t,
+    lpad(to_hex(%(millis)s::bigint + g), 12, '0') || md5(%(run)s || 'id' || g::text) AS h
+  FROM generate_series(1, %(rows)s) AS g
+) AS source
+"""
+
+
+def fill(database: Database, rows: int, state: str, run: str) -> None:
+    """Insert ``rows`` packets in ``state`` (pending or processed) with set-based SQL: received
+    over the past hours, oldest first, as a backlog or a history would be."""
+    if rows <= 0:
+        return
+    processed = state == "processed"
+    now = time.time()
+    span = max(3600.0, rows / 200.0)  # 200 packets per second, the benchmark's learners
+    with database.connect() as conn:
+        conn.execute(
+            FILL_SQL,
+            {
+                "run": run,
+                "rows": rows,
+                "state": state,
+                "count": 1 if processed else 0,
+                "processed": processed,
+                "start": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - span - 60)),
+                "step": span / rows,
+                "millis": int((now - span - 60) * 1000),
+            },
+        )
+
+
+def recount(env: dict[str, str]) -> None:
+    """Bring the status counters in line with rows inserted behind the service's back."""
+    subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", "bucket", "recount"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+
+
+def migrate(env: dict[str, str]) -> None:
+    subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+def pending_count(database: Database) -> int:
+    with database.connect() as conn:
+        return conn.execute(
+            "SELECT count(*) FROM packets WHERE delivery_state = 'pending'"
+        ).fetchone()[0]
+
+
+def wrk(port: int, script: str, seconds: float, connections: int, env: dict | None = None) -> dict:
+    """Run wrk with a Lua script against ingest; requests/s, latency percentiles, non-2xx."""
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "--latency",
+            "-s",
+            str(ROOT / "bench" / script),
+            f"http://127.0.0.1:{port}/api/v1/bucket/prana/ingest",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        check=True,
+    ).stdout
+    figures = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}
+    for pct in ("50", "99"):
+        match = re.search(rf"\s{pct}(?:\.0+)?%\s+([\d.]+)(us|ms|s)", out)
+        scale = {"us": 0.001, "ms": 1, "s": 1000}[match.group(2)]
+        figures[f"p{pct}_ms"] = float(match.group(1)) * scale
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    figures["errors"] = (int(non2xx.group(1)) if non2xx else 0) + (
+        sum(int(n) for n in errors.groups()) if errors else 0
+    )
+    figures["requests"] = int(re.search(r"(\d+) requests in", out).group(1))
+    return figures
+
+
+def private_redis() -> PrivateRedis:
+    return PrivateRedis().start()
