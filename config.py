@@ -67,6 +67,7 @@ class Config:
         self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
         self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)
+        self.BUCKET_BOOKKEEPING_INTERVAL = env_float("BUCKET_BOOKKEEPING_INTERVAL", 2.0)
         # Operations: proxies, rate limits, logs (README, "Configuration").
         self.BUCKET_TRUSTED_PROXIES = env_int("BUCKET_TRUSTED_PROXIES", 0)
         self.BUCKET_RATE_LIMIT_ENABLED = env_bool("BUCKET_RATE_LIMIT_ENABLED", True)
@@ -88,6 +89,30 @@ class Config:
         # PostgreSQL sessions a second with a pool smaller than the thread count).
         self.BUCKET_DB_POOL_SIZE = env_int("BUCKET_DB_POOL_SIZE", env_int("BUCKET_THREADS", 16))
         self.BUCKET_DB_MAX_OVERFLOW = env_int("BUCKET_DB_MAX_OVERFLOW", 4)
+        # What riding through a PostgreSQL restart, crash or failover relies on (README,
+        # "When the database goes away"; tests/test_fault_restart.py):
+        self.BUCKET_DB_POOL = {
+            # No ping per checkout (a round trip on every request): a connection found dead
+            # fails its one request with 503, and the pool then replaces every connection
+            # opened before it (services/sql.py, and SQLAlchemy for its own statements).
+            "pool_pre_ping": False,
+            # Wait at most this long for a free connection, then answer 503 with Retry-After
+            # instead of holding the request past the bridge's 10 s timeout.
+            "pool_timeout": 5,
+            # Reopen connections older than this: a managed database's proxy drops idle ones.
+            "pool_recycle": 1800,
+        }
+        self.BUCKET_DB_CONNECT_ARGS = {
+            # An address that does not answer (a failover in progress) fails fast.
+            "connect_timeout": 3,
+            # A server that vanished without closing its sockets (host lost, network cut) is
+            # noticed within about 10 s instead of the kernel's two hours.
+            "keepalives": 1,
+            "keepalives_idle": 5,
+            "keepalives_interval": 2,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 10000,
+        }
         self.BUCKET_REDIS_RETRY_AFTER = env_float("BUCKET_REDIS_RETRY_AFTER", 1.0)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False
         # flask-smorest / OpenAPI

@@ -61,6 +61,16 @@ def on_starting(server):
         os.remove(path)
 
 
+def post_worker_init(worker):
+    """Start the worker's background bookkeeper (bucket/bookkeeper.py) once the app is loaded
+    (not for another app served with this file, such as the benchmark's ceiling)."""
+    from bucket.bookkeeper import EXTENSION_KEY
+    from bucket.extensions import bookkeeper
+
+    if EXTENSION_KEY in getattr(worker.wsgi, "extensions", {}):
+        bookkeeper.start(worker.wsgi)
+
+
 def child_exit(server, worker):
     """Drop a dead worker's live gauges; its counters stay in the totals."""
     from prometheus_client import multiprocess

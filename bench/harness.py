@@ -173,7 +173,7 @@ class Database:
                        round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 4),
                        wal_bytes
                 FROM pg_stat_statements
-                WHERE query NOT ILIKE '%pg_stat_statements%'
+                WHERE query NOT ILIKE '%%pg_stat_statements%%'
                 ORDER BY total_exec_time DESC LIMIT %s
                 """,
                 (limit,),

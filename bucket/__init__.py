@@ -44,13 +44,14 @@ def register_json(app: Flask) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    """Bind db, migrations, the queue service, CORS and the API object to this app."""
+    """Bind db, migrations, the queue service, the bookkeeper, CORS and the API object."""
     from bucket import models  # noqa: F401 - registers the tables on the metadata
-    from bucket.extensions import api, cors, db, migrate, queue
+    from bucket.extensions import api, bookkeeper, cors, db, migrate, queue
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(app.root_path + "/../migrations"))
     queue.init_app(app)
+    bookkeeper.init_app(app)
     cors.init_app(
         app,
         resources={r"/api/v1/bucket/prana/ingest": {"origins": app.config["BUCKET_CORS_ORIGINS"]}},
@@ -61,7 +62,8 @@ def register_extensions(app: Flask) -> None:
     )
     api.init_app(app)
     with app.app_context():
-        tune_engine(db.engine)
+        for engine in db.engines.values():
+            tune_engine(engine)
 
 
 def register_blueprints(app: Flask) -> None:

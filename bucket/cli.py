@@ -1,4 +1,4 @@
-"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount``."""
+"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from flask.cli import AppGroup
 
 from bucket.models import DeliveryState
 from bucket.services import delivery
-from bucket.services.counters import recount_processed
+from bucket.services.bookkeeping import book_new_packets
+from bucket.services.counters import recount
 from bucket.services.retention import purge
 from bucket.services.stats import collect_stats
 
@@ -128,10 +129,25 @@ def rebuild_queue_command() -> None:
 
 @bucket_cli.command("recount")
 def recount_command() -> None:
-    """Recount processed packets from the table and reset the status counter to it.
+    """Recount stored, processed and dead packets from the table and reset the counters.
 
-    The counter is kept exact by every ack, replay and purge; run this after changing rows by
-    hand in SQL, or after a deploy during which an older version (without the counter) still
-    answered acks. It reads every processed row, so it takes a while on a big table.
+    The counters are kept exact by every ack, replay, purge and booking; run this after
+    changing rows by hand in SQL, or after a deploy during which an older version (without
+    the counters) still answered acks. It reads every row, so it takes a while on a big table.
     """
-    click.echo(f"processed packets: {recount_processed()}")
+    figures = recount()
+    click.echo(
+        f"stored packets: {figures['stored']}, processed packets: {figures['processed']}, "
+        f"dead packets: {figures['dead']}"
+    )
+
+
+@bucket_cli.command("book")
+def book_command() -> None:
+    """Book the packets stored since the last booking now (the workers do it every
+    BUCKET_BOOKKEEPING_INTERVAL seconds)."""
+    booking = book_new_packets()
+    if booking is None:
+        click.echo("another bookkeeper is booking right now; nothing done")
+    else:
+        click.echo(f"booked {booking.packets} packets (seq {booking.after + 1}..{booking.through})")

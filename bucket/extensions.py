@@ -8,6 +8,7 @@ from flask_smorest import Api
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy.orm import DeclarativeBase
 
+from bucket.bookkeeper import Bookkeeper
 from bucket.queue import QueueService
 from bucket.ratelimit import RateLimits
 
@@ -22,3 +23,4 @@ api = Api()
 cors = CORS()
 queue = QueueService()
 rate_limits = RateLimits()
+bookkeeper = Bookkeeper()

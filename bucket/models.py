@@ -11,6 +11,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Float,
+    Identity,
     Index,
     Integer,
     SmallInteger,
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -59,6 +61,9 @@ class Packet(db.Model):
     __tablename__ = "packets"
 
     packet_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    # Storage order: an identity on PostgreSQL, assigned in the write transaction on SQLite.
+    # The bookkeeper counts (and seals) packets by ranges of it (services/bookkeeping.py).
+    seq: Mapped[int] = mapped_column(BigInteger, Identity())
     # Digest of (system_type, user_id, session_id, timestamp in ms): the natural identity.
     dedup_key: Mapped[str] = mapped_column(String(32))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
@@ -96,7 +101,15 @@ class Packet(db.Model):
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
-        UniqueConstraint("idempotency_key", name="uq_packets_idempotency_key"),
+        # Partial: most packets carry no key, and a NULL entry per row would cost every insert.
+        Index(
+            "uq_packets_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+            sqlite_where=text("idempotency_key IS NOT NULL"),
+        ),
+        Index("ix_packets_seq", "seq"),
         # Claims, lease reaping, status counts, purge and requeue walk this index.
         Index("ix_packets_queue", "delivery_state", "visible_at"),
         # The user endpoint: newest first, cursor on (received_at, packet_id).

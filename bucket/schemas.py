@@ -203,7 +203,15 @@ class PendingResponseSchema(BaseSchema):
 
     packets = fields.List(fields.Nested(PendingPacketSchema))
     count = fields.Integer()
-    queue_size = fields.Integer()
+    queue_size = fields.Integer(
+        metadata={"description": "Packets a poll could take right now, beyond these."}
+    )
+    queue_size_exact = fields.Boolean(
+        metadata={
+            "description": "False when more than 10,000 packets are leased or retrying: "
+            "queue_size then counts those beyond 10,000 as ready (README, Status figures)."
+        }
+    )
 
 
 class AckSchema(BaseSchema):
@@ -279,6 +287,7 @@ class StatusSchema(BaseSchema):
     """Queue and storage figures."""
 
     queue_size = fields.Integer()
+    queue_size_exact = fields.Boolean()
     redis_connected = fields.Boolean()
     queue_backend = fields.String()
     total_packets = fields.Integer()
@@ -288,6 +297,7 @@ class StatusSchema(BaseSchema):
     retrying_packets = fields.Integer()
     dead_packets = fields.Integer()
     oldest_pending_age_seconds = fields.Float(allow_none=True)
+    oldest_pending_age_exact = fields.Boolean()
     consumer_auth = fields.Boolean()
 
 

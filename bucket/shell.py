@@ -10,6 +10,7 @@ def shell_context() -> dict[str, Any]:
     from bucket.extensions import db, queue
     from bucket.models import DeliveryState, Packet
     from bucket.services import delivery
+    from bucket.services.bookkeeping import book_new_packets
     from bucket.services.ingest import store_packets
     from bucket.services.listing import user_packets
     from bucket.services.stats import collect_stats
@@ -25,4 +26,5 @@ def shell_context() -> dict[str, Any]:
         "claim": delivery.claim,
         "acknowledge": delivery.acknowledge,
         "requeue": delivery.requeue,
+        "book": book_new_packets,
     }

@@ -51,8 +51,12 @@ def parse_client_timestamp(text: str) -> datetime:
 
 
 def isoformat(moment: datetime | None) -> str | None:
-    """Render an aware datetime as ISO-8601 with its offset (None stays None)."""
-    return None if moment is None else moment.isoformat()
+    """Render a datetime as ISO-8601 with its offset (naive ones are UTC; None stays None)."""
+    if moment is None:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.isoformat()
 
 
 class _PacketIdClock:

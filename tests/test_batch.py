@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from bucket.extensions import db
 from bucket.models import Packet
 from tests.factories import fixture, make_packet
+from tests.statements import captured_statements
 
 API = "/api/v1/bucket/prana"
 INGEST = f"{API}/ingest"
@@ -189,23 +190,11 @@ def test_nul_in_one_packet_rejects_only_that_packet(client, app):
 
 def test_a_batch_is_stored_with_one_insert_statement(app, client):
     """Fifty packets reach the database in one INSERT, not one per packet."""
-    inserts = []
-    with app.app_context():
-        engines = set(db.engines.values())  # ingest has its own autocommit engine on PostgreSQL
-
-    def count(conn, cursor, statement, parameters, context, executemany):
-        if statement.lstrip().upper().startswith("INSERT"):
-            inserts.append(statement)
-
-    for engine in engines:
-        event.listen(engine, "before_cursor_execute", count)
-    try:
+    with captured_statements(app) as statements:
         response = client.post(INGEST, json=envelope([make_packet() for _ in range(50)]))
-    finally:
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", count)
     assert response.status_code == 200
-    assert len(inserts) == 1
+    inserts = [sql for sql in statements if "INSERT INTO packets " in sql]
+    assert len(inserts) == 1, statements
     assert len(stored(app)) == 50
 
 

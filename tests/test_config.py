@@ -95,6 +95,10 @@ CASES: dict[str, dict] = {
     "BUCKET_LONG_POLL_INTERVAL": {"value": "0.25", "config": ("BUCKET_LONG_POLL_INTERVAL", 0.25)},
     "BUCKET_RETENTION_DAYS": {"value": "9", "config": ("BUCKET_RETENTION_DAYS", 9)},
     "BUCKET_PURGE_BATCH_SIZE": {"value": "250", "config": ("BUCKET_PURGE_BATCH_SIZE", 250)},
+    "BUCKET_BOOKKEEPING_INTERVAL": {
+        "value": "0.5",
+        "config": ("BUCKET_BOOKKEEPING_INTERVAL", 0.5),
+    },
     "BUCKET_TRUSTED_PROXIES": {"value": "1", "config": ("BUCKET_TRUSTED_PROXIES", 1)},
     "BUCKET_RATE_LIMIT_ENABLED": {
         "value": "false",

@@ -21,6 +21,7 @@ from bucket.schemas import (
 )
 from bucket.services import delivery
 from bucket.services.listing import BadCursor, user_packets
+from bucket.services.stats import queue_figures
 
 blp = Blueprint(
     "consumer",
@@ -46,8 +47,14 @@ def pending(limit: int, wait: float, visibility_timeout: int | None = None):
     """
     result = delivery.poll(limit, visibility_timeout, wait)
     packets = [pending_packet_out(row, result.receipt, result.suspect) for row in result.rows]
+    figures = queue_figures()
     return jsonify(
-        {"packets": packets, "count": len(packets), "queue_size": delivery.ready_count()}
+        {
+            "packets": packets,
+            "count": len(packets),
+            "queue_size": figures.queue_size,
+            "queue_size_exact": figures.exact,
+        }
     )
 
 
@@ -124,7 +131,7 @@ def user_listing(
         rows, next_cursor = user_packets(user_id, limit, processed_only, status, cursor)
     except BadCursor as exc:
         abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
-    response = jsonify([user_packet_out(row) for row in rows])
+    response = jsonify([user_packet_out(row._mapping) for row in rows])
     if next_cursor:
         query = {k: v for k, v in request.args.items() if k != "cursor"}
         url = url_for("consumer.user_listing", user_id=user_id, cursor=next_cursor, **query)

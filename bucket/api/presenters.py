@@ -7,53 +7,56 @@ documented schemas, so the two cannot drift apart unnoticed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from bucket.timeutil import from_epoch, isoformat
 
+Row = Mapping[str, Any]
 
-def packet_out(row: Any) -> dict[str, Any]:
+
+def packet_out(row: Row) -> dict[str, Any]:
     """The packet fields every consumer sees; ``state`` stands in for ``cognitive_state``."""
     return {
-        "packet_id": row.packet_id,
-        "user_id": row.user_id,
-        "employee_id": row.employee_id,
-        "session_id": row.session_id,
-        "lesson_id": row.lesson_id,
-        "task_id": row.task_id,
-        "system_type": row.system_type,
-        "role": row.role,
-        "cognitive_state": row.cognitive_state or row.state,
-        "state": row.state,
-        "focus_score": row.focus_score,
-        "integrity_score": row.integrity_score,
-        "active_seconds": row.active_seconds,
-        "idle_seconds": row.idle_seconds,
-        "away_seconds": row.away_seconds,
-        "raw_signals": row.raw_signals,
-        "client_timestamp": isoformat(row.client_timestamp),
-        "received_at": isoformat(row.received_at),
-        "delivery_state": row.delivery_state,
-        "delivery_count": row.delivery_count,
+        "packet_id": row["packet_id"],
+        "user_id": row["user_id"],
+        "employee_id": row["employee_id"],
+        "session_id": row["session_id"],
+        "lesson_id": row["lesson_id"],
+        "task_id": row["task_id"],
+        "system_type": row["system_type"],
+        "role": row["role"],
+        "cognitive_state": row["cognitive_state"] or row["state"],
+        "state": row["state"],
+        "focus_score": row["focus_score"],
+        "integrity_score": row["integrity_score"],
+        "active_seconds": row["active_seconds"],
+        "idle_seconds": row["idle_seconds"],
+        "away_seconds": row["away_seconds"],
+        "raw_signals": row["raw_signals"],
+        "client_timestamp": isoformat(row["client_timestamp"]),
+        "received_at": isoformat(row["received_at"]),
+        "delivery_state": row["delivery_state"],
+        "delivery_count": row["delivery_count"],
     }
 
 
-def pending_packet_out(row: Any, receipt: str | None, suspect: bool) -> dict[str, Any]:
+def pending_packet_out(row: Row, receipt: str | None, suspect: bool) -> dict[str, Any]:
     """A leased packet with its receipt and lease deadline."""
     body = packet_out(row)
     body["receipt"] = receipt
-    body["lease_expires_at"] = isoformat(from_epoch(row.visible_at))
+    body["lease_expires_at"] = isoformat(from_epoch(row["visible_at"]))
     body["suspect"] = suspect
     return body
 
 
-def user_packet_out(row: Any) -> dict[str, Any]:
+def user_packet_out(row: Row) -> dict[str, Any]:
     """A packet in the user listing, with its outcome and delivery history."""
     body = packet_out(row)
-    body["processed_at"] = isoformat(row.processed_at)
-    body["processed_by_karma"] = bool(row.processed_by_karma)
-    body["karma_actions"] = row.karma_actions
-    body["last_error"] = row.last_error
-    body["dead_at"] = isoformat(row.dead_at)
-    body["last_delivered_at"] = isoformat(row.last_delivered_at)
+    body["processed_at"] = isoformat(row["processed_at"])
+    body["processed_by_karma"] = bool(row["processed_by_karma"])
+    body["karma_actions"] = row["karma_actions"]
+    body["last_error"] = row["last_error"]
+    body["dead_at"] = isoformat(row["dead_at"])
+    body["last_delivered_at"] = isoformat(row["last_delivered_at"])
     return body

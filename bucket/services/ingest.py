@@ -9,31 +9,38 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-import psycopg
 from psycopg.types.json import Json
 from sqlalchemy import or_, select, text
-from sqlalchemy.exc import DBAPIError
 
-from bucket.extensions import queue
+from bucket.extensions import db, queue
 from bucket.models import DeliveryState, Packet
-from bucket.services.dialect import dialect_name, upsert_insert, write_connection
+from bucket.services import sql
+from bucket.services.dialect import dialect_name, upsert_insert
 from bucket.timeutil import new_packet_id, utc_now
 
 PACKET_TABLE = Packet.__table__
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-PACKET_COLUMNS = tuple(column.name for column in PACKET_TABLE.c)
+# Every column but ``seq``, which PostgreSQL's identity fills (and SQLite's allocation below).
+PACKET_COLUMNS = tuple(column.name for column in PACKET_TABLE.c if column.name != "seq")
 JSON_COLUMNS = frozenset(("raw_signals", "karma_actions"))
 # Columns named on both sides: the statement does not depend on the physical column order.
-BATCH_INSERT_SQL = text(
+BATCH_INSERT_SQL = (
     f"INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"SELECT {', '.join(PACKET_COLUMNS)} "
-    "FROM json_populate_recordset(NULL::packets, CAST(:doc AS json)) "
+    "FROM json_populate_recordset(NULL::packets, %(doc)s::json) "
     "ON CONFLICT DO NOTHING RETURNING dedup_key"
 )
 SINGLE_INSERT_SQL = (
     f"INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"VALUES ({', '.join(['%s'] * len(PACKET_COLUMNS))}) "
     "ON CONFLICT DO NOTHING RETURNING dedup_key"
+)
+# Two index lookups, not an OR (which would need a bitmap scan, off on this pool).
+EXISTING_SQL = (
+    "SELECT packet_id, dedup_key, idempotency_key, received_at FROM packets "
+    "WHERE dedup_key = ANY(%(keys)s) "
+    "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packets "
+    "WHERE idempotency_key = %(idem)s"
 )
 
 
@@ -161,13 +168,8 @@ def store_packets(
     for row in rows:
         first_by_key.setdefault(row["dedup_key"], row)
     fresh = list(first_by_key.values())
-
-    existing: dict[str, tuple[str, datetime]] = {}
-    with write_connection() as connection:
-        inserted = insert_rows(connection, fresh)
-        missing = [row for row in fresh if row["dedup_key"] not in inserted]
-        if missing:
-            existing = find_existing(connection, missing, missing[0]["idempotency_key"])
+    store = _store_postgres if dialect_name() == "postgresql" else _store_sqlite
+    inserted, existing = store(fresh)
     if inserted:
         queue.publish_ready()
 
@@ -184,30 +186,90 @@ def store_packets(
     return outcomes
 
 
-def insert_rows(connection: Any, rows: list[dict]) -> set[str]:
-    """INSERT … ON CONFLICT DO NOTHING in one statement; return the dedup keys that were new."""
-    if dialect_name() == "postgresql":
-        if len(rows) == 1:
-            return insert_one_prepared(connection, rows[0])
-        # One JSON parameter instead of ~30 per row: the statement text stays small and cached,
-        # and PostgreSQL parses the rows server-side (several times faster for batches).
-        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
-        result = connection.execute(BATCH_INSERT_SQL, {"doc": doc})
+Existing = dict[str, tuple[str, datetime]]
+
+
+def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
+    """INSERT … ON CONFLICT DO NOTHING as one autocommit statement; then read back what the
+    conflicting rows duplicate. A single packet's values go as parameters of a prepared
+    statement; a batch goes as one JSON parameter instead of ~30 per row (the statement text
+    stays small and cached, and PostgreSQL parses the rows server-side, several times faster)."""
+    if len(rows) == 1:
+        result = sql.run_postgres(SINGLE_INSERT_SQL, single_values(rows[0]))
     else:
+        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
+        result = sql.run_postgres(BATCH_INSERT_SQL, {"doc": doc})
+    inserted = {key for (key,) in result}
+    missing = [row for row in rows if row["dedup_key"] not in inserted]
+    if not missing:
+        return inserted, {}
+    found = sql.run_postgres(
+        EXISTING_SQL,
+        {"keys": [row["dedup_key"] for row in missing], "idem": missing[0]["idempotency_key"]},
+    )
+    return inserted, match_existing(missing, found)
+
+
+def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:
+    """The same in the session's BEGIN IMMEDIATE transaction, committed before returning."""
+    session = db.session
+    try:
+        allocate_seq(session, rows)
         statement = (
             upsert_insert(PACKET_TABLE).on_conflict_do_nothing().returning(PACKET_TABLE.c.dedup_key)
         )
-        result = connection.execute(statement, rows if len(rows) > 1 else rows[0])
-    return {key for (key,) in result}
+        inserted = {
+            key for (key,) in session.execute(statement, rows if len(rows) > 1 else rows[0])
+        }
+        missing = [row for row in rows if row["dedup_key"] not in inserted]
+        existing: Existing = {}
+        if missing:
+            keys = [row["dedup_key"] for row in missing]
+            condition = PACKET_TABLE.c.dedup_key.in_(keys)
+            idempotency_key = missing[0]["idempotency_key"]
+            if idempotency_key is not None:
+                condition = or_(condition, PACKET_TABLE.c.idempotency_key == idempotency_key)
+            found = session.execute(
+                select(
+                    PACKET_TABLE.c.packet_id,
+                    PACKET_TABLE.c.dedup_key,
+                    PACKET_TABLE.c.idempotency_key,
+                    PACKET_TABLE.c.received_at,
+                ).where(condition)
+            ).all()
+            existing = match_existing(missing, [tuple(row) for row in found])
+        session.commit()
+        return inserted, existing
+    except BaseException:
+        session.rollback()
+        raise
 
 
-def insert_one_prepared(connection: Any, row: dict) -> set[str]:
-    """The hottest statement, on the DBAPI cursor as a server-side prepared statement.
+def allocate_seq(session: Any, rows: list[dict]) -> None:
+    """SQLite: hand out the next ``seq`` values in the write transaction (writers are
+    serialised), from a counter that never goes back even when the newest rows are purged."""
+    last = session.execute(
+        text(
+            "UPDATE packet_counters SET value = value + :n "
+            "WHERE name = 'allocated' AND shard = 0 RETURNING value"
+        ),
+        {"n": len(rows)},
+    ).scalar()
+    if last is None:  # the counter was removed by hand: start above every stored packet
+        last = session.execute(
+            text(
+                "INSERT INTO packet_counters (name, shard, value) "
+                "SELECT 'allocated', 0, coalesce(max(seq), 0) + :n FROM packets RETURNING value"
+            ),
+            {"n": len(rows)},
+        ).scalar_one()
+    for offset, row in enumerate(rows):
+        row["seq"] = last - len(rows) + 1 + offset
 
-    SQLAlchemy Core's per-statement work (compiled-cache lookup, bind and result processors)
-    measured as about 40% of a single-packet ingest's CPU; here psycopg adapts the values and
-    PostgreSQL reuses the plan. Timestamps are passed as naive UTC, as ``UTCDateTime`` stores them.
-    """
+
+def single_values(row: dict) -> list[Any]:
+    """A row as the single-packet statement's positional parameters (naive UTC timestamps, as
+    ``UTCDateTime`` stores them)."""
     values = []
     for name in PACKET_COLUMNS:
         value = row.get(name)
@@ -216,26 +278,7 @@ def insert_one_prepared(connection: Any, row: dict) -> set[str]:
         elif isinstance(value, datetime):
             value = value.astimezone(UTC).replace(tzinfo=None)
         values.append(value)
-    cursor = connection.connection.dbapi_connection.cursor()
-    try:
-        cursor.execute(SINGLE_INSERT_SQL, values, prepare=True)
-        return {key for (key,) in cursor.fetchall()}
-    except psycopg.Error as exc:
-        # Behave like SQLAlchemy: drop a broken connection and raise its wrapped error, which
-        # the error handlers turn into 503 (outage) or 500 (bug).
-        lost = isinstance(exc, psycopg.OperationalError) or connection.connection.closed
-        if lost:
-            connection.invalidate(exc)
-        raise DBAPIError.instance(
-            SINGLE_INSERT_SQL,
-            None,
-            exc,
-            psycopg.Error,
-            hide_parameters=True,
-            connection_invalidated=lost,
-        ) from exc
-    finally:
-        cursor.close()
+    return values
 
 
 def orjson_text(value: Any) -> str:
@@ -243,29 +286,22 @@ def orjson_text(value: Any) -> str:
     return orjson.dumps(value).decode()
 
 
-def find_existing(
-    connection: Any, rows: list[dict], idempotency_key: str | None
-) -> dict[str, tuple[str, datetime]]:
-    """Map each conflicting row's dedup key to the stored packet it duplicates."""
-    keys = [row["dedup_key"] for row in rows]
-    condition = PACKET_TABLE.c.dedup_key.in_(keys)
-    if idempotency_key is not None:
-        condition = or_(condition, PACKET_TABLE.c.idempotency_key == idempotency_key)
-    found = connection.execute(
-        select(
-            PACKET_TABLE.c.packet_id,
-            PACKET_TABLE.c.dedup_key,
-            PACKET_TABLE.c.idempotency_key,
-            PACKET_TABLE.c.received_at,
-        ).where(condition)
-    ).all()
-    by_dedup = {r.dedup_key: (r.packet_id, r.received_at) for r in found}
-    by_idem = {r.idempotency_key: (r.packet_id, r.received_at) for r in found if r.idempotency_key}
+def match_existing(rows: list[dict], found: list[tuple]) -> Existing:
+    """Map each conflicting row's dedup key to the stored packet it duplicates, from
+    (packet_id, dedup_key, idempotency_key, received_at) rows."""
+    by_dedup = {dedup: (pid, as_aware(at)) for pid, dedup, _, at in found}
+    by_idem = {idem: (pid, as_aware(at)) for pid, _, idem, at in found if idem}
     result = {}
-    for key in keys:
-        match = by_dedup.get(key) or by_idem.get(idempotency_key)
+    for row in rows:
+        key = row["dedup_key"]
+        match = by_dedup.get(key) or by_idem.get(row["idempotency_key"])
         if match is None:
             # The conflicting row vanished between INSERT and SELECT (a purge): the caller retries.
             raise ConflictVanished(f"conflicting packet {key} disappeared")
         result[key] = match
     return result
+
+
+def as_aware(moment: datetime) -> datetime:
+    """Timestamps read by hand come back naive (UTC) from psycopg."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -15,11 +15,13 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet
+from bucket.models import DeliveryState, Packet, PacketCounter
 from bucket.services import counters
+from bucket.services.bookkeeping import book_new_packets
 from bucket.timeutil import epoch_now, from_epoch
 
 T = Packet.__table__
+C = PacketCounter.__table__
 SECONDS_PER_DAY = 86400.0
 
 
@@ -49,7 +51,11 @@ def purge(
         if include_dead
         else (DeliveryState.PROCESSED,)
     )
-    expired = (T.c.delivery_state.in_(states), T.c.visible_at < cutoff)
+    # Only booked packets: the stored counter has counted them, so it can count them out.
+    # Booking first makes that every packet stored up to now.
+    book_new_packets()
+    booked = select(C.c.value).where(C.c.name == counters.BOOKED).scalar_subquery()
+    expired = (T.c.delivery_state.in_(states), T.c.visible_at < cutoff, T.c.seq <= booked)
     if dry_run:
         count = db.session.execute(select(func.count()).select_from(T).where(*expired)).scalar_one()
         db.session.commit()
@@ -72,6 +78,8 @@ def purge(
         )
         count = len(gone)
         counters.bump(counters.PROCESSED, -gone.count(DeliveryState.PROCESSED))
+        counters.bump(counters.DEAD, -gone.count(DeliveryState.DEAD))
+        counters.bump(counters.STORED, -count)
         db.session.commit()
         batches += 1
         deleted += count

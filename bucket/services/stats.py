@@ -1,19 +1,66 @@
-"""Queue and storage figures for status, metrics and the CLI, from indexed queries."""
+"""Queue and storage figures for status, polls, metrics and the CLI, in one bounded statement.
+
+No figure walks the backlog or the table. Totals come from counters kept exact by the
+transactions that change them (``services/counters``); the only rows read are the leased ones
+and those waiting out a back-off (both bounded by consumers and failures, not by the backlog,
+and capped at ``COUNT_CAP``), the first ``HEAD_ROWS`` rows of the queue, and packets stored
+since the bookkeeper last booked (a few seconds' worth). So:
+
+- ``queue_size`` = unfinished − leased − retrying + expired leases (suspects). It is exact
+  (``queue_size_exact``) unless more than ``COUNT_CAP`` packets are leased or retrying; then
+  the ones beyond the cap are counted as ready, so it is too high by at most the leased and
+  retrying packets beyond the cap.
+- ``oldest_pending_age_seconds`` is the oldest ``received_at`` among leased, retrying and the
+  first ``HEAD_ROWS`` ready packets. It is exact (``oldest_pending_age_exact``) while at most
+  ``HEAD_ROWS`` packets are ready; beyond, a packet that failed and came back behind newer ones
+  may be older than the figure. In a backlog that drains in order it is still the true age.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 
 from flask import current_app
-from sqlalchemy import and_, func, select
 
-from bucket.extensions import db, queue
-from bucket.models import DeliveryState, Packet
-from bucket.services import counters
-from bucket.services.delivery import ready_condition
+from bucket.extensions import queue
+from bucket.services import sql
 from bucket.timeutil import epoch_now, utc_now
 
-T = Packet.__table__
+COUNT_CAP = 10_000
+HEAD_ROWS = 100
+
+# Portable SQL (PostgreSQL and SQLite): every figure from one snapshot, so an ack committed
+# between two reads can never be counted both as unfinished and as processed.
+STATUS_SQL = """
+WITH c AS (
+  SELECT
+    coalesce(sum(CASE WHEN name = 'stored' THEN value END), 0) AS stored,
+    coalesce(sum(CASE WHEN name = 'processed' THEN value END), 0) AS processed,
+    coalesce(sum(CASE WHEN name = 'dead' THEN value END), 0) AS dead,
+    coalesce(max(CASE WHEN name = 'booked' THEN value END), 0) AS booked
+  FROM packet_counters
+), leased AS (
+  SELECT visible_at, delivery_count, received_at FROM packets
+  WHERE delivery_state = 'leased' LIMIT %(cap)s
+), retrying AS (
+  SELECT received_at FROM packets
+  WHERE delivery_state = 'pending' AND visible_at > %(now)s LIMIT %(cap)s
+), head AS (
+  SELECT received_at FROM packets
+  WHERE delivery_state = 'pending' AND visible_at <= %(now)s ORDER BY visible_at LIMIT %(head)s
+)
+SELECT c.stored, c.processed, c.dead,
+  (SELECT count(*) FROM packets WHERE seq > c.booked),
+  (SELECT count(*) FROM leased),
+  (SELECT count(*) FROM leased WHERE visible_at <= %(now)s AND delivery_count < %(max)s),
+  (SELECT count(*) FROM retrying),
+  (SELECT count(*) FROM head),
+  (SELECT min(received_at) FROM leased),
+  (SELECT min(received_at) FROM retrying),
+  (SELECT min(received_at) FROM head)
+FROM c
+"""
 
 
 @dataclass
@@ -21,6 +68,7 @@ class QueueStats:
     """Every figure the status endpoint reports."""
 
     queue_size: int
+    queue_size_exact: bool
     redis_connected: bool
     queue_backend: str
     total_packets: int
@@ -30,52 +78,87 @@ class QueueStats:
     retrying_packets: int
     dead_packets: int
     oldest_pending_age_seconds: float | None
+    oldest_pending_age_exact: bool
     consumer_auth: bool
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def collect_stats() -> QueueStats:
-    """Count unfinished and dead packets over the queue index; processed from its counter.
+@dataclass
+class QueueFigures:
+    """The counts behind status and a poll's ``queue_size``."""
 
-    No figure walks the processed rows, the bulk of the table: the counter is kept exact by
-    the transactions that change it, and the total is the sum of the parts.
-    """
+    total: int
+    processed: int
+    dead: int
+    unfinished: int
+    leased: int
+    retrying: int
+    queue_size: int
+    exact: bool
+    oldest: datetime | None
+    oldest_exact: bool
+
+
+def as_utc(value: datetime | str | None) -> datetime | None:
+    """A timestamp from either backend (SQLite hands back text) as an aware UTC datetime."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def queue_figures() -> QueueFigures:
+    """Read the figures in one statement (and commit, so no transaction is left open)."""
     now = epoch_now()
-    max_attempts = current_app.config["BUCKET_MAX_ATTEMPTS"]
-    pending = T.c.delivery_state == DeliveryState.PENDING
-    leased = T.c.delivery_state == DeliveryState.LEASED
-    visible = T.c.visible_at <= now
-    row = db.session.execute(
-        select(
-            func.count().filter(and_(pending, visible)).label("ready"),
-            func.count().filter(and_(pending, ~visible)).label("retrying"),
-            func.count().filter(leased).label("leased"),
-            func.count().filter(ready_condition(now, max_attempts)).label("queue_size"),
-            func.count().filter(T.c.delivery_state == DeliveryState.DEAD).label("dead"),
-            func.min(T.c.received_at)
-            .filter(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
-            .label("oldest"),
-            # In the same statement, so every figure comes from one snapshot: an ack committed
-            # between two reads would be counted both as unfinished and as processed.
-            counters.total(counters.PROCESSED).label("processed"),
-        ).where(T.c.delivery_state.in_((*DeliveryState.UNFINISHED, DeliveryState.DEAD)))
-    ).one()
-    db.session.commit()
-    unfinished = row.ready + row.retrying + row.leased
-    processed = int(row.processed)  # sum() of a BIGINT is NUMERIC on PostgreSQL
-    oldest_age = (utc_now() - row.oldest).total_seconds() if row.oldest is not None else None
+    params = {
+        "now": now,
+        "cap": COUNT_CAP,
+        "head": HEAD_ROWS,
+        "max": current_app.config["BUCKET_MAX_ATTEMPTS"],
+    }
+    ((stored, processed, dead, unbooked, leased, suspects, retrying, head, *oldest),) = sql.run(
+        STATUS_SQL, params
+    )
+    sql.finish()
+    stored, processed, dead = int(stored), int(processed), int(dead)  # NUMERIC sums on PG
+    total = stored + unbooked
+    unfinished = max(0, total - processed - dead)
+    exact = leased < COUNT_CAP and retrying < COUNT_CAP
+    ready = max(0, unfinished - leased - retrying) + suspects
+    moments = [moment for moment in map(as_utc, oldest) if moment is not None]
+    return QueueFigures(
+        total=total,
+        processed=processed,
+        dead=dead,
+        unfinished=unfinished,
+        leased=leased,
+        retrying=retrying,
+        queue_size=ready,
+        exact=exact,
+        oldest=min(moments) if moments and unfinished else None,
+        oldest_exact=exact and head < HEAD_ROWS,
+    )
+
+
+def collect_stats() -> QueueStats:
+    """Every status figure."""
+    figures = queue_figures()
+    oldest_age = (utc_now() - figures.oldest).total_seconds() if figures.oldest else None
     return QueueStats(
-        queue_size=row.queue_size,
+        queue_size=figures.queue_size,
+        queue_size_exact=figures.exact,
         redis_connected=queue.redis_connected(),
         queue_backend=queue.backend_name,
-        total_packets=processed + unfinished + row.dead,
-        processed_packets=processed,
-        pending_packets=unfinished,
-        leased_packets=row.leased,
-        retrying_packets=row.retrying,
-        dead_packets=row.dead,
+        total_packets=figures.total,
+        processed_packets=figures.processed,
+        pending_packets=figures.unfinished,
+        leased_packets=figures.leased,
+        retrying_packets=figures.retrying,
+        dead_packets=figures.dead,
         oldest_pending_age_seconds=oldest_age,
+        oldest_pending_age_exact=figures.oldest_exact,
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
     )

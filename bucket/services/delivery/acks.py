@@ -1,0 +1,277 @@
+"""Acknowledgements: a consumer's outcome for its packets, retries with back-off, dead letters.
+
+``success`` ends a packet's life in the queue. A failure returns it after an exponential,
+jittered back-off, or dead-letters it on its last allowed delivery. A result naming a receipt
+other than the packet's current lease is stale and changes nothing (409); one without a receipt
+(the unchanged Karma Tracker poller) is accepted whoever holds the lease. All results of one
+request are recorded by one statement, with the processed and dead counters, and committed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import Float, String, and_, case, column, func, or_, select, text, update
+from sqlalchemy.sql import Subquery
+
+from bucket.extensions import db, queue
+from bucket.models import DeliveryState
+from bucket.services import counters, sql
+from bucket.services.counters import PG_BUMP
+from bucket.services.delivery.settings import DeliverySettings, T
+from bucket.services.dialect import dialect_name
+from bucket.timeutil import epoch_now, from_epoch
+
+FAILURE_MESSAGE = "consumer reported failure"
+
+# PostgreSQL, one statement. The rows are locked in packet_id order first, so concurrent acks
+# of overlapping batches queue behind each other instead of deadlocking; ``packet_id = ANY``
+# keeps every access to packets on its primary key whatever the statistics say. The refused
+# rows are answered from what the lock read: the row as committed by whoever held it before,
+# not the statement's older snapshot (which would call an ack that lost a race "stale").
+_ATTEMPTS = (
+    "CASE WHEN p.delivery_state = 'leased' THEN p.delivery_count ELSE p.delivery_count + 1 END"
+)
+_EXHAUSTED = f"({_ATTEMPTS}) >= %(max)s"
+PG_ACK = f"""
+WITH r AS (
+  SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id text, success boolean,
+    receipt text, jitter float8, error_message text, karma_actions json)
+), locked AS (
+  SELECT packet_id, delivery_state, delivery_count, visible_at FROM packets
+  WHERE packet_id = ANY(%(ids)s) ORDER BY packet_id FOR UPDATE
+), u AS (
+  UPDATE packets p SET
+    delivery_state = CASE WHEN r.success THEN 'processed'
+                          WHEN {_EXHAUSTED} THEN 'dead' ELSE 'pending' END,
+    delivery_count = {_ATTEMPTS},
+    visible_at = CASE WHEN r.success OR {_EXHAUSTED} THEN %(now)s
+                      ELSE %(now)s + r.jitter * least(%(backoff_max)s,
+                           %(backoff)s * power(2, ({_ATTEMPTS}) - 1)) END,
+    lease_id = NULL,
+    last_error = CASE WHEN r.success THEN p.last_error
+                      ELSE coalesce(r.error_message, %(failure)s) END,
+    processed_at = CASE WHEN r.success THEN %(now_ts)s::timestamp END,
+    processed_by_karma = r.success,
+    karma_actions = CASE WHEN r.success THEN r.karma_actions END,
+    dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END
+  FROM r
+  WHERE p.packet_id = r.packet_id AND p.packet_id IN (SELECT packet_id FROM locked)
+    AND p.delivery_state IN ('pending', 'leased')
+    AND (r.receipt IS NULL OR p.lease_id = r.receipt)
+  RETURNING p.packet_id, p.delivery_state, p.delivery_count, p.visible_at
+), counted AS ({
+    PG_BUMP.format(
+        source="SELECT 'processed', count(*) FILTER (WHERE delivery_state = 'processed') FROM u "
+        "UNION ALL SELECT 'dead', count(*) FILTER (WHERE delivery_state = 'dead') FROM u"
+    )
+})
+SELECT packet_id, delivery_state, delivery_count, visible_at, true FROM u
+UNION ALL
+SELECT packet_id, delivery_state, delivery_count, visible_at, false FROM locked
+WHERE packet_id NOT IN (SELECT packet_id FROM u)
+"""
+
+
+@dataclass
+class AckOutcome:
+    """What became of one acknowledgement (or lease change)."""
+
+    packet_id: str
+    code: int
+    status: str
+    delivery_count: int | None = None
+    next_attempt_at: float | None = None
+    message: str | None = None
+
+    def as_dict(self) -> dict:
+        body: dict[str, Any] = {
+            "packet_id": self.packet_id,
+            "status": self.status,
+            "code": self.code,
+        }
+        if self.delivery_count is not None:
+            body["delivery_count"] = self.delivery_count
+        if self.next_attempt_at is not None:
+            body["next_attempt_at"] = from_epoch(self.next_attempt_at).isoformat()
+        if self.message:
+            body["message"] = self.message
+        return body
+
+
+def acknowledge(results: list[dict]) -> list[AckOutcome]:
+    """Record consumer outcomes and commit; one outcome per result, in order.
+
+    A packet named twice in one request is recorded once, by its first result.
+    """
+    settings = DeliverySettings.from_app()
+    unique: dict[str, dict] = {}
+    for item in results:
+        unique.setdefault(
+            item["packet_id"],
+            {
+                "packet_id": item["packet_id"],
+                "success": bool(item["success"]),
+                "receipt": item.get("receipt"),
+                "jitter": random.uniform(0.5, 1.0),
+                "error_message": item.get("error_message"),
+                "karma_actions": item.get("karma_actions") if item["success"] else None,
+            },
+        )
+    record = _record_postgres if dialect_name() == "postgresql" else _record_sqlite
+    updated, current = record(list(unique.values()), settings)
+    if any(row[1] == DeliveryState.PENDING for row in updated.values()):
+        queue.publish_ready()
+    by_id: dict[str, AckOutcome] = {}
+    for pid in unique:
+        if pid in updated:
+            by_id[pid] = updated_outcome(*updated[pid])
+        else:
+            by_id[pid] = refused_outcome(pid, current.get(pid))
+    return [by_id[item["packet_id"]] for item in results]
+
+
+Rows = dict[str, tuple]
+
+
+def _record_postgres(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
+    now = epoch_now()
+    rows = sql.run(
+        PG_ACK,
+        {
+            "doc": orjson.dumps(items).decode(),
+            "ids": [item["packet_id"] for item in items],
+            "now": now,
+            "now_ts": from_epoch(now).replace(tzinfo=None),
+            "max": settings.max_attempts,
+            "backoff": settings.retry_backoff,
+            "backoff_max": settings.retry_backoff_max,
+            "failure": FAILURE_MESSAGE,
+            "shard": counters.random_shard(),
+        },
+    )
+    updated = {row[0]: row[:4] for row in rows if row[4]}
+    current = {row[0]: row[:4] for row in rows if not row[4]}
+    return updated, current
+
+
+def _results_table(items: list[dict]) -> Subquery:
+    """SQLite: the acknowledgements as a derived table, passed as one JSON parameter."""
+    names = ("packet_id", "success", "receipt", "jitter", "error_message", "karma_actions")
+    statement = (
+        "SELECT "
+        + ", ".join(f"json_extract(value, '$.{name}') AS {name}" for name in names)
+        + " FROM json_each(:doc)"
+    )
+    typed = [
+        column("packet_id", String),
+        column("success"),
+        column("receipt", String),
+        column("jitter", Float),
+        column("error_message", String),
+        column("karma_actions"),
+    ]
+    return text(statement).bindparams(doc=json.dumps(items)).columns(*typed).subquery("r")
+
+
+def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
+    """SQLite: the same transition as one UPDATE … FROM, counters after it, one transaction."""
+    now = epoch_now()
+    now_dt = from_epoch(now)
+    r = _results_table(items)
+    leased = T.c.delivery_state == DeliveryState.LEASED
+    attempts = case((leased, T.c.delivery_count), else_=T.c.delivery_count + 1)
+    exhausted = attempts >= settings.max_attempts
+    backoff = case(
+        *[(attempts == k, settings.backoff_for(k)) for k in range(1, settings.max_attempts + 1)],
+        else_=settings.retry_backoff_max,
+    )
+    success = r.c.success == True  # noqa: E712 - SQL comparison, works on 1/0 and booleans
+    statement = (
+        update(T)
+        .where(
+            T.c.packet_id == r.c.packet_id,
+            T.c.delivery_state.in_(DeliveryState.UNFINISHED),
+            or_(r.c.receipt.is_(None), T.c.lease_id == r.c.receipt),
+        )
+        .values(
+            delivery_state=case(
+                (success, DeliveryState.PROCESSED),
+                (exhausted, DeliveryState.DEAD),
+                else_=DeliveryState.PENDING,
+            ),
+            delivery_count=attempts,
+            visible_at=case((success, now), (exhausted, now), else_=now + r.c.jitter * backoff),
+            lease_id=None,
+            last_error=case(
+                (success, T.c.last_error),
+                else_=func.coalesce(r.c.error_message, FAILURE_MESSAGE),
+            ),
+            processed_at=case((success, now_dt), else_=None),
+            processed_by_karma=success,
+            karma_actions=case((success, r.c.karma_actions), else_=None),
+            dead_at=case((and_(~success, exhausted), now_dt), else_=None),
+        )
+        .returning(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at)
+    )
+    updated = {row.packet_id: tuple(row) for row in db.session.execute(statement)}
+    others = [item["packet_id"] for item in items if item["packet_id"] not in updated]
+    current = {}
+    if others:
+        current = {
+            row.packet_id: tuple(row)
+            for row in db.session.execute(
+                select(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at).where(
+                    T.c.packet_id.in_(others)
+                )
+            )
+        }
+    # Only unfinished rows were updated, so every processed or dead row returned just got there.
+    states = [row[1] for row in updated.values()]
+    counters.bump(counters.PROCESSED, states.count(DeliveryState.PROCESSED))
+    counters.bump(counters.DEAD, states.count(DeliveryState.DEAD))
+    db.session.commit()
+    return updated, current
+
+
+def updated_outcome(packet_id: str, state: str, count: int, visible_at: float) -> AckOutcome:
+    """The outcome of a result that changed its packet."""
+    if state == DeliveryState.PROCESSED:
+        return AckOutcome(packet_id, 200, "processed", count)
+    if state == DeliveryState.DEAD:
+        return AckOutcome(
+            packet_id,
+            200,
+            "dead",
+            count,
+            message="failed on its last allowed delivery: dead-lettered",
+        )
+    return AckOutcome(packet_id, 200, "retry_scheduled", count, visible_at)
+
+
+def refused_outcome(packet_id: str, row: tuple | None) -> AckOutcome:
+    """The outcome of a result that changed nothing: unknown, finished, dead or stale."""
+    if row is None:
+        return AckOutcome(packet_id, 404, "not_found", message=f"Unknown packet_id {packet_id}.")
+    state, count = row[1], row[2]
+    if state == DeliveryState.PROCESSED:
+        return AckOutcome(packet_id, 200, "already_processed", count)
+    if state == DeliveryState.DEAD:
+        return AckOutcome(
+            packet_id,
+            409,
+            "dead",
+            count,
+            message="The packet is dead-lettered; requeue it before acknowledging.",
+        )
+    return AckOutcome(
+        packet_id,
+        409,
+        "stale_receipt",
+        count,
+        message="The receipt is not the packet's current lease: it was redelivered.",
+    )

@@ -1,0 +1,204 @@
+"""Claims: leasing the oldest visible packets to one consumer, and long polls that wait for them.
+
+A claim first dead-letters exhausted expired leases, then looks at the two heads of the queue
+(the oldest visible pending packet and the oldest expired lease, a *suspect*), then leases from
+the head that came first: up to ``limit`` healthy packets, or one suspect alone, so a packet
+that crashes its consumer cannot drag its batch-mates down with it. The database decides who
+holds a packet: the lease locks its rows with SKIP LOCKED on PostgreSQL, and SQLite serialises
+writers with BEGIN IMMEDIATE.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from bucket.extensions import db, queue
+from bucket.models import DeliveryState
+from bucket.services import counters, sql
+from bucket.services.counters import PG_BUMP
+from bucket.services.delivery.reaping import reap_exhausted
+from bucket.services.delivery.settings import (
+    EXHAUSTED_LEASE_ERROR,
+    PACKET_COLUMN_NAMES,
+    PACKET_COLUMNS,
+    DeliverySettings,
+    T,
+    visible,
+)
+from bucket.services.dialect import dialect_name
+from bucket.timeutil import epoch_now, from_epoch
+
+# Heads a claim may find taken by concurrent claims before it answers "nothing visible".
+CLAIM_ROUNDS = 3
+
+# PostgreSQL, one statement: reap exhausted expired leases (counting them as dead) and read
+# both heads. The heads are read from the statement's snapshot, where a packet being reaped is
+# still an exhausted lease, which the suspect head skips.
+PG_HEADS = f"""
+WITH reaped AS (
+  UPDATE packets SET delivery_state = 'dead', visible_at = %(now)s, lease_id = NULL,
+    dead_at = %(now_ts)s, last_error = %(exhausted_error)s
+  WHERE packet_id IN (
+    SELECT packet_id FROM packets
+    WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count >= %(max)s
+    FOR UPDATE SKIP LOCKED)
+  RETURNING packet_id
+), counted AS ({PG_BUMP.format(source="SELECT 'dead', count(*) FROM reaped")})
+SELECT
+  (SELECT visible_at FROM packets
+   WHERE delivery_state = 'pending' AND visible_at <= %(now)s
+   ORDER BY visible_at LIMIT 1),
+  (SELECT visible_at FROM packets
+   WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count < %(max)s
+   ORDER BY visible_at LIMIT 1)
+"""
+# Lease the oldest visible rows of one head that nobody else has locked. ``visible_at`` alone
+# orders them: the (delivery_state, visible_at) index yields that order, so the scan stops
+# after ``limit`` rows however long the backlog.
+PG_LEASE = f"""
+UPDATE packets SET delivery_state = 'leased', lease_id = %(receipt)s, visible_at = %(until)s,
+  delivery_count = delivery_count + 1, last_delivered_at = %(now_ts)s
+WHERE packet_id IN (
+  SELECT packet_id FROM packets
+  WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
+  ORDER BY visible_at LIMIT %(limit)s
+  FOR UPDATE SKIP LOCKED)
+RETURNING {", ".join(PACKET_COLUMN_NAMES)}
+"""
+
+
+@dataclass
+class Claim:
+    """The packets one poll leased (as column → value mappings), and whether they are
+    suspects served apart."""
+
+    rows: list[dict[str, Any]]
+    receipt: str | None
+    suspect: bool
+
+
+def choose_head(healthy: float | None, suspect: float | None) -> str | None:
+    """The state to lease from: suspects keep their FIFO turn, but only their turn."""
+    if suspect is not None and (healthy is None or suspect <= healthy):
+        return DeliveryState.LEASED
+    if healthy is not None:
+        return DeliveryState.PENDING
+    return None
+
+
+def claim(limit: int, visibility_timeout: int | None = None) -> Claim:
+    """Lease up to ``limit`` visible packets to one consumer, committed before it returns.
+
+    The head is looked up before its rows are locked, so a concurrent claim can take it first;
+    then the next head is looked up (a fresh snapshot per statement on PostgreSQL) instead of
+    answering "empty" while other packets are still visible.
+    """
+    settings = DeliverySettings.from_app()
+    timeout = visibility_timeout or settings.visibility_timeout
+    lease = _lease_postgres if dialect_name() == "postgresql" else _lease_sqlite
+    for _ in range(CLAIM_ROUNDS):
+        claimed = lease(limit, timeout, settings)
+        if claimed is None or claimed.rows:
+            break
+    else:
+        claimed = None
+    if claimed is None or not claimed.rows:
+        return Claim([], None, False)
+    claimed.rows.sort(key=lambda row: row["packet_id"])
+    return claimed
+
+
+def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Claim | None:
+    """One round on PostgreSQL: heads (with reaping), then the lease; two autocommit statements.
+    None when nothing is visible; an empty claim when the head was taken meanwhile."""
+    now = epoch_now()
+    params = {"now": now, "now_ts": from_epoch(now), "max": settings.max_attempts}
+    ((healthy, suspect),) = sql.run(
+        PG_HEADS,
+        {**params, "exhausted_error": EXHAUSTED_LEASE_ERROR, "shard": counters.random_shard()},
+    )
+    source = choose_head(healthy, suspect)
+    if source is None:
+        return None
+    receipt = secrets.token_hex(8)
+    is_suspect = source == DeliveryState.LEASED
+    rows = sql.run(
+        PG_LEASE,
+        {
+            **params,
+            "receipt": receipt,
+            "until": now + timeout,
+            "source": source,
+            "limit": 1 if is_suspect else limit,
+        },
+    )
+    return Claim(
+        [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows], receipt, is_suspect
+    )
+
+
+def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim | None:
+    """One round on SQLite, in one BEGIN IMMEDIATE transaction: reap, heads, lease, commit."""
+    now = epoch_now()
+    reap_exhausted(now, settings)
+
+    def head(state: str, *extra):
+        return select(func.min(T.c.visible_at)).where(visible(state, now), *extra).scalar_subquery()
+
+    healthy, suspect = db.session.execute(
+        select(
+            head(DeliveryState.PENDING),
+            head(DeliveryState.LEASED, T.c.delivery_count < settings.max_attempts),
+        )
+    ).one()
+    source = choose_head(healthy, suspect)
+    if source is None:
+        db.session.commit()
+        return None
+    is_suspect = source == DeliveryState.LEASED
+    receipt = secrets.token_hex(8)
+    candidates = (
+        select(T.c.packet_id)
+        .where(visible(source, now), T.c.delivery_count < settings.max_attempts)
+        .order_by(T.c.visible_at)
+        .limit(1 if is_suspect else limit)
+        .scalar_subquery()
+    )
+    rows = db.session.execute(
+        update(T)
+        .where(T.c.packet_id.in_(candidates))
+        .values(
+            delivery_state=DeliveryState.LEASED,
+            lease_id=receipt,
+            visible_at=now + timeout,
+            delivery_count=T.c.delivery_count + 1,
+            last_delivered_at=from_epoch(now),
+        )
+        .returning(*PACKET_COLUMNS)
+    ).all()
+    db.session.commit()
+    return Claim([dict(row._mapping) for row in rows], receipt, is_suspect)
+
+
+def poll(limit: int, visibility_timeout: int | None, wait: float) -> Claim:
+    """Claim packets, holding the request up to ``wait`` seconds while the queue is empty.
+
+    No database connection is held while waiting: each claim commits, and the wait is on the
+    queue service's wake-up signal, with a bounded re-check for packets announced nowhere
+    (ended back-offs, expired leases, an instance that could not reach Redis).
+    """
+    settings = DeliverySettings.from_app()
+    deadline = time.monotonic() + wait
+    while True:
+        generation = queue.wake_generation()
+        result = claim(limit, visibility_timeout)
+        remaining = deadline - time.monotonic()
+        if result.rows or remaining <= 0:
+            return result
+        db.session.remove()
+        queue.wait_for_ready(generation, min(settings.long_poll_interval, remaining))

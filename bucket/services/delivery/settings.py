@@ -1,0 +1,57 @@
+"""The delivery knobs, and the one definition of a packet a poll could take now."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import and_
+
+from bucket.models import DeliveryState, Packet
+
+T = Packet.__table__
+# Columns a consumer sees, in the order the hand-written statements return them.
+PACKET_COLUMNS = [c for c in T.c if c.name not in ("dedup_key", "idempotency_key", "seq")]
+PACKET_COLUMN_NAMES = [c.name for c in PACKET_COLUMNS]
+EXHAUSTED_LEASE_ERROR = "lease expired without acknowledgement on the last allowed delivery"
+RELEASED_LAST_ERROR = "lease released by its consumer on the last allowed delivery"
+
+
+@dataclass
+class DeliverySettings:
+    """The delivery knobs read from config."""
+
+    visibility_timeout: int
+    max_attempts: int
+    retry_backoff: float
+    retry_backoff_max: float
+    long_poll_interval: float
+
+    @classmethod
+    def from_app(cls) -> DeliverySettings:
+        config = current_app.config
+        return cls(
+            visibility_timeout=config["BUCKET_VISIBILITY_TIMEOUT"],
+            max_attempts=config["BUCKET_MAX_ATTEMPTS"],
+            retry_backoff=config["BUCKET_RETRY_BACKOFF"],
+            retry_backoff_max=config["BUCKET_RETRY_BACKOFF_MAX"],
+            long_poll_interval=config["BUCKET_LONG_POLL_INTERVAL"],
+        )
+
+    def backoff_for(self, attempt: int) -> float:
+        """Base delay after the ``attempt``-th failed delivery, before jitter."""
+        return min(self.retry_backoff_max, self.retry_backoff * 2 ** (attempt - 1))
+
+
+def visible(state: str, now: float):
+    """Rows of ``state`` whose clock has come (a pending packet's turn, a lease's expiry)."""
+    return and_(T.c.delivery_state == state, T.c.visible_at <= now)
+
+
+def ready_condition(now: float, max_attempts: int):
+    """ "A poll could take it now": visible, unfinished, and not out of attempts."""
+    return and_(
+        T.c.delivery_state.in_(DeliveryState.UNFINISHED),
+        T.c.visible_at <= now,
+        T.c.delivery_count < max_attempts,
+    )

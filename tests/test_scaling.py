@@ -1,0 +1,110 @@
+"""The hot statements' cost does not grow with the backlog or the table.
+
+PostgreSQL: packets are inserted behind the planner's back (no ANALYZE, so statistics as
+stale as after a sudden backlog), first 3,000 waiting and 3,000 processed, then ten times as
+many. Each statement a poll, an acknowledgement or a status read sends is run under EXPLAIN
+(ANALYZE, BUFFERS) on the hot pool's own connections at both sizes: it must never scan the
+table, and the pages it touches must stay about the same. The benchmark measures the time;
+this keeps the plans that make it so.
+"""
+
+from __future__ import annotations
+
+import re
+
+import orjson
+import pytest
+from sqlalchemy import text
+
+from bucket.extensions import db
+from bucket.services.counters import recount
+from bucket.services.delivery.acks import PG_ACK
+from bucket.services.delivery.claims import PG_HEADS, PG_LEASE
+from bucket.services.dialect import AUTOCOMMIT_BIND
+from bucket.services.stats import COUNT_CAP, HEAD_ROWS, STATUS_SQL
+from bucket.timeutil import epoch_now, from_epoch
+from tests.queue_helpers import ingest_many
+
+FILL = """
+INSERT INTO packets (packet_id, dedup_key, user_id, client_timestamp, active_seconds,
+  idle_seconds, away_seconds, raw_signals, received_at, delivery_state, visible_at,
+  delivery_count, processed_by_karma, processed_at)
+SELECT :prefix || g, md5(:prefix || g), 'fill_' || (g % 500), now(), 5, 0, 0,
+  '{"tab_visible": true}'::json, now() - make_interval(secs => g), CAST(:state AS text),
+  extract(epoch from now()) - 86400 - g, 0, CAST(:state AS text) = 'processed', now()
+FROM generate_series(1, :rows) AS g
+"""
+
+
+def fill(app, rows: int, prefix: str) -> None:
+    """``rows`` waiting and ``rows`` processed packets, by set-based SQL; counters recounted."""
+    with app.app_context():
+        for state in ("pending", "processed"):
+            db.session.execute(
+                text(FILL), {"prefix": f"{prefix}-{state}-", "state": state, "rows": rows}
+            )
+        db.session.commit()
+        recount()
+
+
+def hot_statements(live: list[str]) -> dict[str, tuple[str, dict]]:
+    """Each statement of a poll, an acknowledgement of ``live`` and a status read."""
+    now = epoch_now()
+    common = {"now": now, "now_ts": from_epoch(now), "max": 5, "shard": 0}
+    ack_items = [
+        {"packet_id": pid, "success": True, "receipt": None, "jitter": 1.0} for pid in live
+    ]
+    return {
+        "status": (STATUS_SQL, {"now": now, "cap": COUNT_CAP, "head": HEAD_ROWS, "max": 5}),
+        "heads": (PG_HEADS, {**common, "exhausted_error": "x"}),
+        "lease": (
+            PG_LEASE,
+            {**common, "receipt": "r", "until": now + 60, "source": "pending", "limit": 10},
+        ),
+        "ack": (
+            PG_ACK,
+            {
+                **common,
+                "doc": orjson.dumps(ack_items).decode(),
+                "ids": live,
+                "now_ts": from_epoch(now).replace(tzinfo=None),
+                "backoff": 10.0,
+                "backoff_max": 3600.0,
+                "failure": "x",
+            },
+        ),
+    }
+
+
+def pages_touched(app, statements: dict[str, tuple[str, dict]]) -> dict[str, int]:
+    """Run each statement under EXPLAIN (ANALYZE, BUFFERS) on a hot-pool connection; the
+    shared buffers its root node touched (which includes every node, CTE and subplan)."""
+    touched = {}
+    with app.app_context():
+        pooled = db.engines[AUTOCOMMIT_BIND].raw_connection()
+        try:
+            for name, (sql, params) in statements.items():
+                rows = pooled.dbapi_connection.execute(
+                    "EXPLAIN (ANALYZE, BUFFERS) " + sql, params
+                ).fetchall()
+                plan = "\n".join(line for (line,) in rows)
+                assert not re.search(r"Seq Scan on packets\b", plan), (name, plan)
+                root = next(line for line in plan.splitlines() if "Buffers:" in line)
+                touched[name] = sum(int(n) for n in re.findall(r"(?:hit|read)=(\d+)", root))
+        finally:
+            pooled.close()
+    return touched
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_hot_statements_touch_as_many_pages_at_ten_times_the_backlog(backend, app, client):
+    """Poll (heads and lease), acknowledgement and status: no table scan at either size, and
+    about the same number of pages at 30,000 waiting as at 3,000."""
+    fill(app, 3_000, "small")
+    small = pages_touched(app, hot_statements(ingest_many(client, 3)))
+    fill(app, 27_000, "large")
+    large = pages_touched(app, hot_statements(ingest_many(client, 3)))
+    for name in small:
+        # One more index level at most (a few pages per descent), never the backlog
+        # (30,000 waiting packets fill about 1,000 heap pages).
+        assert large[name] <= small[name] * 1.5 + 30, (name, small, large)
