@@ -22,8 +22,12 @@ from bucket.services.dialect import AUTOCOMMIT_BIND
 # connections (tests/test_scaling.py checks the plans on a stale, growing table). JIT is off
 # too: the penalty those settings add to the tiny counter table's scan pushed plans over
 # jit_above_cost, and compiling a statement took longer than a thousand executions of it.
+# And each prepared statement is planned once per connection (a generic plan): planning the
+# acknowledgement took 1 ms, longer than running it, and the default would re-plan it for
+# every execution whenever a custom plan looks cheaper.
 QUEUE_PLANNER_SETTINGS = (
-    "-c enable_bitmapscan=off -c enable_sort=off -c enable_seqscan=off -c jit=off"
+    "-c enable_bitmapscan=off -c enable_sort=off -c enable_seqscan=off -c jit=off "
+    "-c plan_cache_mode=force_generic_plan"
 )
 
 

@@ -29,10 +29,13 @@ from bucket.timeutil import epoch_now, from_epoch
 FAILURE_MESSAGE = "consumer reported failure"
 
 # PostgreSQL, one statement. The rows are locked in packet_id order first, so concurrent acks
-# of overlapping batches queue behind each other instead of deadlocking; ``packet_id = ANY``
-# keeps every access to packets on its primary key whatever the statistics say. The refused
-# rows are answered from what the lock read: the row as committed by whoever held it before,
-# not the statement's older snapshot (which would call an ack that lost a race "stale").
+# of overlapping batches queue behind each other instead of deadlocking. Whether a result may
+# change its packet is judged on what the lock read (the row as last committed, which nobody
+# can change until this statement commits), and the UPDATE reaches packets only through the
+# locked primary keys: a condition on the state would let the planner walk every unfinished
+# row on stale statistics (measured: 6,800 pages for one ack with 30,000 waiting). Refused
+# results are answered from the lock's read too, not from the statement's older snapshot
+# (which would call an ack that lost a race "stale").
 _ATTEMPTS = (
     "CASE WHEN p.delivery_state = 'leased' THEN p.delivery_count ELSE p.delivery_count + 1 END"
 )
@@ -42,8 +45,12 @@ WITH r AS (
   SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id text, success boolean,
     receipt text, jitter float8, error_message text, karma_actions json)
 ), locked AS (
-  SELECT packet_id, delivery_state, delivery_count, visible_at FROM packets
+  SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM packets
   WHERE packet_id = ANY(%(ids)s) ORDER BY packet_id FOR UPDATE
+), accepted AS (
+  SELECT r.* FROM r JOIN locked USING (packet_id)
+  WHERE locked.delivery_state IN ('pending', 'leased')
+    AND (r.receipt IS NULL OR locked.lease_id = r.receipt)
 ), u AS (
   UPDATE packets p SET
     delivery_state = CASE WHEN r.success THEN 'processed'
@@ -59,10 +66,8 @@ WITH r AS (
     processed_by_karma = r.success,
     karma_actions = CASE WHEN r.success THEN r.karma_actions END,
     dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END
-  FROM r
-  WHERE p.packet_id = r.packet_id AND p.packet_id IN (SELECT packet_id FROM locked)
-    AND p.delivery_state IN ('pending', 'leased')
-    AND (r.receipt IS NULL OR p.lease_id = r.receipt)
+  FROM accepted r
+  WHERE p.packet_id = r.packet_id
   RETURNING p.packet_id, p.delivery_state, p.delivery_count, p.visible_at
 ), counted AS ({
     PG_BUMP.format(
