@@ -80,7 +80,11 @@ def main() -> None:
     parser.add_argument("kind", choices=["ingest", "batch-ingest", "karma", "drain"])
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--backlog", type=int, default=200_000, help="packets waiting (consumers)")
-    parser.add_argument("--idle", action="store_true", help="also sample threads waiting on I/O")
+    parser.add_argument(
+        "--idle",
+        action="store_true",
+        help="sample threads waiting on I/O too (default: the GIL holder only, i.e. CPU)",
+    )
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", help="keep the collapsed stacks in this file")
     args = parser.parse_args()
@@ -114,6 +118,7 @@ def main() -> None:
             str(stacks),
         ]
         if args.idle:
+            command.remove("--gil")
             command.append("--idle")
         driver = threading.Thread(target=load, args=(args.kind, service.port, args.seconds + 1))
         driver.start()

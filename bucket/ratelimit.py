@@ -16,10 +16,9 @@ from typing import Any
 
 import orjson
 from flask import Flask, current_app, g, request
-from flask_limiter import Limiter
 from limits import RateLimitItem, parse_many
-from limits.storage import MemoryStorage
-from limits.strategies import STRATEGIES
+from limits.storage import MemoryStorage, RedisStorage, storage_from_string
+from limits.strategies import STRATEGIES, SlidingWindowCounterRateLimiter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
@@ -78,21 +77,72 @@ def client_address() -> str:
     return request.remote_addr or "unknown"
 
 
+# Every limit of one request in one round trip, all or nothing: each (previous, current) key
+# pair is a sliding window counter exactly as the ``limits`` library keeps it (its own script
+# acquires one window per call), so the library still reads these windows for Retry-After.
+ACQUIRE_ALL = """
+local amount = tonumber(ARGV[1])
+local weighted = {}
+for i = 1, #KEYS / 2 do
+  local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
+  local limit, expiry = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]) * 1000
+  if amount > limit then return i end
+  local current_ttl = tonumber(redis.call('pttl', current))
+  if current_ttl > 0 and current_ttl < expiry then
+    redis.call('rename', current, previous)
+    redis.call('set', current, 0, 'PX', current_ttl + expiry)
+  end
+  local previous_count = tonumber(redis.call('get', previous)) or 0
+  local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
+  local current_count = tonumber(redis.call('get', current)) or 0
+  if math.floor(previous_count * previous_ttl / expiry) + current_count + amount > limit then
+    return i
+  end
+end
+for i = 1, #KEYS / 2 do
+  local current, expiry = KEYS[2 * i], tonumber(ARGV[2 * i + 1]) * 1000
+  if redis.call('exists', current) == 1 then
+    redis.call('incrby', current, amount)
+  else
+    redis.call('set', current, amount, 'PX', expiry * 2)
+  end
+end
+return 0
+"""
+
+Check = tuple[RateLimitItem, str, str]  # the limit, its scope (ip or user), the key
+
+
 class IngestLimits:
     """One application's ingest limits and where their counters live.
 
-    Flask-Limiter builds the storage (Redis or memory) and the strategy; the ingest check calls
-    that strategy directly, because resolving limits generically for every request cost more
-    than the counter round trips themselves. While the shared storage fails, counting goes on
-    in this process's memory and the storage is tried again after ``retry_after`` seconds.
+    The ``limits`` library provides the storage (Redis or memory) and the strategies. With
+    Redis and the sliding window counter (the default), all of a request's limits are checked
+    and counted by one script in one round trip; two round trips per request were a third of
+    an ingest's CPU. While Redis fails, counting goes on in this process's memory and Redis is
+    tried again after ``retry_after`` seconds.
     """
 
     def __init__(
-        self, limiter: Limiter, per_ip: str, per_user: str, strategy: str, retry_after: float
+        self,
+        storage_uri: str,
+        options: dict,
+        per_ip: str,
+        per_user: str,
+        strategy: str,
+        retry_after: float,
     ) -> None:
-        self.limiter = limiter
-        self.primary = limiter.limiter
+        self.storage = storage_from_string(storage_uri, **options)
+        self.primary = STRATEGIES[strategy](self.storage)
         self.fallback = STRATEGIES[strategy](MemoryStorage())
+        self.one_round_trip = isinstance(self.storage, RedisStorage) and isinstance(
+            self.primary, SlidingWindowCounterRateLimiter
+        )
+        self.script = (
+            self.storage.get_connection().register_script(ACQUIRE_ALL)
+            if self.one_round_trip
+            else None
+        )
         self.per_ip = parse_many(per_ip) if per_ip else []
         self.per_user = parse_many(per_user) if per_user else []
         self.retry_after = retry_after
@@ -102,16 +152,39 @@ class IngestLimits:
         """The shared counters, or memory while they are unreachable."""
         return self.primary if time.monotonic() >= self._down_until else self.fallback
 
-    def hit(self, item: RateLimitItem, scope: str, key: str, cost: int) -> bool:
-        """Count ``cost`` against one limit; False when it would go over."""
-        strategy = self.strategy()
-        if strategy is self.primary:
+    def acquire(self, checks: list[Check], cost: int) -> Check | None:
+        """Count ``cost`` against every check; return the first one it would exceed (then
+        nothing is counted, on Redis), or None."""
+        if self.strategy() is self.primary:
             try:
-                return strategy.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
+                return self._acquire_shared(checks, cost)
             except Exception as exc:  # noqa: BLE001 - each storage raises its own errors
                 log.warning("rate limit storage unavailable, counting in memory: %s", exc)
                 self._down_until = time.monotonic() + self.retry_after
-        return self.fallback.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
+        for check in checks:
+            item, scope, key = check
+            if not self.fallback.hit(item, INGEST_ENDPOINT, scope, key, cost=cost):
+                return check
+        return None
+
+    def _acquire_shared(self, checks: list[Check], cost: int) -> Check | None:
+        if not self.one_round_trip:
+            for check in checks:
+                item, scope, key = check
+                if not self.primary.hit(item, INGEST_ENDPOINT, scope, key, cost=cost):
+                    return check
+            return None
+        keys, args = [], [cost]
+        storage = self.storage
+        for item, scope, key in checks:
+            counted = item.key_for(INGEST_ENDPOINT, scope, key)
+            keys += [
+                storage.prefixed_key(storage._previous_window_key(counted)),
+                storage.prefixed_key(storage._current_window_key(counted)),
+            ]
+            args += [item.amount, item.get_expiry()]
+        breached = int(self.script(keys=keys, args=args))
+        return checks[breached - 1] if breached else None
 
     def retry_after_seconds(self, item: RateLimitItem, scope: str, key: str) -> int:
         """Whole seconds until the breached window lets a request through."""
@@ -128,14 +201,13 @@ def check_ingest_limits():
         return None
     read_ingest_identity()
     limits: IngestLimits = current_app.extensions[EXTENSION_KEY]
-    cost = g.rate_cost
-    checks = [("ip", client_address(), limits.per_ip)]
+    address = client_address()
+    checks = [(item, "ip", address) for item in limits.per_ip]
     if g.rate_user:
-        checks.append(("user", g.rate_user, limits.per_user))
-    for scope, key, items in checks:
-        for item in items:
-            if not limits.hit(item, scope, key, cost):
-                return too_many_requests(limits, item, scope, key)
+        checks += [(item, "user", g.rate_user) for item in limits.per_user]
+    breached = limits.acquire(checks, g.rate_cost) if checks else None
+    if breached is not None:
+        return too_many_requests(limits, *breached)
     return None
 
 
@@ -180,23 +252,12 @@ class RateLimits:
         if not config.get("BUCKET_RATE_LIMIT_ENABLED", True):
             return
         storage_uri, storage_options = storage_settings(app)
-        strategy = config["BUCKET_RATE_LIMIT_STRATEGY"]
-        limiter = Limiter(
-            client_address,
-            strategy=strategy,
-            storage_uri=storage_uri,
-            storage_options=storage_options,
-            headers_enabled=False,
-        )
-        # Flask-Limiter's own per-request hook has no limit to resolve: every request is exempt
-        # from it, and ingest is checked by ``check_ingest_limits`` instead.
-        limiter.request_filter(lambda: True)
-        limiter.init_app(app)
         app.extensions[EXTENSION_KEY] = IngestLimits(
-            limiter,
+            storage_uri,
+            storage_options,
             config["BUCKET_RATE_LIMIT_INGEST_PER_IP"],
             config["BUCKET_RATE_LIMIT_INGEST_PER_USER"],
-            strategy,
+            config["BUCKET_RATE_LIMIT_STRATEGY"],
             float(config["BUCKET_REDIS_RETRY_AFTER"]),
         )
         app.before_request(check_ingest_limits)

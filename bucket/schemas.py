@@ -14,6 +14,7 @@ COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "
 EMS_STATES = ("WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING")
 SYSTEM_TYPES = ("gurukul", "ems")
 ROLES = ("student", "employee")
+MAX_ACK_BATCH = 500
 WINDOW_SECONDS = 5.0
 WINDOW_TOLERANCE = 0.1
 
@@ -115,6 +116,76 @@ class PacketSchema(BaseSchema):
                 ]
         if errors:
             raise ValidationError(errors)
+
+
+_IDENTIFIERS = ("user_id", "employee_id", "session_id", "lesson_id", "task_id")
+_DURATIONS = ("active_seconds", "idle_seconds", "away_seconds")
+_CHOICES = (
+    ("system_type", frozenset(SYSTEM_TYPES)),
+    ("role", frozenset(ROLES)),
+    ("cognitive_state", frozenset(COGNITIVE_STATES)),
+    ("state", frozenset(EMS_STATES)),
+)
+_SCORES = (("focus_score", 100.0), ("integrity_score", 1.0))
+
+
+def _finite_number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def fast_load_packet(data: Any) -> dict[str, Any] | None:
+    """``PacketSchema().load(data)`` for the packets that pass it, in a fraction of the time;
+    None whenever the packet might not pass, and then ``PacketSchema`` judges it and names
+    every problem. Validation took a tenth of a single ingest's CPU; nearly every packet is
+    valid. ``tests/test_fast_validation.py`` holds the two to the same answers.
+    """
+    if type(data) is not dict:
+        return None
+    out: dict[str, Any] = {}
+    for name in _IDENTIFIERS:
+        if name in data:
+            value = data[name]
+            if value is not None and (
+                type(value) is not str or not 1 <= len(value) <= 256 or "\x00" in value
+            ):
+                return None
+            out[name] = value
+    if out.get("user_id") is None and out.get("employee_id") is None:
+        return None
+    for name, allowed in _CHOICES:
+        if name in data:
+            value = data[name]
+            if value is not None and (type(value) is not str or value not in allowed):
+                return None
+            out[name] = value
+    if out.get("cognitive_state") is None and out.get("state") is None:
+        return None
+    total = 0.0
+    for name in _DURATIONS:
+        value = data.get(name)
+        if not _finite_number(value) or value < 0:
+            return None
+        out[name] = float(value)
+        total += out[name]
+    if abs(total - WINDOW_SECONDS) > WINDOW_TOLERANCE + 1e-9:
+        return None
+    for name, top in _SCORES:
+        if name in data:
+            value = data[name]
+            if value is not None:
+                if not _finite_number(value) or not 0 <= value <= top:
+                    return None
+                value = float(value)
+            out[name] = value
+    timestamp, signals = data.get("timestamp"), data.get("raw_signals")
+    if type(timestamp) is not str or type(signals) is not dict:
+        return None
+    try:
+        out["timestamp"] = parse_client_timestamp(timestamp)
+    except (ValueError, OverflowError):
+        return None
+    out["raw_signals"] = dict(signals)
+    return out
 
 
 class BatchEnvelopeSchema(BaseSchema):
@@ -224,11 +295,48 @@ class AckSchema(BaseSchema):
     receipt = Text(allow_none=True, load_default=None)
 
 
+def _plain_text(value: Any) -> bool:
+    return type(value) is str and "\x00" not in value
+
+
+def fast_load_ack(data: Any) -> dict[str, Any] | None:
+    """``AckSchema().load(data)`` for results that pass it, or None (then AckSchema judges);
+    like ``fast_load_packet``, and held to the same answers by tests/test_fast_validation.py.
+    Loading a batch of 100 results through marshmallow took 2 ms."""
+    if type(data) is not dict:
+        return None
+    packet_id, success = data.get("packet_id"), data.get("success")
+    if not _plain_text(packet_id) or not 1 <= len(packet_id) <= 64 or type(success) is not bool:
+        return None
+    out: dict[str, Any] = {"packet_id": packet_id, "success": success}
+    for name in ("error_message", "receipt"):
+        value = data.get(name)
+        if value is not None and not _plain_text(value):
+            return None
+        out[name] = value
+    actions = data.get("karma_actions")
+    if actions is not None:
+        if type(actions) is not list or any(type(action) is not dict for action in actions):
+            return None
+        actions = [dict(action) for action in actions]
+    out["karma_actions"] = actions
+    return out
+
+
+def fast_load_acks(data: Any) -> list[dict[str, Any]] | None:
+    """``AckBatchSchema().load(data)["results"]`` when every result passes, or None."""
+    results = data.get("results") if type(data) is dict else None
+    if type(results) is not list or not 1 <= len(results) <= MAX_ACK_BATCH:
+        return None
+    loaded = [fast_load_ack(item) for item in results]
+    return None if None in loaded else loaded
+
+
 class AckBatchSchema(BaseSchema):
     """Many results at once."""
 
     results = fields.List(
-        fields.Nested(AckSchema), required=True, validate=validate.Length(min=1, max=500)
+        fields.Nested(AckSchema), required=True, validate=validate.Length(min=1, max=MAX_ACK_BATCH)
     )
 
 

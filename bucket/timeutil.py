@@ -50,15 +50,6 @@ def parse_client_timestamp(text: str) -> datetime:
     return moment.astimezone(UTC)
 
 
-def isoformat(moment: datetime | None) -> str | None:
-    """Render a datetime as ISO-8601 with its offset (naive ones are UTC; None stays None)."""
-    if moment is None:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.isoformat()
-
-
 class _PacketIdClock:
     """Monotonic UUIDv7 parts: within one millisecond a 12-bit counter keeps ids in issue order."""
 

@@ -54,3 +54,18 @@ def test_every_request_is_followed_by_a_send():
         requested = time.monotonic()
         announcer.request()
         assert wait_until(lambda requested=requested: sends and sends[-1] >= requested)
+
+
+def test_a_steady_stream_of_requests_is_announced_at_a_bounded_rate():
+    """A request every millisecond for 0.3 s: no more than one send per minimum interval."""
+    sends: list[float] = []
+    announcer = Announcer(lambda: sends.append(time.monotonic()), min_interval=0.05)
+    started = time.monotonic()
+    while time.monotonic() - started < 0.3:
+        last = time.monotonic()
+        announcer.request()
+        time.sleep(0.001)
+    assert wait_until(lambda: sends and sends[-1] >= last)
+    assert len(sends) <= 0.3 / 0.05 + 2, len(sends)
+    gaps = [b - a for a, b in zip(sends, sends[1:], strict=False)]
+    assert min(gaps) >= 0.045, gaps

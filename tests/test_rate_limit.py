@@ -205,3 +205,35 @@ def test_limits_survive_redis_dying_by_falling_back_to_memory(make_app, tmp_path
         assert time.monotonic() - started < 10
     finally:
         private.stop()
+
+
+# In memory (no Redis) the limits are counted one after the other.
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_request_refused_by_one_limit_spends_no_other_allowance(make_app, backend):
+    """A user over their limit does not use up their classroom's: on Redis the address and
+    user windows are checked and counted together, all or nothing."""
+    client = limited(
+        make_app,
+        BUCKET_RATE_LIMIT_INGEST_PER_IP="3 per minute",
+        BUCKET_RATE_LIMIT_INGEST_PER_USER="1 per minute",
+    ).test_client()
+    assert post(client, make_packet(user_id="eager")).status_code == 200
+    for _ in range(3):
+        assert_too_many(post(client, make_packet(user_id="eager")))
+    # Refusals cost the address nothing: two more learners still fit in its 3 per minute.
+    assert post(client, make_packet(user_id="second")).status_code == 200
+    assert post(client, make_packet(user_id="third")).status_code == 200
+    assert_too_many(post(client, make_packet(user_id="fourth")))
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window"])
+def test_other_strategies_of_the_limits_library_work_too(make_app, strategy):
+    """BUCKET_RATE_LIMIT_STRATEGY picks any strategy of ``limits``; each one limits."""
+    client = limited(
+        make_app,
+        BUCKET_RATE_LIMIT_STRATEGY=strategy,
+        BUCKET_RATE_LIMIT_INGEST_PER_USER="2 per minute",
+    ).test_client()
+    for _ in range(2):
+        assert post(client, make_packet(user_id="strategic")).status_code == 200
+    assert_too_many(post(client, make_packet(user_id="strategic")))

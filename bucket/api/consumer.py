@@ -18,6 +18,8 @@ from bucket.schemas import (
     PendingResponseSchema,
     UserPacketSchema,
     UserQuerySchema,
+    fast_load_ack,
+    fast_load_acks,
 )
 from bucket.services import delivery
 from bucket.services.listing import BadCursor, user_packets
@@ -89,12 +91,12 @@ def mark_processed():
     """
     body = read_json_object()
     if "results" in body:
-        results = load_or_abort(ack_batch_schema, body)["results"]
+        results = fast_load_acks(body) or load_or_abort(ack_batch_schema, body)["results"]
         outcomes = delivery.acknowledge(results)
         note_acks(outcomes)
         status = 200 if all(o.code == 200 for o in outcomes) else 207
         return jsonify({"results": [o.as_dict() for o in outcomes]}), status
-    (outcome,) = delivery.acknowledge([load_or_abort(ack_schema, body)])
+    (outcome,) = delivery.acknowledge([fast_load_ack(body) or load_or_abort(ack_schema, body)])
     note_acks([outcome])
     if outcome.code != 200:
         refuse(outcome)

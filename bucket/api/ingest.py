@@ -8,7 +8,7 @@ from marshmallow import ValidationError
 
 from bucket.api.body import load_or_abort, read_json_object
 from bucket.metrics import note_packets
-from bucket.schemas import BatchEnvelopeSchema, PacketSchema
+from bucket.schemas import BatchEnvelopeSchema, PacketSchema, fast_load_packet
 from bucket.services.ingest import store_batch, store_packets
 
 blp = Blueprint(
@@ -81,7 +81,7 @@ def ingest():
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters."
         abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
-    packet = load_or_abort(packet_schema, body)
+    packet = fast_load_packet(body) or load_or_abort(packet_schema, body)
     (outcome,) = store_packets([packet], idempotency_key)
     note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
     # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
@@ -115,6 +115,10 @@ def ingest_batch(body: dict):
     for index, raw in enumerate(packets):
         if not isinstance(raw, dict):
             errors[index] = {"_schema": ["Each packet must be a JSON object."]}
+            continue
+        packet = fast_load_packet(raw)
+        if packet is not None:
+            valid.append((index, packet))
             continue
         try:
             valid.append((index, packet_schema.load(raw)))

@@ -1,5 +1,6 @@
 """Rows to response dicts, in the shapes the schemas in ``bucket.schemas`` document.
 
+Datetimes stay datetimes: the JSON provider writes them (ISO-8601, naive meaning UTC).
 Hand-written rather than ``Schema.dump()``: a poll can return 500 packets and dumping through
 marshmallow cost several times more. ``tests/test_openapi.py`` checks real answers against the
 documented schemas, so the two cannot drift apart unnoticed.
@@ -10,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from bucket.timeutil import from_epoch, isoformat
+from bucket.timeutil import from_epoch
 
 Row = Mapping[str, Any]
 
@@ -34,8 +35,8 @@ def packet_out(row: Row) -> dict[str, Any]:
         "idle_seconds": row["idle_seconds"],
         "away_seconds": row["away_seconds"],
         "raw_signals": row["raw_signals"],
-        "client_timestamp": isoformat(row["client_timestamp"]),
-        "received_at": isoformat(row["received_at"]),
+        "client_timestamp": row["client_timestamp"],
+        "received_at": row["received_at"],
         "delivery_state": row["delivery_state"],
         "delivery_count": row["delivery_count"],
     }
@@ -45,7 +46,7 @@ def pending_packet_out(row: Row, receipt: str | None, suspect: bool) -> dict[str
     """A leased packet with its receipt and lease deadline."""
     body = packet_out(row)
     body["receipt"] = receipt
-    body["lease_expires_at"] = isoformat(from_epoch(row["visible_at"]))
+    body["lease_expires_at"] = from_epoch(row["visible_at"])
     body["suspect"] = suspect
     return body
 
@@ -53,10 +54,10 @@ def pending_packet_out(row: Row, receipt: str | None, suspect: bool) -> dict[str
 def user_packet_out(row: Row) -> dict[str, Any]:
     """A packet in the user listing, with its outcome and delivery history."""
     body = packet_out(row)
-    body["processed_at"] = isoformat(row["processed_at"])
+    body["processed_at"] = row["processed_at"]
     body["processed_by_karma"] = bool(row["processed_by_karma"])
     body["karma_actions"] = row["karma_actions"]
     body["last_error"] = row["last_error"]
-    body["dead_at"] = isoformat(row["dead_at"])
-    body["last_delivered_at"] = isoformat(row["last_delivered_at"])
+    body["dead_at"] = row["dead_at"]
+    body["last_delivered_at"] = row["last_delivered_at"]
     return body
