@@ -190,10 +190,12 @@ class Database:
     def table_bytes(self) -> tuple[int, int, int]:
         """(rows, heap bytes, index bytes) of the packets table."""
         with self.connect() as conn:
-            conn.execute("VACUUM ANALYZE packets")
+            conn.execute("VACUUM ANALYZE packets, deliveries")
             rows = conn.execute("SELECT count(*) FROM packets").fetchone()[0]
-            heap = conn.execute("SELECT pg_table_size('packets')").fetchone()[0]
-            index = conn.execute("SELECT pg_indexes_size('packets')").fetchone()[0]
+            heap, index = conn.execute(
+                "SELECT sum(pg_table_size(t)), sum(pg_indexes_size(t)) "
+                "FROM unnest(ARRAY['packets', 'deliveries']::regclass[]) AS t"
+            ).fetchone()
         return rows, heap, index
 
     def stop(self) -> None:
@@ -223,22 +225,28 @@ class Accounting:
 
 
 FILL_SQL = """
-INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type, role,
-  client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
-  raw_signals, received_at, delivery_state, visible_at, delivery_count, processed_by_karma,
-  processed_at)
-SELECT
-  substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
-    || substr(h, 18, 3) || '-' || substr(h, 21, 12),
-  md5(%(run)s || g::text), 'fill_' || (g %% 5000), 's_' || (g %% 5000), 'lesson_1', 'gurukul',
-  'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
-  50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t, %(state)s,
-  extract(epoch FROM t), %(count)s, %(processed)s, CASE WHEN %(processed)s THEN t END
-FROM (
+WITH source AS (
   SELECT g, %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t,
     lpad(to_hex(%(millis)s::bigint + g), 12, '0') || md5(%(run)s || 'id' || g::text) AS h
   FROM generate_series(1, %(rows)s) AS g
-) AS source
+), stored AS (
+  INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type, role,
+    client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
+    raw_signals, received_at)
+  SELECT
+    substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
+      || substr(h, 18, 3) || '-' || substr(h, 21, 12),
+    md5(%(run)s || g::text), 'fill_' || (g %% 5000), 's_' || (g %% 5000), 'lesson_1', 'gurukul',
+    'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
+    50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
+  FROM source
+  RETURNING packet_id, received_at
+)
+INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,
+  processed_by_karma, processed_at)
+SELECT packet_id, received_at, %(state)s, extract(epoch FROM received_at), %(count)s,
+  %(processed)s, CASE WHEN %(processed)s THEN received_at END
+FROM stored
 """
 
 
@@ -292,7 +300,7 @@ def migrate(env: dict[str, str]) -> None:
 def pending_count(database: Database) -> int:
     with database.connect() as conn:
         return conn.execute(
-            "SELECT count(*) FROM packets WHERE delivery_state = 'pending'"
+            "SELECT count(*) FROM deliveries WHERE delivery_state = 'pending'"
         ).fetchone()[0]
 
 

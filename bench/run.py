@@ -87,7 +87,7 @@ class Run:
 
     def truncate(self) -> None:
         with self.database.connect() as conn:
-            conn.execute("TRUNCATE packets, packet_counters")
+            conn.execute("TRUNCATE packets, deliveries, packet_counters")
         recount(self.env)
 
     def top_up(self, backlog: int) -> None:
@@ -103,7 +103,7 @@ def settle(database: Database) -> None:
     """After a bulk fill: what autovacuum and the checkpointer would have done while a real
     backlog built up over an hour, done now so they do not run during the measurement."""
     with database.connect() as conn:
-        conn.execute("VACUUM (ANALYZE) packets")
+        conn.execute("VACUUM (ANALYZE) packets, deliveries")
         conn.execute("CHECKPOINT")
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 
 def shell_context() -> dict[str, Any]:
-    """db, the packet model, the queue service and the service functions an operator reaches for."""
+    """db, the packet and delivery models, the queue service and the operator's functions."""
     from bucket.extensions import db, queue
-    from bucket.models import DeliveryState, Packet
+    from bucket.models import Delivery, DeliveryState, Packet
     from bucket.services import delivery
     from bucket.services.bookkeeping import book_new_packets
     from bucket.services.ingest import store_packets
@@ -18,6 +18,7 @@ def shell_context() -> dict[str, Any]:
     return {
         "db": db,
         "Packet": Packet,
+        "Delivery": Delivery,
         "DeliveryState": DeliveryState,
         "queue": queue,
         "stats": collect_stats,

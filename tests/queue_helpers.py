@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select, text
 
 from bucket.extensions import db, queue
-from bucket.models import Packet
+from bucket.models import Delivery, Packet
 from bucket.timeutil import epoch_now
 from tests.concurrency import join_all
 from tests.factories import make_packet
@@ -63,7 +63,7 @@ def listing(client, user_id: str, **params: Any) -> list[dict]:
 def _move_visible_at(app, assignment: str, params: dict[str, Any], packet_ids) -> None:
     """Set ``visible_at`` of the leased or pending packets (all, or only ``packet_ids``)."""
     sql = (
-        f"UPDATE packets SET visible_at = {assignment}"
+        f"UPDATE deliveries SET visible_at = {assignment}"
         " WHERE delivery_state IN ('leased', 'pending')"
     )
     if packet_ids is not None:
@@ -92,13 +92,32 @@ def advance(app, seconds: float, packet_ids: list[str] | None = None) -> None:
     _move_visible_at(app, "visible_at - :seconds", {"seconds": seconds}, packet_ids)
 
 
+def _joined():
+    """Every column of a packet and of its delivery, as the service sees them together."""
+    packets, deliveries = Packet.__table__, Delivery.__table__
+    return select(packets, *[c for c in deliveries.c if c.name not in packets.c]).join_from(
+        packets, deliveries, deliveries.c.packet_id == packets.c.packet_id
+    )
+
+
 def row(app, packet_id: str) -> Any:
-    """The packet's row as stored (JSON columns decoded)."""
+    """The packet's row as stored, with its delivery (JSON columns decoded)."""
     with app.app_context():
-        table = Packet.__table__
-        found = db.session.execute(select(table).where(table.c.packet_id == packet_id)).one()
+        found = db.session.execute(_joined().where(Packet.__table__.c.packet_id == packet_id)).one()
         db.session.commit()
         return found
+
+
+def stored(app) -> list[dict]:
+    """Every stored packet with its delivery, oldest first."""
+    with app.app_context():
+        packets = Packet.__table__
+        rows = db.session.execute(
+            _joined().order_by(packets.c.received_at, packets.c.packet_id)
+        ).mappings()
+        found = [dict(found) for found in rows]
+        db.session.remove()
+    return found
 
 
 class Waiter(threading.Thread):

@@ -5,23 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from sqlalchemy import select
 
-from bucket.extensions import db
-from bucket.models import Packet
 from tests.factories import fixture, make_packet
+from tests.queue_helpers import stored
 from tests.statements import captured_statements
 
 API = "/api/v1/bucket/prana"
 INGEST = f"{API}/ingest"
-
-
-def stored(app) -> list[dict]:
-    """Every row of the packets table."""
-    with app.app_context():
-        rows = db.session.execute(select(Packet.__table__)).mappings().all()
-        db.session.remove()
-    return [dict(row) for row in rows]
 
 
 def envelope(packets: list) -> dict:

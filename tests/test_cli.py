@@ -5,14 +5,14 @@ import time
 from sqlalchemy import select, update
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet
+from bucket.models import Delivery, DeliveryState
 from bucket.services.counters import recount
 from tests.concurrency import join_all
 from tests.factories import make_packet
 from tests.queue_helpers import Waiter, wait_until_listening
 
 API = "/api/v1/bucket/prana"
-T = Packet.__table__
+T = Delivery.__table__  # the delivery columns these tests set and read
 DAY = 86400.0
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from sqlalchemy import select
 
-from bucket.extensions import db
-from bucket.models import Packet
 from tests.concurrency import run_threads
 from tests.factories import fixture, make_packet
-from tests.queue_helpers import expire
+from tests.queue_helpers import expire, row
 from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
@@ -35,15 +32,8 @@ CONTRACT_FIELDS = {
 
 
 def row_of(app, packet_id: str) -> dict:
-    """The stored row of one packet."""
-    with app.app_context():
-        row = (
-            db.session.execute(select(Packet.__table__).where(Packet.packet_id == packet_id))
-            .mappings()
-            .one()
-        )
-        db.session.remove()
-    return dict(row)
+    """The stored row of one packet, with its delivery."""
+    return dict(row(app, packet_id)._mapping)
 
 
 def poll_ids(client, query: str = "limit=10") -> list[str]:

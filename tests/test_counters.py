@@ -13,15 +13,15 @@ import time
 from collections import Counter
 
 import pytest
-from sqlalchemy import func, insert, select, text, update
+from sqlalchemy import column, func, insert, select, table, text, update
 
 from bucket import create_app
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet
+from bucket.models import Delivery, DeliveryState, Packet
 from bucket.schemas import PacketSchema
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
-from bucket.services.ingest import packet_row
+from bucket.services.ingest import delivery_row, packet_row
 from bucket.services.retention import purge
 from bucket.timeutil import utc_now
 from tests.concurrency import run_threads
@@ -29,7 +29,8 @@ from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, status
 from tests.servers import dispose_engines
 
-T = Packet.__table__
+T = Delivery.__table__  # the delivery columns these tests set and read
+P = Packet.__table__
 ACK = f"{API}/packets/mark-processed"
 DAY = 86400.0
 
@@ -209,13 +210,26 @@ def test_concurrent_acks_from_several_threads_count_each_packet_once(backend, ap
     assert shards > 1  # the acks spread over several shards instead of one hot row
 
 
+# The packets table as migration 0001 made it: content and delivery in one row.
+FIRST_SCHEMA_PACKETS = table(
+    "packets",
+    *[column(c.name, c.type) for c in Packet.__table__.c if c.name != "seq"],
+    *[
+        column(c.name, c.type)
+        for c in Delivery.__table__.c
+        if c.name not in ("packet_id", "received_at")
+    ],
+)
+
+
 def insert_as_an_older_version(app, count: int) -> list[str]:
-    """Rows as the first schema's code stored them (no ``seq``); their ids in order."""
+    """Rows as the first schema's code stored them (one wide row, no ``seq``); their ids."""
     with app.app_context():
-        rows = [
-            packet_row(PacketSchema().load(make_packet()), utc_now(), None) for _ in range(count)
-        ]
-        db.session.execute(insert(T), rows)
+        rows = []
+        for _ in range(count):
+            content = packet_row(PacketSchema().load(make_packet()), utc_now(), None)
+            rows.append({**content, **delivery_row(content)})
+        db.session.execute(insert(FIRST_SCHEMA_PACKETS), rows)
         db.session.commit()
     return [row["packet_id"] for row in rows]
 
@@ -230,11 +244,14 @@ def test_migration_seeds_the_counters_from_the_packets_already_stored(empty_data
         client = app.test_client()
         ids = insert_as_an_older_version(app, 6)
         with app.app_context():
+            legacy = FIRST_SCHEMA_PACKETS
             db.session.execute(
-                update(T).where(T.c.packet_id.in_(ids[:3])).values(delivery_state="processed")
+                update(legacy)
+                .where(legacy.c.packet_id.in_(ids[:3]))
+                .values(delivery_state="processed")
             )
             db.session.execute(
-                update(T).where(T.c.packet_id == ids[3]).values(delivery_state="dead")
+                update(legacy).where(legacy.c.packet_id == ids[3]).values(delivery_state="dead")
             )
             db.session.commit()
         result = cli.invoke(args=["db", "upgrade"])
@@ -248,7 +265,7 @@ def test_migration_seeds_the_counters_from_the_packets_already_stored(empty_data
         assert assert_exact(app, client)["total_packets"] == 8
         with app.app_context():
             booking = book_new_packets()
-            numbers = db.session.execute(select(T.c.seq).order_by(T.c.seq)).scalars().all()
+            numbers = db.session.execute(select(P.c.seq).order_by(P.c.seq)).scalars().all()
             db.session.commit()
         assert booking.packets == 2 and numbers == list(range(1, 9))
         assert assert_exact(app, client)["total_packets"] == 8

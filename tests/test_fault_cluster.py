@@ -292,7 +292,7 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     """Every packet answered 200 is processed exactly once through Redis and worker crashes."""
     instances = cluster["instances"]
     with psycopg.connect(pg_url(cluster["database"]), autocommit=True) as conn:
-        conn.execute("TRUNCATE packets, packet_counters")  # status counts from both
+        conn.execute("TRUNCATE packets, deliveries, packet_counters")  # status counts from both
     ledger = Ledger()
     events: list[str] = []
     stop = threading.Event()
@@ -335,7 +335,7 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     lost = acked - processed
     duplicated = {pid: n for pid, n in ledger.processed.items() if n > 1}
     with psycopg.connect(pg_url(cluster["database"])) as conn:
-        stored = dict(conn.execute("SELECT packet_id, delivery_state FROM packets").fetchall())
+        stored = dict(conn.execute("SELECT packet_id, delivery_state FROM deliveries").fetchall())
     figures = [requests.get(f"{i.url}{API}/status", timeout=10).json() for i in instances]
 
     print(

@@ -8,30 +8,14 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 
 import pytest
-from sqlalchemy import select
 
-from bucket.extensions import db
-from bucket.models import Packet
 from tests.factories import fixture, make_packet
+from tests.queue_helpers import stored
 
 API = "/api/v1/bucket/prana"
 INGEST = f"{API}/ingest"
 ORIGIN = "http://localhost:5173"
 BRIDGE_HEADERS = "content-type,x-client-timestamp,x-prana-batch-id,idempotency-key"
-
-
-def stored(app) -> list[dict]:
-    """Every row of the packets table, oldest first."""
-    with app.app_context():
-        rows = (
-            db.session.execute(
-                select(Packet.__table__).order_by(Packet.received_at, Packet.packet_id)
-            )
-            .mappings()
-            .all()
-        )
-        db.session.remove()
-    return [dict(row) for row in rows]
 
 
 def assert_error(response, code: int, *fields: str, location: str = "json") -> dict:

@@ -12,7 +12,6 @@ from tests import servers
 from tests.factories import make_packet
 
 EXPECTED_INDEXES = {
-    "ix_packets_queue": ["delivery_state", "visible_at"],
     "ix_packets_user": ["user_id", "received_at", "packet_id"],
     "ix_packets_employee": ["employee_id", "received_at", "packet_id"],
     "ix_packets_seq": ["seq"],
@@ -62,6 +61,14 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app):
     # Partial (only rows that carry a key), so it is a unique index rather than a constraint.
     assert ("idempotency_key",) in unique_indexes
     assert primary == ["packet_id"]
+    with fresh_app.app_context():
+        inspector = inspect(db.engine)
+        deliveries = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("deliveries")}
+        keys = inspector.get_foreign_keys("deliveries")
+    assert deliveries["ix_deliveries_queue"] == ["delivery_state", "visible_at"]
+    assert [(k["constrained_columns"], k["referred_table"]) for k in keys] == [
+        (["packet_id"], "packets")
+    ]
 
 
 def test_models_and_migrations_do_not_drift(fresh_app):

@@ -89,7 +89,7 @@ def test_batch_ack_answers_per_packet_outcomes_in_one_update(make_app):
     expire(app, [stale])
     with app.app_context():
         db.session.execute(
-            db.text("UPDATE packets SET lease_id = 'someone-else' WHERE packet_id = :p"),
+            db.text("UPDATE deliveries SET lease_id = 'someone-else' WHERE packet_id = :p"),
             {"p": stale},
         )
         db.session.commit()
@@ -117,7 +117,7 @@ def test_batch_ack_answers_per_packet_outcomes_in_one_update(make_app):
         (stale, 409, "stale_receipt"),
         (dead, 409, "dead"),
     ]
-    assert sum("UPDATE packets" in sql for sql in statements) == 1, statements
+    assert sum("UPDATE deliveries" in sql for sql in statements) == 1, statements
     assert row(app, done).karma_actions == [{"a": 1}]
     assert row(app, failed).last_error == "karma 500"
 

@@ -30,7 +30,10 @@ def count_rows(app, where: str = "1=1", **params) -> int:
     try:
         with engine.connect() as conn:
             return conn.execute(
-                text(f"SELECT count(*) FROM packets WHERE {where}"), params
+                text(
+                    f"SELECT count(*) FROM packets JOIN deliveries USING (packet_id) WHERE {where}"
+                ),
+                params,
             ).scalar()
     finally:
         engine.dispose()

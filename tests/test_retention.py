@@ -8,13 +8,13 @@ import pytest
 from sqlalchemy import select, update
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet
+from bucket.models import Delivery, DeliveryState
 from bucket.services.counters import recount
 from bucket.services.retention import purge
 from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
-T = Packet.__table__
+T = Delivery.__table__  # the delivery columns these tests set and read
 DAY = 86400.0
 
 
@@ -111,7 +111,7 @@ def test_purge_skips_rows_locked_by_others_and_never_waits(app, client, backend)
     age(app, ids, 45)
     url = app.config["SQLALCHEMY_DATABASE_URI"].replace("postgresql+psycopg", "postgresql")
     with psycopg.connect(url) as other:
-        other.execute("SELECT 1 FROM packets WHERE packet_id = %s FOR UPDATE", (ids[0],))
+        other.execute("SELECT 1 FROM deliveries WHERE packet_id = %s FOR UPDATE", (ids[0],))
         outcome = {}
 
         def run():

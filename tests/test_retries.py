@@ -187,6 +187,10 @@ def test_requeue_command_selects_by_time_range_and_all(make_app):
                 text("UPDATE packets SET received_at = :m WHERE packet_id = :p"),
                 {"m": moment, "p": packet_id},
             )
+            db.session.execute(
+                text("UPDATE deliveries SET received_at = :m WHERE packet_id = :p"),
+                {"m": moment, "p": packet_id},
+            )
         db.session.commit()
     runner = app.test_cli_runner()
 

@@ -26,7 +26,7 @@ from hypothesis.stateful import (
 from sqlalchemy import select, text
 
 from bucket.extensions import db, queue
-from bucket.models import Packet
+from bucket.models import Delivery
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, expire, poll, status
 
@@ -52,6 +52,7 @@ class Model:
 def reset(app) -> None:
     """Empty the tables (packets and their counters) and the queue between examples."""
     with app.app_context():
+        db.session.execute(text("DELETE FROM deliveries"))
         db.session.execute(text("DELETE FROM packets"))
         db.session.execute(text("DELETE FROM packet_counters"))
         db.session.commit()
@@ -189,7 +190,7 @@ def make_machine(app):
 
         @invariant()
         def database_matches_model(self) -> None:
-            table = Packet.__table__
+            table = Delivery.__table__
             with app.app_context():
                 stored = {
                     r.packet_id: (r.delivery_state, r.delivery_count)

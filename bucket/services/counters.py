@@ -22,11 +22,12 @@ import random
 from sqlalchemy import delete, func, insert, select, text
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet, PacketCounter
+from bucket.models import Delivery, DeliveryState, Packet, PacketCounter
 from bucket.services.dialect import dialect_name, upsert_insert
 
 C = PacketCounter.__table__
 T = Packet.__table__
+D = Delivery.__table__
 PROCESSED = DeliveryState.PROCESSED
 DEAD = DeliveryState.DEAD
 STORED = "stored"
@@ -81,7 +82,7 @@ def recount() -> dict[str, int]:
         db.session.execute(text("LOCK TABLE packet_counters IN EXCLUSIVE MODE"))
     by_state = dict(
         db.session.execute(
-            select(T.c.delivery_state, func.count()).group_by(T.c.delivery_state)
+            select(D.c.delivery_state, func.count()).group_by(D.c.delivery_state)
         ).all()
     )
     highest = db.session.execute(select(func.coalesce(func.max(T.c.seq), 0))).scalar_one()

@@ -10,30 +10,40 @@ from typing import Any
 
 import orjson
 from psycopg.types.json import Json
-from sqlalchemy import or_, select, text
+from sqlalchemy import insert, or_, select, text
 
 from bucket.extensions import db, queue
-from bucket.models import DeliveryState, Packet
+from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.dialect import dialect_name, upsert_insert
 from bucket.timeutil import new_packet_id, utc_now
 
 PACKET_TABLE = Packet.__table__
+DELIVERY_TABLE = Delivery.__table__
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every column but ``seq``, which PostgreSQL's identity fills (and SQLite's allocation below).
 PACKET_COLUMNS = tuple(column.name for column in PACKET_TABLE.c if column.name != "seq")
-JSON_COLUMNS = frozenset(("raw_signals", "karma_actions"))
-# Columns named on both sides: the statement does not depend on the physical column order.
+JSON_COLUMNS = frozenset(("raw_signals",))
+# Each new packet and its pending delivery, in one statement. Columns are named on both sides,
+# so the statement does not depend on the physical column order.
+_NEW_DELIVERIES = (
+    "INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
+    "delivery_count, processed_by_karma) "
+    "SELECT packet_id, received_at, 'pending', extract(epoch FROM received_at)::float8, 0, false "
+    "FROM stored"
+)
 BATCH_INSERT_SQL = (
-    f"INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
+    f"WITH stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"SELECT {', '.join(PACKET_COLUMNS)} "
     "FROM json_populate_recordset(NULL::packets, %(doc)s::json) "
-    "ON CONFLICT DO NOTHING RETURNING dedup_key"
+    "ON CONFLICT DO NOTHING RETURNING packet_id, dedup_key, received_at), "
+    f"delivered AS ({_NEW_DELIVERIES}) SELECT dedup_key FROM stored"
 )
 SINGLE_INSERT_SQL = (
-    f"INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
+    f"WITH stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"VALUES ({', '.join(['%s'] * len(PACKET_COLUMNS))}) "
-    "ON CONFLICT DO NOTHING RETURNING dedup_key"
+    "ON CONFLICT DO NOTHING RETURNING packet_id, dedup_key, received_at), "
+    f"delivered AS ({_NEW_DELIVERIES}) SELECT dedup_key FROM stored"
 )
 # Two index lookups, not an OR (which would need a bitmap scan, off on this pool).
 EXISTING_SQL = (
@@ -147,8 +157,16 @@ def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str
         "integrity_score": data.get("integrity_score"),
         "raw_signals": data["raw_signals"],
         "received_at": received_at,
+    }
+
+
+def delivery_row(row: dict) -> dict:
+    """The new packet's delivery: pending, visible from the moment it was received."""
+    return {
+        "packet_id": row["packet_id"],
+        "received_at": row["received_at"],
         "delivery_state": DeliveryState.PENDING,
-        "visible_at": received_at.timestamp(),
+        "visible_at": row["received_at"].timestamp(),
         "delivery_count": 0,
         "processed_by_karma": False,
     }
@@ -221,6 +239,9 @@ def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:
         inserted = {
             key for (key,) in session.execute(statement, rows if len(rows) > 1 else rows[0])
         }
+        if inserted:
+            fresh = [delivery_row(row) for row in rows if row["dedup_key"] in inserted]
+            session.execute(insert(DELIVERY_TABLE), fresh)
         missing = [row for row in rows if row["dedup_key"] not in inserted]
         existing: Existing = {}
         if missing:

@@ -10,6 +10,7 @@ from sqlalchemy import select, tuple_
 
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
+from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 
 T = Packet.__table__
 
@@ -49,18 +50,19 @@ def user_packets(
         return [], None  # no stored id holds NUL, and PostgreSQL would refuse the parameter
     filters = []
     if processed_only:
-        filters.append(T.c.delivery_state == DeliveryState.PROCESSED)
+        filters.append(D.c.delivery_state == DeliveryState.PROCESSED)
     if status:
-        filters.append(T.c.delivery_state == status)
+        filters.append(D.c.delivery_state == status)
     if cursor:
         received_at, packet_id = decode_cursor(cursor)
         filters.append(tuple_(T.c.received_at, T.c.packet_id) < tuple_(received_at, packet_id))
     order = (T.c.received_at.desc(), T.c.packet_id.desc())
-    # Two index-ordered lookups merged here beat one OR that the planner must sort.
-    by_user = select(T).where(T.c.user_id == user_id, *filters).order_by(*order).limit(limit + 1)
+    # Two index-ordered lookups merged here beat one OR that the planner must sort; each
+    # packet's delivery is joined on its primary key.
+    packets = select(T, *DELIVERY_COLUMNS).select_from(T.join(D, D.c.packet_id == T.c.packet_id))
+    by_user = packets.where(T.c.user_id == user_id, *filters).order_by(*order).limit(limit + 1)
     by_employee = (
-        select(T)
-        .where(T.c.employee_id == user_id, T.c.user_id != user_id, *filters)
+        packets.where(T.c.employee_id == user_id, T.c.user_id != user_id, *filters)
         .order_by(*order)
         .limit(limit + 1)
     )

@@ -1,8 +1,9 @@
 """Retention: delete processed (and, on request, dead) packets in short, bounded batches.
 
-Each batch is its own transaction deleting at most ``batch_size`` rows picked through the queue
-index (``delivery_state``, ``visible_at``, which holds the time a packet was processed or
-dead-lettered); on PostgreSQL the rows are picked with ``FOR UPDATE SKIP LOCKED``, so a purge
+Each batch is its own transaction deleting at most ``batch_size`` packets (and their
+deliveries) picked through the queue index (``delivery_state``, ``visible_at``, which holds the
+time a packet was processed or dead-lettered); on PostgreSQL the deliveries are picked with
+``FOR UPDATE SKIP LOCKED``, so a purge
 never waits on, or blocks, the rows that ingest, polls and acks are touching. Run it on a
 schedule (``flask bucket purge`` from a cron job) or on demand.
 """
@@ -15,12 +16,13 @@ from datetime import datetime
 from sqlalchemy import delete, func, select
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet, PacketCounter
+from bucket.models import Delivery, DeliveryState, Packet, PacketCounter
 from bucket.services import counters
 from bucket.services.bookkeeping import book_new_packets
 from bucket.timeutil import epoch_now, from_epoch
 
 T = Packet.__table__
+D = Delivery.__table__
 C = PacketCounter.__table__
 SECONDS_PER_DAY = 86400.0
 
@@ -55,30 +57,31 @@ def purge(
     # Booking first makes that every packet stored up to now.
     book_new_packets()
     booked = select(C.c.value).where(C.c.name == counters.BOOKED).scalar_subquery()
-    expired = (T.c.delivery_state.in_(states), T.c.visible_at < cutoff, T.c.seq <= booked)
+    expired = (
+        select(D.c.packet_id)
+        .join(T, T.c.packet_id == D.c.packet_id)
+        .where(D.c.delivery_state.in_(states), D.c.visible_at < cutoff, T.c.seq <= booked)
+    )
     if dry_run:
-        count = db.session.execute(select(func.count()).select_from(T).where(*expired)).scalar_one()
+        count = db.session.execute(
+            select(func.count()).select_from(expired.subquery())
+        ).scalar_one()
         db.session.commit()
         return PurgeReport(from_epoch(cutoff), states, count, 0, True)
     deleted = batches = 0
     while True:
         victims = (
-            select(T.c.packet_id)
-            .where(*expired)
-            .limit(batch_size)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
+            expired.limit(batch_size).with_for_update(skip_locked=True, of=D).scalar_subquery()
         )
-        gone = (
-            db.session.execute(
-                delete(T).where(T.c.packet_id.in_(victims)).returning(T.c.delivery_state)
-            )
-            .scalars()
-            .all()
-        )
+        gone = db.session.execute(
+            delete(D).where(D.c.packet_id.in_(victims)).returning(D.c.packet_id, D.c.delivery_state)
+        ).all()
+        if gone:
+            db.session.execute(delete(T).where(T.c.packet_id.in_([pid for pid, _ in gone])))
         count = len(gone)
-        counters.bump(counters.PROCESSED, -gone.count(DeliveryState.PROCESSED))
-        counters.bump(counters.DEAD, -gone.count(DeliveryState.DEAD))
+        states_gone = [state for _, state in gone]
+        counters.bump(counters.PROCESSED, -states_gone.count(DeliveryState.PROCESSED))
+        counters.bump(counters.DEAD, -states_gone.count(DeliveryState.DEAD))
         counters.bump(counters.STORED, -count)
         db.session.commit()
         batches += 1

@@ -41,13 +41,13 @@ WITH c AS (
     coalesce(max(CASE WHEN name = 'booked' THEN value END), 0) AS booked
   FROM packet_counters
 ), leased AS (
-  SELECT visible_at, delivery_count, received_at FROM packets
+  SELECT visible_at, delivery_count, received_at FROM deliveries
   WHERE delivery_state = 'leased' LIMIT %(cap)s
 ), retrying AS (
-  SELECT received_at FROM packets
+  SELECT received_at FROM deliveries
   WHERE delivery_state = 'pending' AND visible_at > %(now)s LIMIT %(cap)s
 ), head AS (
-  SELECT received_at FROM packets
+  SELECT received_at FROM deliveries
   WHERE delivery_state = 'pending' AND visible_at <= %(now)s ORDER BY visible_at LIMIT %(head)s
 )
 SELECT c.stored, c.processed, c.dead,

@@ -22,7 +22,7 @@ from bucket.extensions import db, queue
 from bucket.models import DeliveryState
 from bucket.services import counters, sql
 from bucket.services.counters import PG_BUMP
-from bucket.services.delivery.settings import DeliverySettings, T
+from bucket.services.delivery.settings import D, DeliverySettings
 from bucket.services.dialect import dialect_name
 from bucket.timeutil import epoch_now, from_epoch
 
@@ -33,7 +33,7 @@ FAILURE_MESSAGE = "consumer reported failure"
 # change its packet is judged on what the lock read (the row as last committed, which nobody
 # can change until this statement commits), and the UPDATE reaches packets only through the
 # locked primary keys: a condition on the state would let the planner walk every unfinished
-# row on stale statistics (measured: 6,800 pages for one ack with 30,000 waiting). Refused
+# delivery on stale statistics (measured: 6,800 pages for one ack with 30,000 waiting). Refused
 # results are answered from the lock's read too, not from the statement's older snapshot
 # (which would call an ack that lost a race "stale").
 _ATTEMPTS = (
@@ -45,14 +45,14 @@ WITH r AS (
   SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id text, success boolean,
     receipt text, jitter float8, error_message text, karma_actions json)
 ), locked AS (
-  SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM packets
+  SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM deliveries
   WHERE packet_id = ANY(%(ids)s) ORDER BY packet_id FOR UPDATE
 ), accepted AS (
   SELECT r.* FROM r JOIN locked USING (packet_id)
   WHERE locked.delivery_state IN ('pending', 'leased')
     AND (r.receipt IS NULL OR locked.lease_id = r.receipt)
 ), u AS (
-  UPDATE packets p SET
+  UPDATE deliveries p SET
     delivery_state = CASE WHEN r.success THEN 'processed'
                           WHEN {_EXHAUSTED} THEN 'dead' ELSE 'pending' END,
     delivery_count = {_ATTEMPTS},
@@ -188,8 +188,8 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
     now = epoch_now()
     now_dt = from_epoch(now)
     r = _results_table(items)
-    leased = T.c.delivery_state == DeliveryState.LEASED
-    attempts = case((leased, T.c.delivery_count), else_=T.c.delivery_count + 1)
+    leased = D.c.delivery_state == DeliveryState.LEASED
+    attempts = case((leased, D.c.delivery_count), else_=D.c.delivery_count + 1)
     exhausted = attempts >= settings.max_attempts
     backoff = case(
         *[(attempts == k, settings.backoff_for(k)) for k in range(1, settings.max_attempts + 1)],
@@ -197,11 +197,11 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
     )
     success = r.c.success == True  # noqa: E712 - SQL comparison, works on 1/0 and booleans
     statement = (
-        update(T)
+        update(D)
         .where(
-            T.c.packet_id == r.c.packet_id,
-            T.c.delivery_state.in_(DeliveryState.UNFINISHED),
-            or_(r.c.receipt.is_(None), T.c.lease_id == r.c.receipt),
+            D.c.packet_id == r.c.packet_id,
+            D.c.delivery_state.in_(DeliveryState.UNFINISHED),
+            or_(r.c.receipt.is_(None), D.c.lease_id == r.c.receipt),
         )
         .values(
             delivery_state=case(
@@ -213,7 +213,7 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
             visible_at=case((success, now), (exhausted, now), else_=now + r.c.jitter * backoff),
             lease_id=None,
             last_error=case(
-                (success, T.c.last_error),
+                (success, D.c.last_error),
                 else_=func.coalesce(r.c.error_message, FAILURE_MESSAGE),
             ),
             processed_at=case((success, now_dt), else_=None),
@@ -221,7 +221,7 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
             karma_actions=case((success, r.c.karma_actions), else_=None),
             dead_at=case((and_(~success, exhausted), now_dt), else_=None),
         )
-        .returning(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at)
+        .returning(D.c.packet_id, D.c.delivery_state, D.c.delivery_count, D.c.visible_at)
     )
     updated = {row.packet_id: tuple(row) for row in db.session.execute(statement)}
     others = [item["packet_id"] for item in items if item["packet_id"] not in updated]
@@ -230,8 +230,8 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
         current = {
             row.packet_id: tuple(row)
             for row in db.session.execute(
-                select(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at).where(
-                    T.c.packet_id.in_(others)
+                select(D.c.packet_id, D.c.delivery_state, D.c.delivery_count, D.c.visible_at).where(
+                    D.c.packet_id.in_(others)
                 )
             )
         }

@@ -23,9 +23,12 @@ from bucket.services import counters, sql
 from bucket.services.counters import PG_BUMP
 from bucket.services.delivery.reaping import reap_exhausted
 from bucket.services.delivery.settings import (
+    CONTENT_COLUMNS,
+    DELIVERY_COLUMN_NAMES,
+    DELIVERY_COLUMNS,
     EXHAUSTED_LEASE_ERROR,
     PACKET_COLUMN_NAMES,
-    PACKET_COLUMNS,
+    D,
     DeliverySettings,
     T,
     visible,
@@ -41,34 +44,39 @@ CLAIM_ROUNDS = 3
 # still an exhausted lease, which the suspect head skips.
 PG_HEADS = f"""
 WITH reaped AS (
-  UPDATE packets SET delivery_state = 'dead', visible_at = %(now)s, lease_id = NULL,
+  UPDATE deliveries SET delivery_state = 'dead', visible_at = %(now)s, lease_id = NULL,
     dead_at = %(now_ts)s, last_error = %(exhausted_error)s
   WHERE packet_id IN (
-    SELECT packet_id FROM packets
+    SELECT packet_id FROM deliveries
     WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count >= %(max)s
     FOR UPDATE SKIP LOCKED)
   RETURNING packet_id
 ), counted AS ({PG_BUMP.format(source="SELECT 'dead', count(*) FROM reaped")})
 SELECT
-  (SELECT visible_at FROM packets
+  (SELECT visible_at FROM deliveries
    WHERE delivery_state = 'pending' AND visible_at <= %(now)s
    ORDER BY visible_at LIMIT 1),
-  (SELECT visible_at FROM packets
+  (SELECT visible_at FROM deliveries
    WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count < %(max)s
    ORDER BY visible_at LIMIT 1)
 """
-# Lease the oldest visible rows of one head that nobody else has locked. ``visible_at`` alone
-# orders them: the (delivery_state, visible_at) index yields that order, so the scan stops
-# after ``limit`` rows however long the backlog.
+# Lease the oldest visible deliveries of one head that nobody else has locked, and read their
+# packets. ``visible_at`` alone orders them: the (delivery_state, visible_at) index yields that
+# order, so the scan stops after ``limit`` rows however long the backlog.
 PG_LEASE = f"""
-UPDATE packets SET delivery_state = 'leased', lease_id = %(receipt)s, visible_at = %(until)s,
-  delivery_count = delivery_count + 1, last_delivered_at = %(now_ts)s
-WHERE packet_id IN (
-  SELECT packet_id FROM packets
-  WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
-  ORDER BY visible_at LIMIT %(limit)s
-  FOR UPDATE SKIP LOCKED)
-RETURNING {", ".join(PACKET_COLUMN_NAMES)}
+WITH leased AS (
+  UPDATE deliveries SET delivery_state = 'leased', lease_id = %(receipt)s,
+    visible_at = %(until)s, delivery_count = delivery_count + 1, last_delivered_at = %(now_ts)s
+  WHERE packet_id IN (
+    SELECT packet_id FROM deliveries
+    WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
+    ORDER BY visible_at LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED)
+  RETURNING packet_id, {", ".join(DELIVERY_COLUMN_NAMES)}
+)
+SELECT {", ".join(f"p.{c.name}" for c in CONTENT_COLUMNS)},
+  {", ".join(f"leased.{name}" for name in DELIVERY_COLUMN_NAMES)}
+FROM leased JOIN packets p ON p.packet_id = leased.packet_id
 """
 
 
@@ -148,12 +156,12 @@ def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim
     reap_exhausted(now, settings)
 
     def head(state: str, *extra):
-        return select(func.min(T.c.visible_at)).where(visible(state, now), *extra).scalar_subquery()
+        return select(func.min(D.c.visible_at)).where(visible(state, now), *extra).scalar_subquery()
 
     healthy, suspect = db.session.execute(
         select(
             head(DeliveryState.PENDING),
-            head(DeliveryState.LEASED, T.c.delivery_count < settings.max_attempts),
+            head(DeliveryState.LEASED, D.c.delivery_count < settings.max_attempts),
         )
     ).one()
     source = choose_head(healthy, suspect)
@@ -163,26 +171,33 @@ def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim
     is_suspect = source == DeliveryState.LEASED
     receipt = secrets.token_hex(8)
     candidates = (
-        select(T.c.packet_id)
-        .where(visible(source, now), T.c.delivery_count < settings.max_attempts)
-        .order_by(T.c.visible_at)
+        select(D.c.packet_id)
+        .where(visible(source, now), D.c.delivery_count < settings.max_attempts)
+        .order_by(D.c.visible_at)
         .limit(1 if is_suspect else limit)
         .scalar_subquery()
     )
-    rows = db.session.execute(
-        update(T)
-        .where(T.c.packet_id.in_(candidates))
-        .values(
-            delivery_state=DeliveryState.LEASED,
-            lease_id=receipt,
-            visible_at=now + timeout,
-            delivery_count=T.c.delivery_count + 1,
-            last_delivered_at=from_epoch(now),
+    leased = {
+        row.packet_id: row._mapping
+        for row in db.session.execute(
+            update(D)
+            .where(D.c.packet_id.in_(candidates))
+            .values(
+                delivery_state=DeliveryState.LEASED,
+                lease_id=receipt,
+                visible_at=now + timeout,
+                delivery_count=D.c.delivery_count + 1,
+                last_delivered_at=from_epoch(now),
+            )
+            .returning(D.c.packet_id, *DELIVERY_COLUMNS)
         )
-        .returning(*PACKET_COLUMNS)
+    }
+    contents = db.session.execute(
+        select(*CONTENT_COLUMNS).where(T.c.packet_id.in_(list(leased)))
     ).all()
     db.session.commit()
-    return Claim([dict(row._mapping) for row in rows], receipt, is_suspect)
+    rows = [{**content._mapping, **leased[content.packet_id]} for content in contents]
+    return Claim(rows, receipt, is_suspect)
 
 
 def poll(limit: int, visibility_timeout: int | None, wait: float) -> Claim:

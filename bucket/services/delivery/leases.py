@@ -10,7 +10,7 @@ from bucket.extensions import db, queue
 from bucket.models import DeliveryState
 from bucket.services import counters
 from bucket.services.delivery.acks import AckOutcome, refused_outcome
-from bucket.services.delivery.settings import RELEASED_LAST_ERROR, DeliverySettings, T
+from bucket.services.delivery.settings import RELEASED_LAST_ERROR, D, DeliverySettings
 from bucket.timeutil import epoch_now, from_epoch
 
 
@@ -23,21 +23,21 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
         release_values(now, settings) if release else {"visible_at": now + visibility_timeout}
     )
     row = db.session.execute(
-        update(T)
+        update(D)
         .where(
-            T.c.packet_id == packet_id,
-            T.c.delivery_state == DeliveryState.LEASED,
-            T.c.lease_id == receipt,
-            T.c.visible_at > now,
+            D.c.packet_id == packet_id,
+            D.c.delivery_state == DeliveryState.LEASED,
+            D.c.lease_id == receipt,
+            D.c.visible_at > now,
         )
         .values(**new_values)
-        .returning(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at)
+        .returning(D.c.packet_id, D.c.delivery_state, D.c.delivery_count, D.c.visible_at)
     ).first()
     current = None
     if row is None:
         current = db.session.execute(
-            select(T.c.packet_id, T.c.delivery_state, T.c.delivery_count, T.c.visible_at).where(
-                T.c.packet_id == packet_id
+            select(D.c.packet_id, D.c.delivery_state, D.c.delivery_count, D.c.visible_at).where(
+                D.c.packet_id == packet_id
             )
         ).first()
     elif row.delivery_state == DeliveryState.DEAD:
@@ -69,11 +69,11 @@ def release_values(now: float, settings: DeliverySettings) -> dict[str, Any]:
     As with SQS, a delivery counts when it is handed out, so a release does not give the packet
     another try; dead-lettering it here (with a reason) beats a silent reap at the next poll.
     """
-    exhausted = T.c.delivery_count >= settings.max_attempts
+    exhausted = D.c.delivery_count >= settings.max_attempts
     return {
         "delivery_state": case((exhausted, DeliveryState.DEAD), else_=DeliveryState.PENDING),
         "visible_at": now,
         "lease_id": None,
         "dead_at": case((exhausted, from_epoch(now)), else_=None),
-        "last_error": case((exhausted, RELEASED_LAST_ERROR), else_=T.c.last_error),
+        "last_error": case((exhausted, RELEASED_LAST_ERROR), else_=D.c.last_error),
     }

@@ -10,7 +10,7 @@ from sqlalchemy import and_, case, func, select, update
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
 from bucket.services import counters
-from bucket.services.delivery.settings import EXHAUSTED_LEASE_ERROR, DeliverySettings, T
+from bucket.services.delivery.settings import EXHAUSTED_LEASE_ERROR, D, DeliverySettings
 from bucket.timeutil import epoch_now, from_epoch
 
 
@@ -24,26 +24,26 @@ def reap_exhausted(
     rebuild also reaps pending packets left over after ``BUCKET_MAX_ATTEMPTS`` was lowered.
     """
     victims = (
-        select(T.c.packet_id)
+        select(D.c.packet_id)
         .where(
-            T.c.delivery_state.in_(states),
-            T.c.visible_at <= now,
-            T.c.delivery_count >= settings.max_attempts,
+            D.c.delivery_state.in_(states),
+            D.c.visible_at <= now,
+            D.c.delivery_count >= settings.max_attempts,
         )
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
     result = db.session.execute(
-        update(T)
-        .where(T.c.packet_id.in_(victims))
+        update(D)
+        .where(D.c.packet_id.in_(victims))
         .values(
             delivery_state=DeliveryState.DEAD,
             visible_at=now,
             lease_id=None,
             dead_at=from_epoch(now),
             last_error=case(
-                (T.c.delivery_state == DeliveryState.LEASED, EXHAUSTED_LEASE_ERROR),
-                else_=T.c.last_error,
+                (D.c.delivery_state == DeliveryState.LEASED, EXHAUSTED_LEASE_ERROR),
+                else_=D.c.last_error,
             ),
         )
     )
@@ -78,16 +78,16 @@ def rebuild_queue() -> QueueRebuild:
     settings = DeliverySettings.from_app()
     now = epoch_now()
     dead = reap_exhausted(now, settings, DeliveryState.UNFINISHED)
-    leased = T.c.delivery_state == DeliveryState.LEASED
-    pending = T.c.delivery_state == DeliveryState.PENDING
-    visible = T.c.visible_at <= now
+    leased = D.c.delivery_state == DeliveryState.LEASED
+    pending = D.c.delivery_state == DeliveryState.PENDING
+    visible = D.c.visible_at <= now
     row = db.session.execute(
         select(
             func.count().filter(and_(leased, visible)).label("expired"),
             func.count().filter(and_(pending, visible)).label("ready"),
             func.count().filter(and_(pending, ~visible)).label("retrying"),
             func.count().filter(and_(leased, ~visible)).label("leased"),
-        ).where(T.c.delivery_state.in_(DeliveryState.UNFINISHED))
+        ).where(D.c.delivery_state.in_(DeliveryState.UNFINISHED))
     ).one()
     db.session.commit()
     queue.publish_ready()

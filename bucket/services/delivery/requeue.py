@@ -5,12 +5,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
 from bucket.services import counters
-from bucket.services.delivery.settings import T
+from bucket.services.delivery.settings import D, T
 from bucket.timeutil import epoch_now
 
 # A state leaving for pending takes its count down with it (pending is counted from the rows).
@@ -33,13 +33,13 @@ def requeue(
     """
     conditions = []
     if user_id is not None:
-        conditions.append(T.c.user_id == user_id)
+        conditions.append(D.c.packet_id.in_(select(T.c.packet_id).where(T.c.user_id == user_id)))
     if received_from is not None:
-        conditions.append(T.c.received_at >= received_from)
+        conditions.append(D.c.received_at >= received_from)
     if received_to is not None:
-        conditions.append(T.c.received_at < received_to)
+        conditions.append(D.c.received_at < received_to)
     if packet_ids is not None:
-        conditions.append(T.c.packet_id.in_(packet_ids))
+        conditions.append(D.c.packet_id.in_(packet_ids))
     values: dict[str, Any] = {
         "delivery_state": DeliveryState.PENDING,
         "visible_at": epoch_now(),
@@ -55,7 +55,7 @@ def requeue(
     for state in sorted(set(states), key=lambda state: state != DeliveryState.PENDING):
         if state == DeliveryState.LEASED:
             continue
-        statement = update(T).where(T.c.delivery_state == state, *conditions).values(**values)
+        statement = update(D).where(D.c.delivery_state == state, *conditions).values(**values)
         moved = db.session.execute(statement).rowcount or 0
         if state in COUNTED_STATES:
             counters.bump(COUNTED_STATES[state], -moved)

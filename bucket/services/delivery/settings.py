@@ -7,12 +7,17 @@ from dataclasses import dataclass
 from flask import current_app
 from sqlalchemy import and_
 
-from bucket.models import DeliveryState, Packet
+from bucket.models import Delivery, DeliveryState, Packet
 
 T = Packet.__table__
-# Columns a consumer sees, in the order the hand-written statements return them.
-PACKET_COLUMNS = [c for c in T.c if c.name not in ("dedup_key", "idempotency_key", "seq")]
+D = Delivery.__table__
+# What a consumer sees of a packet: its content, then its delivery columns, in the order the
+# hand-written statements return them.
+CONTENT_COLUMNS = [c for c in T.c if c.name not in ("dedup_key", "idempotency_key", "seq")]
+DELIVERY_COLUMNS = [c for c in D.c if c.name not in ("packet_id", "received_at")]
+PACKET_COLUMNS = CONTENT_COLUMNS + DELIVERY_COLUMNS
 PACKET_COLUMN_NAMES = [c.name for c in PACKET_COLUMNS]
+DELIVERY_COLUMN_NAMES = [c.name for c in DELIVERY_COLUMNS]
 EXHAUSTED_LEASE_ERROR = "lease expired without acknowledgement on the last allowed delivery"
 RELEASED_LAST_ERROR = "lease released by its consumer on the last allowed delivery"
 
@@ -45,13 +50,13 @@ class DeliverySettings:
 
 def visible(state: str, now: float):
     """Rows of ``state`` whose clock has come (a pending packet's turn, a lease's expiry)."""
-    return and_(T.c.delivery_state == state, T.c.visible_at <= now)
+    return and_(D.c.delivery_state == state, D.c.visible_at <= now)
 
 
 def ready_condition(now: float, max_attempts: int):
     """ "A poll could take it now": visible, unfinished, and not out of attempts."""
     return and_(
-        T.c.delivery_state.in_(DeliveryState.UNFINISHED),
-        T.c.visible_at <= now,
-        T.c.delivery_count < max_attempts,
+        D.c.delivery_state.in_(DeliveryState.UNFINISHED),
+        D.c.visible_at <= now,
+        D.c.delivery_count < max_attempts,
     )
