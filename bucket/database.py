@@ -17,17 +17,20 @@ from bucket.services.dialect import AUTOCOMMIT_BIND
 # statistics say: a backlog grows faster than autovacuum re-analyses, and on stale statistics
 # the planner chose a bitmap scan and a sort of every waiting row for each poll (measured:
 # 160 ms per poll and 110 ms per acknowledgement with 200,000 waiting), and a sequential scan
-# to count the packets stored since the last booking. No statement of the autocommit pool
-# needs a sort, a bitmap or a table scan, so the planner is told to avoid them on its
-# connections (tests/test_scaling.py checks the plans on a stale, growing table). JIT is off
+# to count the packets stored since the last booking. Every statement of the autocommit pool
+# reaches a bounded number of rows through an index (their joins are written so the small
+# side drives: services/delivery/claims.py), so sorts, bitmaps, table scans and merge joins
+# are off for its connections (tests/test_scaling.py checks the plans on a stale and a fresh,
+# growing table).
+# JIT is off
 # too: the penalty those settings add to the tiny counter table's scan pushed plans over
 # jit_above_cost, and compiling a statement took longer than a thousand executions of it.
 # And each prepared statement is planned once per connection (a generic plan): planning the
 # acknowledgement took 1 ms, longer than running it, and the default would re-plan it for
 # every execution whenever a custom plan looks cheaper.
 QUEUE_PLANNER_SETTINGS = (
-    "-c enable_bitmapscan=off -c enable_sort=off -c enable_seqscan=off -c jit=off "
-    "-c plan_cache_mode=force_generic_plan"
+    "-c enable_bitmapscan=off -c enable_sort=off -c enable_seqscan=off -c enable_mergejoin=off "
+    "-c jit=off -c plan_cache_mode=force_generic_plan"
 )
 
 

@@ -23,7 +23,6 @@ from bucket.schemas import (
 )
 from bucket.services import delivery
 from bucket.services.listing import BadCursor, user_packets
-from bucket.services.stats import queue_figures
 
 blp = Blueprint(
     "consumer",
@@ -49,13 +48,13 @@ def pending(limit: int, wait: float, visibility_timeout: int | None = None):
     """
     result = delivery.poll(limit, visibility_timeout, wait)
     packets = [pending_packet_out(row, result.receipt, result.suspect) for row in result.rows]
-    figures = queue_figures()
+    queue_size, exact = result.queue_size()
     return jsonify(
         {
             "packets": packets,
             "count": len(packets),
-            "queue_size": figures.queue_size,
-            "queue_size_exact": figures.exact,
+            "queue_size": queue_size,
+            "queue_size_exact": exact,
         }
     )
 

@@ -31,9 +31,11 @@ COUNT_CAP = 10_000
 HEAD_ROWS = 100
 
 # Portable SQL (PostgreSQL and SQLite): every figure from one snapshot, so an ack committed
-# between two reads can never be counted both as unfinished and as processed.
-STATUS_SQL = """
-WITH c AS (
+# between two reads can never be counted both as unfinished and as processed. The queue size's
+# parts are shared with the claim's first statement (services/delivery/claims.py), which
+# answers a poll's ``queue_size`` in the same round trip.
+QUEUE_CTES = """
+c AS (
   SELECT
     coalesce(sum(CASE WHEN name = 'stored' THEN value END), 0) AS stored,
     coalesce(sum(CASE WHEN name = 'processed' THEN value END), 0) AS processed,
@@ -46,15 +48,18 @@ WITH c AS (
 ), retrying AS (
   SELECT received_at FROM deliveries
   WHERE delivery_state = 'pending' AND visible_at > %(now)s LIMIT %(cap)s
-), head AS (
-  SELECT received_at FROM deliveries
-  WHERE delivery_state = 'pending' AND visible_at <= %(now)s ORDER BY visible_at LIMIT %(head)s
-)
-SELECT c.stored, c.processed, c.dead,
+)"""
+QUEUE_COLUMNS = """c.stored, c.processed, c.dead,
   (SELECT count(*) FROM packets WHERE seq > c.booked),
   (SELECT count(*) FROM leased),
   (SELECT count(*) FROM leased WHERE visible_at <= %(now)s AND delivery_count < %(max)s),
-  (SELECT count(*) FROM retrying),
+  (SELECT count(*) FROM retrying)"""
+STATUS_SQL = f"""
+WITH {QUEUE_CTES}, head AS (
+  SELECT received_at FROM deliveries
+  WHERE delivery_state = 'pending' AND visible_at <= %(now)s ORDER BY visible_at LIMIT %(head)s
+)
+SELECT {QUEUE_COLUMNS},
   (SELECT count(*) FROM head),
   (SELECT min(received_at) FROM leased),
   (SELECT min(received_at) FROM retrying),
@@ -110,19 +115,14 @@ def as_utc(value: datetime | str | None) -> datetime | None:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-def queue_figures() -> QueueFigures:
-    """Read the figures in one statement (and commit, so no transaction is left open)."""
-    now = epoch_now()
-    params = {
-        "now": now,
-        "cap": COUNT_CAP,
-        "head": HEAD_ROWS,
-        "max": current_app.config["BUCKET_MAX_ATTEMPTS"],
-    }
-    ((stored, processed, dead, unbooked, leased, suspects, retrying, head, *oldest),) = sql.run(
-        STATUS_SQL, params
-    )
-    sql.finish()
+def queue_params(now: float) -> dict:
+    """The parameters of ``QUEUE_CTES`` and ``QUEUE_COLUMNS``."""
+    return {"now": now, "cap": COUNT_CAP, "max": current_app.config["BUCKET_MAX_ATTEMPTS"]}
+
+
+def figures_from(columns, head: int = 0, oldest=()) -> QueueFigures:
+    """QueueFigures from the values of ``QUEUE_COLUMNS`` (and, for status, the head's)."""
+    stored, processed, dead, unbooked, leased, suspects, retrying = columns
     stored, processed, dead = int(stored), int(processed), int(dead)  # NUMERIC sums on PG
     total = stored + unbooked
     unfinished = max(0, total - processed - dead)
@@ -141,6 +141,14 @@ def queue_figures() -> QueueFigures:
         oldest=min(moments) if moments and unfinished else None,
         oldest_exact=exact and head < HEAD_ROWS,
     )
+
+
+def queue_figures() -> QueueFigures:
+    """Read the figures in one statement (and commit, so no transaction is left open)."""
+    params = {**queue_params(epoch_now()), "head": HEAD_ROWS}
+    ((*columns, head, oldest_leased, oldest_retrying, oldest_head),) = sql.run(STATUS_SQL, params)
+    sql.finish()
+    return figures_from(columns, head, (oldest_leased, oldest_retrying, oldest_head))
 
 
 def collect_stats() -> QueueStats:

@@ -34,44 +34,58 @@ from bucket.services.delivery.settings import (
     visible,
 )
 from bucket.services.dialect import dialect_name
+from bucket.services.stats import (
+    QUEUE_COLUMNS,
+    QUEUE_CTES,
+    QueueFigures,
+    figures_from,
+    queue_figures,
+    queue_params,
+)
 from bucket.timeutil import epoch_now, from_epoch
 
 # Heads a claim may find taken by concurrent claims before it answers "nothing visible".
 CLAIM_ROUNDS = 3
 
-# PostgreSQL, one statement: reap exhausted expired leases (counting them as dead) and read
-# both heads. The heads are read from the statement's snapshot, where a packet being reaped is
-# still an exhausted lease, which the suspect head skips.
+# PostgreSQL, one statement: reap exhausted expired leases (counting them as dead), read both
+# heads and the queue size (so a poll answers ``queue_size`` without another round trip). All
+# is read from the statement's snapshot, where a packet being reaped is still an exhausted
+# lease: the suspect head skips it, and it counts as neither ready nor gone.
 PG_HEADS = f"""
 WITH reaped AS (
   UPDATE deliveries SET delivery_state = 'dead', visible_at = %(now)s, lease_id = NULL,
     dead_at = %(now_ts)s, last_error = %(exhausted_error)s
-  WHERE packet_id IN (
+  WHERE packet_id = ANY(ARRAY(
     SELECT packet_id FROM deliveries
     WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count >= %(max)s
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED))
   RETURNING packet_id
-), counted AS ({PG_BUMP.format(source="SELECT 'dead', count(*) FROM reaped")})
+), counted AS ({PG_BUMP.format(source="SELECT 'dead', count(*) FROM reaped")}),
+{QUEUE_CTES}
 SELECT
   (SELECT visible_at FROM deliveries
    WHERE delivery_state = 'pending' AND visible_at <= %(now)s
    ORDER BY visible_at LIMIT 1),
   (SELECT visible_at FROM deliveries
    WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count < %(max)s
-   ORDER BY visible_at LIMIT 1)
+   ORDER BY visible_at LIMIT 1),
+  {QUEUE_COLUMNS}
+FROM c
 """
 # Lease the oldest visible deliveries of one head that nobody else has locked, and read their
 # packets. ``visible_at`` alone orders them: the (delivery_state, visible_at) index yields that
-# order, so the scan stops after ``limit`` rows however long the backlog.
+# order, so the scan stops after ``limit`` rows however long the backlog. The chosen keys go
+# to the UPDATE as an array (``= ANY(ARRAY(…))``), which leaves the planner no join to get
+# wrong: as ``IN (subquery)`` it hashed every delivery once it could not see the LIMIT.
 PG_LEASE = f"""
 WITH leased AS (
   UPDATE deliveries SET delivery_state = 'leased', lease_id = %(receipt)s,
     visible_at = %(until)s, delivery_count = delivery_count + 1, last_delivered_at = %(now_ts)s
-  WHERE packet_id IN (
+  WHERE packet_id = ANY(ARRAY(
     SELECT packet_id FROM deliveries
     WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
     ORDER BY visible_at LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED))
   RETURNING packet_id, {", ".join(DELIVERY_COLUMN_NAMES)}
 )
 SELECT {", ".join(f"p.{c.name}" for c in CONTENT_COLUMNS)},
@@ -82,12 +96,20 @@ FROM leased JOIN packets p ON p.packet_id = leased.packet_id
 
 @dataclass
 class Claim:
-    """The packets one poll leased (as column → value mappings), and whether they are
-    suspects served apart."""
+    """The packets one poll leased (as column → value mappings), whether they are suspects
+    served apart, and (on PostgreSQL) the queue's figures as the claim found them."""
 
     rows: list[dict[str, Any]]
     receipt: str | None
     suspect: bool
+    figures: QueueFigures | None = None
+
+    def queue_size(self) -> tuple[int, bool]:
+        """Packets still waiting after this claim, and whether that is exact."""
+        if self.figures is None:  # SQLite: read now, after the claim committed
+            figures = queue_figures()
+            return figures.queue_size, figures.exact
+        return max(0, self.figures.queue_size - len(self.rows)), self.figures.exact
 
 
 def choose_head(healthy: float | None, suspect: float | None) -> str | None:
@@ -111,28 +133,27 @@ def claim(limit: int, visibility_timeout: int | None = None) -> Claim:
     lease = _lease_postgres if dialect_name() == "postgresql" else _lease_sqlite
     for _ in range(CLAIM_ROUNDS):
         claimed = lease(limit, timeout, settings)
-        if claimed is None or claimed.rows:
+        if claimed.rows or claimed.receipt is None:
             break
-    else:
-        claimed = None
-    if claimed is None or not claimed.rows:
-        return Claim([], None, False)
+    if not claimed.rows:
+        return Claim([], None, False, claimed.figures)
     claimed.rows.sort(key=lambda row: row["packet_id"])
     return claimed
 
 
-def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Claim | None:
+def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Claim:
     """One round on PostgreSQL: heads (with reaping), then the lease; two autocommit statements.
-    None when nothing is visible; an empty claim when the head was taken meanwhile."""
+    No receipt when nothing is visible; no rows when the head was taken meanwhile."""
     now = epoch_now()
-    params = {"now": now, "now_ts": from_epoch(now), "max": settings.max_attempts}
-    ((healthy, suspect),) = sql.run(
+    params = {**queue_params(now), "now_ts": from_epoch(now)}
+    ((healthy, suspect, *columns),) = sql.run(
         PG_HEADS,
         {**params, "exhausted_error": EXHAUSTED_LEASE_ERROR, "shard": counters.random_shard()},
     )
+    figures = figures_from(columns)
     source = choose_head(healthy, suspect)
     if source is None:
-        return None
+        return Claim([], None, False, figures)
     receipt = secrets.token_hex(8)
     is_suspect = source == DeliveryState.LEASED
     rows = sql.run(
@@ -146,11 +167,14 @@ def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Cla
         },
     )
     return Claim(
-        [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows], receipt, is_suspect
+        [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows],
+        receipt,
+        is_suspect,
+        figures,
     )
 
 
-def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim | None:
+def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim:
     """One round on SQLite, in one BEGIN IMMEDIATE transaction: reap, heads, lease, commit."""
     now = epoch_now()
     reap_exhausted(now, settings)
@@ -167,7 +191,7 @@ def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim
     source = choose_head(healthy, suspect)
     if source is None:
         db.session.commit()
-        return None
+        return Claim([], None, False)
     is_suspect = source == DeliveryState.LEASED
     receipt = secrets.token_hex(8)
     candidates = (
