@@ -2,11 +2,11 @@
 
 PostgreSQL: packets are inserted behind the planner's back (no ANALYZE, so statistics as
 stale as after a sudden backlog), first 3,000 waiting and 3,000 processed, then forty times as
-many, and the statements run again once ANALYZE has told the planner. Each statement a poll, an acknowledgement or a status read sends is run under EXPLAIN
-(ANALYZE, BUFFERS) on the hot pool's own connections, prepared with the generic plan they
-keep, at both sizes: it must never scan the table, and the pages it touches must stay about
-the same. The benchmark measures the time;
-this keeps the plans that make it so.
+many, and the statements run again once the statistics know. Each statement a poll, an
+acknowledgement or a status read sends is run under EXPLAIN (ANALYZE, BUFFERS) on the hot
+pool's own connections, prepared with the generic plan they keep, at each size: it must never
+scan a table or walk a whole index, and the pages it touches must stay about the same. The
+benchmark measures the time; this keeps the plans that make it so.
 """
 
 from __future__ import annotations
