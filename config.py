@@ -92,9 +92,11 @@ class Config:
         # What riding through a PostgreSQL restart, crash or failover relies on (README,
         # "When the database goes away"; tests/test_fault_restart.py):
         self.BUCKET_DB_POOL = {
-            # No ping per checkout (a round trip on every request): a connection found dead
-            # fails its one request with 503, and the pool then replaces every connection
-            # opened before it (services/sql.py, and SQLAlchemy for its own statements).
+            # No ping per checkout (a round trip on every request): each checkout polls the
+            # socket instead (bucket/database.py), which finds the sessions a restart or a
+            # crash closed; a connection found dead only by its statement fails that one
+            # request with 503, and the pool then replaces every connection opened before it
+            # (services/sql.py, and SQLAlchemy for its own statements).
             "pool_pre_ping": False,
             # Wait at most this long for a free connection, then answer 503 with Retry-After
             # instead of holding the request past the bridge's 10 s timeout.

@@ -19,7 +19,7 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.cluster import child_pids  # noqa: E402
+from tests.cluster import child_pids, procfile_web  # noqa: E402
 from tests.servers import PrivatePostgres, PrivateRedis, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -27,14 +27,6 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # Limits far above what the benchmark sends: every request pays for both checks, none is refused.
 UNLIMITED = "1000000000 per minute"
 TOKEN = "bench-consumer-token"
-
-
-def procfile_web() -> str:
-    """The Procfile's web command, as a platform runs it."""
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        if line.startswith("web: "):
-            return line[len("web: ") :]
-    raise RuntimeError("the Procfile has no web line")
 
 
 def percentile(values: list[float], pct: float) -> float:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import select
 from typing import Any
 
 import orjson
 from flask import Flask
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 
 from bucket.jsonutil import orjson_dumps
 from bucket.services.dialect import AUTOCOMMIT_BIND
@@ -65,6 +67,24 @@ def configure_database(app: Flask) -> None:
     config["SQLALCHEMY_ENGINE_OPTIONS"] = {**options, **config.get("SQLALCHEMY_ENGINE_OPTIONS", {})}
 
 
+def refuse_closed_connection(dbapi_connection, _record, _proxy) -> None:
+    """Hand out no pooled connection the server has already closed.
+
+    A server that restarts or crashes closes every session (a fast shutdown first sends each
+    one a "terminating connection" notice), and an idle connection then has something to read
+    where it should have nothing. One poll of the socket, no round trip, tells; SQLAlchemy
+    then drops that connection and checks out (or opens) another, so no request has to fail
+    on it. A connection the server dropped silently (host gone, no FIN) is still found by its
+    first statement, which fails with 503 and replaces the rest of the pool.
+    """
+    if dbapi_connection.closed or dbapi_connection.broken:
+        raise DisconnectionError("the connection is closed")
+    poller = select.poll()  # not select.select: file descriptors may exceed FD_SETSIZE
+    poller.register(dbapi_connection.fileno(), select.POLLIN)
+    if poller.poll(0):
+        raise DisconnectionError("the server closed or spoke on an idle connection")
+
+
 def tune_engine(engine: Engine) -> None:
     """PostgreSQL: JSON columns decoded by orjson. SQLite: WAL, and BEGIN IMMEDIATE so each
     transaction's claims and acks are serialised."""
@@ -76,6 +96,7 @@ def tune_engine(engine: Engine) -> None:
 
             set_json_loads(orjson.loads, dbapi_connection)
 
+        event.listen(engine, "checkout", refuse_closed_connection)
         return
     if engine.dialect.name != "sqlite":
         return

@@ -21,7 +21,8 @@ BIN = Path(sys.executable).parent
 def service_env(database_url: str, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     """The environment of one instance: shared database and Redis, no rate limits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
-    env.pop("WEB_CONCURRENCY", None)
+    for name in ("WEB_CONCURRENCY", "PORT", "DATABASE_URL", "REDIS_URL"):
+        env.pop(name, None)
     env.update(
         DATABASE_URL=database_url,
         REDIS_URL=redis_url,
@@ -83,8 +84,17 @@ def stop_process(process: subprocess.Popen, grace: float = 15.0) -> None:
         process.wait(timeout=10)
 
 
+def procfile_web() -> str:
+    """The Procfile's web command, as a platform runs it (through a shell)."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith("web: "):
+            return line[len("web: ") :]
+    raise RuntimeError("the Procfile has no web line")
+
+
 class Instance:
-    """One service instance: a gunicorn master with gthread workers on a free port."""
+    """One service instance started by the Procfile's web line: a gunicorn master with
+    gthread workers, on a free port."""
 
     def __init__(self, env: dict[str, str], workers: int = 2, threads: int = 8) -> None:
         self.env = env
@@ -103,21 +113,17 @@ class Instance:
 
         A start that fails stops what it started before raising, so no gunicorn outlives it.
         """
+        env = {
+            **self.env,
+            "PATH": f"{BIN}:{self.env.get('PATH', os.environ['PATH'])}",
+            "PORT": str(self.port),
+            "WEB_CONCURRENCY": str(self.workers),
+            "BUCKET_THREADS": str(self.threads),
+        }
         self.process = subprocess.Popen(
-            [
-                str(BIN / "gunicorn"),
-                "--config",
-                "gunicorn.conf.py",
-                "--bind",
-                f"127.0.0.1:{self.port}",
-                "--workers",
-                str(self.workers),
-                "--threads",
-                str(self.threads),
-                "wsgi:app",
-            ],
+            ["bash", "-c", procfile_web()],
             cwd=ROOT,
-            env=self.env,
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
