@@ -34,7 +34,9 @@ def error_response(
 def database_unavailable(exc: Exception):
     """The database did not answer: 503 with Retry-After, so the bridge retries the packet."""
     db.session.rollback()
-    log.warning("database unavailable: %s: %s", exc.__class__.__name__, str(exc).split("\n")[0][:300])
+    log.warning(
+        "database unavailable: %s: %s", exc.__class__.__name__, str(exc).split("\n")[0][:300]
+    )
     return error_response(
         503,
         "The database is unavailable; nothing was stored. Retry later.",
