@@ -188,7 +188,7 @@ class Database:
                 "SELECT sum(pg_table_size(t)), sum(pg_indexes_size(t)) "
                 "FROM unnest(ARRAY['packets', 'deliveries']::regclass[]) AS t"
             ).fetchone()
-        return rows, heap, index
+        return int(rows), int(heap), int(index)  # sum() of bigint answers a Decimal
 
     def stop(self) -> None:
         self.server.destroy()

@@ -1,0 +1,50 @@
+"""The benchmark suite still runs: ``python -m bench --smoke`` end to end, in seconds.
+
+It asserts that every scenario produced its figures and that no request failed, never how
+fast anything was (speed goals live in the benchmark and BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import servers
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_benchmark_smoke_run_measures_every_figure():
+    if shutil.which("wrk") is None:
+        servers.unavailable("wrk is not installed (Debian: apt-get install wrk)")
+    if servers.postgres_binary("initdb") is None:
+        servers.unavailable("PostgreSQL's initdb is not installed")
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    line = next(x for x in run.stdout.splitlines() if x.startswith("BENCH_JSON "))
+    results = json.loads(line.removeprefix("BENCH_JSON "))
+    for scenario in ("ingest", "backlog_small", "backlog_large", "batch_drain", "recovery"):
+        assert scenario in results, scenario
+    for scenario in ("table_small", "table_large", "storage", "embedded", "capacity", "memory"):
+        assert scenario in results, scenario
+    ingest = results["ingest"]
+    assert ingest["single_rps"] > 0 and ingest["trivial_rps"] > 0
+    assert ingest["single_errors"] == ingest["batch_errors"] == 0
+    assert results["backlog_small"]["errors"] == results["backlog_large"]["errors"] == 0
+    assert results["recovery"]["emptied"]
+    embedded = results["embedded"]
+    assert embedded["single_errors"] == embedded["drain_errors"] == 0
+    assert embedded["database_locked"] == 0
+    assert "poll limit=10 p50" in run.stdout  # the table was printed
