@@ -64,6 +64,16 @@ class Config:
         self.BUCKET_RETRY_BACKOFF_MAX = env_float("BUCKET_RETRY_BACKOFF_MAX", 3600.0)
         self.BUCKET_MAX_BODY_BYTES = env_int("BUCKET_MAX_BODY_BYTES", 1024 * 1024)
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
+        # What cognitive_state may hold (the legacy EMS states are accepted besides).
+        self.BUCKET_COGNITIVE_STATES = env_list(
+            "BUCKET_COGNITIVE_STATES",
+            ["DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK"],
+        )
+        # The quarantine of refused packets (README, "The quarantine"): anyone can post, so
+        # it is bounded; the least recently seen entries are dropped first.
+        self.BUCKET_QUARANTINE_MAX_ROWS = env_int("BUCKET_QUARANTINE_MAX_ROWS", 100_000)
+        self.BUCKET_QUARANTINE_MAX_BYTES = env_int("BUCKET_QUARANTINE_MAX_BYTES", 128 * 1024 * 1024)
+        self.BUCKET_QUARANTINE_RETENTION_DAYS = env_float("BUCKET_QUARANTINE_RETENTION_DAYS", 30.0)
         self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
         self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)

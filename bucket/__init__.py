@@ -16,6 +16,7 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     configure(app, overrides, testing)
     configure_logging(app)
     register_json(app)
+    register_packet_rules(app)
     register_request_hooks(app)
     register_extensions(app)
     register_rate_limits(app)
@@ -43,6 +44,14 @@ def register_json(app: Flask) -> None:
     app.json = OrjsonProvider(app)
 
 
+def register_packet_rules(app: Flask) -> None:
+    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)."""
+    from bucket.schemas import PacketRules
+
+    states = tuple(app.config["BUCKET_COGNITIVE_STATES"])
+    app.extensions["bucket.packet_rules"] = PacketRules(states)
+
+
 def register_extensions(app: Flask) -> None:
     """Bind db, migrations, the queue service, the bookkeeper, CORS and the API object."""
     from bucket import models  # noqa: F401 - registers the tables on the metadata
@@ -68,7 +77,7 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP API and register its schemas in the OpenAPI document."""
-    from bucket.api import consumer, health, ingest, metrics, status
+    from bucket.api import consumer, health, ingest, metrics, quarantine, status
     from bucket.extensions import api
     from bucket.schemas import (
         AckBatchSchema,
@@ -89,7 +98,7 @@ def register_blueprints(app: Flask) -> None:
     ):
         if name not in api.spec.components.schemas:
             api.spec.components.schema(name, schema=schema)
-    for module in (ingest, consumer, status, health, metrics):
+    for module in (ingest, consumer, status, quarantine, health, metrics):
         api.register_blueprint(module.blp)
 
 

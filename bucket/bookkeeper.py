@@ -1,4 +1,5 @@
-"""The background bookkeeper: a thread per worker process that books new packets every few seconds.
+"""The background bookkeeper: a thread per worker process that books new packets every few seconds
+(and drops expired quarantine entries once a minute).
 
 Started by gunicorn's ``post_worker_init`` hook (``gunicorn.conf.py``), so neither tests,
 ``flask shell`` nor CLI commands run it unasked; ``flask bucket book`` does one round by hand.
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "bucket.bookkeeper"
+# Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS are dropped this often (seconds).
+QUARANTINE_EXPIRY_INTERVAL = 60.0
 
 
 class BookkeeperState:
@@ -30,6 +33,7 @@ class BookkeeperState:
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
         self.rounds = 0
+        self.next_expiry = 0.0
 
 
 class Bookkeeper:
@@ -62,6 +66,7 @@ class Bookkeeper:
 
     def _run(self, app: Flask, state: BookkeeperState) -> None:
         from bucket.extensions import db
+        from bucket.services import quarantine
         from bucket.services.bookkeeping import book_new_packets
 
         while not state.stop.wait(state.interval):
@@ -69,6 +74,9 @@ class Bookkeeper:
             with app.app_context():
                 try:
                     book_new_packets()
+                    if time.monotonic() >= state.next_expiry:
+                        state.next_expiry = time.monotonic() + QUARANTINE_EXPIRY_INTERVAL
+                        quarantine.expire()
                 except SQLAlchemyError as exc:  # the database is away: try again next round
                     log.warning("bookkeeping failed: %s", exc.__class__.__name__)
                 except Exception:  # noqa: BLE001 - a bug must not end the thread

@@ -1,7 +1,9 @@
-"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``."""
+"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``
+and ``flask bucket quarantine list|show|replay|purge``."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import click
@@ -9,7 +11,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from bucket.models import DeliveryState
-from bucket.services import delivery
+from bucket.services import delivery, quarantine
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.retention import purge
@@ -151,3 +153,107 @@ def book_command() -> None:
         click.echo("another bookkeeper is booking right now; nothing done")
     else:
         click.echo(f"booked {booking.packets} packets (seq {booking.after + 1}..{booking.through})")
+
+
+quarantine_cli = AppGroup("quarantine", help="See, replay and purge refused packets.")
+bucket_cli.add_command(quarantine_cli)
+
+
+def quarantine_filters(function):
+    """The options that choose entries, shared by list, replay and purge."""
+    for option in reversed(
+        (
+            click.option("--user", "user_id", help="Only entries naming this user."),
+            click.option("--origin", help="Only entries from this Origin."),
+            click.option("--field", help="Only entries refused for this field."),
+            click.option("--since", help="Only entries last seen at or after this time."),
+            click.option("--until", help="Only entries last seen before this time."),
+        )
+    ):
+        function = option(function)
+    return function
+
+
+def filters_of(user_id, origin, field, since, until) -> quarantine.Filters:
+    return quarantine.Filters(user_id, origin, field, parse_moment(since), parse_moment(until))
+
+
+@quarantine_cli.command("list")
+@quarantine_filters
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=50, show_default=True, help="Entries shown."
+)
+def quarantine_list_command(user_id, origin, field, since, until, limit: int) -> None:
+    """List refused packets, newest first: id, copies, last seen, user, refused fields."""
+    rows, more = quarantine.entries(filters_of(user_id, origin, field, since, until), limit)
+    for row in rows:
+        fields = ",".join(sorted(row.errors)) if isinstance(row.errors, dict) else "?"
+        click.echo(
+            f"{row.id}\t{row.seen_count}x\t{row.last_seen_at.isoformat()}\t"
+            f"{row.user_id or '-'}\t{fields}"
+        )
+    held, size = quarantine.totals()
+    click.echo(
+        f"{len(rows)} shown{' (more: raise --limit)' if more else ''}; {held} held, {size} bytes"
+    )
+
+
+@quarantine_cli.command("show")
+@click.argument("entry_id", type=int)
+def quarantine_show_command(entry_id: int) -> None:
+    """Print one refused packet whole, as JSON."""
+    from bucket.api.presenters import quarantine_entry_out
+
+    row = quarantine.entry(entry_id)
+    if row is None:
+        raise click.ClickException(f"no quarantine entry {entry_id}")
+    click.echo(json.dumps(quarantine_entry_out(row._mapping), indent=2, default=str))
+
+
+@quarantine_cli.command("replay")
+@click.argument("entry_ids", nargs=-1, type=int)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every entry matching filters.")
+@quarantine_filters
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=500, show_default=True, help="Entries per chunk."
+)
+def quarantine_replay_command(
+    entry_ids, replay_all: bool, user_id, origin, field, since, until, limit: int
+) -> None:
+    """Validate entries again under the rules in force and ingest those that pass.
+
+    Name entries by id, or give --all (with optional filters). Packets that still fail stay
+    in the quarantine with their new errors.
+    """
+    if bool(entry_ids) == replay_all:
+        raise click.UsageError("name entry ids, or give --all")
+    filters = filters_of(user_id, origin, field, since, until)
+    total, after = quarantine.Replay(), None
+    while True:  # in chunks of --limit, until every matching entry was looked at
+        report = quarantine.replay(list(entry_ids) or None, filters, limit, after)
+        for name in ("replayed", "ingested", "duplicates", "still_refused"):
+            setattr(total, name, getattr(total, name) + getattr(report, name))
+        after = report.next_after
+        if after is None:
+            break
+    click.echo(
+        f"replayed {total.replayed}: ingested {total.ingested}, duplicates "
+        f"{total.duplicates}, still refused {total.still_refused}"
+    )
+
+
+@quarantine_cli.command("purge")
+@quarantine_filters
+@click.option(
+    "--older-than-days", type=click.FloatRange(min=0), help="Only entries not seen for this long."
+)
+@click.option("--yes", is_flag=True, help="Purge every entry when no filter is given.")
+def quarantine_purge_command(
+    user_id, origin, field, since, until, older_than_days: float | None, yes: bool
+) -> None:
+    """Delete refused packets for good (the bounds and retention drop old ones anyway)."""
+    filters = filters_of(user_id, origin, field, since, until)
+    if not filters.conditions() and older_than_days is None and not yes:
+        raise click.UsageError("this would purge every entry: give a filter or --yes")
+    count = quarantine.purge(filters, older_than_days)
+    click.echo(f"purged {count} quarantine entries")

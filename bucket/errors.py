@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from http import HTTPStatus
 
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -18,12 +18,19 @@ DATABASE_RETRY_AFTER = "2"
 
 
 def error_response(
-    code: int, message: str, headers: dict | None = None, errors: dict | None = None
+    code: int,
+    message: str,
+    headers: dict | None = None,
+    errors: dict | None = None,
+    extra: dict | None = None,
 ):
-    """Build a response in the service's one error shape."""
+    """Build a response in the service's one error shape (``extra`` adds fields, such as the
+    ``quarantine_id`` of a refused packet)."""
     body = {"code": code, "status": HTTPStatus(code).phrase, "message": message}
     if errors:
         body["errors"] = errors
+    if extra:
+        body.update(extra)
     response = jsonify(body)
     response.status_code = code
     for name, value in (headers or {}).items():
@@ -83,7 +90,19 @@ def http_error(exc: HTTPException):
     headers = dict(data.get("headers") or {})
     if exc.code == 405 and hasattr(exc, "valid_methods") and exc.valid_methods:
         headers["Allow"] = ", ".join(exc.valid_methods)
-    return error_response(exc.code, data.get("message") or exc.description, headers, errors)
+    message = data.get("message")
+    if exc.code == 413 and not message:
+        message = body_too_large_message()
+        errors = {"json": [message]}
+    return error_response(exc.code, message or exc.description, headers, errors, data.get("extra"))
+
+
+def body_too_large_message() -> str:
+    """Werkzeug's 413 says "exceeds the capacity limit"; ours names the limit."""
+    limit = request.max_content_length
+    if limit is None:
+        return "The request body is too large."
+    return f"The request body exceeds {limit} bytes (BUCKET_MAX_BODY_BYTES)."
 
 
 def register_error_handlers(app: Flask) -> None:

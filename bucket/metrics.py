@@ -25,7 +25,7 @@ from prometheus_client import (
     generate_latest,
     values,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -151,6 +151,24 @@ class QueueCollector:
         for name in ("redis", "memory"):
             backend.add_metric([name], 1 if stats.queue_backend == name else 0)
         yield backend
+        yield GaugeMetricFamily(
+            "bucket_quarantine_packets",
+            "Refused packets kept in the quarantine (distinct contents).",
+            value=stats.quarantined_packets,
+        )
+        yield GaugeMetricFamily(
+            "bucket_quarantine_bytes",
+            "Bytes of the refused packets kept.",
+            value=stats.quarantine_bytes,
+        )
+        dropped = CounterMetricFamily(
+            "bucket_quarantine_dropped",
+            "Quarantine entries dropped: beyond the bounds (evicted) or the retention (expired).",
+            labels=["reason"],
+        )
+        dropped.add_metric(["evicted"], stats.quarantine_evicted)
+        dropped.add_metric(["expired"], stats.quarantine_expired)
+        yield dropped
         yield GaugeMetricFamily(
             "bucket_redis_connected",
             "1 when Redis answered a ping.",

@@ -138,6 +138,37 @@ class Delivery(db.Model):
     )
 
 
+class QuarantinedPacket(db.Model):
+    """A packet refused for its content, kept as received so it can be repaired and replayed.
+
+    One row per distinct content (``digest``, transport fields left out): a bridge resending
+    the same refused packet forever only raises ``seen_count`` and ``last_seen_at``.
+    """
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    body: Mapped[Any] = mapped_column(JSON)
+    errors: Mapped[Any] = mapped_column(JSON)
+    # ",field,other," for filtering by the fields that failed, portably.
+    error_fields: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[str | None] = mapped_column(String(256))
+    origin: Mapped[str | None] = mapped_column(String(512))
+    source: Mapped[str] = mapped_column(String(16))  # "packet" or "batch"
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    seen_count: Mapped[int] = mapped_column(Integer, default=1)
+    first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # Oldest first when the bounds or the retention period drop entries.
+        Index("ix_quarantine_last_seen", "last_seen_at"),
+        Index("ix_quarantine_user", "user_id", "id"),
+    )
+
+
 class PacketCounter(db.Model):
     """One shard of a running count of packets, summed by status instead of counting rows.
 

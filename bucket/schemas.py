@@ -5,12 +5,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    validate,
+    validates,
+    validates_schema,
+)
 
 from bucket.models import DeliveryState
 from bucket.timeutil import TIMESTAMP_RULE, parse_client_timestamp
 
+# The contract's states; BUCKET_COGNITIVE_STATES replaces them (config.py).
 COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK")
+# Legacy EMS states, accepted in ``state`` and, as the original did, in ``cognitive_state``.
 EMS_STATES = ("WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING")
 SYSTEM_TYPES = ("gurukul", "ems")
 ROLES = ("student", "employee")
@@ -88,7 +98,7 @@ class PacketSchema(BaseSchema):
     system_type = fields.String(allow_none=True, validate=validate.OneOf(SYSTEM_TYPES))
     role = fields.String(allow_none=True, validate=validate.OneOf(ROLES))
     timestamp = ClientTimestamp(required=True)
-    cognitive_state = fields.String(allow_none=True, validate=validate.OneOf(COGNITIVE_STATES))
+    cognitive_state = fields.String(allow_none=True)
     state = fields.String(allow_none=True, validate=validate.OneOf(EMS_STATES))
     active_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
     idle_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
@@ -96,6 +106,16 @@ class PacketSchema(BaseSchema):
     focus_score = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=100))
     integrity_score = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=1))
     raw_signals = fields.Dict(required=True)
+
+    def __init__(self, cognitive_states: tuple[str, ...] = COGNITIVE_STATES, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.cognitive_states = accepted_cognitive_states(cognitive_states)
+
+    @validates("cognitive_state")
+    def check_cognitive_state(self, value: str | None, **kwargs: Any) -> None:
+        """One of the configured states, or a legacy EMS state."""
+        if value is not None and value not in self.cognitive_states:
+            raise ValidationError(f"Must be one of: {', '.join(sorted(self.cognitive_states))}.")
 
     @validates_schema(skip_on_field_errors=False, pass_original=True)
     def check_cross_field_rules(self, data: dict, original: Any, **kwargs: Any) -> None:
@@ -123,9 +143,16 @@ _DURATIONS = ("active_seconds", "idle_seconds", "away_seconds")
 _CHOICES = (
     ("system_type", frozenset(SYSTEM_TYPES)),
     ("role", frozenset(ROLES)),
-    ("cognitive_state", frozenset(COGNITIVE_STATES)),
     ("state", frozenset(EMS_STATES)),
 )
+_DEFAULT_STATES = frozenset(COGNITIVE_STATES) | frozenset(EMS_STATES)
+
+
+def accepted_cognitive_states(configured: tuple[str, ...]) -> frozenset[str]:
+    """What ``cognitive_state`` may hold: the configured states and the legacy EMS ones."""
+    return frozenset(configured) | frozenset(EMS_STATES)
+
+
 _SCORES = (("focus_score", 100.0), ("integrity_score", 1.0))
 
 
@@ -133,7 +160,9 @@ def _finite_number(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def fast_load_packet(data: Any) -> dict[str, Any] | None:
+def fast_load_packet(
+    data: Any, cognitive_states: frozenset[str] = _DEFAULT_STATES
+) -> dict[str, Any] | None:
     """``PacketSchema().load(data)`` for the packets that pass it, in a fraction of the time;
     None whenever the packet might not pass, and then ``PacketSchema`` judges it and names
     every problem. Validation took a tenth of a single ingest's CPU; nearly every packet is
@@ -152,7 +181,7 @@ def fast_load_packet(data: Any) -> dict[str, Any] | None:
             out[name] = value
     if out.get("user_id") is None and out.get("employee_id") is None:
         return None
-    for name, allowed in _CHOICES:
+    for name, allowed in (*_CHOICES, ("cognitive_state", cognitive_states)):
         if name in data:
             value = data[name]
             if value is not None and (type(value) is not str or value not in allowed):
@@ -188,6 +217,26 @@ def fast_load_packet(data: Any) -> dict[str, Any] | None:
     return out
 
 
+class PacketRules:
+    """The packet rules in force for one application: its accepted cognitive states."""
+
+    def __init__(self, cognitive_states: tuple[str, ...]) -> None:
+        self.schema = PacketSchema(cognitive_states=tuple(cognitive_states))
+        self.cognitive_states = self.schema.cognitive_states
+
+    def load(self, data: Any) -> dict[str, Any]:
+        """The validated packet; ``ValidationError`` naming each problem otherwise."""
+        packet = fast_load_packet(data, self.cognitive_states)
+        return packet if packet is not None else self.schema.load(data)
+
+
+def packet_rules() -> PacketRules:
+    """The current application's packet rules (built from BUCKET_COGNITIVE_STATES)."""
+    from flask import current_app
+
+    return current_app.extensions["bucket.packet_rules"]
+
+
 class BatchEnvelopeSchema(BaseSchema):
     """The batching bridge's envelope; each packet is validated on its own."""
 
@@ -213,6 +262,9 @@ class BatchItemResultSchema(BaseSchema):
     status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected"]})
     packet_id = fields.String()
     errors = fields.Dict()
+    quarantine_id = fields.Integer(
+        metadata={"description": "A rejected packet's entry in the quarantine."}
+    )
 
 
 class BatchResultSchema(BaseSchema):
@@ -366,6 +418,27 @@ class AckResultSchema(BaseSchema):
     message = fields.String()
 
 
+class AcknowledgementSchema(BaseSchema):
+    """A successful single acknowledgement, in the original bucket's shape."""
+
+    status = fields.String(
+        required=True,
+        metadata={"enum": ["ok"], "description": 'Always "ok", as the original answered.'},
+    )
+    message = fields.String(required=True, metadata={"example": "Packet marked as processed"})
+    packet_id = fields.String(required=True)
+    outcome = fields.String(
+        required=True,
+        metadata={
+            "enum": ["processed", "already_processed", "retry_scheduled", "dead"],
+            "description": "What this service recorded.",
+        },
+    )
+    code = fields.Integer()
+    delivery_count = fields.Integer()
+    next_attempt_at = fields.String(allow_none=True)
+
+
 class AckBatchResultSchema(BaseSchema):
     """The answer to a batch acknowledgement."""
 
@@ -406,6 +479,14 @@ class StatusSchema(BaseSchema):
     dead_packets = fields.Integer()
     oldest_pending_age_seconds = fields.Float(allow_none=True)
     oldest_pending_age_exact = fields.Boolean()
+    quarantined_packets = fields.Integer(metadata={"description": "Refused packets kept."})
+    quarantine_bytes = fields.Integer(metadata={"description": "Their bodies' size."})
+    quarantine_evicted = fields.Integer(
+        metadata={"description": "Entries dropped so far to stay within the bounds."}
+    )
+    quarantine_expired = fields.Integer(
+        metadata={"description": "Entries dropped so far after the retention period."}
+    )
     consumer_auth = fields.Boolean()
 
 
@@ -415,3 +496,84 @@ class LeaseChangeSchema(BaseSchema):
     packet_id = Text(required=True, validate=validate.Length(min=1, max=64))
     receipt = Text(required=True, validate=validate.Length(min=1, max=64))
     visibility_timeout = fields.Integer(required=True, validate=validate.Range(min=0, max=43200))
+
+
+# --- the quarantine of refused packets (services/quarantine.py) ----------------------------
+
+
+class QuarantineFiltersSchema(BaseSchema):
+    """Which quarantine entries are meant (all filters optional, combined with AND)."""
+
+    user_id = Text(metadata={"description": "The user (or EMS employee) named."})
+    origin = Text(metadata={"description": "The Origin the packet came from."})
+    field = Text(data_key="field", metadata={"description": "Only entries refused for this field."})
+    since = fields.AwareDateTime(
+        default_timezone=None, metadata={"description": "Last seen at or after (ISO-8601)."}
+    )
+    until = fields.AwareDateTime(
+        default_timezone=None, metadata={"description": "Last seen before (ISO-8601)."}
+    )
+
+
+class QuarantineQuerySchema(QuarantineFiltersSchema):
+    """Which quarantine entries to list, one page at a time."""
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(metadata={"description": "From a previous page's Link header."})
+
+
+class QuarantineEntrySchema(BaseSchema):
+    """One refused packet, as received, with why it was refused."""
+
+    id = fields.Integer()
+    digest = fields.String(metadata={"description": "SHA-256 of the content."})
+    body = fields.Raw(metadata={"description": "The packet's JSON as received."})
+    errors = fields.Dict(metadata={"description": "Each offending field and what is wrong."})
+    user_id = fields.String(allow_none=True)
+    origin = fields.String(allow_none=True)
+    source = fields.String(metadata={"enum": ["packet", "batch"]})
+    idempotency_key = fields.String(allow_none=True)
+    size_bytes = fields.Integer()
+    seen_count = fields.Integer(metadata={"description": "Copies received (resends count)."})
+    first_seen_at = fields.String()
+    last_seen_at = fields.String()
+
+
+ENTRY_IDS = validate.Range(min=1, max=2**63 - 1)
+
+
+class QuarantineReplaySchema(QuarantineFiltersSchema):
+    """What to replay: the entries matching the filters (every entry, without any) and, when
+    given, named by ``ids``; in id order after ``after``, up to ``limit``. Replaying is safe
+    to repeat: deduplication absorbs what was stored before."""
+
+    ids = fields.List(fields.Integer(validate=ENTRY_IDS), validate=validate.Length(min=1, max=500))
+    after = fields.Integer(
+        validate=ENTRY_IDS, metadata={"description": "Continue after this entry (next_after)."}
+    )
+    limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=5000))
+
+
+class QuarantineReplayItemSchema(BaseSchema):
+    """What became of one replayed entry."""
+
+    id = fields.Integer()
+    status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected"]})
+    packet_id = fields.String()
+    errors = fields.Dict()
+
+
+class QuarantineReplayResultSchema(BaseSchema):
+    """What a replay did."""
+
+    replayed = fields.Integer()
+    ingested = fields.Integer()
+    duplicates = fields.Integer()
+    still_refused = fields.Integer()
+    remaining = fields.Integer(
+        metadata={"description": "Matching entries this replay did not reach."}
+    )
+    next_after = fields.Integer(
+        allow_none=True, metadata={"description": "Send as ``after`` to continue; null when done."}
+    )
+    results = fields.List(fields.Nested(QuarantineReplayItemSchema))

@@ -146,7 +146,7 @@ def clean_state(app) -> None:
     """Empty the shared PostgreSQL tables and this test's Redis keys."""
     if db.engine.dialect.name == "postgresql":
         with db.engine.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE packets, deliveries, packet_counters")
+            conn.exec_driver_sql("TRUNCATE packets, deliveries, packet_counters, quarantine")
     queue.flush()
 
 

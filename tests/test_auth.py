@@ -14,6 +14,9 @@ PROTECTED = [
     ("post", f"{API}/packets/lease", {"packet_id": "x", "receipt": "y", "visibility_timeout": 5}),
     ("get", f"{API}/packets/user/stu_test", None),
     ("get", f"{API}/status", None),
+    ("get", f"{API}/quarantine", None),
+    ("get", f"{API}/quarantine/1", None),
+    ("post", f"{API}/quarantine/replay", {}),
 ]
 OPEN = ["/health", "/health/ready", "/metrics", "/openapi.json", "/docs"]
 

@@ -92,6 +92,19 @@ CASES: dict[str, dict] = {
     "BUCKET_RETRY_BACKOFF_MAX": {"value": "99", "config": ("BUCKET_RETRY_BACKOFF_MAX", 99.0)},
     "BUCKET_MAX_BODY_BYTES": {"value": "2048", "config": ("MAX_CONTENT_LENGTH", 2048)},
     "BUCKET_MAX_BATCH_SIZE": {"value": "50", "config": ("BUCKET_MAX_BATCH_SIZE", 50)},
+    "BUCKET_COGNITIVE_STATES": {
+        "value": "ON_TASK, FATIGUED",
+        "config": ("BUCKET_COGNITIVE_STATES", ["ON_TASK", "FATIGUED"]),
+    },
+    "BUCKET_QUARANTINE_MAX_ROWS": {"value": "10", "config": ("BUCKET_QUARANTINE_MAX_ROWS", 10)},
+    "BUCKET_QUARANTINE_MAX_BYTES": {
+        "value": "4096",
+        "config": ("BUCKET_QUARANTINE_MAX_BYTES", 4096),
+    },
+    "BUCKET_QUARANTINE_RETENTION_DAYS": {
+        "value": "1.5",
+        "config": ("BUCKET_QUARANTINE_RETENTION_DAYS", 1.5),
+    },
     "BUCKET_LONG_POLL_INTERVAL": {"value": "0.25", "config": ("BUCKET_LONG_POLL_INTERVAL", 0.25)},
     "BUCKET_RETENTION_DAYS": {"value": "9", "config": ("BUCKET_RETENTION_DAYS", 9)},
     "BUCKET_PURGE_BATCH_SIZE": {"value": "250", "config": ("BUCKET_PURGE_BATCH_SIZE", 250)},

@@ -174,7 +174,7 @@ def test_successful_ack_stores_karma_actions_and_ends_delivery(client, app):
     response = client.post(ACK, json=ack)
     assert response.status_code == 200
     assert response.json["packet_id"] == packet_id
-    assert response.json["status"] == "processed"
+    assert response.json["outcome"] == "processed"
     row = row_of(app, packet_id)
     assert row["delivery_state"] == "processed"
     assert row["processed_by_karma"] is True
@@ -224,7 +224,7 @@ def test_acking_an_already_processed_packet_is_harmless(client, app):
         ACK, json={"packet_id": packet_id, "success": True, "karma_actions": [{"action": "second"}]}
     )
     assert again.status_code == 200
-    assert again.json["status"] == "already_processed"
+    assert again.json["outcome"] == "already_processed"
     failed = client.post(
         ACK, json={"packet_id": packet_id, "success": False, "error_message": "late failure"}
     )
@@ -241,7 +241,7 @@ def test_a_never_leased_packet_may_be_acknowledged(client, app):
         ACK, json={"packet_id": packet_id, "success": True, "karma_actions": [{"action": "direct"}]}
     )
     assert response.status_code == 200
-    assert response.json["status"] == "processed"
+    assert response.json["outcome"] == "processed"
     assert row_of(app, packet_id)["delivery_state"] == "processed"
     assert poll_ids(client) == []
 

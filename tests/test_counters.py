@@ -76,7 +76,7 @@ def test_counts_stay_exact_across_single_duplicate_and_batch_acks(app, client):
     served = {p["packet_id"]: p for p in poll(client, limit=8)["packets"]}
     assert ack(client, ids[0]).status_code == 200
     assert assert_exact(app, client)["processed_packets"] == 1
-    assert ack(client, ids[0]).json["status"] == "already_processed"
+    assert ack(client, ids[0]).json["outcome"] == "already_processed"
     assert ack(client, ids[1], success=False).status_code == 200
     assert assert_exact(app, client)["processed_packets"] == 1
 
@@ -122,7 +122,7 @@ def test_requeue_of_dead_packets_leaves_the_processed_count_alone(make_app):
     client = app.test_client()
     done, doomed = ingest_many(client, 2)
     assert ack(client, done).status_code == 200
-    assert ack(client, doomed, success=False).json["status"] == "dead"
+    assert ack(client, doomed, success=False).json["outcome"] == "dead"
     assert assert_exact(app, client)["dead_packets"] == 1
     result = app.test_cli_runner().invoke(args=["bucket", "requeue"])
     assert result.exit_code == 0 and "requeued 1 packets" in result.output
@@ -181,7 +181,7 @@ def test_recount_repairs_the_counter_after_rows_were_changed_by_hand(app, client
     result = runner.invoke(args=["bucket", "recount"])
     assert result.exit_code == 0 and "processed packets: 4" in result.output
     assert assert_exact(app, client)["processed_packets"] == 4
-    assert ack(client, ids[0]).json["status"] == "already_processed"
+    assert ack(client, ids[0]).json["outcome"] == "already_processed"
     assert assert_exact(app, client)["processed_packets"] == 4
 
 

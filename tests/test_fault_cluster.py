@@ -292,7 +292,9 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     """Every packet answered 200 is processed exactly once through Redis and worker crashes."""
     instances = cluster["instances"]
     with psycopg.connect(pg_url(cluster["database"]), autocommit=True) as conn:
-        conn.execute("TRUNCATE packets, deliveries, packet_counters")  # status counts from both
+        conn.execute(
+            "TRUNCATE packets, deliveries, packet_counters, quarantine"
+        )  # status counts from both
     ledger = Ledger()
     events: list[str] = []
     stop = threading.Event()

@@ -202,7 +202,6 @@ INVALID = [
     ("timestamp", "20261128T100000Z"),
     ("timestamp", None),
     ("cognitive_state", "HAPPY"),
-    ("cognitive_state", "WORKING"),
     ("cognitive_state", "on_task"),
     ("state", "SLEEPING"),
     ("state", "DEEP_FOCUS"),

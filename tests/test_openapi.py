@@ -82,7 +82,15 @@ def test_security_and_refusals_are_documented(spec):
     schemes = spec["components"]["securitySchemes"]
     assert schemes["ConsumerToken"]["scheme"] == "bearer"
     assert schemes["ConsumerApiKey"]["name"] == "X-API-Key"
-    for path in ("/packets/pending", "/packets/mark-processed", "/packets/lease", "/status"):
+    for path in (
+        "/packets/pending",
+        "/packets/mark-processed",
+        "/packets/lease",
+        "/status",
+        "/quarantine",
+        "/quarantine/{entry_id}",
+        "/quarantine/replay",
+    ):
         operation = next(iter(v for k, v in spec["paths"][API + path].items() if k != "parameters"))
         assert operation["security"] and {"401", "403"} <= set(operation["responses"])
     ingest = spec["paths"][f"{API}/ingest"]["post"]
@@ -181,6 +189,18 @@ def test_real_responses_match_the_document(client, spec):
         (user, "get", client.get(f"{API}/packets/user/stu_test?limit=1", headers=AUTH)),
         (user, "get", client.get(f"{API}/packets/user/stu_test?cursor=zz", headers=AUTH)),
         (f"{API}/status", "get", client.get(f"{API}/status", headers=AUTH)),
+    ]
+    refused = client.post(ingest, json=make_packet(focus_score=-1)).json["quarantine_id"]
+    quarantine = f"{API}/quarantine"
+    replay = f"{quarantine}/replay"
+    checks += [
+        (quarantine, "get", client.get(f"{quarantine}?limit=1", headers=AUTH)),
+        (quarantine, "get", client.get(f"{quarantine}?cursor=zz", headers=AUTH)),
+        (f"{quarantine}/{{entry_id}}", "get", client.get(f"{quarantine}/{refused}", headers=AUTH)),
+        (f"{quarantine}/{{entry_id}}", "get", client.get(f"{quarantine}/0", headers=AUTH)),
+        (replay, "post", client.post(replay, headers=AUTH, json={"ids": [refused]})),
+        (replay, "post", client.post(replay, headers=AUTH, json={"user_id": "nobody"})),
+        (replay, "post", client.post(replay, headers=AUTH, json={"ids": []})),
         ("/health", "get", client.get("/health")),
         ("/health/ready", "get", client.get("/health/ready")),
         ("/metrics", "get", client.get("/metrics")),

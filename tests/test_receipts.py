@@ -30,7 +30,7 @@ def test_stale_receipt_is_refused_and_the_newer_outcome_stands(client, app):
 
     outcome_b = ack(client, packet_id, success=False, receipt=receipt_b, error_message="B failed")
     assert outcome_b.status_code == 200
-    assert outcome_b.json["status"] == "retry_scheduled"
+    assert outcome_b.json["outcome"] == "retry_scheduled"
     assert ack(client, packet_id, success=True, receipt=receipt_a).status_code == 409
     stored = row(app, packet_id)
     assert (stored.delivery_state, stored.last_error) == ("pending", "B failed")
@@ -46,7 +46,7 @@ def test_stale_success_after_the_newer_success_changes_nothing(client, app):
     assert ack(client, packet_id, receipt=receipt_b, karma_actions=b_actions).status_code == 200
     late = ack(client, packet_id, receipt=receipt_a, karma_actions=[{"action": "by-a"}])
     assert late.status_code == 200
-    assert late.json["status"] == "already_processed"
+    assert late.json["outcome"] == "already_processed"
     assert row(app, packet_id).karma_actions == b_actions
 
 
@@ -68,7 +68,7 @@ def test_ack_without_receipt_is_accepted_whoever_holds_the_lease(client, app):
     poll(client)
     response = ack(client, packet_id, success=True)
     assert response.status_code == 200
-    assert response.json["status"] == "processed"
+    assert response.json["outcome"] == "processed"
 
 
 def test_ack_of_a_packet_never_leased_is_accepted(client, app):
@@ -85,7 +85,7 @@ def test_batch_ack_answers_per_packet_outcomes_in_one_update(make_app):
     client = app.test_client()
     done, failed, stale, dead = (ingest(client, user_id="batch") for _ in range(4))
     served = {p["packet_id"]: p for p in poll(client, limit=10)["packets"]}
-    assert ack(client, dead, success=False).json["status"] == "dead"
+    assert ack(client, dead, success=False).json["outcome"] == "dead"
     expire(app, [stale])
     with app.app_context():
         db.session.execute(

@@ -28,7 +28,7 @@ def test_failure_returns_after_exponential_jittered_backoff(make_app):
     packet_id = ingest(client, user_id="backoff")
     for attempt in (1, 2, 3):
         body, sent = fail_once(client, packet_id, f"karma down #{attempt}")
-        assert body["status"] == "retry_scheduled"
+        assert body["outcome"] == "retry_scheduled"
         assert body["delivery_count"] == attempt
         base = 10 * 2 ** (attempt - 1)
         delay = row(app, packet_id).visible_at - sent
@@ -71,9 +71,9 @@ def test_packet_failed_max_attempts_times_is_dead_at_once(make_app):
     client = app.test_client()
     packet_id = ingest(client, user_id="doomed")
     first, _ = fail_once(client, packet_id, "first failure")
-    assert first["status"] == "retry_scheduled"
+    assert first["outcome"] == "retry_scheduled"
     second, _ = fail_once(client, packet_id, "second failure")
-    assert second["status"] == "dead"
+    assert second["outcome"] == "dead"
     assert second["delivery_count"] == 2
 
     assert poll(client)["count"] == 0, "a dead packet is never served again"
@@ -143,7 +143,7 @@ def kill_all(client, app, user_id: str, count: int) -> list[str]:
     served = poll(client, limit=count)
     assert served["count"] == count
     for packet_id in ids:
-        assert ack(client, packet_id, success=False, error_message="boom").json["status"] == "dead"
+        assert ack(client, packet_id, success=False, error_message="boom").json["outcome"] == "dead"
     return ids
 
 

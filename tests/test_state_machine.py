@@ -141,7 +141,9 @@ def make_machine(app):
             response = ack(self.client, packet_id, success=success, **extra)
             assert response.status_code == 200, response.json
             expected = self.settle(m, success, m.count)
-            assert response.json["status"] == {"pending": "retry_scheduled"}.get(expected, expected)
+            assert response.json["outcome"] == {"pending": "retry_scheduled"}.get(
+                expected, expected
+            )
 
         @precondition(lambda self: self.ids("pending"))
         @rule(data=st.data(), success=st.booleans())
@@ -161,7 +163,7 @@ def make_machine(app):
             response = ack(self.client, packet_id, success=success, receipt=receipt)
             if m.state == "processed":
                 assert response.status_code == 200
-                assert response.json["status"] == "already_processed"
+                assert response.json["outcome"] == "already_processed"
             else:
                 assert response.status_code == 409
 
@@ -171,7 +173,7 @@ def make_machine(app):
             packet_id = data.draw(st.sampled_from(self.ids("processed")))
             response = ack(self.client, packet_id, success=False)
             assert response.status_code == 200
-            assert response.json["status"] == "already_processed"
+            assert response.json["outcome"] == "already_processed"
 
         @precondition(
             lambda self: any(not m.expired for m in self.model.values() if m.state == "leased")

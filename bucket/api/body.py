@@ -22,7 +22,7 @@ def read_json_object() -> dict[str, Any]:
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(raw) >= limit:
         # Werkzeug cuts a chunked body at the limit instead of refusing it: refuse it here.
-        message = f"The request body exceeds {limit} bytes."
+        message = f"The request body exceeds {limit} bytes (BUCKET_MAX_BODY_BYTES)."
         abort(413, message=message, errors={"json": [message]})
     parsed = g.get("json_body")  # decoded once already, by the rate limiter's look at the user
     if parsed is not None:

@@ -11,6 +11,7 @@ from bucket.metrics import note_acks
 from bucket.schemas import (
     AckBatchResultSchema,
     AckBatchSchema,
+    AcknowledgementSchema,
     AckResultSchema,
     AckSchema,
     LeaseChangeSchema,
@@ -75,7 +76,9 @@ def pending(limit: int, wait: float, visibility_timeout: int | None = None):
         },
     },
 )
-@blp.response(200, AckResultSchema, description="One result: recorded (or already processed).")
+@blp.response(
+    200, AcknowledgementSchema, description="One result: recorded (or already processed)."
+)
 @blp.alt_response(207, schema=AckBatchResultSchema, description="Many results: some refused.")
 @blp.alt_response(404, response="DEFAULT_ERROR", description="Unknown packet_id.")
 @blp.alt_response(409, response="DEFAULT_ERROR", description="Dead packet or stale receipt.")
@@ -99,7 +102,7 @@ def mark_processed():
     note_acks([outcome])
     if outcome.code != 200:
         refuse(outcome)
-    return jsonify(outcome.as_dict())
+    return jsonify(outcome.as_acknowledgement())
 
 
 @blp.route("/packets/lease", methods=["POST"])

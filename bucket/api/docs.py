@@ -117,10 +117,21 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
                 ]
             },
         ]
+        states = sorted(app.extensions["bucket.packet_rules"].cognitive_states)
+        packet["properties"]["cognitive_state"]["enum"] = [*states, None]
+        packet["properties"]["cognitive_state"]["description"] = (
+            "BUCKET_COGNITIVE_STATES, or a legacy EMS state."
+        )
         packet["description"] = (
             "One 5-second window. user_id (or employee_id) and cognitive_state (or state) are "
             "required; active_seconds + idle_seconds + away_seconds must be 5.0 (±0.1)."
         )
+    error = schemas.get("Error")
+    if error is not None:
+        error["properties"]["quarantine_id"] = {
+            "type": "integer",
+            "description": "A refused packet's entry in the quarantine (README, The quarantine).",
+        }
     envelope = schemas.get("BatchEnvelope")
     if envelope is not None:
         envelope["properties"]["packets"] = {

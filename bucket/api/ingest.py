@@ -8,7 +8,8 @@ from marshmallow import ValidationError
 
 from bucket.api.body import load_or_abort, read_json_object
 from bucket.metrics import note_packets
-from bucket.schemas import BatchEnvelopeSchema, PacketSchema, fast_load_packet
+from bucket.schemas import BatchEnvelopeSchema, packet_rules
+from bucket.services import quarantine
 from bucket.services.ingest import store_batch, store_packets
 
 blp = Blueprint(
@@ -18,7 +19,6 @@ blp = Blueprint(
     description="Packets from PRANA browsers.",
 )
 
-packet_schema = PacketSchema()
 envelope_schema = BatchEnvelopeSchema()
 MAX_IDEMPOTENCY_KEY = 255
 
@@ -81,7 +81,7 @@ def ingest():
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters."
         abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
-    packet = fast_load_packet(body) or load_or_abort(packet_schema, body)
+    packet = load_or_quarantine(body, idempotency_key)
     (outcome,) = store_packets([packet], idempotency_key)
     note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
     # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
@@ -93,6 +93,26 @@ def ingest():
     if outcome.duplicate:
         answer["duplicate"] = True
     return jsonify(answer)
+
+
+def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
+    """The packet under the rules in force; otherwise it is quarantined, and the answer is a
+    422 naming each offending field and the quarantine entry."""
+    try:
+        return packet_rules().load(body)
+    except ValidationError as exc:
+        errors = exc.normalized_messages()
+        (entry_id,) = quarantine.keep_if_reachable(
+            [quarantine.Refused(body, errors, request.origin, "packet", idempotency_key)]
+        )
+        kept = entry_id is not None
+        abort(
+            422,
+            message="The packet is not valid"
+            + ("; it is kept in the quarantine." if kept else "."),
+            errors={"json": errors},
+            extra={"quarantine_id": entry_id} if kept else None,
+        )
 
 
 def ingest_batch(body: dict):
@@ -110,21 +130,25 @@ def ingest_batch(body: dict):
             message=f"The batch holds {len(packets)} packets; at most {limit} are accepted.",
             errors={"json": {"packets": [f"At most {limit} packets per batch."]}},
         )
+    rules = packet_rules()
     valid: list[tuple[int, dict]] = []
     errors: dict[int, dict] = {}
     for index, raw in enumerate(packets):
         if not isinstance(raw, dict):
             errors[index] = {"_schema": ["Each packet must be a JSON object."]}
             continue
-        packet = fast_load_packet(raw)
-        if packet is not None:
-            valid.append((index, packet))
-            continue
         try:
-            valid.append((index, packet_schema.load(raw)))
+            valid.append((index, rules.load(raw)))
         except ValidationError as exc:
             errors[index] = exc.normalized_messages()
     summary = store_batch(len(packets), valid, errors)
+    refused = [index for index in sorted(errors) if isinstance(packets[index], dict)]
+    kept = quarantine.keep_if_reachable(
+        [quarantine.Refused(packets[i], errors[i], request.origin, "batch") for i in refused]
+    )
+    for index, entry_id in zip(refused, kept, strict=True):
+        if entry_id is not None:
+            summary.results[index]["quarantine_id"] = entry_id
     note_packets(
         ingested=summary.accepted - summary.duplicates,
         duplicate=summary.duplicates,

@@ -61,3 +61,24 @@ def user_packet_out(row: Row) -> dict[str, Any]:
     body["dead_at"] = row["dead_at"]
     body["last_delivered_at"] = row["last_delivered_at"]
     return body
+
+
+def quarantine_entry_out(row: Row) -> dict[str, Any]:
+    """A quarantine entry: the refused packet as received and why it was refused."""
+    return {
+        name: row[name]
+        for name in (
+            "id",
+            "digest",
+            "body",
+            "errors",
+            "user_id",
+            "origin",
+            "source",
+            "idempotency_key",
+            "size_bytes",
+            "seen_count",
+            "first_seen_at",
+            "last_seen_at",
+        )
+    }

@@ -58,13 +58,21 @@ STATUS_SQL = f"""
 WITH {QUEUE_CTES}, head AS (
   SELECT received_at FROM deliveries
   WHERE delivery_state = 'pending' AND visible_at <= %(now)s ORDER BY visible_at LIMIT %(head)s
+), q AS (
+  SELECT
+    coalesce(sum(CASE WHEN name = 'quarantine_rows' THEN value END), 0) AS quarantined,
+    coalesce(sum(CASE WHEN name = 'quarantine_bytes' THEN value END), 0) AS bytes,
+    coalesce(sum(CASE WHEN name = 'quarantine_evicted' THEN value END), 0) AS evicted,
+    coalesce(sum(CASE WHEN name = 'quarantine_expired' THEN value END), 0) AS expired
+  FROM packet_counters
 )
 SELECT {QUEUE_COLUMNS},
   (SELECT count(*) FROM head),
   (SELECT min(received_at) FROM leased),
   (SELECT min(received_at) FROM retrying),
-  (SELECT min(received_at) FROM head)
-FROM c
+  (SELECT min(received_at) FROM head),
+  q.quarantined, q.bytes, q.evicted, q.expired
+FROM c, q
 """
 
 
@@ -84,6 +92,10 @@ class QueueStats:
     dead_packets: int
     oldest_pending_age_seconds: float | None
     oldest_pending_age_exact: bool
+    quarantined_packets: int
+    quarantine_bytes: int
+    quarantine_evicted: int
+    quarantine_expired: int
     consumer_auth: bool
 
     def as_dict(self) -> dict:
@@ -104,6 +116,7 @@ class QueueFigures:
     exact: bool
     oldest: datetime | None
     oldest_exact: bool
+    quarantine: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 def as_utc(value: datetime | str | None) -> datetime | None:
@@ -146,9 +159,13 @@ def figures_from(columns, head: int = 0, oldest=()) -> QueueFigures:
 def queue_figures() -> QueueFigures:
     """Read the figures in one statement (and commit, so no transaction is left open)."""
     params = {**queue_params(epoch_now()), "head": HEAD_ROWS}
-    ((*columns, head, oldest_leased, oldest_retrying, oldest_head),) = sql.run(STATUS_SQL, params)
+    ((*row,),) = sql.run(STATUS_SQL, params)
     sql.finish()
-    return figures_from(columns, head, (oldest_leased, oldest_retrying, oldest_head))
+    columns, (head, *oldest), held = row[:7], row[7:11], row[11:]
+    figures = figures_from(columns, head, oldest)
+    # Rows, bytes, evicted, expired: counters of services/quarantine.
+    figures.quarantine = tuple(int(value) for value in held)
+    return figures
 
 
 def collect_stats() -> QueueStats:
@@ -168,5 +185,9 @@ def collect_stats() -> QueueStats:
         dead_packets=figures.dead,
         oldest_pending_age_seconds=oldest_age,
         oldest_pending_age_exact=figures.oldest_exact,
+        quarantined_packets=figures.quarantine[0],
+        quarantine_bytes=figures.quarantine[1],
+        quarantine_evicted=figures.quarantine[2],
+        quarantine_expired=figures.quarantine[3],
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
     )

@@ -27,6 +27,14 @@ from bucket.services.dialect import dialect_name
 from bucket.timeutil import epoch_now, from_epoch
 
 FAILURE_MESSAGE = "consumer reported failure"
+# The message of a successful single acknowledgement, by outcome ("Packet marked as processed"
+# is the original's).
+ACK_MESSAGES = {
+    "processed": "Packet marked as processed",
+    "already_processed": "Packet was already processed; its stored outcome is unchanged",
+    "retry_scheduled": "Failure recorded; the packet is served again after a back-off",
+    "dead": "Failure recorded on the last allowed delivery; the packet is dead-lettered",
+}
 
 # PostgreSQL, one statement. The rows are locked in packet_id order first, so concurrent acks
 # of overlapping batches queue behind each other instead of deadlocking. Whether a result may
@@ -106,6 +114,15 @@ class AckOutcome:
         if self.message:
             body["message"] = self.message
         return body
+
+    def as_acknowledgement(self) -> dict:
+        """A successful single acknowledgement in the original bucket's shape (``status: ok``,
+        a message, the packet id), which deployed clients check; this service's outcome
+        travels in ``outcome``."""
+        body = self.as_dict()
+        body["outcome"] = body.pop("status")
+        body["message"] = ACK_MESSAGES.get(self.status, self.message or "Acknowledged")
+        return {"status": "ok", **body}
 
 
 def acknowledge(results: list[dict]) -> list[AckOutcome]:

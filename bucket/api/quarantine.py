@@ -1,0 +1,80 @@
+"""The quarantine for operators: list, show and replay packets refused for their content."""
+
+from __future__ import annotations
+
+from flask import jsonify, request, url_for
+from flask_smorest import Blueprint, abort
+
+from bucket.api.presenters import quarantine_entry_out
+from bucket.schemas import (
+    QuarantineEntrySchema,
+    QuarantineQuerySchema,
+    QuarantineReplayResultSchema,
+    QuarantineReplaySchema,
+)
+from bucket.services import quarantine
+from bucket.services.quarantine import BadQuarantineCursor, Filters
+
+blp = Blueprint(
+    "quarantine",
+    __name__,
+    url_prefix="/api/v1/bucket/prana/quarantine",
+    description="Packets refused for their content, kept for repair and replay.",
+)
+
+FILTERS = ("user_id", "origin", "field", "since", "until")
+
+
+def filters_from(args: dict) -> Filters:
+    return Filters(**{name: args.get(name) for name in FILTERS})
+
+
+@blp.route("", methods=["GET"])
+@blp.arguments(QuarantineQuerySchema, location="query")
+@blp.response(200, QuarantineEntrySchema(many=True))
+def list_entries(args: dict):
+    """Refused packets, newest first; the next page's URL is in the ``Link`` header."""
+    try:
+        rows, next_cursor = quarantine.entries(
+            filters_from(args), args["limit"], args.get("cursor")
+        )
+    except BadQuarantineCursor as exc:
+        abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
+    response = jsonify([quarantine_entry_out(row._mapping) for row in rows])
+    if next_cursor:
+        query = {k: v for k, v in request.args.items() if k != "cursor"}
+        url = url_for("quarantine.list_entries", cursor=next_cursor, **query)
+        response.headers["Link"] = f'<{url}>; rel="next"'
+    return response
+
+
+@blp.route("/<int:entry_id>", methods=["GET"])
+@blp.response(200, QuarantineEntrySchema)
+@blp.alt_response(404, response="DEFAULT_ERROR", description="No such entry.")
+def show_entry(entry_id: int):
+    """One refused packet, whole."""
+    row = quarantine.entry(entry_id) if entry_id < 2**63 else None
+    if row is None:
+        message = f"No quarantine entry {entry_id}."
+        abort(404, message=message, errors={"entry_id": [message]})
+    return jsonify(quarantine_entry_out(row._mapping))
+
+
+@blp.route("/replay", methods=["POST"])
+@blp.arguments(QuarantineReplaySchema)
+@blp.response(200, QuarantineReplayResultSchema)
+def replay(args: dict):
+    """Validate entries again under the rules in force now and ingest those that pass.
+
+    Each ingested entry is stored exactly as if it had just arrived (a copy already stored is
+    recognised as a duplicate) and leaves the quarantine; the others stay with their new
+    errors. Entries are taken in id order: those matching the filters (all, without any) and
+    named by ``ids`` if given, up to ``limit``; send ``next_after`` back as ``after`` to go on.
+    """
+    report = quarantine.replay(
+        ids=args.get("ids"),
+        filters=filters_from(args),
+        limit=args["limit"],
+        after=args.get("after"),
+    )
+    return jsonify(report.as_dict())

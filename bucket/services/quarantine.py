@@ -1,0 +1,366 @@
+"""The quarantine: packets refused for their content, kept so that nothing is lost.
+
+A browser cannot fix a packet it built, so a packet answered 422 (alone, or inside a batch) is
+kept as received with its errors, when and from which ``Origin`` it came. Copies of the same
+content (transport fields such as ``retry_count`` left out) share one entry whose
+``seen_count`` grows. Anyone on the internet can post, so the quarantine is bounded: at most
+``BUCKET_QUARANTINE_MAX_ROWS`` entries and ``BUCKET_QUARANTINE_MAX_BYTES`` of bodies (the
+least recently seen are evicted first) and ``BUCKET_QUARANTINE_RETENTION_DAYS`` since an entry
+was last seen; both kinds of drop are counted. Replay validates each entry again under the
+rules in force now and ingests those that pass exactly as if they had just arrived (so
+deduplication applies, and replaying twice stores nothing twice); the others stay, with their
+new errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import orjson
+from flask import current_app
+from marshmallow import ValidationError
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import OperationalError
+
+from bucket.extensions import db
+from bucket.models import PacketCounter, QuarantinedPacket
+from bucket.schemas import packet_rules
+from bucket.services import counters
+from bucket.services.dialect import upsert_insert
+from bucket.services.ingest import store_packets
+from bucket.timeutil import utc_now
+
+log = logging.getLogger(__name__)
+Q = QuarantinedPacket.__table__
+C = PacketCounter.__table__
+ROWS, BYTES = "quarantine_rows", "quarantine_bytes"
+EVICTED, EXPIRED = "quarantine_evicted", "quarantine_expired"
+# Fields the bridge adds and changes on every resend; not part of the packet's content.
+TRANSPORT_FIELDS = frozenset({"queued_at", "retry_count", "sent_at", "attempt", "batch_id"})
+EVICTION_BATCH = 100
+
+
+class BadQuarantineCursor(ValueError):
+    """The cursor was not one this service issued."""
+
+
+@dataclass
+class Refused:
+    """One packet refused for its content, as the request brought it."""
+
+    body: Any
+    errors: dict
+    origin: str | None
+    source: str  # "packet" or "batch"
+    idempotency_key: str | None = None
+
+
+@dataclass
+class Limits:
+    """The quarantine's bounds (README, "The quarantine")."""
+
+    max_rows: int
+    max_bytes: int
+    retention_days: float
+
+    @classmethod
+    def from_app(cls) -> Limits:
+        config = current_app.config
+        return cls(
+            config["BUCKET_QUARANTINE_MAX_ROWS"],
+            config["BUCKET_QUARANTINE_MAX_BYTES"],
+            config["BUCKET_QUARANTINE_RETENTION_DAYS"],
+        )
+
+
+def digest(body: Any) -> str:
+    """The content's identity: canonical JSON without the transport fields."""
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    return hashlib.sha256(canonical).hexdigest()
+
+
+def storable(text: str | None, length: int) -> str | None:
+    """A text column's value: cut to its length, NUL (which PostgreSQL text cannot hold, and a
+    refused packet may well contain) shown as U+FFFD."""
+    return text[:length].replace("\x00", "\ufffd") if text else None
+
+
+def identity_of(body: Any) -> str | None:
+    """The user the packet names, for an operator's filter."""
+    if not isinstance(body, dict):
+        return None
+    user = body.get("user_id") or body.get("employee_id")
+    return storable(user, 256) if isinstance(user, str) else None
+
+
+def keep(refused: list[Refused]) -> list[int]:
+    """Keep refused packets (a resent copy only counts as seen again); their entry ids.
+
+    Commits; evicts the least recently seen entries beyond the bounds, in the same
+    transaction, so the bounds hold however many distinct packets arrive.
+    """
+    if not refused:
+        return []
+    limits = Limits.from_app()
+    now = utc_now()
+    ids, added_rows, added_bytes = [], 0, 0
+    for item in refused:
+        body_text = orjson.dumps(item.body, option=orjson.OPT_NON_STR_KEYS)
+        fields = sorted(item.errors) if isinstance(item.errors, dict) else []
+        values = {
+            "digest": digest(item.body),
+            "body": item.body,
+            "errors": item.errors,
+            "error_fields": "," + ",".join(fields) + ",",
+            "user_id": identity_of(item.body),
+            "origin": storable(item.origin, 512),
+            "source": item.source,
+            "idempotency_key": storable(item.idempotency_key, 255),
+            "size_bytes": len(body_text),
+            "seen_count": 1,
+            "first_seen_at": now,
+            "last_seen_at": now,
+        }
+        statement = upsert_insert(Q).values(**values)
+        statement = statement.on_conflict_do_update(
+            index_elements=[Q.c.digest],
+            set_={
+                "seen_count": Q.c.seen_count + 1,
+                "last_seen_at": now,
+                "errors": statement.excluded.errors,
+                "error_fields": statement.excluded.error_fields,
+            },
+        ).returning(Q.c.id, Q.c.seen_count)
+        entry_id, seen = db.session.execute(statement).one()
+        ids.append(entry_id)
+        if seen == 1:
+            added_rows += 1
+            added_bytes += values["size_bytes"]
+    gone_rows, gone_bytes = evict_beyond(limits, added_rows, added_bytes) if added_rows else (0, 0)
+    # Counters last (services/counters.bump): their shard locks are then held only for the
+    # commit, never while this transaction waits for an entry another one holds.
+    counters.bump(ROWS, added_rows - gone_rows)
+    counters.bump(BYTES, added_bytes - gone_bytes)
+    counters.bump(EVICTED, gone_rows)
+    db.session.commit()
+    return ids
+
+
+def keep_if_reachable(refused: list[Refused]) -> list[int | None]:
+    """``keep``, or no entry ids while the database does not answer: the packet is refused
+    with its 422 either way, and the bridge resends refused packets, so it is kept once the
+    database is back (an outage must not turn bad input into a 503)."""
+    try:
+        return keep(refused)
+    except OperationalError as exc:
+        db.session.rollback()
+        log.warning("refused packets not quarantined, database unavailable: %s", type(exc).__name__)
+        return [None] * len(refused)
+
+
+def totals() -> tuple[int, int]:
+    """Entries and body bytes held, from their counters."""
+    rows = dict(
+        db.session.execute(
+            select(C.c.name, func.coalesce(func.sum(C.c.value), 0))
+            .where(C.c.name.in_((ROWS, BYTES)))
+            .group_by(C.c.name)
+        ).all()
+    )
+    return int(rows.get(ROWS, 0)), int(rows.get(BYTES, 0))
+
+
+def evict_beyond(limits: Limits, adding_rows: int, adding_bytes: int) -> tuple[int, int]:
+    """Delete the least recently seen entries while the quarantine, with what this
+    transaction adds, is over either bound; the entries and bytes deleted."""
+    held_rows, held_bytes = totals()
+    rows, size = held_rows + adding_rows, held_bytes + adding_bytes
+    dropped_rows = dropped_bytes = 0
+    while rows > limits.max_rows or size > limits.max_bytes:
+        excess = max(rows - limits.max_rows, 1)
+        oldest = (
+            select(Q.c.id)
+            .order_by(Q.c.last_seen_at, Q.c.id)
+            .limit(min(excess, EVICTION_BATCH))
+            .scalar_subquery()
+        )
+        statement = delete(Q).where(Q.c.id.in_(oldest)).returning(Q.c.size_bytes)
+        gone = db.session.execute(statement).scalars().all()
+        if not gone:  # another transaction is evicting the same entries
+            break
+        dropped_rows += len(gone)
+        dropped_bytes += sum(gone)
+        rows -= len(gone)
+        size -= sum(gone)
+    return dropped_rows, dropped_bytes
+
+
+def drop(condition, reason: str | None) -> int:
+    """Delete the entries matching ``condition`` with their counters (in the session's
+    transaction); ``reason`` names the drop counter, None for an operator's purge."""
+    gone = db.session.execute(delete(Q).where(condition).returning(Q.c.size_bytes)).scalars().all()
+    counters.bump(ROWS, -len(gone))
+    counters.bump(BYTES, -sum(gone))
+    if reason:
+        counters.bump(reason, len(gone))
+    return len(gone)
+
+
+def expire() -> int:
+    """Drop the entries not seen within the retention period and commit; how many."""
+    cutoff = utc_now() - timedelta(days=Limits.from_app().retention_days)
+    old = select(Q.c.id).where(Q.c.last_seen_at < cutoff).limit(1000).scalar_subquery()
+    count = drop(Q.c.id.in_(old), EXPIRED)
+    db.session.commit()
+    return count
+
+
+@dataclass
+class Filters:
+    """Which entries an operator means."""
+
+    user_id: str | None = None
+    origin: str | None = None
+    field: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def conditions(self) -> list:
+        found = []
+        if self.user_id:
+            found.append(Q.c.user_id == self.user_id)
+        if self.origin:
+            found.append(Q.c.origin == self.origin)
+        if self.field:
+            found.append(Q.c.error_fields.contains(f",{self.field},", autoescape=True))
+        if self.since:
+            found.append(Q.c.last_seen_at >= self.since)
+        if self.until:
+            found.append(Q.c.last_seen_at < self.until)
+        return found
+
+
+def encode_cursor(entry_id: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([entry_id])).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        (entry_id,) = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        if not isinstance(entry_id, int) or isinstance(entry_id, bool):
+            raise ValueError("not an id")
+        return entry_id
+    except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
+        raise BadQuarantineCursor(
+            "The cursor is not valid; use the Link header of a previous page."
+        ) from exc
+
+
+def entries(filters: Filters, limit: int, cursor: str | None = None) -> tuple[list, str | None]:
+    """A page of entries, newest first, and the next page's cursor."""
+    conditions = filters.conditions()
+    if cursor:
+        conditions.append(Q.c.id < decode_cursor(cursor))
+    rows = db.session.execute(
+        select(Q).where(*conditions).order_by(Q.c.id.desc()).limit(limit + 1)
+    ).all()
+    db.session.commit()
+    page = rows[:limit]
+    return page, encode_cursor(page[-1].id) if len(rows) > limit else None
+
+
+def entry(entry_id: int):
+    """One entry, or None."""
+    found = db.session.execute(select(Q).where(Q.c.id == entry_id)).first()
+    db.session.commit()
+    return found
+
+
+@dataclass
+class Replay:
+    """What a replay did: entries ingested (new or duplicate) and those still refused."""
+
+    replayed: int = 0
+    ingested: int = 0
+    duplicates: int = 0
+    still_refused: int = 0
+    remaining: int = 0
+    next_after: int | None = None
+    results: list[dict] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def replay(
+    ids: list[int] | None = None,
+    filters: Filters | None = None,
+    limit: int = 500,
+    after: int | None = None,
+) -> Replay:
+    """Validate entries again under the rules in force and ingest those that pass.
+
+    Takes the entries matching ``filters`` (every entry, without any) and, when given, named
+    by ``ids``, in id order after ``after``, up to ``limit`` of them; ``remaining`` says how
+    many matching entries this replay did not reach, and ``next_after`` where the next one
+    starts (entries that still fail stay where they are, so it never loops over them). Each
+    entry ingested leaves the quarantine in the transaction that follows its ingest, so a
+    replay interrupted midway only ever repeats work that deduplication absorbs.
+    """
+    conditions = (filters or Filters()).conditions()
+    if ids is not None:
+        conditions.append(Q.c.id.in_(ids))
+    if after is not None:
+        conditions.append(Q.c.id > after)
+    chosen = db.session.execute(select(Q).where(*conditions).order_by(Q.c.id).limit(limit)).all()
+    db.session.commit()
+    rules, report = packet_rules(), Replay()
+    for row in chosen:
+        report.replayed += 1
+        try:
+            packet = rules.load(row.body)
+        except ValidationError as exc:
+            errors = exc.normalized_messages()
+            db.session.execute(
+                update(Q)
+                .where(Q.c.id == row.id)
+                .values(errors=errors, error_fields="," + ",".join(sorted(errors)) + ",")
+            )
+            db.session.commit()
+            report.still_refused += 1
+            report.results.append({"id": row.id, "status": "rejected", "errors": errors})
+            continue
+        (outcome,) = store_packets([packet], row.idempotency_key)
+        drop(Q.c.id == row.id, None)
+        db.session.commit()
+        if outcome.duplicate:
+            report.duplicates += 1
+        else:
+            report.ingested += 1
+        status = "duplicate" if outcome.duplicate else "ingested"
+        report.results.append({"id": row.id, "status": status, "packet_id": outcome.packet_id})
+    if chosen:
+        last = chosen[-1].id
+        report.remaining = db.session.execute(
+            select(func.count()).select_from(Q).where(*conditions, Q.c.id > last)
+        ).scalar_one()
+        db.session.commit()
+        report.next_after = last if report.remaining else None
+    return report
+
+
+def purge(filters: Filters | None = None, older_than_days: float | None = None) -> int:
+    """Delete the matching entries (every entry, without filters) and commit; how many."""
+    conditions = (filters or Filters()).conditions()
+    if older_than_days is not None:
+        conditions.append(Q.c.last_seen_at < utc_now() - timedelta(days=older_than_days))
+    count = drop(Q.c.id.in_(select(Q.c.id).where(*conditions).scalar_subquery()), None)
+    db.session.commit()
+    return count

@@ -1,0 +1,343 @@
+"""The quarantine: a packet refused for its content is kept, bounded, and can be replayed.
+
+Every test runs on SQLite + memory and on PostgreSQL + Redis, through the HTTP API, the CLI and
+the database.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from sqlalchemy import func, select, text
+
+from bucket.extensions import db
+from bucket.models import Packet, QuarantinedPacket
+from bucket.services import quarantine
+from tests.factories import make_packet
+from tests.queue_helpers import ack, poll, status
+from tests.statements import captured_statements
+
+API = "/api/v1/bucket/prana"
+INGEST = f"{API}/ingest"
+QUARANTINE = f"{API}/quarantine"
+ORIGIN = "https://learn.example.org"
+CONTRACT_STATES = "DEEP_FOCUS,ON_TASK,THINKING,IDLE,DISTRACTED,AWAY,OFF_TASK"
+
+
+def refused(client, packet: dict, **headers) -> dict:
+    """Post a packet that must be refused; return the 422 body."""
+    response = client.post(INGEST, json=packet, headers={"Origin": ORIGIN, **headers})
+    assert response.status_code == 422, response.json
+    assert isinstance(response.json["quarantine_id"], int), response.json
+    return response.json
+
+
+def held(app) -> int:
+    with app.app_context():
+        count = db.session.execute(select(func.count()).select_from(QuarantinedPacket)).scalar()
+        db.session.commit()
+        return count
+
+
+def stored(app) -> int:
+    with app.app_context():
+        count = db.session.execute(select(func.count()).select_from(Packet)).scalar()
+        db.session.commit()
+        return count
+
+
+def entry(client, entry_id: int) -> dict:
+    response = client.get(f"{QUARANTINE}/{entry_id}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def replay(client, **body) -> dict:
+    response = client.post(f"{QUARANTINE}/replay", json=body)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def test_a_refused_packet_is_kept_as_received_with_its_errors(client):
+    """The 422 keeps its clear errors and adds the entry; the entry holds the JSON as sent."""
+    packet = make_packet(focus_score=140, active_seconds=9.0, user_id="stu_q")
+    answer = refused(client, packet)
+    assert answer["code"] == 422 and answer["status"] == "Unprocessable Entity"
+    assert {"focus_score", "active_seconds"} <= set(answer["errors"]["json"])
+    kept = entry(client, answer["quarantine_id"])
+    assert kept["body"] == packet  # transport fields and all, as received
+    assert set(kept["errors"]) == set(answer["errors"]["json"])
+    assert kept["origin"] == ORIGIN and kept["user_id"] == "stu_q" and kept["source"] == "packet"
+    assert kept["seen_count"] == 1 and len(kept["digest"]) == 64
+    assert kept["size_bytes"] == len(json.dumps(packet, separators=(",", ":")).encode())
+    assert kept["first_seen_at"] == kept["last_seen_at"]
+
+
+def test_a_resent_copy_counts_instead_of_adding_a_row(app, client):
+    """The bridge resends with new transport fields: one entry, seen three times."""
+    packet = make_packet(cognitive_state="SLEEPY")
+    first = refused(client, packet)
+    for attempt in (1, 2):
+        again = refused(client, {**packet, "retry_count": attempt, "queued_at": f"t{attempt}"})
+        assert again["quarantine_id"] == first["quarantine_id"]
+    kept = entry(client, first["quarantine_id"])
+    assert kept["seen_count"] == 3 and kept["last_seen_at"] > kept["first_seen_at"]
+    assert held(app) == 1
+    assert status(client)["quarantined_packets"] == 1
+
+
+def test_rejected_packets_inside_a_batch_are_kept_one_by_one(app, client):
+    """Each rejected packet of a batch gets its entry; good ones are stored as before."""
+    good, bad_a, bad_b = make_packet(), make_packet(focus_score=-1), make_packet(state="NAPPING")
+    response = client.post(INGEST, json={"packets": [good, bad_a, 7, bad_b]})
+    assert response.status_code == 207
+    results = response.json["results"]
+    assert results[0]["status"] == "ingested" and "quarantine_id" not in results[0]
+    assert results[2]["status"] == "rejected" and "quarantine_id" not in results[2]  # not a packet
+    ids = [results[1]["quarantine_id"], results[3]["quarantine_id"]]
+    assert [entry(client, i)["body"] for i in ids] == [bad_a, bad_b]
+    assert {entry(client, i)["source"] for i in ids} == {"batch"}
+    assert held(app) == 2 and stored(app) == 1
+
+
+def test_bodies_that_are_not_packets_at_all_are_not_kept(app, client):
+    """Not JSON, or over the body limit: answered as before (413 names the limit), not kept."""
+    not_json = client.post(INGEST, data="{nope", content_type="text/plain")
+    assert not_json.status_code == 400 and "quarantine_id" not in not_json.json
+    huge = make_packet(raw_signals={"pad": "x" * 2_000_000})
+    too_large = client.post(INGEST, json=huge)
+    assert too_large.status_code == 413
+    assert str(app.config["MAX_CONTENT_LENGTH"]) in too_large.json["message"]
+    assert "capacity limit" not in too_large.json["message"]
+    assert held(app) == 0
+
+
+def test_bounds_drop_the_least_recently_seen_and_count_it(make_app):
+    """A flood of distinct invalid packets stays within the row bound; drops are counted in
+    status and /metrics; a resent old entry is fresh again and survives."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=5)
+    client = app.test_client()
+    first = [make_packet(focus_score=1000 + n) for n in range(5)]
+    ids = [refused(client, packet)["quarantine_id"] for packet in first]
+    assert refused(client, first[0])["quarantine_id"] == ids[0]  # seen again: the freshest
+    later = [refused(client, make_packet(focus_score=2000 + n))["quarantine_id"] for n in range(3)]
+    kept = {e["id"] for e in client.get(f"{QUARANTINE}?limit=50").json}
+    assert kept == {ids[0], ids[4], *later}  # ids 1-3 were the least recently seen
+    flood = [refused(client, make_packet(focus_score=3000 + n))["quarantine_id"] for n in range(40)]
+    assert held(app) == 5
+    assert {e["id"] for e in client.get(f"{QUARANTINE}?limit=50").json} == set(flood[-5:])
+    figures = status(client)
+    assert figures["quarantined_packets"] == 5 and figures["quarantine_evicted"] == 43
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "bucket_quarantine_packets 5.0" in metrics
+    assert 'bucket_quarantine_dropped_total{reason="evicted"} 43.0' in metrics
+
+
+def test_the_byte_bound_holds_too(make_app):
+    """BUCKET_QUARANTINE_MAX_BYTES caps the bodies kept, whatever the row bound."""
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=3000)
+    client = app.test_client()
+    for n in range(12):
+        refused(client, make_packet(focus_score=-n - 1, raw_signals={"pad": "y" * 400}))
+    figures = status(client)
+    assert 0 < figures["quarantine_bytes"] <= 3000
+    assert figures["quarantined_packets"] == held(app) < 12
+    assert figures["quarantine_evicted"] == 12 - held(app)
+
+
+def test_a_flood_of_refused_packets_costs_valid_ingest_nothing(make_app):
+    """Valid ingest never reads or writes the quarantine, however full it is."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=20)
+    client = app.test_client()
+    for n in range(60):
+        refused(client, make_packet(user_id=f"flood{n}", focus_score=-5))
+    with captured_statements(app) as statements:
+        assert client.post(INGEST, json=make_packet()).status_code == 200
+        batch = client.post(INGEST, json={"packets": [make_packet(), make_packet()]})
+        assert batch.status_code == 200
+    assert statements and not [s for s in statements if "quarantine" in s.lower()]
+    assert held(app) == 20
+
+
+def test_entries_past_the_retention_period_expire(app, client):
+    """Not seen for BUCKET_QUARANTINE_RETENTION_DAYS: dropped, counted as expired."""
+    old = refused(client, make_packet(focus_score=-1))["quarantine_id"]
+    fresh = refused(client, make_packet(focus_score=-2))["quarantine_id"]
+    with app.app_context():
+        db.session.execute(
+            text("UPDATE quarantine SET last_seen_at = '2020-01-01 00:00:00' WHERE id = :id"),
+            {"id": old},
+        )
+        db.session.commit()
+        assert quarantine.expire() == 1
+    assert [e["id"] for e in client.get(QUARANTINE).json] == [fresh]
+    figures = status(client)
+    assert figures["quarantine_expired"] == 1 and figures["quarantined_packets"] == 1
+
+
+def test_listing_filters_and_pages_with_a_cursor(client):
+    """Filters by user, origin and refused field; the Link header carries the next page."""
+    for n in range(5):
+        refused(client, make_packet(user_id="pager", focus_score=-n - 1))
+    refused(client, make_packet(user_id="other", active_seconds=8.0), Origin="https://b.example")
+    first = client.get(f"{QUARANTINE}?user_id=pager&limit=2")
+    assert first.status_code == 200 and len(first.json) == 2
+    seen = [e["id"] for e in first.json]
+    link = first.headers["Link"]
+    while link:
+        url = link[link.index("<") + 1 : link.index(">")]
+        page = client.get(url)
+        seen += [e["id"] for e in page.json]
+        link = page.headers.get("Link")
+    assert len(seen) == 5 and seen == sorted(seen, reverse=True)
+    by_field = client.get(f"{QUARANTINE}?field=active_seconds").json
+    assert [e["user_id"] for e in by_field] == ["other"]
+    by_origin = client.get(f"{QUARANTINE}?origin=https://b.example").json
+    assert [e["user_id"] for e in by_origin] == ["other"]
+    bad = client.get(f"{QUARANTINE}?cursor=bm90LWEtY3Vyc29y")
+    assert bad.status_code == 422 and "cursor" in bad.json["errors"]["query"]
+    assert client.get(f"{QUARANTINE}/999999").status_code == 404
+
+
+def test_replay_refuses_ids_that_name_no_entry_by_their_shape(client):
+    """Empty, non-integer and out-of-range ids are a 422 naming the field."""
+    for ids in ([], ["x"], [0], [2**63]):
+        body = json.dumps({"ids": ids})  # the test client's orjson cannot write 2**63
+        response = client.post(f"{QUARANTINE}/replay", data=body, content_type="application/json")
+        assert response.status_code == 422, ids
+        assert "ids" in response.json["errors"]["json"], response.json
+    assert client.get(f"{QUARANTINE}/{2**70}").status_code == 404
+
+
+def test_replay_goes_on_past_entries_that_still_fail(make_app):
+    """In id order, ``limit`` at a time, resumed with ``after``: entries that still fail never
+    hold the replay up, and ``remaining`` counts what it has not reached."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    client = strict.test_client()
+    for n in range(3):
+        refused(client, make_packet(user_id="stuck", focus_score=-1 - n))
+    for _ in range(2):
+        refused(client, make_packet(user_id="fixable", cognitive_state="THINKING"))
+    lenient = make_app()
+    client = lenient.test_client()
+    first = replay(client, limit=2)
+    assert (first["replayed"], first["still_refused"], first["remaining"]) == (2, 2, 3)
+    second = replay(client, limit=2, after=first["next_after"])
+    assert (second["still_refused"], second["ingested"], second["remaining"]) == (1, 1, 1)
+    last = replay(client, limit=2, after=second["next_after"])
+    assert (last["ingested"], last["remaining"], last["next_after"]) == (1, 0, None)
+    assert stored(lenient) == 2 and held(lenient) == 3
+    only = replay(client, user_id="stuck")
+    assert only["replayed"] == 3 and only["still_refused"] == 3
+
+
+def test_a_replay_that_still_fails_keeps_the_entry_with_new_errors(app, client):
+    """Rules unchanged: the entry stays, and nothing is stored."""
+    entry_id = refused(client, make_packet(focus_score=500))["quarantine_id"]
+    report = replay(client, ids=[entry_id])
+    assert report["replayed"] == 1 and report["still_refused"] == 1 and report["ingested"] == 0
+    assert report["results"][0]["status"] == "rejected"
+    assert "focus_score" in entry(client, entry_id)["errors"]
+    assert stored(app) == 0
+
+
+def test_legacy_ems_states_are_accepted_in_cognitive_state(client):
+    """As the original did: "WORKING" in cognitive_state is stored and served as is."""
+    response = client.post(INGEST, json=make_packet(cognitive_state="WORKING"))
+    assert response.status_code == 200, response.json
+    assert poll(client)["packets"][0]["cognitive_state"] == "WORKING"
+
+
+@pytest.mark.parametrize("transport", ["single", "batch"])
+def test_a_new_state_is_quarantined_then_configured_replayed_and_served_once(
+    make_app, monkeypatch, transport
+):
+    """The story: the state engine ships FATIGUED before the bucket knows it. The bridge keeps
+    resending the refused packets; the operator adds FATIGUED to BUCKET_COGNITIVE_STATES,
+    restarts and replays. Every packet is stored once and served once; the quarantine ends
+    empty, and the bridge's later resends are duplicates."""
+    monkeypatch.setenv("BUCKET_COGNITIVE_STATES", CONTRACT_STATES)
+    before = make_app()
+    bridge = before.test_client()
+    packets = [make_packet(user_id="tired", cognitive_state="FATIGUED") for _ in range(4)]
+
+    def send_all(client, retry: int) -> list:
+        resent = [{**p, "retry_count": retry} for p in packets]
+        if transport == "single":
+            return [client.post(INGEST, json=p, headers={"Origin": ORIGIN}) for p in resent]
+        return [client.post(INGEST, json={"packets": resent}, headers={"Origin": ORIGIN})]
+
+    for retry in range(3):  # the bridge's retries and offline-queue resends
+        for response in send_all(bridge, retry):
+            assert response.status_code == 422, response.json
+    assert held(before) == 4 and stored(before) == 0
+    assert {e["seen_count"] for e in bridge.get(QUARANTINE).json} == {3}
+
+    monkeypatch.setenv("BUCKET_COGNITIVE_STATES", CONTRACT_STATES + ",FATIGUED")
+    after = make_app()  # the restart
+    operator = after.test_client()
+    report = replay(operator)
+    assert (report["replayed"], report["ingested"], report["remaining"]) == (4, 4, 0)
+    assert held(after) == 0 and operator.get(QUARANTINE).json == []
+    assert replay(operator)["replayed"] == 0  # replaying again stores nothing
+
+    for response in send_all(after.test_client(), 3):
+        assert response.status_code == 200, response.json
+        body = response.json
+        results = body["results"] if "results" in body else [body]
+        assert all(r.get("duplicate") or r["status"] == "duplicate" for r in results)
+    assert stored(after) == 4
+
+    served = poll(operator, limit=50)["packets"]
+    assert len({p["packet_id"] for p in served}) == len(served) == 4
+    assert {p["cognitive_state"] for p in served} == {"FATIGUED"}
+    for p in served:
+        assert ack(operator, p["packet_id"]).status_code == 200
+    assert poll(operator, limit=50)["count"] == 0
+    figures = status(operator)
+    assert figures["processed_packets"] == figures["total_packets"] == 4
+    assert figures["quarantined_packets"] == 0
+
+
+def test_a_replayed_copy_of_a_packet_stored_since_is_a_duplicate(make_app):
+    """Replay goes through deduplication: a copy ingested meanwhile is not stored twice."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    packet = make_packet(cognitive_state="THINKING")
+    entry_id = refused(strict.test_client(), packet)["quarantine_id"]
+    lenient = make_app()
+    client = lenient.test_client()
+    assert client.post(INGEST, json=packet).status_code == 200
+    report = replay(client, ids=[entry_id])
+    assert report["duplicates"] == 1 and report["ingested"] == 0
+    assert stored(lenient) == 1 and held(lenient) == 0
+
+
+def test_operators_list_show_replay_and_purge_from_the_cli(make_app):
+    """``flask bucket quarantine list|show|replay|purge``."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    client = strict.test_client()
+    fixable = refused(client, make_packet(user_id="cli", cognitive_state="THINKING"))
+    broken = refused(client, make_packet(user_id="cli", focus_score=-3))
+    runner = strict.test_cli_runner()
+    listed = runner.invoke(args=["bucket", "quarantine", "list", "--user", "cli"])
+    assert listed.exit_code == 0, listed.output
+    assert "2 held" in listed.output and "focus_score" in listed.output
+    shown = runner.invoke(args=["bucket", "quarantine", "show", str(fixable["quarantine_id"])])
+    assert shown.exit_code == 0 and json.loads(shown.output)["body"]["user_id"] == "cli"
+    missing = runner.invoke(args=["bucket", "quarantine", "show", "424242"])
+    assert missing.exit_code != 0 and "no quarantine entry" in missing.output
+    assert runner.invoke(args=["bucket", "quarantine", "replay"]).exit_code != 0
+
+    lenient = make_app()
+    runner = lenient.test_cli_runner()
+    replayed = runner.invoke(args=["bucket", "quarantine", "replay", "--all", "--user", "cli"])
+    assert replayed.exit_code == 0, replayed.output
+    assert "ingested 1" in replayed.output and "still refused 1" in replayed.output
+    assert stored(lenient) == 1 and held(lenient) == 1
+    assert runner.invoke(args=["bucket", "quarantine", "purge"]).exit_code != 0  # needs --yes
+    purged = runner.invoke(args=["bucket", "quarantine", "purge", "--field", "focus_score"])
+    assert purged.exit_code == 0 and "purged 1" in purged.output
+    assert held(lenient) == 0
+    assert status(lenient.test_client())["quarantine_bytes"] == 0
+    assert broken["quarantine_id"] != fixable["quarantine_id"]
