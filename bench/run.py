@@ -87,7 +87,7 @@ class Run:
 
     def truncate(self) -> None:
         with self.database.connect() as conn:
-            conn.execute("TRUNCATE packets, deliveries, packet_counters")
+            conn.execute("TRUNCATE packets, deliveries, packet_counters, quarantine")
         recount(self.env)
 
     def top_up(self, backlog: int) -> None:
