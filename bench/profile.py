@@ -112,6 +112,7 @@ def main() -> None:
             "raw",
             "--rate",
             "250",
+            "--gil",
             "--duration",
             str(int(args.seconds)),
             "--output",
