@@ -52,6 +52,8 @@ def test_make_run_is_the_procfile(tmp_path):
         capture_output=True,
         text=True,
         check=True,
+        # Under `make test` this make is a sub-make: keep it from announcing its directory.
+        env={k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")},
     ).stdout.splitlines()
     lines = procfile()
     assert set(lines) == {"release", "web"}
