@@ -78,6 +78,10 @@ class Config:
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
         self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)
         self.BUCKET_BOOKKEEPING_INTERVAL = env_float("BUCKET_BOOKKEEPING_INTERVAL", 2.0)
+        # The audit log (README, "The audit trail"): the workers seal new packets this often
+        # (0: only `flask bucket seal` does), at most this many per seal.
+        self.BUCKET_AUDIT_SEAL_INTERVAL = env_float("BUCKET_AUDIT_SEAL_INTERVAL", 5.0)
+        self.BUCKET_AUDIT_SEAL_MAX_PACKETS = env_int("BUCKET_AUDIT_SEAL_MAX_PACKETS", 50_000)
         # Operations: proxies, rate limits, logs (README, "Configuration").
         self.BUCKET_TRUSTED_PROXIES = env_int("BUCKET_TRUSTED_PROXIES", 0)
         self.BUCKET_RATE_LIMIT_ENABLED = env_bool("BUCKET_RATE_LIMIT_ENABLED", True)

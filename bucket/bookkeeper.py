@@ -1,5 +1,6 @@
 """The background bookkeeper: a thread per worker process that books new packets every few seconds
-(and drops expired quarantine entries once a minute).
+(seals new packets into the audit log every BUCKET_AUDIT_SEAL_INTERVAL seconds, and drops expired
+quarantine entries once a minute).
 
 Started by gunicorn's ``post_worker_init`` hook (``gunicorn.conf.py``), so neither tests,
 ``flask shell`` nor CLI commands run it unasked; ``flask bucket book`` does one round by hand.
@@ -28,12 +29,14 @@ QUARANTINE_EXPIRY_INTERVAL = 60.0
 class BookkeeperState:
     """One application's bookkeeping thread and its pace."""
 
-    def __init__(self, interval: float) -> None:
+    def __init__(self, interval: float, seal_interval: float = 0.0) -> None:
         self.interval = interval
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
         self.rounds = 0
         self.next_expiry = 0.0
+        self.seal_interval = seal_interval
+        self.next_seal = 0.0
 
 
 class Bookkeeper:
@@ -44,7 +47,9 @@ class Bookkeeper:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        app.extensions[EXTENSION_KEY] = BookkeeperState(app.config["BUCKET_BOOKKEEPING_INTERVAL"])
+        app.extensions[EXTENSION_KEY] = BookkeeperState(
+            app.config["BUCKET_BOOKKEEPING_INTERVAL"], app.config["BUCKET_AUDIT_SEAL_INTERVAL"]
+        )
 
     def start(self, app: Flask) -> None:
         """Start this process's thread (idempotent); a zero interval disables it."""
@@ -67,6 +72,7 @@ class Bookkeeper:
     def _run(self, app: Flask, state: BookkeeperState) -> None:
         from bucket.extensions import db
         from bucket.services import quarantine
+        from bucket.services.audit.sealing import seal_backlog
         from bucket.services.bookkeeping import book_new_packets
 
         while not state.stop.wait(state.interval):
@@ -74,6 +80,9 @@ class Bookkeeper:
             with app.app_context():
                 try:
                     book_new_packets()
+                    if state.seal_interval > 0 and time.monotonic() >= state.next_seal:
+                        state.next_seal = time.monotonic() + state.seal_interval
+                        seal_backlog()
                     if time.monotonic() >= state.next_expiry:
                         state.next_expiry = time.monotonic() + QUARANTINE_EXPIRY_INTERVAL
                         quarantine.expire()

@@ -1,5 +1,5 @@
-"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``
-and ``flask bucket quarantine list|show|replay|purge``."""
+"""Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``,
+``flask bucket seal|verify`` and ``flask bucket quarantine list|show|replay|purge``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from flask.cli import AppGroup
 
 from bucket.models import DeliveryState
 from bucket.services import delivery, quarantine
+from bucket.services.audit.sealing import seal_everything
+from bucket.services.audit.verification import verify
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.retention import purge
@@ -257,3 +259,37 @@ def quarantine_purge_command(
         raise click.UsageError("this would purge every entry: give a filter or --yes")
     count = quarantine.purge(filters, older_than_days)
     click.echo(f"purged {count} quarantine entries")
+
+
+@bucket_cli.command("seal")
+def seal_command() -> None:
+    """Seal every packet stored so far into the audit log now (the workers do it every
+    BUCKET_AUDIT_SEAL_INTERVAL seconds)."""
+    made = seal_everything()
+    if not made:
+        click.echo("nothing to seal (or another sealer is at it)")
+    for seal in made:
+        click.echo(f"seal {seal.seq}: {seal.packet_count} packets, hash {seal.hash}")
+
+
+@bucket_cli.command("verify")
+@click.option("--since", help="Only seals made at or after this ISO-8601 time.")
+def verify_command(since: str | None) -> None:
+    """Recompute every seal from the stored rows and the chain; exit 1 on any problem.
+
+    Names each packet altered, deleted or inserted behind the log's back, and each seal
+    edited or missing. Packets the retention purge deleted are listed as purged, not as
+    problems. Compare the head hash with a copy kept elsewhere (README, "The audit trail").
+    """
+    report = verify(parse_moment(since))
+    for line in report.purged:
+        click.echo(f"purged: {line}")
+    for problem in report.problems:
+        click.echo(f"PROBLEM {problem}")
+    click.echo(
+        f"checked {report.seals} seals and {report.packets} packets; "
+        f"{len(report.purged)} purged by retention, {report.unsealed} not sealed yet, "
+        f"{len(report.problems)} problems"
+    )
+    if not report.ok:
+        raise SystemExit(1)

@@ -169,6 +169,50 @@ class QuarantinedPacket(db.Model):
     )
 
 
+class AuditSeal(db.Model):
+    """One seal of the audit log: the Merkle root over a contiguous range of stored packets
+    (by ``seq``), chained to the seal before it by that seal's hash (services/audit)."""
+
+    __tablename__ = "audit_seals"
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    sealed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The packets with after_seq < seq <= last_seq, all of them, in seq order.
+    after_seq: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger)
+    packet_count: Mapped[int] = mapped_column(Integer)
+    root: Mapped[str] = mapped_column(String(64))
+    previous_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditLeaf(db.Model):
+    """A sealed packet's leaf: which seal holds it, where, and the hash of its content then.
+
+    Kept when retention deletes the packet, so proofs of its neighbours stay checkable."""
+
+    __tablename__ = "audit_leaves"
+
+    packet_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    packet_id: Mapped[str] = mapped_column(String(36))
+    seal_seq: Mapped[int] = mapped_column(BigInteger)
+    leaf_index: Mapped[int] = mapped_column(Integer)
+    leaf_hash: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_audit_leaves_seal", "seal_seq", "leaf_index"),)
+
+
+class AuditPurge(db.Model):
+    """A sealed packet the retention purge deleted, and when: ``verify`` tells it apart from a
+    packet deleted behind the log's back."""
+
+    __tablename__ = "audit_purges"
+
+    packet_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    packet_id: Mapped[str] = mapped_column(String(36))
+    purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class PacketCounter(db.Model):
     """One shard of a running count of packets, summed by status instead of counting rows.
 

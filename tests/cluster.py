@@ -36,12 +36,17 @@ def service_env(database_url: str, redis_url: str, prefix: str, **extra: str) ->
 
 def migrate(env: dict[str, str]) -> None:
     """``flask db upgrade`` against the instance's database, as the Procfile's release step."""
-    subprocess.run(
-        [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
+    flask_command(env, "db", "upgrade").check_returncode()
+
+
+def flask_command(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``flask --app wsgi …`` as an operator runs it beside the instances."""
+    return subprocess.run(
+        [str(BIN / "flask"), "--app", "wsgi", *args],
         cwd=ROOT,
         env=env,
-        check=True,
         capture_output=True,
+        text=True,
         timeout=120,
     )
 

@@ -146,7 +146,10 @@ def clean_state(app) -> None:
     """Empty the shared PostgreSQL tables and this test's Redis keys."""
     if db.engine.dialect.name == "postgresql":
         with db.engine.begin() as conn:
-            conn.exec_driver_sql("TRUNCATE packets, deliveries, packet_counters, quarantine")
+            conn.exec_driver_sql(
+                "TRUNCATE packets, deliveries, packet_counters, quarantine, "
+                "audit_seals, audit_leaves, audit_purges"
+            )
     queue.flush()
 
 

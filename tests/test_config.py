@@ -112,6 +112,14 @@ CASES: dict[str, dict] = {
         "value": "0.5",
         "config": ("BUCKET_BOOKKEEPING_INTERVAL", 0.5),
     },
+    "BUCKET_AUDIT_SEAL_INTERVAL": {
+        "value": "2.5",
+        "config": ("BUCKET_AUDIT_SEAL_INTERVAL", 2.5),
+    },
+    "BUCKET_AUDIT_SEAL_MAX_PACKETS": {
+        "value": "1000",
+        "config": ("BUCKET_AUDIT_SEAL_MAX_PACKETS", 1000),
+    },
     "BUCKET_TRUSTED_PROXIES": {"value": "1", "config": ("BUCKET_TRUSTED_PROXIES", 1)},
     "BUCKET_RATE_LIMIT_ENABLED": {
         "value": "false",

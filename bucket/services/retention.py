@@ -13,13 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select
 
 from bucket.extensions import db
-from bucket.models import Delivery, DeliveryState, Packet, PacketCounter
+from bucket.models import AuditPurge, Delivery, DeliveryState, Packet, PacketCounter
 from bucket.services import counters
+from bucket.services.audit.sealing import seal_everything, sealed_through
 from bucket.services.bookkeeping import book_new_packets
-from bucket.timeutil import epoch_now, from_epoch
+from bucket.timeutil import epoch_now, from_epoch, utc_now
 
 T = Packet.__table__
 D = Delivery.__table__
@@ -57,10 +58,19 @@ def purge(
     # Booking first makes that every packet stored up to now.
     book_new_packets()
     booked = select(C.c.value).where(C.c.name == counters.BOOKED).scalar_subquery()
+    # Only sealed packets too: the audit log keeps their leaves, and records their purge here,
+    # so `flask bucket verify` tells a purge from a deletion behind the log's back.
+    seal_everything()
+    sealed = sealed_through()
     expired = (
         select(D.c.packet_id)
         .join(T, T.c.packet_id == D.c.packet_id)
-        .where(D.c.delivery_state.in_(states), D.c.visible_at < cutoff, T.c.seq <= booked)
+        .where(
+            D.c.delivery_state.in_(states),
+            D.c.visible_at < cutoff,
+            T.c.seq <= booked,
+            T.c.seq <= sealed,
+        )
     )
     if dry_run:
         count = db.session.execute(
@@ -77,7 +87,16 @@ def purge(
             delete(D).where(D.c.packet_id.in_(victims)).returning(D.c.packet_id, D.c.delivery_state)
         ).all()
         if gone:
-            db.session.execute(delete(T).where(T.c.packet_id.in_([pid for pid, _ in gone])))
+            removed = db.session.execute(
+                delete(T)
+                .where(T.c.packet_id.in_([pid for pid, _ in gone]))
+                .returning(T.c.seq, T.c.packet_id)
+            ).all()
+            now = utc_now()
+            db.session.execute(
+                insert(AuditPurge.__table__),
+                [{"packet_seq": seq, "packet_id": pid, "purged_at": now} for seq, pid in removed],
+            )
         count = len(gone)
         states_gone = [state for _, state in gone]
         counters.bump(counters.PROCESSED, -states_gone.count(DeliveryState.PROCESSED))

@@ -1,0 +1,59 @@
+"""What a packet's leaf commits to: every stored field, canonically encoded.
+
+Everything the browser sent and the service derived at ingest (identity keys, ``seq``,
+``received_at``): the packets table is written once and never changed. Delivery state lives
+in ``deliveries`` and is deliberately left out, since it changes. Datetimes are ISO-8601 in
+UTC with microseconds, keys sorted at every depth, floats in their shortest round-trip form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from bucket.models import AuditSeal, Packet
+from bucket.services.audit.merkle import leaf_hash
+
+T = Packet.__table__
+FIELDS = tuple(column.name for column in T.columns)
+GENESIS = "0" * 64
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value.astimezone(UTC).isoformat(timespec="microseconds")
+    return value
+
+
+def canonical(row: Any) -> bytes:
+    """The canonical bytes of one packet row (a mapping of its columns)."""
+    content = {name: _plain(row[name]) for name in FIELDS}
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+
+
+def packet_leaf(row: Any) -> str:
+    """The packet's leaf hash, hex."""
+    return leaf_hash(canonical(row)).hex()
+
+
+SEAL_FIELDS = ("seq", "sealed_at", "after_seq", "last_seq", "packet_count", "root", "previous_hash")
+
+
+def seal_header(seal: Any) -> dict[str, Any]:
+    """What a seal's hash covers (a mapping or an AuditSeal row)."""
+    get = seal.__getitem__ if isinstance(seal, dict) else lambda name: getattr(seal, name)
+    return {name: _plain(get(name)) for name in SEAL_FIELDS}
+
+
+def seal_hash(seal: Any) -> str:
+    """SHA-256 of the seal's canonical header, hex: what the next seal and outsiders keep."""
+    header = orjson.dumps(seal_header(seal), option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(header).hexdigest()
+
+
+__all__ = ["AuditSeal", "GENESIS", "canonical", "packet_leaf", "seal_hash", "seal_header"]

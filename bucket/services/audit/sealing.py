@@ -1,0 +1,143 @@
+"""Sealing: the packets stored since the last seal go into the next one, each exactly once.
+
+One sealer at a time across every worker and instance, decided by the database: a
+transaction-scoped advisory lock on PostgreSQL (SQLite serialises writers anyway), with the
+seal's primary key as a backstop. The packets sealed are those with ``seq`` above the last
+seal's ``last_seq`` and at most the *horizon* below which no insert is still in flight (the
+bookkeeper's, ``services/bookkeeping``): a packet committed late has a higher ``seq`` and goes
+into the next seal. Never in the ingest request: the workers' background thread seals every
+``BUCKET_AUDIT_SEAL_INTERVAL`` seconds, and ``flask bucket seal`` does it on demand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import current_app
+from sqlalchemy import insert, select, text
+
+from bucket.extensions import db
+from bucket.models import AuditLeaf, AuditSeal, Packet
+from bucket.services.audit.content import GENESIS, packet_leaf, seal_hash
+from bucket.services.audit.merkle import root
+from bucket.services.bookkeeping import horizon_postgres
+from bucket.services.dialect import dialect_name
+from bucket.timeutil import utc_now
+
+T = Packet.__table__
+S = AuditSeal.__table__
+L = AuditLeaf.__table__
+# pg_advisory_xact_lock key of the sealer: "prana-seal" as an integer.
+SEALER_LOCK = 0x7072616E615F7365
+
+
+@dataclass
+class Sealed:
+    """One seal made: its number, the packets it covers and its hash."""
+
+    seq: int
+    packet_count: int
+    hash: str
+
+
+def head() -> AuditSeal | None:
+    """The newest seal (the session's transaction stays open)."""
+    return db.session.execute(select(AuditSeal).order_by(AuditSeal.seq.desc()).limit(1)).scalar()
+
+
+def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
+    """Seal the packets stored since the last seal (at most ``max_packets``, default
+    BUCKET_AUDIT_SEAL_MAX_PACKETS) and commit; None when there was nothing to seal or another
+    sealer is at it."""
+    limit = max_packets or current_app.config["BUCKET_AUDIT_SEAL_MAX_PACKETS"]
+    postgres = dialect_name() == "postgresql"
+    horizon = horizon_postgres() if postgres else None
+    if postgres and horizon is None:
+        return None
+    session = db.session
+    try:
+        if postgres:
+            locked = session.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": SEALER_LOCK}
+            ).scalar()
+            if not locked:
+                session.rollback()
+                return None
+        else:
+            horizon = (
+                session.execute(
+                    text("SELECT value FROM packet_counters WHERE name = 'allocated' AND shard = 0")
+                ).scalar()
+                or 0
+            )
+        previous = head()
+        after = previous.last_seq if previous else 0
+        rows = (
+            session.execute(
+                select(T).where(T.c.seq > after, T.c.seq <= horizon).order_by(T.c.seq).limit(limit)
+            )
+            .mappings()
+            .all()
+        )
+        if not rows:
+            session.commit()
+            return None
+        leaves = [packet_leaf(row) for row in rows]
+        seal = {
+            "seq": (previous.seq + 1) if previous else 1,
+            "sealed_at": utc_now(),
+            "after_seq": after,
+            "last_seq": rows[-1]["seq"],
+            "packet_count": len(rows),
+            "root": root([bytes.fromhex(leaf) for leaf in leaves]).hex(),
+            "previous_hash": previous.hash if previous else GENESIS,
+        }
+        seal["hash"] = seal_hash(seal)
+        session.execute(insert(S).values(**seal))
+        session.execute(
+            insert(L),
+            [
+                {
+                    "packet_seq": row["seq"],
+                    "packet_id": row["packet_id"],
+                    "seal_seq": seal["seq"],
+                    "leaf_index": index,
+                    "leaf_hash": leaf,
+                }
+                for index, (row, leaf) in enumerate(zip(rows, leaves, strict=True))
+            ],
+        )
+        session.commit()
+        return Sealed(seal["seq"], len(rows), seal["hash"])
+    except BaseException:
+        session.rollback()
+        raise
+
+
+def seal_backlog(rounds: int = 20) -> int:
+    """The background round: seal, and go on while each seal came out full (a backlog), at
+    most ``rounds`` seals; the packets sealed."""
+    limit = current_app.config["BUCKET_AUDIT_SEAL_MAX_PACKETS"]
+    sealed = 0
+    for _ in range(rounds):
+        made = seal_new_packets(limit)
+        if made is None:
+            break
+        sealed += made.packet_count
+        if made.packet_count < limit:
+            break
+    return sealed
+
+
+def seal_everything() -> list[Sealed]:
+    """Seal until nothing stored before now is left unsealed; the seals made."""
+    made = []
+    while (sealed := seal_new_packets()) is not None:
+        made.append(sealed)
+    return made
+
+
+def sealed_through() -> int:
+    """The highest ``seq`` sealed so far (0 before the first seal)."""
+    found = db.session.execute(select(S.c.last_seq).order_by(S.c.seq.desc()).limit(1)).scalar()
+    return found or 0

@@ -1,0 +1,290 @@
+"""The audit log: seals over every stored packet, proofs an outsider can check, and a verifier
+that names each packet altered, deleted or forged behind the log's back.
+
+Every test runs on SQLite + memory and on PostgreSQL + Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+
+from bucket.extensions import db
+from bucket.models import AuditLeaf, AuditSeal
+from bucket.services.audit import merkle
+from bucket.services.audit.sealing import seal_everything, seal_new_packets
+from tests.concurrency import join_all
+from tests.queue_helpers import ingest_many
+
+ROOT = Path(__file__).resolve().parent.parent
+VERIFIER = ROOT / "tools" / "verify_proof.py"
+
+
+def seal(app) -> list:
+    with app.app_context():
+        return seal_everything()
+
+
+def verify(runner, *args: str):
+    return runner.invoke(args=["bucket", "verify", *args])
+
+
+def artifact(client, packet_id: str) -> dict:
+    response = client.get(f"/api/v1/audit/artifact/{packet_id}")
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def sql(app, statement: str, **params) -> None:
+    with app.app_context():
+        db.session.execute(text(statement), params)
+        db.session.commit()
+
+
+def outside_check(tmp_path, answer: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the standalone verifier as an outsider would: plain python3, no project imports."""
+    path = tmp_path / "artifact.json"
+    path.write_text(json.dumps(answer))
+    return subprocess.run(
+        [sys.executable, "-I", str(VERIFIER), str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_every_packet_lands_in_exactly_one_seal_and_late_ones_in_the_next(app, client):
+    """Seals cover contiguous ranges, chained by hash; nothing is sealed twice or skipped."""
+    first = ingest_many(client, 5)
+    (one,) = seal(app)
+    assert one.packet_count == 5
+    later = ingest_many(client, 3)
+    assert [s.packet_count for s in seal(app)] == [3]
+    assert seal(app) == []  # nothing new: no empty seal
+    with app.app_context():
+        leaves = db.session.execute(select(AuditLeaf).order_by(AuditLeaf.packet_seq)).scalars()
+        assert [leaf.packet_id for leaf in leaves] == first + later
+        seals = db.session.execute(select(AuditSeal).order_by(AuditSeal.seq)).scalars().all()
+        assert [s.seq for s in seals] == [1, 2]
+        assert seals[0].previous_hash == "0" * 64 and seals[1].previous_hash == seals[0].hash
+        assert seals[1].after_seq == seals[0].last_seq
+        hashes = [s.hash for s in seals]
+        db.session.commit()
+    latest = client.get("/api/v1/bucket/latest-hash").json
+    assert latest["latest_hash"] == hashes[1] and latest["packets_sealed"] == 8
+    assert latest["seal"]["seq"] == 2 and latest["seal"]["packet_count"] == 3
+    chain = client.get("/api/v1/bucket/audit/seals?from=1&to=2").json
+    assert [s["hash"] for s in chain] == hashes
+    assert client.get("/api/v1/bucket/audit/seals?from=2").json == chain[1:]
+
+
+def test_a_packet_not_sealed_yet_says_so(client):
+    (packet_id,) = ingest_many(client, 1)
+    answer = artifact(client, packet_id)
+    assert answer["provenance"]["sealed"] is False
+    assert "not sealed yet" in answer["provenance"]["message"].lower()
+    assert answer["data"]["packet_id"] == packet_id
+    missing = client.get("/api/v1/audit/artifact/no-such-packet")
+    assert missing.status_code == 404 and missing.json["code"] == 404
+
+
+def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client, tmp_path):
+    """The proof leads from the packet's bytes to its seal, and on to a later head."""
+    ids = ingest_many(client, 7, user_id="disputed")
+    seal(app)
+    answer = artifact(client, ids[3])
+    provenance = answer["provenance"]
+    assert provenance["sealed"] and provenance["matches_stored_content"]
+    assert provenance["previous_hash"] == artifact(client, ids[2])["provenance"]["current_hash"]
+    assert json.loads(answer["canonical"])["focus_score"] == answer["data"]["focus_score"]
+    root = bytes.fromhex(provenance["seal"]["root"])
+    path = [bytes.fromhex(h) for h in provenance["inclusion_proof"]]
+    leaf = bytes.fromhex(provenance["current_hash"])
+    assert merkle.verify_inclusion(leaf, 3, 7, path, root)
+    own_seal = provenance["seal"]["hash"]
+    proven = outside_check(tmp_path, answer, "--seal-hash", own_seal)
+    assert proven.returncode == 0 and "proven" in proven.stdout, proven.stdout + proven.stderr
+
+    ingest_many(client, 2)
+    seal(app)
+    head = client.get("/api/v1/bucket/latest-hash").json["latest_hash"]
+    seals_file = tmp_path / "seals.json"
+    seals_file.write_text(json.dumps(client.get("/api/v1/bucket/audit/seals?from=1").json))
+    onward = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    assert onward.returncode == 0, onward.stdout
+    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
+
+    forged = json.loads(json.dumps(answer))
+    forged["canonical"] = forged["canonical"].replace('"focus_score":70.0', '"focus_score":99.0')
+    assert forged["canonical"] != answer["canonical"]
+    refused = outside_check(tmp_path, forged, "--seal-hash", own_seal)
+    assert refused.returncode == 1 and "do not hash to its leaf" in refused.stdout
+    bent = json.loads(json.dumps(answer))
+    bent["provenance"]["inclusion_proof"][0] = "00" * 32
+    assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
+
+
+def test_verify_is_clean_on_an_untouched_log(app, client):
+    ingest_many(client, 4)
+    seal(app)
+    ingest_many(client, 2)  # stored, not sealed yet: reported, not a problem
+    result = verify(app.test_cli_runner())
+    assert result.exit_code == 0, result.output
+    assert "checked 1 seals and 4 packets" in result.output and "2 not sealed yet" in result.output
+    assert "0 problems" in result.output
+
+
+def test_verify_names_every_kind_of_tampering(app, client):
+    """focus_score, a raw_signals value and received_at changed by SQL, a row deleted, a row
+    forged inside a sealed range, a seal edited: each is found and named; exit non-zero."""
+    ids = ingest_many(client, 8)
+    seal(app)
+    sql(app, "UPDATE packets SET focus_score = 99 WHERE packet_id = :p", p=ids[0])
+    sql(
+        app,
+        """UPDATE packets SET raw_signals = '{"tab_visible": false, "n": 0}'
+                WHERE packet_id = :p""",
+        p=ids[1],
+    )
+    sql(
+        app, "UPDATE packets SET received_at = '2020-01-01 00:00:00' WHERE packet_id = :p", p=ids[2]
+    )
+    sql(app, "DELETE FROM deliveries WHERE packet_id = :p", p=ids[3])
+    sql(app, "DELETE FROM packets WHERE packet_id = :p", p=ids[3])
+    with app.app_context():
+        victim = (
+            db.session.execute(text("SELECT * FROM packets WHERE packet_id = :p"), {"p": ids[4]})
+            .mappings()
+            .one()
+        )
+        forged = dict(victim, packet_id="forged-packet", dedup_key="f" * 32, focus_score=1.0)
+        forged["raw_signals"] = json.dumps(forged["raw_signals"])
+        columns = ", ".join(forged)
+        db.session.execute(
+            text(f"INSERT INTO packets ({columns}) VALUES ({', '.join(':' + c for c in forged)})"),
+            forged,
+        )
+        db.session.commit()
+    result = verify(app.test_cli_runner())
+    assert result.exit_code == 1, result.output
+    problems = [line for line in result.output.splitlines() if line.startswith("PROBLEM")]
+    named = {
+        (line.split(":")[0].split()[1], line.split("packet ")[-1].split(":")[0])
+        for line in problems
+    }
+    assert ("altered", ids[0]) in named
+    assert ("altered", ids[1]) in named
+    assert ("altered", ids[2]) in named
+    assert ("deleted", ids[3]) in named
+    assert ("inserted", "forged-packet") in named
+    assert len(problems) == 5, result.output
+
+    sql(app, "UPDATE audit_seals SET packet_count = packet_count + 1 WHERE seq = 1")
+    edited = verify(app.test_cli_runner())
+    assert edited.exit_code == 1
+    assert "seal-edited: seal 1" in edited.output and "leaves-edited: seal 1" in edited.output
+
+
+def test_a_broken_chain_is_found(app, client):
+    """A seal removed from the middle, or its previous_hash rewritten, breaks the chain."""
+    for _ in range(3):
+        ingest_many(client, 2)
+        seal(app)
+    assert verify(app.test_cli_runner()).exit_code == 0
+    sql(app, "UPDATE audit_seals SET previous_hash = :h WHERE seq = 3", h="ab" * 32)
+    rewritten = verify(app.test_cli_runner())
+    assert rewritten.exit_code == 1 and "chain-broken: seal 3" in rewritten.output
+    sql(app, "DELETE FROM audit_seals WHERE seq = 2")
+    removed = verify(app.test_cli_runner())
+    assert "seal 2 is missing" in removed.output
+
+
+def test_retention_keeps_the_proof_and_tells_a_purge_from_a_deletion(app, client):
+    """Purged packets are reported as purged on their day; the neighbours' proofs still
+    check out; a packet deleted by hand is still named as deleted."""
+    ids = ingest_many(client, 4)
+    served = client.get("/api/v1/bucket/prana/packets/pending?limit=2").json["packets"]
+    for packet in served:
+        body = {"packet_id": packet["packet_id"], "success": True}
+        assert (
+            client.post("/api/v1/bucket/prana/packets/mark-processed", json=body).status_code == 200
+        )
+    purged = app.test_cli_runner().invoke(args=["bucket", "purge", "--older-than-days", "0"])
+    assert purged.exit_code == 0 and "purged 2" in purged.output, purged.output
+    result = verify(app.test_cli_runner())
+    assert result.exit_code == 0, result.output
+    assert sum("purged by retention on" in line for line in result.output.splitlines()) == 2
+    answer = artifact(client, ids[3])
+    assert answer["provenance"]["sealed"] and answer["provenance"]["tree_size"] == 4
+    sql(app, "DELETE FROM deliveries WHERE packet_id = :p", p=ids[2])
+    sql(app, "DELETE FROM packets WHERE packet_id = :p", p=ids[2])
+    deleted = verify(app.test_cli_runner())
+    assert deleted.exit_code == 1 and f"deleted: seal 1 packet {ids[2]}" in deleted.output
+
+
+def test_verify_since_checks_only_later_seals_but_their_link(app, client):
+    ingest_many(client, 2)
+    seal(app)
+    with app.app_context():
+        first = db.session.get(AuditSeal, 1).sealed_at
+        db.session.commit()
+    ids = ingest_many(client, 2)
+    seal(app)
+    sql(app, "UPDATE packets SET focus_score = 1 WHERE seq = (SELECT min(seq) FROM packets)")
+    with app.app_context():
+        second = db.session.get(AuditSeal, 2).sealed_at
+        db.session.commit()
+    assert second > first
+    later = verify(app.test_cli_runner(), "--since", second.isoformat())
+    assert later.exit_code == 0 and "checked 1 seals and 2 packets" in later.output
+    assert verify(app.test_cli_runner()).exit_code == 1
+    assert ids  # the later seal's packets are the ones checked
+
+
+def test_concurrent_sealers_make_one_chain(make_app, backend):
+    """Four sealers (apps sharing the database) racing while packets arrive: one chain, every
+    packet in exactly one seal."""
+    apps = [make_app(BUCKET_AUDIT_SEAL_MAX_PACKETS=7) for _ in range(4)]
+    client = apps[0].test_client()
+    stop = threading.Event()
+
+    def sealer(app) -> None:
+        with app.app_context():
+            while not stop.is_set():
+                seal_new_packets()
+                db.session.remove()
+
+    threads = [threading.Thread(target=sealer, args=(app,), daemon=True) for app in apps]
+    for thread in threads:
+        thread.start()
+    try:
+        ids = ingest_many(client, 60)
+    finally:
+        stop.set()
+        join_all(threads, 30)
+    seal(apps[0])
+    with apps[0].app_context():
+        leaves = db.session.execute(select(AuditLeaf.packet_id)).scalars().all()
+        db.session.commit()
+    assert sorted(leaves) == sorted(ids)
+    assert verify(apps[0].test_cli_runner()).exit_code == 0
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_seal_endpoints_need_the_token(make_app, backend):
+    app = make_app(BUCKET_CONSUMER_TOKEN=["audit-token"])
+    client = app.test_client()
+    for url in (
+        "/api/v1/bucket/latest-hash",
+        "/api/v1/bucket/audit/seals",
+        "/api/v1/audit/artifact/x",
+    ):
+        assert client.get(url).status_code == 401
+        assert client.get(url, headers={"X-API-Key": "audit-token"}).status_code in (200, 404)

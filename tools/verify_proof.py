@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Check a PRANA Bucket packet against a seal hash you trust, with the standard library alone.
+
+    curl -s -H "Authorization: Bearer $TOKEN" \\
+         https://bucket.example/api/v1/audit/artifact/PACKET_ID > artifact.json
+    python3 verify_proof.py artifact.json --seal-hash HASH_YOU_KEPT
+    # the head you kept is newer than the packet's seal: give the chain between them too
+    curl -s -H "Authorization: Bearer $TOKEN" \\
+         "https://bucket.example/api/v1/bucket/audit/seals?from=N" > seals.json
+    python3 verify_proof.py artifact.json --seal-hash HEAD_HASH_YOU_KEPT --seals seals.json
+
+It checks that the packet's canonical bytes hash to its leaf, that the inclusion proof leads
+from that leaf to its seal's Merkle root (RFC 9162, section 2.1.3.2), that the seal's header
+hashes to the seal's hash, and that the chain of seals leads to the hash you trust. Exit 0
+when everything holds, 1 otherwise. The server is not trusted for any of it: only the hash you
+kept elsewhere is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+SEAL_FIELDS = ("seq", "sealed_at", "after_seq", "last_seq", "packet_count", "root", "previous_hash")
+
+
+def node(left: bytes, right: bytes) -> bytes:
+    return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+def proof_root(leaf: bytes, index: int, size: int, path: list[bytes]) -> bytes | None:
+    """The root that ``path`` leads to from ``leaf`` at ``index`` of ``size``; None if the
+    path cannot belong to such a tree."""
+    if not 0 <= index < size:
+        return None
+    fn, sn, r = index, size - 1, leaf
+    for p in path:
+        if sn == 0:
+            return None
+        if fn & 1 or fn == sn:
+            r = node(p, r)
+            while not fn & 1 and fn != 0:
+                fn >>= 1
+                sn >>= 1
+        else:
+            r = node(r, p)
+        fn >>= 1
+        sn >>= 1
+    return r if sn == 0 else None
+
+
+def seal_hash(seal: dict) -> str:
+    header = {name: seal[name] for name in SEAL_FIELDS}
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check(artifact: dict, trusted: str | None, seals: list[dict]) -> list[str]:
+    """Every failed check, in words (none: the packet is proven)."""
+    failures = []
+    provenance = artifact.get("provenance") or {}
+    if not provenance.get("sealed"):
+        return ["the packet is not sealed yet: ask again in a few seconds"]
+    canonical = artifact["canonical"].encode()
+    leaf = hashlib.sha256(b"\x00" + canonical).digest()
+    if leaf.hex() != provenance["current_hash"]:
+        failures.append("the packet's canonical bytes do not hash to its leaf")
+    seal = provenance["seal"]
+    path = [bytes.fromhex(h) for h in provenance["inclusion_proof"]]
+    found = proof_root(leaf, provenance["leaf_index"], provenance["tree_size"], path)
+    if found is None or found.hex() != seal["root"]:
+        failures.append("the inclusion proof does not lead to the seal's root")
+    if provenance["tree_size"] != seal["packet_count"]:
+        failures.append("the proof's tree size is not the seal's packet count")
+    if seal_hash(seal) != seal["hash"]:
+        failures.append("the seal's header does not hash to the seal's hash")
+    head = seal
+    for later in sorted(seals, key=lambda s: s["seq"]):
+        if later["seq"] <= head["seq"]:
+            continue
+        if later["seq"] != head["seq"] + 1 or later["previous_hash"] != head["hash"]:
+            failures.append(f"seal {later['seq']} does not follow seal {head['seq']}")
+            break
+        if seal_hash(later) != later["hash"]:
+            failures.append(f"seal {later['seq']}'s header does not hash to its hash")
+            break
+        head = later
+        if trusted and later["hash"] == trusted:
+            break
+    if trusted and head["hash"] != trusted:
+        failures.append("the chain does not reach the seal hash you trust")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("artifact", help="the audit/artifact answer, as JSON ('-': stdin)")
+    parser.add_argument("--seal-hash", help="a seal hash you kept elsewhere (recommended)")
+    parser.add_argument("--seals", help="the audit/seals answer from the packet's seal on")
+    args = parser.parse_args(argv)
+    source = sys.stdin if args.artifact == "-" else open(args.artifact, encoding="utf-8")
+    with source:
+        artifact = json.load(source)
+    seals = []
+    if args.seals:
+        with open(args.seals, encoding="utf-8") as handle:
+            seals = json.load(handle)
+    failures = check(artifact, args.seal_hash, seals)
+    packet = json.loads(artifact["canonical"]) if "canonical" in artifact else {}
+    print(
+        f"packet {artifact.get('artifact_id')}: user {packet.get('user_id')}, "
+        f"received {packet.get('received_at')}, focus {packet.get('focus_score')}, "
+        f"state {packet.get('cognitive_state') or packet.get('state')}"
+    )
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    if not failures:
+        seal = artifact["provenance"]["seal"]
+        print(f"proven: included in seal {seal['seq']} (hash {seal['hash']})")
+        if not args.seal_hash:
+            print("note: compare that seal hash with a copy kept outside the server")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
