@@ -87,7 +87,10 @@ class Run:
 
     def truncate(self) -> None:
         with self.database.connect() as conn:
-            conn.execute("TRUNCATE packets, deliveries, packet_counters, quarantine")
+            conn.execute(
+                "TRUNCATE packets, deliveries, packet_counters, quarantine, "
+                "audit_seals, audit_leaves, audit_purges"
+            )
         recount(self.env)
 
     def top_up(self, backlog: int) -> None:
@@ -176,6 +179,45 @@ def bench_ingest(run: Run) -> None:
         "rss_mb_before": rss_before,
         "rss_mb_after": rss_after,
         "growth": max(a / b - 1 for a, b in zip(rss_after, rss_before, strict=False)),
+    }
+
+
+def bench_audit(run: Run) -> None:
+    """Ingest with the audit sealer running (every 5 s, the default) and with it off, in
+    alternating runs: what sealing in the background costs ingest."""
+    sizes = run.sizes
+    unsealed = Service({**run.env, "BUCKET_AUDIT_SEAL_INTERVAL": "0"}, name="bucket-unsealed")
+    try:
+        sealed_runs, unsealed_runs = [], []
+        for n in range(sizes.rounds):
+            for service, runs, tag in (
+                (run.service, sealed_runs, "as"),
+                (unsealed, unsealed_runs, "au"),
+            ):
+                runs.append(
+                    wrk(
+                        service.port,
+                        "batch.lua",
+                        sizes.seconds,
+                        4,
+                        {"RUN": f"{tag}{n}", "BATCH": "100"},
+                    )
+                )
+        with run.database.connect() as conn:
+            seals = conn.execute(
+                "SELECT count(*), coalesce(sum(packet_count), 0) FROM audit_seals"
+            ).fetchone()
+    finally:
+        unsealed.stop()
+    with_sealer = median([r["rps"] * 100 for r in sealed_runs])
+    without = median([r["rps"] * 100 for r in unsealed_runs])
+    run.results["audit"] = {
+        "batch_packets_per_s_with_sealer": with_sealer,
+        "batch_packets_per_s_without_sealer": without,
+        "ratio": with_sealer / without,
+        "seals": int(seals[0]),
+        "packets_sealed": int(seals[1]),
+        "errors": sum(r["errors"] for r in sealed_runs + unsealed_runs),
     }
 
 
@@ -491,6 +533,15 @@ def table(results: dict) -> str:
             + f" (+{mem['growth']:.1%})",
             "growth < 10 %, < 150 MB",
         )
+    if "audit" in results:
+        aud = results["audit"]
+        row(
+            "batch ingest with the audit sealer / without",
+            f"{aud['batch_packets_per_s_with_sealer']:,.0f} / "
+            f"{aud['batch_packets_per_s_without_sealer']:,.0f} packets/s = {aud['ratio']:.2f} "
+            f"({aud['seals']} seals)",
+            ">= 0.95",
+        )
     if "recovery" in results:
         rec = results["recovery"]
         row(
@@ -527,13 +578,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--only",
         default="",
-        help="comma-separated scenarios: ingest, backlog, drain, recovery, table, embedded",
+        help="comma-separated scenarios: ingest, audit, backlog, drain, recovery, table, embedded",
     )
     args = parser.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     sizes = MODES[name]
     chosen = set(filter(None, args.only.split(","))) or {
         "ingest",
+        "audit",
         "backlog",
         "drain",
         "recovery",
@@ -554,6 +606,9 @@ def main(argv: list[str] | None = None) -> dict:
         run.ceiling = Service(env, module="bench.trivial_app:app", name="trivial")
         if "ingest" in chosen:
             bench_ingest(run)
+            run.truncate()
+        if "audit" in chosen:
+            bench_audit(run)
             run.truncate()
         if chosen & {"backlog", "drain", "recovery"}:
             bench_backlog(run, sizes.small_backlog, "small")
