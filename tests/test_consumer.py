@@ -7,6 +7,7 @@ import time
 import pytest
 
 from tests.concurrency import run_threads
+from tests.contract import PENDING_FIELDS as CONTRACT_FIELDS
 from tests.factories import fixture, make_packet
 from tests.queue_helpers import expire, row
 from tests.queue_helpers import ingest_many as ingest
@@ -14,21 +15,6 @@ from tests.queue_helpers import ingest_many as ingest
 API = "/api/v1/bucket/prana"
 PENDING = f"{API}/packets/pending"
 ACK = f"{API}/packets/mark-processed"
-CONTRACT_FIELDS = {
-    "packet_id",
-    "user_id",
-    "session_id",
-    "lesson_id",
-    "system_type",
-    "cognitive_state",
-    "focus_score",
-    "active_seconds",
-    "idle_seconds",
-    "away_seconds",
-    "raw_signals",
-    "client_timestamp",
-    "received_at",
-}
 
 
 def row_of(app, packet_id: str) -> dict:

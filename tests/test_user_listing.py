@@ -8,26 +8,11 @@ import re
 
 import pytest
 
+from tests.contract import USER_FIELDS
 from tests.factories import fixture, make_packet
 from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
-USER_FIELDS = {
-    "packet_id",
-    "user_id",
-    "session_id",
-    "lesson_id",
-    "cognitive_state",
-    "focus_score",
-    "active_seconds",
-    "idle_seconds",
-    "away_seconds",
-    "received_at",
-    "processed_at",
-    "processed_by_karma",
-    "karma_actions",
-    "delivery_state",
-}
 NEXT_LINK = re.compile(r'<([^>]+)>;\s*rel="next"')
 
 

@@ -59,6 +59,17 @@ def horizon_postgres() -> int | None:
             return None
 
 
+def horizon_sqlite() -> int:
+    """SQLite's horizon: the last ``seq`` handed out, read inside the caller's write
+    transaction (writers are serialised, so every packet up to it is committed)."""
+    return (
+        db.session.execute(
+            text("SELECT value FROM packet_counters WHERE name = 'allocated' AND shard = 0")
+        ).scalar()
+        or 0
+    )
+
+
 def book_new_packets() -> Booking | None:
     """Book what was stored since the last booking and commit; None when another bookkeeper is
     at it (or the horizon could not be taken)."""
@@ -83,12 +94,7 @@ def book_new_packets() -> Booking | None:
             session.rollback()
             return None
         if not postgres:
-            horizon = (
-                session.execute(
-                    text("SELECT value FROM packet_counters WHERE name = 'allocated' AND shard = 0")
-                ).scalar()
-                or 0
-            )
+            horizon = horizon_sqlite()
         if horizon <= booked:
             session.commit()
             return Booking(booked, booked, 0)

@@ -20,7 +20,7 @@ from bucket.extensions import db
 from bucket.models import AuditLeaf, AuditSeal, Packet
 from bucket.services.audit.content import GENESIS, packet_leaf, seal_hash
 from bucket.services.audit.merkle import root
-from bucket.services.bookkeeping import horizon_postgres
+from bucket.services.bookkeeping import horizon_postgres, horizon_sqlite
 from bucket.services.dialect import dialect_name
 from bucket.timeutil import utc_now
 
@@ -64,12 +64,7 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
                 session.rollback()
                 return None
         else:
-            horizon = (
-                session.execute(
-                    text("SELECT value FROM packet_counters WHERE name = 'allocated' AND shard = 0")
-                ).scalar()
-                or 0
-            )
+            horizon = horizon_sqlite()
         previous = head()
         after = previous.last_seq if previous else 0
         rows = (
