@@ -138,10 +138,10 @@ class Config:
         self.OPENAPI_URL_PREFIX = "/"
         self.OPENAPI_JSON_PATH = "openapi.json"
         self.OPENAPI_SWAGGER_UI_PATH = "docs"
-        # Swagger UI's assets come from a CDN: the page works in a browser, tests never load it.
-        self.OPENAPI_SWAGGER_UI_URL = env_str(
-            "BUCKET_SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/"
-        )
+        # Swagger UI's assets are vendored in bucket/static/vendor/swagger-ui/ and served by the
+        # app itself, so /docs works offline; BUCKET_SWAGGER_UI_URL may point elsewhere (a CDN).
+        # flask-smorest appends the file names to it, so it must end with "/".
+        self.OPENAPI_SWAGGER_UI_URL = env_str("BUCKET_SWAGGER_UI_URL", "/static/vendor/swagger-ui/")
         self.TESTING = False
 
 

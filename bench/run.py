@@ -89,7 +89,7 @@ class Run:
         with self.database.connect() as conn:
             conn.execute(
                 "TRUNCATE packets, deliveries, packet_counters, quarantine, "
-                "audit_seals, audit_leaves, audit_purges"
+                "audit_seals, audit_leaves, audit_purges, activity_minutes"
             )
         recount(self.env)
 

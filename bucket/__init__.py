@@ -77,7 +77,17 @@ def register_extensions(app: Flask) -> None:
 
 def register_blueprints(app: Flask) -> None:
     """Mount the HTTP API and register its schemas in the OpenAPI document."""
-    from bucket.api import audit, consumer, health, ingest, metrics, quarantine, status
+    from bucket.api import (
+        audit,
+        console,
+        consumer,
+        health,
+        ingest,
+        metrics,
+        operations,
+        quarantine,
+        status,
+    )
     from bucket.extensions import api
     from bucket.schemas import (
         AckBatchSchema,
@@ -98,8 +108,9 @@ def register_blueprints(app: Flask) -> None:
     ):
         if name not in api.spec.components.schemas:
             api.spec.components.schema(name, schema=schema)
-    for module in (ingest, consumer, status, quarantine, audit, health, metrics):
+    for module in (ingest, consumer, status, operations, quarantine, audit, health, metrics):
         api.register_blueprint(module.blp)
+    app.register_blueprint(console.bp)  # a page, not part of the API document
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 # Blueprints whose every endpoint needs the token when one is configured. Ingest (browsers),
 # health probes, metrics and the API document stay open.
-PROTECTED_BLUEPRINTS = frozenset({"consumer", "status", "quarantine", "audit"})
+PROTECTED_BLUEPRINTS = frozenset({"consumer", "status", "quarantine", "audit", "operations"})
 AUTH_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="prana-bucket"'}
 
 

@@ -71,7 +71,7 @@ class Bookkeeper:
 
     def _run(self, app: Flask, state: BookkeeperState) -> None:
         from bucket.extensions import db
-        from bucket.services import quarantine
+        from bucket.services import activity, quarantine
         from bucket.services.audit.sealing import seal_backlog
         from bucket.services.bookkeeping import book_new_packets
 
@@ -86,6 +86,7 @@ class Bookkeeper:
                     if time.monotonic() >= state.next_expiry:
                         state.next_expiry = time.monotonic() + QUARANTINE_EXPIRY_INTERVAL
                         quarantine.expire()
+                        activity.prune()
                 except SQLAlchemyError as exc:  # the database is away: try again next round
                     log.warning("bookkeeping failed: %s", exc.__class__.__name__)
                 except Exception:  # noqa: BLE001 - a bug must not end the thread

@@ -213,6 +213,22 @@ class AuditPurge(db.Model):
     purged_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class ActivityMinute(db.Model):
+    """Per-minute roll-ups for the console's charts, kept with the rows they count: packets
+    ingested by system and cognitive state (added when the bookkeeper books them) and packets
+    processed (added by the acknowledgement's own statement), so they cannot drift.
+
+    ``minute`` is minutes since the epoch; ``series`` is ``processed`` or
+    ``ingested:<system>:<state>``; acks spread over shards like the counters."""
+
+    __tablename__ = "activity_minutes"
+
+    minute: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    series: Mapped[str] = mapped_column(String(96), primary_key=True)
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
 class PacketCounter(db.Model):
     """One shard of a running count of packets, summed by status instead of counting rows.
 

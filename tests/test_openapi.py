@@ -2,6 +2,8 @@
 
 import re
 from datetime import UTC, datetime, timedelta, timezone
+from html.parser import HTMLParser
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import given, settings
@@ -16,7 +18,7 @@ from tests.factories import make_packet
 API = "/api/v1/bucket/prana"
 TOKEN = "docs-token"
 AUTH = {"X-API-Key": TOKEN}
-UNDOCUMENTED_ENDPOINTS = {"static"}
+UNDOCUMENTED_ENDPOINTS = {"static", "console.console"}  # assets and the console page
 
 
 @pytest.fixture
@@ -215,6 +217,52 @@ def test_the_docs_page_serves_swagger_ui_for_the_document(client):
     response = client.get("/docs")
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert "/openapi.json" in response.get_data(as_text=True)
+
+
+class AssetLinks(HTMLParser):
+    """The ``src``/``href`` of a page's scripts, stylesheets and images, with their kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.assets: list[tuple[str, str]] = []
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "script" and attrs.get("src"):
+            self.assets.append(("script", attrs["src"]))
+        elif tag == "link" and attrs.get("href"):
+            self.assets.append(("link", attrs["href"]))
+        elif tag == "img" and attrs.get("src"):
+            self.assets.append(("img", attrs["src"]))
+
+
+ASSET_TYPES = {"script": ("javascript",), "link": ("css", "image/"), "img": ("image/",)}
+
+
+def assert_served(client, url, kinds, min_bytes=100):
+    """``url`` answers 200 with a content type naming one of ``kinds`` and a real body."""
+    with client.get(url) as response:
+        assert response.status_code == 200, url
+        assert any(kind in response.mimetype for kind in kinds), (url, response.mimetype)
+        assert len(response.get_data()) >= min_bytes, url
+
+
+def test_the_docs_page_loads_its_assets_from_the_service_itself(client):
+    """/docs works offline: no script, stylesheet or image comes from another host, and each
+    asset it names is served here (the vendored Swagger UI in bucket/static/vendor/)."""
+    page = AssetLinks()
+    page.feed(client.get("/docs").get_data(as_text=True))
+    kinds = {kind for kind, _ in page.assets}
+    assert {"script", "link"} <= kinds, page.assets
+    for kind, url in page.assets:
+        assert urlsplit(url).netloc == "" and urlsplit(url).scheme == "", url
+        assert url.startswith("/static/vendor/swagger-ui/"), url
+        assert_served(client, url, ASSET_TYPES[kind], min_bytes=10_000)
+
+
+def test_chart_js_is_served_from_the_vendored_copy(client):
+    """Chart.js's UMD build is served by the service, for pages that draw charts offline."""
+    assert_served(client, "/static/vendor/chartjs/chart.umd.min.js", ("javascript",), 100_000)
 
 
 offsets = st.integers(min_value=-(24 * 60 - 1), max_value=24 * 60 - 1).map(

@@ -129,10 +129,15 @@ def user_listing(
     processed_only: bool,
     status: str | None = None,
     cursor: str | None = None,
+    since=None,
+    until=None,
 ):
-    """A user's packets, newest first; the next page's URL is in the ``Link`` header."""
+    """A user's packets, newest first; the next page's URL is in the ``Link`` header.
+    ``since``/``until`` bound when they were received (a learner's timeline)."""
     try:
-        rows, next_cursor = user_packets(user_id, limit, processed_only, status, cursor)
+        rows, next_cursor = user_packets(
+            user_id, limit, processed_only, status, cursor, since, until
+        )
     except BadCursor as exc:
         abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
     response = jsonify([user_packet_out(row._mapping) for row in rows])

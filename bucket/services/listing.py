@@ -1,4 +1,4 @@
-"""A user's packets, newest first, with keyset paging (no OFFSET scans)."""
+"""A user's packets and the dead letters, newest first, with keyset paging (no OFFSET scans)."""
 
 from __future__ import annotations
 
@@ -44,11 +44,18 @@ def user_packets(
     processed_only: bool = False,
     status: str | None = None,
     cursor: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
 ) -> tuple[list, str | None]:
-    """One page of the user's packets (EMS ones by ``employee_id`` too) and the next cursor."""
+    """One page of the user's packets (EMS ones by ``employee_id`` too) and the next cursor;
+    ``since``/``until`` bound ``received_at`` (a learner's timeline over a period)."""
     if "\x00" in user_id:
         return [], None  # no stored id holds NUL, and PostgreSQL would refuse the parameter
     filters = []
+    if since is not None:
+        filters.append(T.c.received_at >= since)
+    if until is not None:
+        filters.append(T.c.received_at < until)
     if processed_only:
         filters.append(D.c.delivery_state == DeliveryState.PROCESSED)
     if status:
@@ -74,3 +81,41 @@ def user_packets(
         encode_cursor(page[-1].received_at, page[-1].packet_id) if len(rows) > limit else None
     )
     return page, next_cursor
+
+
+def encode_dead_cursor(dead_at: float, packet_id: str) -> str:
+    raw = json.dumps([dead_at, packet_id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_dead_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        dead_at, packet_id = json.loads(base64.urlsafe_b64decode(padded))
+        if type(dead_at) not in (int, float) or not isinstance(packet_id, str):
+            raise ValueError("malformed cursor")
+        if "\x00" in packet_id:
+            raise ValueError("malformed cursor")
+        return float(dead_at), packet_id
+    except (ValueError, TypeError) as exc:
+        raise BadCursor("The cursor is not valid; use the Link header of a previous page.") from exc
+
+
+def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | None]:
+    """One page of dead packets, most recently dead first, through the queue index (a dead
+    packet's ``visible_at`` is when it died), with the next cursor."""
+    filters = [D.c.delivery_state == DeliveryState.DEAD]
+    if cursor:
+        dead_at, packet_id = decode_dead_cursor(cursor)
+        filters.append(tuple_(D.c.visible_at, D.c.packet_id) < tuple_(dead_at, packet_id))
+    rows = db.session.execute(
+        select(T, *DELIVERY_COLUMNS)
+        .select_from(D.join(T, T.c.packet_id == D.c.packet_id))
+        .where(*filters)
+        .order_by(D.c.visible_at.desc(), D.c.packet_id.desc())
+        .limit(limit + 1)
+    ).all()
+    db.session.commit()
+    page = rows[:limit]
+    more = len(rows) > limit
+    return page, encode_dead_cursor(page[-1].visible_at, page[-1].packet_id) if more else None

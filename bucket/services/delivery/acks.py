@@ -20,7 +20,8 @@ from sqlalchemy.sql import Subquery
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
-from bucket.services import counters, sql
+from bucket.services import activity, counters, sql
+from bucket.services.activity import PG_PROCESSED
 from bucket.services.counters import PG_BUMP
 from bucket.services.delivery.settings import D, DeliverySettings
 from bucket.services.dialect import dialect_name
@@ -77,7 +78,9 @@ WITH r AS (
   FROM accepted r
   WHERE p.packet_id = r.packet_id
   RETURNING p.packet_id, p.delivery_state, p.delivery_count, p.visible_at
-), counted AS ({
+), minutes AS ({
+    PG_PROCESSED.format(source="SELECT count(*) FROM u WHERE delivery_state = 'processed'")
+}), counted AS ({
     PG_BUMP.format(
         source="SELECT 'processed', count(*) FILTER (WHERE delivery_state = 'processed') FROM u "
         "UNION ALL SELECT 'dead', count(*) FILTER (WHERE delivery_state = 'dead') FROM u"
@@ -174,6 +177,7 @@ def _record_postgres(items: list[dict], settings: DeliverySettings) -> tuple[Row
             "backoff_max": settings.retry_backoff_max,
             "failure": FAILURE_MESSAGE,
             "shard": counters.random_shard(),
+            "minute": int(now // 60),
         },
     )
     updated = {row[0]: row[:4] for row in rows if row[4]}
@@ -254,6 +258,7 @@ def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows,
         }
     # Only unfinished rows were updated, so every processed or dead row returned just got there.
     states = [row[1] for row in updated.values()]
+    activity.processed(states.count(DeliveryState.PROCESSED), now)
     counters.bump(counters.PROCESSED, states.count(DeliveryState.PROCESSED))
     counters.bump(counters.DEAD, states.count(DeliveryState.DEAD))
     db.session.commit()

@@ -1,0 +1,143 @@
+"""Per-minute activity for the console's charts: packets ingested (by system and cognitive
+state) and processed, over the last hour or day, in one bounded read.
+
+The roll-ups cannot drift from the rows: ingested packets are added by the bookkeeper in the
+transaction that books them (each packet exactly once, ``services/bookkeeping``), so ingest
+itself writes nothing more; processed ones are added by the acknowledgement's own statement
+(``services/delivery/acks``). A chart reads at most a day of minutes (a few dozen rows per
+minute, however many packets are stored). Minutes older than two days are pruned.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, text
+
+from bucket.extensions import db
+from bucket.models import ActivityMinute
+from bucket.services import counters
+from bucket.services.dialect import dialect_name, upsert_insert
+from bucket.timeutil import epoch_now
+
+A = ActivityMinute.__table__
+PROCESSED = "processed"
+INGESTED = "ingested:"
+KEEP_MINUTES = 2 * 24 * 60
+WINDOWS = {"1h": 60, "24h": 24 * 60}
+MINUTE_OF = {
+    "postgresql": "floor(extract(epoch FROM received_at) / 60)::bigint",
+    "sqlite": "CAST(strftime('%s', received_at) AS INTEGER) / 60",
+}
+# The same upsert inside the PostgreSQL acknowledgement statement ({source}: the count).
+PG_PROCESSED = """
+INSERT INTO activity_minutes AS a (minute, series, shard, value)
+SELECT %(minute)s, 'processed', %(shard)s, n FROM ({source}) AS p(n) WHERE n > 0
+ON CONFLICT (minute, series, shard) DO UPDATE SET value = a.value + excluded.value
+"""
+
+
+def series_of(system: str | None, state: str | None) -> str:
+    return f"{INGESTED}{system or 'unknown'}:{state or 'unknown'}"[:96]
+
+
+def add(minute_values: list[dict[str, Any]]) -> None:
+    """Add to per-minute series in the session's transaction."""
+    if not minute_values:
+        return
+    statement = upsert_insert(A).values(minute_values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[A.c.minute, A.c.series, A.c.shard],
+        set_={"value": A.c.value + statement.excluded.value},
+    )
+    db.session.execute(statement)
+
+
+def book(after: int, through: int) -> int:
+    """Roll the packets with ``after`` < seq <= ``through`` into their minutes (in the
+    booking's transaction); how many there were."""
+    groups = db.session.execute(
+        text(
+            f"SELECT {MINUTE_OF[dialect_name()]}, system_type, coalesce(cognitive_state, state), "
+            "count(*) FROM packets WHERE seq > :after AND seq <= :through GROUP BY 1, 2, 3"
+        ),
+        {"after": after, "through": through},
+    ).all()
+    add(
+        [
+            {"minute": minute, "series": series_of(system, state), "shard": 0, "value": count}
+            for minute, system, state, count in groups
+        ]
+    )
+    return sum(count for *_, count in groups)
+
+
+def processed(count: int, now: float) -> None:
+    """SQLite's acknowledgements: ``count`` packets processed at ``now``."""
+    if count:
+        add(
+            [
+                {
+                    "minute": int(now // 60),
+                    "series": PROCESSED,
+                    "shard": counters.random_shard(),
+                    "value": count,
+                }
+            ]
+        )
+
+
+def minute_start(minute: int) -> datetime:
+    return datetime.fromtimestamp(minute * 60, UTC)
+
+
+def timeseries(window: str) -> dict[str, Any]:
+    """Ingested and processed per minute over the window (``1h`` or ``24h``), oldest first,
+    and the mix of cognitive states per system over it."""
+    minutes = WINDOWS[window]
+    last = int(epoch_now() // 60)
+    first = last - minutes + 1
+    per_minute = db.session.execute(
+        text(
+            "SELECT minute, "
+            "sum(CASE WHEN series = 'processed' THEN value ELSE 0 END), "
+            "sum(CASE WHEN series LIKE 'ingested:%' THEN value ELSE 0 END) "
+            "FROM activity_minutes WHERE minute >= :first GROUP BY minute"
+        ),
+        {"first": first},
+    ).all()
+    mix = db.session.execute(
+        text(
+            "SELECT series, sum(value) FROM activity_minutes "
+            "WHERE minute >= :first AND series LIKE 'ingested:%' GROUP BY series"
+        ),
+        {"first": first},
+    ).all()
+    db.session.commit()
+    ingested, done = [0] * minutes, [0] * minutes
+    for minute, processed_count, ingested_count in per_minute:
+        if first <= minute <= last:
+            ingested[minute - first] = int(ingested_count)
+            done[minute - first] = int(processed_count)
+    states: dict[str, dict[str, int]] = {}
+    for series, count in mix:
+        system, _, state = series[len(INGESTED) :].partition(":")
+        states.setdefault(system, {})[state] = int(count)
+    return {
+        "window": window,
+        "minute_seconds": 60,
+        "minutes": [minute_start(first + i) for i in range(minutes)],
+        "ingested": ingested,
+        "processed": done,
+        "totals": {"ingested": sum(ingested), "processed": sum(done)},
+        "states": states,
+    }
+
+
+def prune() -> int:
+    """Drop minutes older than two days and commit; how many rows."""
+    cutoff = int(epoch_now() // 60) - KEEP_MINUTES
+    gone = db.session.execute(delete(A).where(A.c.minute < cutoff)).rowcount or 0
+    db.session.commit()
+    return gone
