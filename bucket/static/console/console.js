@@ -81,6 +81,7 @@ async function refreshFigures() {
   setFigure("fig-retrying", status.retrying_packets);
   setFigure("fig-processed", status.processed_packets);
   setFigure("fig-dead", status.dead_packets);
+  document.getElementById("fig-dead").parentElement.classList.toggle("bad", status.dead_packets > 0);
   setFigure("fig-quarantined", status.quarantined_packets);
   setFigure("fig-oldest", age(status.oldest_pending_age_seconds));
   setFigure("fig-backend", `${status.queue_backend}${status.redis_connected ? "" : " (no Redis)"}`);
@@ -114,9 +115,11 @@ function activityChart(series, withDay) {
     data: {
       labels: series.minutes.map((m) => minuteLabel(m, withDay)),
       datasets: [
-        { label: "ingested", data: series.ingested, borderColor: "#1570ef", pointRadius: 0,
+        { label: "ingested", data: series.ingested, borderColor: "#1570ef",
+          backgroundColor: "#1570ef", pointRadius: 0,
           borderWidth: 1.5, tension: 0.2 },
-        { label: "processed", data: series.processed, borderColor: "#067647", pointRadius: 0,
+        { label: "processed", data: series.processed, borderColor: "#067647",
+          backgroundColor: "#067647", pointRadius: 0,
           borderWidth: 1.5, tension: 0.2 },
       ],
     },
