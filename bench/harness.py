@@ -268,8 +268,13 @@ def fill(database: Database, rows: int, state: str, run: str) -> None:
 
 def recount(env: dict[str, str]) -> None:
     """Bring the status counters in line with rows inserted behind the service's back."""
+    bucket_command(env, "recount")
+
+
+def bucket_command(env: dict[str, str], command: str) -> None:
+    """``flask --app wsgi bucket <command>`` against the benchmark's database."""
     subprocess.run(
-        [str(BIN / "flask"), "--app", "wsgi", "bucket", "recount"],
+        [str(BIN / "flask"), "--app", "wsgi", "bucket", command],
         cwd=ROOT,
         env=env,
         check=True,

@@ -15,6 +15,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     SmallInteger,
     String,
     Text,
@@ -171,7 +172,11 @@ class QuarantinedPacket(db.Model):
 
 class AuditSeal(db.Model):
     """One seal of the audit log: the Merkle root over a contiguous range of stored packets
-    (by ``seq``), chained to the seal before it by that seal's hash (services/audit)."""
+    (by ``seq``), chained to the seal before it by that seal's hash (services/audit).
+
+    Its leaves travel with it, packed (one row a seal, not one a packet: sealing is cheap and
+    the proofs of purged packets' neighbours stay checkable): ``leaf_seqs`` (8 bytes each, big
+    endian), ``leaf_ids`` (packet ids, one a line) and ``leaf_hashes`` (32 bytes each)."""
 
     __tablename__ = "audit_seals"
 
@@ -179,27 +184,15 @@ class AuditSeal(db.Model):
     sealed_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # The packets with after_seq < seq <= last_seq, all of them, in seq order.
     after_seq: Mapped[int] = mapped_column(BigInteger)
-    last_seq: Mapped[int] = mapped_column(BigInteger)
+    last_seq: Mapped[int] = mapped_column(BigInteger, unique=True)
     packet_count: Mapped[int] = mapped_column(Integer)
+    packets_total: Mapped[int] = mapped_column(BigInteger)  # sealed by this seal and before
     root: Mapped[str] = mapped_column(String(64))
     previous_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
-
-
-class AuditLeaf(db.Model):
-    """A sealed packet's leaf: which seal holds it, where, and the hash of its content then.
-
-    Kept when retention deletes the packet, so proofs of its neighbours stay checkable."""
-
-    __tablename__ = "audit_leaves"
-
-    packet_seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    packet_id: Mapped[str] = mapped_column(String(36))
-    seal_seq: Mapped[int] = mapped_column(BigInteger)
-    leaf_index: Mapped[int] = mapped_column(Integer)
-    leaf_hash: Mapped[str] = mapped_column(String(64))
-
-    __table_args__ = (Index("ix_audit_leaves_seal", "seal_seq", "leaf_index"),)
+    leaf_seqs: Mapped[bytes] = mapped_column(LargeBinary)
+    leaf_ids: Mapped[str] = mapped_column(Text)
+    leaf_hashes: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class AuditPurge(db.Model):

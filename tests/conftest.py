@@ -148,7 +148,7 @@ def clean_state(app) -> None:
         with db.engine.begin() as conn:
             conn.exec_driver_sql(
                 "TRUNCATE packets, deliveries, packet_counters, quarantine, "
-                "audit_seals, audit_leaves, audit_purges, activity_minutes"
+                "audit_seals, audit_purges, activity_minutes"
             )
     queue.flush()
 

@@ -16,8 +16,9 @@ import pytest
 from sqlalchemy import select, text
 
 from bucket.extensions import db
-from bucket.models import AuditLeaf, AuditSeal
+from bucket.models import AuditSeal
 from bucket.services.audit import merkle
+from bucket.services.audit.content import Leaves
 from bucket.services.audit.sealing import seal_everything, seal_new_packets
 from tests.concurrency import join_all
 from tests.queue_helpers import ingest_many
@@ -68,9 +69,8 @@ def test_every_packet_lands_in_exactly_one_seal_and_late_ones_in_the_next(app, c
     assert [s.packet_count for s in seal(app)] == [3]
     assert seal(app) == []  # nothing new: no empty seal
     with app.app_context():
-        leaves = db.session.execute(select(AuditLeaf).order_by(AuditLeaf.packet_seq)).scalars()
-        assert [leaf.packet_id for leaf in leaves] == first + later
         seals = db.session.execute(select(AuditSeal).order_by(AuditSeal.seq)).scalars().all()
+        assert [i for seal in seals for i in Leaves.of(seal).ids] == first + later
         assert [s.seq for s in seals] == [1, 2]
         assert seals[0].previous_hash == "0" * 64 and seals[1].previous_hash == seals[0].hash
         assert seals[1].after_seq == seals[0].last_seq
@@ -271,7 +271,8 @@ def test_concurrent_sealers_make_one_chain(make_app, backend):
         join_all(threads, 30)
     seal(apps[0])
     with apps[0].app_context():
-        leaves = db.session.execute(select(AuditLeaf.packet_id)).scalars().all()
+        seals = db.session.execute(select(AuditSeal)).scalars().all()
+        leaves = [i for seal in seals for i in Leaves.of(seal).ids]
         db.session.commit()
     assert sorted(leaves) == sorted(ids)
     assert verify(apps[0].test_cli_runner()).exit_code == 0

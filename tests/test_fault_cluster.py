@@ -294,7 +294,7 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     with psycopg.connect(pg_url(cluster["database"]), autocommit=True) as conn:
         conn.execute(
             "TRUNCATE packets, deliveries, packet_counters, quarantine, "
-            "audit_seals, audit_leaves, audit_purges, activity_minutes"
+            "audit_seals, audit_purges, activity_minutes"
         )  # status counts from both
     ledger = Ledger()
     events: list[str] = []

@@ -1,4 +1,4 @@
-"""Audit log: seals (Merkle roots over ranges of packets, chained), their leaves, and the
+"""Audit log: seals (Merkle roots over ranges of packets, chained, with their leaves) and the
 packets retention purged.
 
 Revision ID: 0006_audit
@@ -24,22 +24,17 @@ def upgrade():
     sa.Column('after_seq', sa.BigInteger(), nullable=False),
     sa.Column('last_seq', sa.BigInteger(), nullable=False),
     sa.Column('packet_count', sa.Integer(), nullable=False),
+    sa.Column('packets_total', sa.BigInteger(), nullable=False),
     sa.Column('root', sa.String(length=64), nullable=False),
     sa.Column('previous_hash', sa.String(length=64), nullable=False),
     sa.Column('hash', sa.String(length=64), nullable=False),
+    sa.Column('leaf_seqs', sa.LargeBinary(), nullable=False),
+    sa.Column('leaf_ids', sa.Text(), nullable=False),
+    sa.Column('leaf_hashes', sa.LargeBinary(), nullable=False),
     sa.PrimaryKeyConstraint('seq'),
-    sa.UniqueConstraint('hash')
+    sa.UniqueConstraint('hash'),
+    sa.UniqueConstraint('last_seq')
     )
-    op.create_table('audit_leaves',
-    sa.Column('packet_seq', sa.BigInteger(), autoincrement=False, nullable=False),
-    sa.Column('packet_id', sa.String(length=36), nullable=False),
-    sa.Column('seal_seq', sa.BigInteger(), nullable=False),
-    sa.Column('leaf_index', sa.Integer(), nullable=False),
-    sa.Column('leaf_hash', sa.String(length=64), nullable=False),
-    sa.PrimaryKeyConstraint('packet_seq')
-    )
-    with op.batch_alter_table('audit_leaves', schema=None) as batch_op:
-        batch_op.create_index('ix_audit_leaves_seal', ['seal_seq', 'leaf_index'], unique=False)
     op.create_table('audit_purges',
     sa.Column('packet_seq', sa.BigInteger(), autoincrement=False, nullable=False),
     sa.Column('packet_id', sa.String(length=36), nullable=False),
@@ -50,7 +45,4 @@ def upgrade():
 
 def downgrade():
     op.drop_table('audit_purges')
-    with op.batch_alter_table('audit_leaves', schema=None) as batch_op:
-        batch_op.drop_index('ix_audit_leaves_seal')
-    op.drop_table('audit_leaves')
     op.drop_table('audit_seals')

@@ -4,44 +4,52 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from bucket.extensions import db
-from bucket.models import AuditLeaf, AuditSeal, Packet
-from bucket.services.audit.content import FIELDS, canonical, packet_leaf, seal_header
+from bucket.models import AuditSeal, Packet
+from bucket.services.audit.content import FIELDS, Leaves, canonical, packet_leaf, seal_header
 from bucket.services.audit.merkle import inclusion_proof
 
 T = Packet.__table__
 S = AuditSeal.__table__
-L = AuditLeaf.__table__
+# A seal as published: everything but its packed leaves.
+HEADER = (
+    *(S.c[name] for name in ("seq", "sealed_at", "after_seq", "last_seq")),
+    S.c.packet_count,
+    S.c.root,
+    S.c.previous_hash,
+    S.c.hash,
+)
 MAX_SEALS = 1000
 
 
 def seal_out(seal: Any) -> dict[str, Any]:
-    """A seal as published: its header and its hash."""
+    """A seal as published: its header and its hash (from a row or an AuditSeal)."""
     return {**seal_header(seal), "hash": seal.hash}
 
 
 def latest() -> dict[str, Any]:
     """The head seal and how many packets the log covers."""
-    seal = db.session.execute(select(AuditSeal).order_by(AuditSeal.seq.desc()).limit(1)).scalar()
-    covered = db.session.execute(select(func.count()).select_from(L)).scalar_one()
+    found = db.session.execute(
+        select(*HEADER, S.c.packets_total).order_by(S.c.seq.desc()).limit(1)
+    ).first()
     db.session.commit()
     return {
-        "latest_hash": seal.hash if seal else None,
-        "seal": seal_out(seal) if seal else None,
-        "packets_sealed": covered,
+        "latest_hash": found.hash if found else None,
+        "seal": seal_out(found) if found else None,
+        "packets_sealed": found.packets_total if found else 0,
     }
 
 
 def chain(first: int | None, last: int | None) -> list[dict[str, Any]]:
     """Seals ``first``..``last`` by number (at most MAX_SEALS), oldest first."""
-    statement = select(AuditSeal).order_by(AuditSeal.seq).limit(MAX_SEALS)
+    statement = select(*HEADER).order_by(S.c.seq).limit(MAX_SEALS)
     if first is not None:
-        statement = statement.where(AuditSeal.seq >= first)
+        statement = statement.where(S.c.seq >= first)
     if last is not None:
-        statement = statement.where(AuditSeal.seq <= last)
-    seals = db.session.execute(statement).scalars().all()
+        statement = statement.where(S.c.seq <= last)
+    seals = db.session.execute(statement).all()
     db.session.commit()
     return [seal_out(seal) for seal in seals]
 
@@ -53,15 +61,21 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
     if row is None:
         db.session.commit()
         return None
-    leaf = db.session.execute(select(L).where(L.c.packet_seq == row["seq"])).first()
+    seal = db.session.execute(
+        select(AuditSeal)
+        .where(AuditSeal.last_seq >= row["seq"], AuditSeal.after_seq < row["seq"])
+        .order_by(AuditSeal.last_seq)
+        .limit(1)
+    ).scalar()
+    leaves = Leaves.of(seal) if seal is not None else None
+    index = leaves.index_of(row["seq"]) if leaves is not None else None
     current = packet_leaf(row)
-    data = {name: row[name] for name in FIELDS}
     answer: dict[str, Any] = {
         "artifact_id": packet_id,
-        "data": data,
+        "data": {name: row[name] for name in FIELDS},
         "canonical": canonical(row).decode(),
     }
-    if leaf is None:
+    if index is None or leaves.ids[index] != packet_id:
         db.session.commit()
         answer["provenance"] = {
             "sealed": False,
@@ -70,25 +84,17 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
             "message": "Not sealed yet: packets are sealed within seconds of being stored.",
         }
         return answer
-    seal = db.session.get(AuditSeal, leaf.seal_seq)
-    leaves = (
-        db.session.execute(
-            select(L.c.leaf_hash).where(L.c.seal_seq == leaf.seal_seq).order_by(L.c.leaf_index)
-        )
-        .scalars()
-        .all()
-    )
     db.session.commit()
-    hashes = [bytes.fromhex(h) for h in leaves]
-    previous = leaves[leaf.leaf_index - 1] if leaf.leaf_index > 0 else seal.previous_hash
+    sealed_leaf = leaves.hashes[index].hex()
+    previous = leaves.hashes[index - 1].hex() if index > 0 else seal.previous_hash
     answer["provenance"] = {
         "sealed": True,
-        "current_hash": leaf.leaf_hash,
+        "current_hash": sealed_leaf,
         "previous_hash": previous,
-        "matches_stored_content": current == leaf.leaf_hash,
-        "leaf_index": leaf.leaf_index,
+        "matches_stored_content": current == sealed_leaf,
+        "leaf_index": index,
         "tree_size": seal.packet_count,
-        "inclusion_proof": [h.hex() for h in inclusion_proof(leaf.leaf_index, hashes)],
+        "inclusion_proof": [h.hex() for h in inclusion_proof(index, leaves.hashes)],
         "seal": seal_out(seal),
     }
     return answer

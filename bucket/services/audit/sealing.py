@@ -17,16 +17,15 @@ from flask import current_app
 from sqlalchemy import insert, select, text
 
 from bucket.extensions import db
-from bucket.models import AuditLeaf, AuditSeal, Packet
-from bucket.services.audit.content import GENESIS, packet_leaf, seal_hash
-from bucket.services.audit.merkle import root
+from bucket.models import AuditSeal, Packet
+from bucket.services.audit.content import GENESIS, Leaves, canonical, seal_hash
+from bucket.services.audit.merkle import leaf_hash, root
 from bucket.services.bookkeeping import horizon_postgres, horizon_sqlite
 from bucket.services.dialect import dialect_name
 from bucket.timeutil import utc_now
 
 T = Packet.__table__
 S = AuditSeal.__table__
-L = AuditLeaf.__table__
 # pg_advisory_xact_lock key of the sealer: "prana-seal" as an integer.
 SEALER_LOCK = 0x7072616E615F7365
 
@@ -40,9 +39,11 @@ class Sealed:
     hash: str
 
 
-def head() -> AuditSeal | None:
-    """The newest seal (the session's transaction stays open)."""
-    return db.session.execute(select(AuditSeal).order_by(AuditSeal.seq.desc()).limit(1)).scalar()
+def head():
+    """The newest seal's number, range end, hash and total, without its leaves (the session's
+    transaction stays open); None before the first seal."""
+    columns = (S.c.seq, S.c.last_seq, S.c.hash, S.c.packets_total)
+    return db.session.execute(select(*columns).order_by(S.c.seq.desc()).limit(1)).first()
 
 
 def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
@@ -77,31 +78,23 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
         if not rows:
             session.commit()
             return None
-        leaves = [packet_leaf(row) for row in rows]
+        leaves = Leaves(
+            [row["seq"] for row in rows],
+            [row["packet_id"] for row in rows],
+            [leaf_hash(canonical(row)) for row in rows],
+        )
         seal = {
             "seq": (previous.seq + 1) if previous else 1,
             "sealed_at": utc_now(),
             "after_seq": after,
             "last_seq": rows[-1]["seq"],
             "packet_count": len(rows),
-            "root": root([bytes.fromhex(leaf) for leaf in leaves]).hex(),
+            "root": root(leaves.hashes).hex(),
             "previous_hash": previous.hash if previous else GENESIS,
         }
         seal["hash"] = seal_hash(seal)
-        session.execute(insert(S).values(**seal))
-        session.execute(
-            insert(L),
-            [
-                {
-                    "packet_seq": row["seq"],
-                    "packet_id": row["packet_id"],
-                    "seal_seq": seal["seq"],
-                    "leaf_index": index,
-                    "leaf_hash": leaf,
-                }
-                for index, (row, leaf) in enumerate(zip(rows, leaves, strict=True))
-            ],
-        )
+        seal["packets_total"] = (previous.packets_total if previous else 0) + len(rows)
+        session.execute(insert(S).values(**seal, **leaves.packed()))
         session.commit()
         return Sealed(seal["seq"], len(rows), seal["hash"])
     except BaseException:

@@ -10,15 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from bucket.extensions import db
-from bucket.models import AuditLeaf, AuditPurge, AuditSeal, Packet
-from bucket.services.audit.content import GENESIS, packet_leaf, seal_hash
+from bucket.models import AuditPurge, AuditSeal, Packet
+from bucket.services.audit.content import GENESIS, Leaves, packet_leaf, seal_hash
 from bucket.services.audit.merkle import root
 
 T = Packet.__table__
-L = AuditLeaf.__table__
+S = AuditSeal.__table__
 P = AuditPurge.__table__
 
 
@@ -54,37 +54,43 @@ class Verification:
 
 def verify(since: datetime | None = None) -> Verification:
     """Check the chain of seals and every sealed packet (of the seals made at or after
-    ``since``, with the link to the seal before them)."""
+    ``since``, with the link to the seal before them). Seals are read one at a time, leaves
+    and rows of one seal at a time, so memory stays bounded by the largest seal."""
     report = Verification()
-    statement = select(AuditSeal).order_by(AuditSeal.seq)
+    statement = select(S.c.seq).order_by(S.c.seq)
     if since is not None:
-        statement = statement.where(AuditSeal.sealed_at >= since)
-    seals = db.session.execute(statement).scalars().all()
+        statement = statement.where(S.c.sealed_at >= since)
+    numbers = db.session.execute(statement).scalars().all()
     previous = None
-    if seals and seals[0].seq > 1:
-        previous = db.session.get(AuditSeal, seals[0].seq - 1)
+    if numbers and numbers[0] > 1:
+        previous = db.session.get(AuditSeal, numbers[0] - 1)
         if previous is None:
             report.problems.append(
-                Problem("chain-broken", "the seal before it is missing", seal_seq=seals[0].seq)
+                Problem("chain-broken", "the seal before it is missing", seal_seq=numbers[0])
             )
-    for seal in seals:
+    first = last = None
+    for number in numbers:
+        seal = db.session.get(AuditSeal, number)
         check_link(seal, previous, report)
         check_seal(seal, report)
+        if previous is not None:
+            db.session.expunge(previous)
         previous = seal
-    if since is None and seals:
-        for row in db.session.execute(select(T).where(T.c.seq <= seals[0].after_seq)).mappings():
+        first = first or (seal.seq, seal.after_seq)
+        last = seal.last_seq
+    if since is None and first is not None:
+        for row in db.session.execute(select(T).where(T.c.seq <= first[1])).mappings():
             report.problems.append(
                 Problem(
                     "inserted", f"seq {row['seq']} lies before the first seal", row["packet_id"]
                 )
             )
-    head = seals[-1] if seals else None
-    if head is not None:
-        report.unsealed = len(
-            db.session.execute(select(T.c.seq).where(T.c.seq > head.last_seq)).all()
-        )
+    if last is not None:
+        report.unsealed = db.session.execute(
+            select(func.count()).select_from(T).where(T.c.seq > last)
+        ).scalar_one()
     elif since is None:
-        report.unsealed = len(db.session.execute(select(T.c.seq)).all())
+        report.unsealed = db.session.execute(select(func.count()).select_from(T)).scalar_one()
     db.session.commit()
     return report
 
@@ -120,14 +126,20 @@ def check_link(seal: AuditSeal, previous: AuditSeal | None, report: Verification
 
 def check_seal(seal: AuditSeal, report: Verification) -> None:
     """The seal's leaves against its root, and every packet of its range against its leaf."""
-    leaves = db.session.execute(
-        select(L).where(L.c.seal_seq == seal.seq).order_by(L.c.leaf_index)
-    ).all()
-    hashes = [bytes.fromhex(leaf.leaf_hash) for leaf in leaves]
-    if len(leaves) != seal.packet_count or root(hashes).hex() != seal.root:
+    leaves = Leaves.of(seal)
+    counts = {len(leaves.seqs), len(leaves.ids), len(leaves.hashes)}
+    in_order = all(a < b for a, b in zip(leaves.seqs, leaves.seqs[1:], strict=False))
+    within = all(seal.after_seq < seq <= seal.last_seq for seq in leaves.seqs)
+    if (
+        counts != {seal.packet_count}
+        or not in_order
+        or not within
+        or root(leaves.hashes).hex() != seal.root
+    ):
         report.problems.append(
             Problem("leaves-edited", "its leaves do not make its root", seal_seq=seal.seq)
         )
+        return
     in_range = (T.c.seq > seal.after_seq) & (T.c.seq <= seal.last_seq)
     rows: dict[int, list] = {}  # seq is not unique to the database: a forger may reuse one
     for row in db.session.execute(select(T).where(in_range)).mappings():
@@ -138,31 +150,31 @@ def check_seal(seal: AuditSeal, report: Verification) -> None:
             select(P).where(P.c.packet_seq > seal.after_seq, P.c.packet_seq <= seal.last_seq)
         )
     }
-    for leaf in leaves:
-        candidates = rows.get(leaf.packet_seq, [])
-        row = next((r for r in candidates if r["packet_id"] == leaf.packet_id), None)
+    for packet_seq, packet_id, sealed in zip(leaves.seqs, leaves.ids, leaves.hashes, strict=True):
+        candidates = rows.get(packet_seq, [])
+        row = next((r for r in candidates if r["packet_id"] == packet_id), None)
         if row is None and candidates:
             row = candidates[0]
         if row is not None:
             candidates.remove(row)
         else:
-            purge = purges.get(leaf.packet_seq)
+            purge = purges.get(packet_seq)
             if purge is not None:
                 report.purged.append(
-                    f"{leaf.packet_id} purged by retention on {purge.purged_at.date().isoformat()}"
+                    f"{packet_id} purged by retention on {purge.purged_at.date().isoformat()}"
                 )
             else:
                 report.problems.append(
                     Problem(
                         "deleted",
                         "sealed, gone, and not purged by retention",
-                        leaf.packet_id,
+                        packet_id,
                         seal.seq,
                     )
                 )
             continue
         report.packets += 1
-        if row["packet_id"] != leaf.packet_id or packet_leaf(row) != leaf.leaf_hash:
+        if row["packet_id"] != packet_id or packet_leaf(row) != sealed.hex():
             report.problems.append(
                 Problem(
                     "altered",
