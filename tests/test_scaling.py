@@ -58,7 +58,7 @@ def fill(app, waiting: int, processed: int, prefix: str) -> None:
 def hot_statements(live: list[str]) -> dict[str, tuple[str, dict]]:
     """Each statement of a poll, an acknowledgement of ``live`` and a status read."""
     now = epoch_now()
-    common = {"now": now, "now_ts": from_epoch(now), "max": 5, "shard": 0}
+    common = {"now": now, "now_ts": from_epoch(now), "max": 5, "shard": 0, "minute": int(now // 60)}
     ack_items = [
         {"packet_id": pid, "success": True, "receipt": None, "jitter": 1.0} for pid in live
     ]
