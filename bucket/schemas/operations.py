@@ -1,0 +1,58 @@
+"""Operators' actions and the console's charts (api/operations.py)."""
+
+from __future__ import annotations
+
+from marshmallow import (
+    fields,
+    validate,
+)
+
+from bucket.schemas.base import BaseSchema, Text
+
+
+class TimeseriesQuerySchema(BaseSchema):
+    window = fields.String(load_default="1h", validate=validate.OneOf(["1h", "24h"]))
+
+
+class TimeseriesSchema(BaseSchema):
+    """Packets ingested and processed per minute, and the mix of cognitive states."""
+
+    window = fields.String()
+    minute_seconds = fields.Integer()
+    minutes = fields.List(fields.String(), metadata={"description": "Each minute's start."})
+    ingested = fields.List(fields.Integer())
+    processed = fields.List(fields.Integer())
+    totals = fields.Dict(keys=fields.String(), values=fields.Integer())
+    states = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(keys=fields.String(), values=fields.Integer()),
+        metadata={"description": "Packets ingested in the window by system, then state."},
+    )
+
+
+class DeadQuerySchema(BaseSchema):
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(metadata={"description": "From a previous page's Link header."})
+
+
+class RequeueSchema(BaseSchema):
+    """Which dead packets to serve again: those named, or one user's, or (neither) all."""
+
+    packet_ids = fields.List(
+        Text(validate=validate.Length(min=1, max=64)), validate=validate.Length(min=1, max=500)
+    )
+    user_id = Text(validate=validate.Length(min=1, max=256))
+
+
+class ReplaySchema(BaseSchema):
+    """One user's packets to serve again (processed, dead and retrying ones)."""
+
+    user_id = Text(required=True, validate=validate.Length(min=1, max=256))
+    since = fields.AwareDateTime(default_timezone=None)
+    until = fields.AwareDateTime(default_timezone=None)
+
+
+class MovedSchema(BaseSchema):
+    """How many packets an action put back in the queue."""
+
+    requeued = fields.Integer()

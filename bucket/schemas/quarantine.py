@@ -1,0 +1,88 @@
+"""The quarantine of refused packets (services/quarantine.py)."""
+
+from __future__ import annotations
+
+from marshmallow import (
+    fields,
+    validate,
+)
+
+from bucket.schemas.base import BaseSchema, Text
+
+
+class QuarantineFiltersSchema(BaseSchema):
+    """Which quarantine entries are meant (all filters optional, combined with AND)."""
+
+    user_id = Text(metadata={"description": "The user (or EMS employee) named."})
+    origin = Text(metadata={"description": "The Origin the packet came from."})
+    field = Text(data_key="field", metadata={"description": "Only entries refused for this field."})
+    since = fields.AwareDateTime(
+        default_timezone=None, metadata={"description": "Last seen at or after (ISO-8601)."}
+    )
+    until = fields.AwareDateTime(
+        default_timezone=None, metadata={"description": "Last seen before (ISO-8601)."}
+    )
+
+
+class QuarantineQuerySchema(QuarantineFiltersSchema):
+    """Which quarantine entries to list, one page at a time."""
+
+    limit = fields.Integer(load_default=50, validate=validate.Range(min=1, max=500))
+    cursor = fields.String(metadata={"description": "From a previous page's Link header."})
+
+
+class QuarantineEntrySchema(BaseSchema):
+    """One refused packet, as received, with why it was refused."""
+
+    id = fields.Integer()
+    digest = fields.String(metadata={"description": "SHA-256 of the content."})
+    body = fields.Raw(metadata={"description": "The packet's JSON as received."})
+    errors = fields.Dict(metadata={"description": "Each offending field and what is wrong."})
+    user_id = fields.String(allow_none=True)
+    origin = fields.String(allow_none=True)
+    source = fields.String(metadata={"enum": ["packet", "batch"]})
+    idempotency_key = fields.String(allow_none=True)
+    size_bytes = fields.Integer()
+    seen_count = fields.Integer(metadata={"description": "Copies received (resends count)."})
+    first_seen_at = fields.String()
+    last_seen_at = fields.String()
+
+
+ENTRY_IDS = validate.Range(min=1, max=2**63 - 1)
+
+
+class QuarantineReplaySchema(QuarantineFiltersSchema):
+    """What to replay: the entries matching the filters (every entry, without any) and, when
+    given, named by ``ids``; in id order after ``after``, up to ``limit``. Replaying is safe
+    to repeat: deduplication absorbs what was stored before."""
+
+    ids = fields.List(fields.Integer(validate=ENTRY_IDS), validate=validate.Length(min=1, max=500))
+    after = fields.Integer(
+        validate=ENTRY_IDS, metadata={"description": "Continue after this entry (next_after)."}
+    )
+    limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=5000))
+
+
+class QuarantineReplayItemSchema(BaseSchema):
+    """What became of one replayed entry."""
+
+    id = fields.Integer()
+    status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected"]})
+    packet_id = fields.String()
+    errors = fields.Dict()
+
+
+class QuarantineReplayResultSchema(BaseSchema):
+    """What a replay did."""
+
+    replayed = fields.Integer()
+    ingested = fields.Integer()
+    duplicates = fields.Integer()
+    still_refused = fields.Integer()
+    remaining = fields.Integer(
+        metadata={"description": "Matching entries this replay did not reach."}
+    )
+    next_after = fields.Integer(
+        allow_none=True, metadata={"description": "Send as ``after`` to continue; null when done."}
+    )
+    results = fields.List(fields.Nested(QuarantineReplayItemSchema))
