@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from flask import jsonify, request, url_for
+from flask import jsonify
 from flask_smorest import Blueprint, abort
 
 from bucket.api.body import load_or_abort, read_json_object
+from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import pending_packet_out, user_packet_out
 from bucket.metrics import note_acks
 from bucket.schemas import (
@@ -23,7 +24,8 @@ from bucket.schemas import (
     fast_load_acks,
 )
 from bucket.services import delivery
-from bucket.services.listing import BadCursor, user_packets
+from bucket.services.cursors import BadCursor
+from bucket.services.listing import user_packets
 
 blp = Blueprint(
     "consumer",
@@ -139,13 +141,9 @@ def user_listing(
             user_id, limit, processed_only, status, cursor, since, until
         )
     except BadCursor as exc:
-        abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
-    response = jsonify([user_packet_out(row._mapping) for row in rows])
-    if next_cursor:
-        query = {k: v for k, v in request.args.items() if k != "cursor"}
-        url = url_for("consumer.user_listing", user_id=user_id, cursor=next_cursor, **query)
-        response.headers["Link"] = f'<{url}>; rel="next"'
-    return response
+        refuse_cursor(exc)
+    items = [user_packet_out(row._mapping) for row in rows]
+    return page_response(items, next_cursor, "consumer.user_listing", user_id=user_id)
 
 
 def refuse(outcome: delivery.AckOutcome) -> None:

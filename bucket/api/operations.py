@@ -3,9 +3,10 @@ per minute, the dead letters, requeue and replay."""
 
 from __future__ import annotations
 
-from flask import jsonify, request, url_for
-from flask_smorest import Blueprint, abort
+from flask import jsonify
+from flask_smorest import Blueprint
 
+from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import user_packet_out
 from bucket.models import DeliveryState
 from bucket.schemas import (
@@ -18,7 +19,8 @@ from bucket.schemas import (
     UserPacketSchema,
 )
 from bucket.services import activity, delivery
-from bucket.services.listing import BadCursor, dead_letters
+from bucket.services.cursors import BadCursor
+from bucket.services.listing import dead_letters
 
 blp = Blueprint(
     "operations",
@@ -46,14 +48,10 @@ def dead(args: dict):
     try:
         rows, next_cursor = dead_letters(args["limit"], args.get("cursor"))
     except BadCursor as exc:
-        abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
-    response = jsonify([user_packet_out(row._mapping) for row in rows])
-    if next_cursor:
-        query = {k: v for k, v in request.args.items() if k != "cursor"}
-        response.headers["Link"] = (
-            f'<{url_for("operations.dead", cursor=next_cursor, **query)}>; rel="next"'
-        )
-    return response
+        refuse_cursor(exc)
+    return page_response(
+        [user_packet_out(row._mapping) for row in rows], next_cursor, "operations.dead"
+    )
 
 
 @blp.route("/packets/dead/requeue", methods=["POST"])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import jsonify, request, url_for
+from flask import jsonify
 from flask_smorest import Blueprint, abort
 
+from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import quarantine_entry_out
 from bucket.schemas import (
     QuarantineEntrySchema,
@@ -13,7 +14,8 @@ from bucket.schemas import (
     QuarantineReplaySchema,
 )
 from bucket.services import quarantine
-from bucket.services.quarantine import BadQuarantineCursor, Filters
+from bucket.services.cursors import BadCursor
+from bucket.services.quarantine import Filters
 
 blp = Blueprint(
     "quarantine",
@@ -38,14 +40,10 @@ def list_entries(args: dict):
         rows, next_cursor = quarantine.entries(
             filters_from(args), args["limit"], args.get("cursor")
         )
-    except BadQuarantineCursor as exc:
-        abort(422, message=str(exc), errors={"query": {"cursor": [str(exc)]}})
-    response = jsonify([quarantine_entry_out(row._mapping) for row in rows])
-    if next_cursor:
-        query = {k: v for k, v in request.args.items() if k != "cursor"}
-        url = url_for("quarantine.list_entries", cursor=next_cursor, **query)
-        response.headers["Link"] = f'<{url}>; rel="next"'
-    return response
+    except BadCursor as exc:
+        refuse_cursor(exc)
+    items = [quarantine_entry_out(row._mapping) for row in rows]
+    return page_response(items, next_cursor, "quarantine.list_entries")
 
 
 @blp.route("/<int:entry_id>", methods=["GET"])

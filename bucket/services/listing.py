@@ -2,40 +2,24 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from datetime import UTC, datetime
 
 from sqlalchemy import select, tuple_
 
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
+from bucket.services import cursors
 from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 
 T = Packet.__table__
 
 
-class BadCursor(ValueError):
-    """The cursor was not one this service issued."""
-
-
-def encode_cursor(received_at: datetime, packet_id: str) -> str:
-    """An opaque cursor naming the last row of a page."""
-    raw = json.dumps([received_at.isoformat(), packet_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Inverse of ``encode_cursor``; raises ``BadCursor`` for anything else."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        received_at, packet_id = json.loads(base64.urlsafe_b64decode(padded))
-        moment = datetime.fromisoformat(received_at)
-        if moment.tzinfo is None or not isinstance(packet_id, str) or "\x00" in packet_id:
-            raise ValueError("malformed cursor")
-        return moment.astimezone(UTC), packet_id
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise BadCursor("The cursor is not valid; use the Link header of a previous page.") from exc
+def received_cursor(received_at: str, packet_id: str) -> tuple[datetime, str]:
+    """A user listing's cursor: the last row's ``received_at`` (aware) and ``packet_id``."""
+    moment = datetime.fromisoformat(received_at)
+    if moment.tzinfo is None or not isinstance(packet_id, str) or "\x00" in packet_id:
+        raise ValueError("malformed cursor")
+    return moment.astimezone(UTC), packet_id
 
 
 def user_packets(
@@ -61,7 +45,7 @@ def user_packets(
     if status:
         filters.append(D.c.delivery_state == status)
     if cursor:
-        received_at, packet_id = decode_cursor(cursor)
+        received_at, packet_id = cursors.decode(cursor, received_cursor)
         filters.append(tuple_(T.c.received_at, T.c.packet_id) < tuple_(received_at, packet_id))
     order = (T.c.received_at.desc(), T.c.packet_id.desc())
     # Two index-ordered lookups merged here beat one OR that the planner must sort; each
@@ -78,27 +62,18 @@ def user_packets(
     rows.sort(key=lambda row: (row.received_at, row.packet_id), reverse=True)
     page = rows[:limit]
     next_cursor = (
-        encode_cursor(page[-1].received_at, page[-1].packet_id) if len(rows) > limit else None
+        cursors.encode(page[-1].received_at.isoformat(), page[-1].packet_id)
+        if len(rows) > limit
+        else None
     )
     return page, next_cursor
 
 
-def encode_dead_cursor(dead_at: float, packet_id: str) -> str:
-    raw = json.dumps([dead_at, packet_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_dead_cursor(cursor: str) -> tuple[float, str]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        dead_at, packet_id = json.loads(base64.urlsafe_b64decode(padded))
-        if type(dead_at) not in (int, float) or not isinstance(packet_id, str):
-            raise ValueError("malformed cursor")
-        if "\x00" in packet_id:
-            raise ValueError("malformed cursor")
-        return float(dead_at), packet_id
-    except (ValueError, TypeError) as exc:
-        raise BadCursor("The cursor is not valid; use the Link header of a previous page.") from exc
+def dead_cursor(dead_at: float, packet_id: str) -> tuple[float, str]:
+    """The dead letters' cursor: the last row's ``visible_at`` (when it died) and id."""
+    if type(dead_at) not in (int, float) or not isinstance(packet_id, str) or "\x00" in packet_id:
+        raise ValueError("malformed cursor")
+    return float(dead_at), packet_id
 
 
 def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | None]:
@@ -106,7 +81,7 @@ def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | Non
     packet's ``visible_at`` is when it died), with the next cursor."""
     filters = [D.c.delivery_state == DeliveryState.DEAD]
     if cursor:
-        dead_at, packet_id = decode_dead_cursor(cursor)
+        dead_at, packet_id = cursors.decode(cursor, dead_cursor)
         filters.append(tuple_(D.c.visible_at, D.c.packet_id) < tuple_(dead_at, packet_id))
     rows = db.session.execute(
         select(T, *DELIVERY_COLUMNS)
@@ -118,4 +93,4 @@ def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | Non
     db.session.commit()
     page = rows[:limit]
     more = len(rows) > limit
-    return page, encode_dead_cursor(page[-1].visible_at, page[-1].packet_id) if more else None
+    return page, cursors.encode(page[-1].visible_at, page[-1].packet_id) if more else None

@@ -14,7 +14,6 @@ new errors.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from sqlalchemy.exc import OperationalError
 from bucket.extensions import db
 from bucket.models import PacketCounter, QuarantinedPacket
 from bucket.schemas import packet_rules
-from bucket.services import counters
+from bucket.services import counters, cursors
 from bucket.services.dialect import upsert_insert
 from bucket.services.ingest import store_packets
 from bucket.timeutil import utc_now
@@ -43,10 +42,6 @@ EVICTED, EXPIRED = "quarantine_evicted", "quarantine_expired"
 # Fields the bridge adds and changes on every resend; not part of the packet's content.
 TRANSPORT_FIELDS = frozenset({"queued_at", "retry_count", "sent_at", "attempt", "batch_id"})
 EVICTION_BATCH = 100
-
-
-class BadQuarantineCursor(ValueError):
-    """The cursor was not one this service issued."""
 
 
 @dataclass
@@ -247,33 +242,24 @@ class Filters:
         return found
 
 
-def encode_cursor(entry_id: int) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps([entry_id])).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> int:
-    try:
-        (entry_id,) = orjson.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        if not isinstance(entry_id, int) or isinstance(entry_id, bool):
-            raise ValueError("not an id")
-        return entry_id
-    except (ValueError, TypeError, orjson.JSONDecodeError) as exc:
-        raise BadQuarantineCursor(
-            "The cursor is not valid; use the Link header of a previous page."
-        ) from exc
+def entry_cursor(entry_id: int) -> int:
+    """The quarantine listing's cursor: the last entry's id."""
+    if not isinstance(entry_id, int) or isinstance(entry_id, bool):
+        raise ValueError("not an id")
+    return entry_id
 
 
 def entries(filters: Filters, limit: int, cursor: str | None = None) -> tuple[list, str | None]:
     """A page of entries, newest first, and the next page's cursor."""
     conditions = filters.conditions()
     if cursor:
-        conditions.append(Q.c.id < decode_cursor(cursor))
+        conditions.append(Q.c.id < cursors.decode(cursor, entry_cursor))
     rows = db.session.execute(
         select(Q).where(*conditions).order_by(Q.c.id.desc()).limit(limit + 1)
     ).all()
     db.session.commit()
     page = rows[:limit]
-    return page, encode_cursor(page[-1].id) if len(rows) > limit else None
+    return page, cursors.encode(page[-1].id) if len(rows) > limit else None
 
 
 def entry(entry_id: int):
