@@ -87,6 +87,12 @@ def storable(text: str | None, length: int) -> str | None:
     return text[:length].replace("\x00", "\ufffd") if text else None
 
 
+def error_fields(errors: Any) -> str:
+    """The refused fields as ",field,other,", so a filter by field is a portable LIKE."""
+    names = sorted(errors) if isinstance(errors, dict) else []
+    return "," + ",".join(names) + ","
+
+
 def identity_of(body: Any) -> str | None:
     """The user the packet names, for an operator's filter."""
     if not isinstance(body, dict):
@@ -108,12 +114,11 @@ def keep(refused: list[Refused]) -> list[int]:
     ids, added_rows, added_bytes = [], 0, 0
     for item in refused:
         body_text = orjson.dumps(item.body, option=orjson.OPT_NON_STR_KEYS)
-        fields = sorted(item.errors) if isinstance(item.errors, dict) else []
         values = {
             "digest": digest(item.body),
             "body": item.body,
             "errors": item.errors,
-            "error_fields": "," + ",".join(fields) + ",",
+            "error_fields": error_fields(item.errors),
             "user_id": identity_of(item.body),
             "origin": storable(item.origin, 512),
             "source": item.source,
@@ -317,7 +322,7 @@ def replay(
             db.session.execute(
                 update(Q)
                 .where(Q.c.id == row.id)
-                .values(errors=errors, error_fields="," + ",".join(sorted(errors)) + ",")
+                .values(errors=errors, error_fields=error_fields(errors))
             )
             db.session.commit()
             report.still_refused += 1

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from bucket.models import AuditSeal, Packet, UTCDateTime
+from bucket.models import Packet, UTCDateTime
 from bucket.services.audit.merkle import leaf_hash
 
 T = Packet.__table__
@@ -93,6 +93,3 @@ def seal_hash(seal: Any) -> str:
     """SHA-256 of the seal's canonical header, hex: what the next seal and outsiders keep."""
     header = orjson.dumps(seal_header(seal), option=orjson.OPT_SORT_KEYS)
     return hashlib.sha256(header).hexdigest()
-
-
-__all__ = ["AuditSeal", "GENESIS", "Leaves", "canonical", "packet_leaf", "seal_hash", "seal_header"]

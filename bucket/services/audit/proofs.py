@@ -8,8 +8,8 @@ from sqlalchemy import select
 
 from bucket.extensions import db
 from bucket.models import AuditSeal, Packet
-from bucket.services.audit.content import FIELDS, Leaves, canonical, packet_leaf, seal_header
-from bucket.services.audit.merkle import inclusion_proof
+from bucket.services.audit.content import FIELDS, Leaves, canonical, seal_header
+from bucket.services.audit.merkle import inclusion_proof, leaf_hash
 
 T = Packet.__table__
 S = AuditSeal.__table__
@@ -69,11 +69,12 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
     ).scalar()
     leaves = Leaves.of(seal) if seal is not None else None
     index = leaves.index_of(row["seq"]) if leaves is not None else None
-    current = packet_leaf(row)
+    content = canonical(row)
+    current = leaf_hash(content).hex()
     answer: dict[str, Any] = {
         "artifact_id": packet_id,
         "data": {name: row[name] for name in FIELDS},
-        "canonical": canonical(row).decode(),
+        "canonical": content.decode(),
     }
     if index is None or leaves.ids[index] != packet_id:
         db.session.commit()
