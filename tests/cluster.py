@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 
+from tests import servers
 from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +36,24 @@ def service_env(database_url: str, redis_url: str, prefix: str, **extra: str) ->
     )
     env.update(extra)
     return env
+
+
+@contextlib.contextmanager
+def fresh_database_env(prefix: str, **extra: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A new migrated database on the shared PostgreSQL and the environment of instances
+    sharing it and the shared Redis under a key prefix of their own: (database URL, env).
+    Skips (fails in CI) without either server; the database is dropped afterwards."""
+    for reason in (servers.postgres_reachable(), servers.redis_reachable()):
+        if reason:
+            servers.unavailable(reason)
+    name, url = servers.create_database()
+    try:
+        prefix = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        env = service_env(url, servers.REDIS_TEST_URL, prefix, **extra)
+        migrate(env)
+        yield url, env
+    finally:
+        servers.drop_database(name)
 
 
 def migrate(env: dict[str, str]) -> None:

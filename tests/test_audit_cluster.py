@@ -10,14 +10,12 @@ import itertools
 import os
 import threading
 import time
-import uuid
 
 import psycopg
 import pytest
 import requests
 
-from tests import servers
-from tests.cluster import Instance, flask_command, migrate, service_env
+from tests.cluster import Instance, flask_command, fresh_database_env
 from tests.concurrency import join_all, wait_until
 from tests.factories import make_packet
 
@@ -29,22 +27,15 @@ BATCH = 20
 
 
 def test_sealers_in_every_worker_of_two_instances_make_one_chain():
-    if servers.postgres_reachable():
-        servers.unavailable(servers.postgres_reachable())
-    if servers.redis_reachable():
-        servers.unavailable(servers.redis_reachable())
-    name, url = servers.create_database()
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(servers.drop_database, name)
-        env = service_env(
-            url,
-            servers.REDIS_TEST_URL,
-            f"audit-{uuid.uuid4().hex[:8]}",
-            BUCKET_AUDIT_SEAL_INTERVAL="0.3",
-            BUCKET_BOOKKEEPING_INTERVAL="0.1",
-            BUCKET_AUDIT_SEAL_MAX_PACKETS="2000",
+        url, env = cleanup.enter_context(
+            fresh_database_env(
+                "audit",
+                BUCKET_AUDIT_SEAL_INTERVAL="0.3",
+                BUCKET_BOOKKEEPING_INTERVAL="0.1",
+                BUCKET_AUDIT_SEAL_MAX_PACKETS="2000",
+            )
         )
-        migrate(env)
         instances = []
         for _ in range(2):
             instance = Instance(env, workers=2)

@@ -9,14 +9,12 @@ timeline whose packets open whole. Screenshots go to ``tests/artifacts/``.
 from __future__ import annotations
 
 import contextlib
-import uuid
 
 import pytest
 import requests
 
-from tests import servers
 from tests.browser import launch_chromium, open_page, page_log, save_screenshot
-from tests.cluster import Instance, migrate, service_env
+from tests.cluster import Instance, fresh_database_env
 from tests.concurrency import wait_until
 from tests.factories import make_packet
 
@@ -39,23 +37,16 @@ FIGURES = {
 @pytest.fixture(scope="module")
 def bucket():
     """One instance on a fresh PostgreSQL database, with packets processed, dead and waiting."""
-    if servers.postgres_reachable():
-        servers.unavailable(servers.postgres_reachable())
-    if servers.redis_reachable():
-        servers.unavailable(servers.redis_reachable())
-    name, url = servers.create_database()
     with contextlib.ExitStack() as cleanup:
-        cleanup.callback(servers.drop_database, name)
-        env = service_env(
-            url,
-            servers.REDIS_TEST_URL,
-            f"console-{uuid.uuid4().hex[:8]}",
-            BUCKET_CONSUMER_TOKEN=TOKEN,
-            BUCKET_MAX_ATTEMPTS="1",
-            BUCKET_RETRY_BACKOFF="0",
-            BUCKET_BOOKKEEPING_INTERVAL="0.2",
+        _, env = cleanup.enter_context(
+            fresh_database_env(
+                "console",
+                BUCKET_CONSUMER_TOKEN=TOKEN,
+                BUCKET_MAX_ATTEMPTS="1",
+                BUCKET_RETRY_BACKOFF="0",
+                BUCKET_BOOKKEEPING_INTERVAL="0.2",
+            )
         )
-        migrate(env)
         instance = Instance(env)
         cleanup.callback(instance.stop)
         base = instance.start().url
