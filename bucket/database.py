@@ -12,7 +12,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 
-from bucket.jsonutil import orjson_dumps
+from bucket.jsonutil import canonical_json
 from bucket.services.dialect import AUTOCOMMIT_BIND
 
 # The hot statements must reach packets through an index range in index order whatever the
@@ -43,7 +43,7 @@ def configure_database(app: Flask) -> None:
         os.makedirs(app.instance_path, exist_ok=True)
         config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{app.instance_path}/bucket.sqlite3"
     url = config["SQLALCHEMY_DATABASE_URI"]
-    options: dict[str, Any] = {"json_serializer": orjson_dumps}
+    options: dict[str, Any] = {"json_serializer": canonical_json}
     if url.startswith("sqlite"):
         options["connect_args"] = {"timeout": 30, "check_same_thread": False}
     else:

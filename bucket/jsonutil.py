@@ -29,6 +29,7 @@ class OrjsonProvider(DefaultJSONProvider):
         )
 
 
-def orjson_dumps(obj: Any) -> str:
-    """Serializer for SQLAlchemy JSON columns."""
-    return orjson.dumps(obj).decode()
+def canonical_json(obj: Any) -> str:
+    """JSON as stored in JSON columns: keys sorted at every depth, no whitespace, so the same
+    value always has the same text (the audit log hashes ``raw_signals`` as stored)."""
+    return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()

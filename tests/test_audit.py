@@ -6,7 +6,10 @@ Every test runs on SQLite + memory and on PostgreSQL + Redis.
 
 from __future__ import annotations
 
+import base64
+import importlib.util
 import json
+import struct
 import subprocess
 import sys
 import threading
@@ -25,6 +28,18 @@ from tests.queue_helpers import ingest_many
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFIER = ROOT / "tools" / "verify_proof.py"
+
+
+def content_of(answer: dict) -> dict:
+    """The fields an artifact's canonical bytes state, read by the standalone verifier."""
+    return load_verifier().fields_of(base64.b64decode(answer["canonical"]))
+
+
+def load_verifier():
+    spec = importlib.util.spec_from_file_location("verify_proof", VERIFIER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def seal(app) -> list:
@@ -102,7 +117,9 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     provenance = answer["provenance"]
     assert provenance["sealed"] and provenance["matches_stored_content"]
     assert provenance["previous_hash"] == artifact(client, ids[2])["provenance"]["current_hash"]
-    assert json.loads(answer["canonical"])["focus_score"] == answer["data"]["focus_score"]
+    stated = content_of(answer)
+    assert stated["focus_score"] == answer["data"]["focus_score"] == 70.0
+    assert stated["packet_id"] == ids[3] and stated["user_id"] == "disputed"
     root = bytes.fromhex(provenance["seal"]["root"])
     path = [bytes.fromhex(h) for h in provenance["inclusion_proof"]]
     leaf = bytes.fromhex(provenance["current_hash"])
@@ -122,10 +139,20 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
 
     forged = json.loads(json.dumps(answer))
-    forged["canonical"] = forged["canonical"].replace('"focus_score":70.0', '"focus_score":99.0')
-    assert forged["canonical"] != answer["canonical"]
+    content = base64.b64decode(forged["canonical"])
+    assert content.count(struct.pack(">d", 70.0)) == 1
+    forged["canonical"] = base64.b64encode(
+        content.replace(struct.pack(">d", 70.0), struct.pack(">d", 99.0))
+    ).decode()
+    forged["data"]["focus_score"] = 99.0
     refused = outside_check(tmp_path, forged, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "do not hash to its leaf" in refused.stdout
+    told = json.loads(json.dumps(answer))
+    told["data"]["focus_score"] = 99.0  # the answer's data, not its sealed bytes, changed
+    refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+    assert refused.returncode == 1 and "data differs from its canonical bytes: focus_score" in (
+        refused.stdout
+    )
     bent = json.loads(json.dumps(answer))
     bent["provenance"]["inclusion_proof"][0] = "00" * 32
     assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1

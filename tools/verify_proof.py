@@ -9,7 +9,9 @@
          "https://bucket.example/api/v1/bucket/audit/seals?from=N" > seals.json
     python3 verify_proof.py artifact.json --seal-hash HEAD_HASH_YOU_KEPT --seals seals.json
 
-It checks that the packet's canonical bytes hash to its leaf, that the inclusion proof leads
+It checks that the packet's canonical bytes (base64, PostgreSQL's binary record format: a
+4-byte field count, then per field its type OID, its length and its big-endian value) hash
+to its leaf and say exactly what the answer's ``data`` says, that the inclusion proof leads
 from that leaf to its seal's Merkle root (RFC 9162, section 2.1.3.2), that the seal's header
 hashes to the seal's hash, and that the chain of seals leads to the hash you trust. Exit 0
 when everything holds, 1 otherwise. The server is not trusted for any of it: only the hash you
@@ -19,11 +21,77 @@ kept elsewhere is.
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
+import struct
 import sys
+from datetime import datetime, timedelta, timezone
 
 SEAL_FIELDS = ("seq", "sealed_at", "after_seq", "last_seq", "packet_count", "root", "previous_hash")
+# The leaf's fields in order (bucket/services/audit/content.py, LEAF_COLUMNS).
+LEAF_FIELDS = (
+    "packet_id", "seq", "dedup_key", "idempotency_key", "user_id", "employee_id", "session_id",
+    "lesson_id", "task_id", "system_type", "role", "client_timestamp", "cognitive_state",
+    "state", "active_seconds", "idle_seconds", "away_seconds", "focus_score",
+    "integrity_score", "raw_signals", "received_at",
+)  # fmt: skip
+JSON_FIELDS = ("raw_signals",)
+# timezone.utc, not datetime.UTC: the verifier runs on Python 3.8 and later.
+UTC = timezone.utc  # noqa: UP017
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def decode_record(content: bytes) -> list:
+    """The values of a binary record: text (OID 25), int8 (20), float8 (701) and timestamp
+    (1114, microseconds since 2000-01-01 UTC); None for NULL."""
+    (count,) = struct.unpack_from(">i", content, 0)
+    values, position = [], 4
+    for _ in range(count):
+        oid, length = struct.unpack_from(">Ii", content, position)
+        position += 8
+        if length < 0:
+            values.append(None)
+            continue
+        data = content[position : position + length]
+        position += length
+        if oid == 25:
+            values.append(data.decode())
+        elif oid == 20:
+            values.append(struct.unpack(">q", data)[0])
+        elif oid == 701:
+            values.append(struct.unpack(">d", data)[0])
+        elif oid == 1114:
+            micros = struct.unpack(">q", data)[0]
+            values.append(POSTGRES_EPOCH + timedelta(microseconds=micros))
+        else:
+            raise ValueError(f"field of unknown type {oid}")
+    if position != len(content):
+        raise ValueError("bytes left over after the last field")
+    return values
+
+
+def fields_of(content: bytes) -> dict:
+    """The packet as its canonical bytes state it (JSON fields parsed)."""
+    values = decode_record(content)
+    if len(values) != len(LEAF_FIELDS):
+        raise ValueError(f"{len(values)} fields, not {len(LEAF_FIELDS)}")
+    stated = dict(zip(LEAF_FIELDS, values))  # noqa: B905 - lengths checked above
+    for name in JSON_FIELDS:
+        if stated[name] is not None:
+            stated[name] = json.loads(stated[name])
+    return stated
+
+
+def same(stated, shown) -> bool:
+    if isinstance(stated, datetime):
+        try:
+            shown = datetime.fromisoformat(shown)
+        except (TypeError, ValueError):
+            return False
+        if shown.tzinfo is None:
+            shown = shown.replace(tzinfo=UTC)
+    return stated == shown
 
 
 def node(left: bytes, right: bytes) -> bytes:
@@ -63,10 +131,20 @@ def check(artifact: dict, trusted: str | None, seals: list[dict]) -> list[str]:
     provenance = artifact.get("provenance") or {}
     if not provenance.get("sealed"):
         return ["the packet is not sealed yet: ask again in a few seconds"]
-    canonical = artifact["canonical"].encode()
+    canonical = base64.b64decode(artifact["canonical"])
     leaf = hashlib.sha256(b"\x00" + canonical).digest()
     if leaf.hex() != provenance["current_hash"]:
         failures.append("the packet's canonical bytes do not hash to its leaf")
+    try:
+        stated = fields_of(canonical)
+    except (ValueError, struct.error) as exc:
+        failures.append(f"the packet's canonical bytes are not a packet record: {exc}")
+    else:
+        data = artifact.get("data") or {}
+        differ = [name for name in LEAF_FIELDS if not same(stated[name], data.get(name))]
+        if differ:
+            names = ", ".join(differ)
+            failures.append(f"the answer's data differs from its canonical bytes: {names}")
     seal = provenance["seal"]
     path = [bytes.fromhex(h) for h in provenance["inclusion_proof"]]
     found = proof_root(leaf, provenance["leaf_index"], provenance["tree_size"], path)
@@ -108,7 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.seals, encoding="utf-8") as handle:
             seals = json.load(handle)
     failures = check(artifact, args.seal_hash, seals)
-    packet = json.loads(artifact["canonical"]) if "canonical" in artifact else {}
+    try:
+        packet = fields_of(base64.b64decode(artifact.get("canonical", "")))
+    except (ValueError, struct.error):
+        packet = {}
     print(
         f"packet {artifact.get('artifact_id')}: user {packet.get('user_id')}, "
         f"received {packet.get('received_at')}, focus {packet.get('focus_score')}, "

@@ -43,7 +43,13 @@ class ArtifactSchema(BaseSchema):
 
     artifact_id = fields.String()
     data = fields.Dict(metadata={"description": "The packet as stored: every field hashed."})
-    canonical = fields.String(metadata={"description": "The exact bytes its leaf hashes."})
+    canonical = fields.String(
+        metadata={
+            "description": "Base64 of the exact bytes its leaf hashes: PostgreSQL's binary "
+            "record of the packet's fields (the README's audit section; tools/verify_proof.py "
+            "decodes it)."
+        }
+    )
     provenance = fields.Dict(
         metadata={
             "description": "current_hash (its leaf), previous_hash (the leaf before it, or the "

@@ -13,6 +13,7 @@ from psycopg.types.json import Json
 from sqlalchemy import insert, or_, select, text
 
 from bucket.extensions import db, queue
+from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.dialect import dialect_name, upsert_insert
@@ -215,7 +216,8 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
     if len(rows) == 1:
         result = sql.run_postgres(SINGLE_INSERT_SQL, single_values(rows[0]))
     else:
-        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC).decode()
+        # Sorted keys: raw_signals is stored as canonical JSON (bucket.jsonutil).
+        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC | orjson.OPT_SORT_KEYS).decode()
         result = sql.run_postgres(BATCH_INSERT_SQL, {"doc": doc})
     inserted = {key for (key,) in result}
     missing = [row for row in rows if row["dedup_key"] not in inserted]
@@ -295,16 +297,11 @@ def single_values(row: dict) -> list[Any]:
     for name in PACKET_COLUMNS:
         value = row.get(name)
         if name in JSON_COLUMNS and value is not None:
-            value = Json(value, dumps=orjson_text)
+            value = Json(value, dumps=canonical_json)
         elif isinstance(value, datetime):
             value = value.astimezone(UTC).replace(tzinfo=None)
         values.append(value)
     return values
-
-
-def orjson_text(value: Any) -> str:
-    """JSON text for psycopg's ``Json`` adapter."""
-    return orjson.dumps(value).decode()
 
 
 def match_existing(rows: list[dict], found: list[tuple]) -> Existing:

@@ -1,28 +1,148 @@
-"""What a packet's leaf commits to: every stored field, canonically encoded.
+"""What a packet's leaf commits to: every stored field, in PostgreSQL's binary record format.
 
-Everything the browser sent and the service derived at ingest (identity keys, ``seq``,
-``received_at``): the packets table is written once and never changed. Delivery state lives
-in ``deliveries`` and is deliberately left out, since it changes. Datetimes are ISO-8601 in
-UTC with microseconds, keys sorted at every depth, floats in their shortest round-trip form.
+The packets table is written once and never changed; a leaf covers everything the browser
+sent and the service derived at ingest (identity keys, ``seq``, ``received_at``), and leaves
+out delivery state, which lives in ``deliveries`` and changes. The bytes are exactly what
+PostgreSQL's ``record_send`` gives for ``ROW(packet_id::text, seq::int8, …)`` over
+``LEAF_COLUMNS``: a 4-byte field count, then per field its type OID, its length (-1 for NULL)
+and its binary value (UTF-8 text, big-endian int8 and float8, timestamps as microseconds since
+2000-01-01 UTC). PostgreSQL computes them in C while sealing (``LEAF_SQL``), and
+``leaf_content`` builds the same bytes from a row in Python, for SQLite, for ``verify`` and
+for the artifact endpoint; ``tools/verify_proof.py`` decodes them with the standard library.
+``raw_signals`` is its stored JSON text, which ingest writes canonically (keys sorted at every
+depth, no whitespace: ``bucket.jsonutil.canonical_json``).
+
+The field list is fixed here, not read off the model: a column added to ``packets`` must not
+change the bytes of packets sealed before it (``tests/test_audit_content.py`` fails until the
+new column is placed deliberately).
 """
 
 from __future__ import annotations
 
+import base64
 import bisect
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from sqlalchemy import Text, cast
 
-from bucket.models import Packet, UTCDateTime
+from bucket.models import Packet
 from bucket.services.audit.merkle import leaf_hash
 
 T = Packet.__table__
-FIELDS = tuple(column.name for column in T.columns)
 GENESIS = "0" * 64
+POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
+_FIELD_HEAD = struct.Struct(">Ii")  # type OID, length
+
+
+def _text(value: str) -> bytes:
+    return value.encode()
+
+
+def _int8(value: int) -> bytes:
+    return struct.pack(">q", value)
+
+
+def _float8(value: float) -> bytes:
+    return struct.pack(">d", value)
+
+
+def _timestamp(value: datetime) -> bytes:
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - POSTGRES_EPOCH
+    micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return struct.pack(">q", micros)
+
+
+@dataclass(frozen=True)
+class FieldType:
+    """One leaf field's PostgreSQL type: its OID, its SQL cast and its binary encoder."""
+
+    oid: int
+    sql: str
+    encode: Callable[[Any], bytes]
+
+
+TEXT = FieldType(25, "text", _text)
+INT8 = FieldType(20, "int8", _int8)
+FLOAT8 = FieldType(701, "float8", _float8)
+TIMESTAMP = FieldType(1114, "timestamp", _timestamp)
+
+LEAF_COLUMNS: tuple[tuple[str, FieldType], ...] = (
+    ("packet_id", TEXT),
+    ("seq", INT8),
+    ("dedup_key", TEXT),
+    ("idempotency_key", TEXT),
+    ("user_id", TEXT),
+    ("employee_id", TEXT),
+    ("session_id", TEXT),
+    ("lesson_id", TEXT),
+    ("task_id", TEXT),
+    ("system_type", TEXT),
+    ("role", TEXT),
+    ("client_timestamp", TIMESTAMP),
+    ("cognitive_state", TEXT),
+    ("state", TEXT),
+    ("active_seconds", FLOAT8),
+    ("idle_seconds", FLOAT8),
+    ("away_seconds", FLOAT8),
+    ("focus_score", FLOAT8),
+    ("integrity_score", FLOAT8),
+    ("raw_signals", TEXT),
+    ("received_at", TIMESTAMP),
+)
+FIELDS = tuple(name for name, _ in LEAF_COLUMNS)
+JSON_FIELDS = frozenset(("raw_signals",))
+_COUNT = struct.pack(">i", len(LEAF_COLUMNS))
+_NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
+
+# The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL).
+LEAF_SQL = "record_send(ROW({}))".format(
+    ", ".join(f"{name}::{kind.sql}" for name, kind in LEAF_COLUMNS)
+)
+# The columns ``leaf_content`` reads: JSON as its stored text, not parsed.
+LEAF_SELECT = tuple(
+    cast(T.c[name], Text).label(name) if name in JSON_FIELDS else T.c[name] for name in FIELDS
+)
+
+
+def leaf_content(row: Any) -> bytes:
+    """The leaf bytes of one packet row (a mapping over ``LEAF_SELECT``)."""
+    parts = [_COUNT]
+    for name, kind in LEAF_COLUMNS:
+        value = row[name]
+        if value is None:
+            parts.append(_NULLS[kind.oid])
+        else:
+            data = kind.encode(value)
+            parts.append(_FIELD_HEAD.pack(kind.oid, len(data)))
+            parts.append(data)
+    return b"".join(parts)
+
+
+def packet_leaf(row: Any) -> str:
+    """The packet's leaf hash, hex."""
+    return leaf_hash(leaf_content(row)).hex()
+
+
+def published(row: Any) -> dict[str, Any]:
+    """A packet's leaf fields as the artifact endpoint shows them: JSON parsed back."""
+    shown = {name: row[name] for name in FIELDS}
+    for name in JSON_FIELDS:
+        if shown[name] is not None:
+            shown[name] = orjson.loads(shown[name])
+    return shown
+
+
+def encoded(content: bytes) -> str:
+    """Leaf bytes as the artifact endpoint carries them: standard base64."""
+    return base64.b64encode(content).decode()
 
 
 def _plain(value: Any) -> Any:
@@ -31,23 +151,6 @@ def _plain(value: Any) -> Any:
             value = value.replace(tzinfo=UTC)
         return value.astimezone(UTC).isoformat(timespec="microseconds")
     return value
-
-
-DATETIME_FIELDS = tuple(column.name for column in T.columns if isinstance(column.type, UTCDateTime))
-CANONICAL = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
-
-
-def canonical(row: Any) -> bytes:
-    """The canonical bytes of one packet row (a mapping of its columns)."""
-    content = {name: row[name] for name in FIELDS}
-    for name in DATETIME_FIELDS:
-        content[name] = _plain(content[name])
-    return orjson.dumps(content, option=CANONICAL)
-
-
-def packet_leaf(row: Any) -> str:
-    """The packet's leaf hash, hex."""
-    return leaf_hash(canonical(row)).hex()
 
 
 @dataclass

@@ -8,7 +8,14 @@ from sqlalchemy import select
 
 from bucket.extensions import db
 from bucket.models import AuditSeal, Packet
-from bucket.services.audit.content import FIELDS, Leaves, canonical, seal_header
+from bucket.services.audit.content import (
+    LEAF_SELECT,
+    Leaves,
+    encoded,
+    leaf_content,
+    published,
+    seal_header,
+)
 from bucket.services.audit.merkle import inclusion_proof, leaf_hash
 
 T = Packet.__table__
@@ -57,7 +64,11 @@ def chain(first: int | None, last: int | None) -> list[dict[str, Any]]:
 def artifact(packet_id: str) -> dict[str, Any] | None:
     """The packet as stored, its provenance in the original bucket's shape, and its inclusion
     proof up to its seal; None for an unknown packet."""
-    row = db.session.execute(select(T).where(T.c.packet_id == packet_id)).mappings().first()
+    row = (
+        db.session.execute(select(*LEAF_SELECT).where(T.c.packet_id == packet_id))
+        .mappings()
+        .first()
+    )
     if row is None:
         db.session.commit()
         return None
@@ -69,12 +80,12 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
     ).scalar()
     leaves = Leaves.of(seal) if seal is not None else None
     index = leaves.index_of(row["seq"]) if leaves is not None else None
-    content = canonical(row)
+    content = leaf_content(row)
     current = leaf_hash(content).hex()
     answer: dict[str, Any] = {
         "artifact_id": packet_id,
-        "data": {name: row[name] for name in FIELDS},
-        "canonical": content.decode(),
+        "data": published(row),
+        "canonical": encoded(content),
     }
     if index is None or leaves.ids[index] != packet_id:
         db.session.commit()

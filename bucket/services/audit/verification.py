@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 
 from bucket.extensions import db
 from bucket.models import AuditPurge, AuditSeal, Packet
-from bucket.services.audit.content import GENESIS, Leaves, packet_leaf, seal_hash
+from bucket.services.audit.content import GENESIS, LEAF_SELECT, Leaves, packet_leaf, seal_hash
 from bucket.services.audit.merkle import root
 
 T = Packet.__table__
@@ -142,7 +142,7 @@ def check_seal(seal: AuditSeal, report: Verification) -> None:
         return
     in_range = (T.c.seq > seal.after_seq) & (T.c.seq <= seal.last_seq)
     rows: dict[int, list] = {}  # seq is not unique to the database: a forger may reuse one
-    for row in db.session.execute(select(T).where(in_range)).mappings():
+    for row in db.session.execute(select(*LEAF_SELECT).where(in_range)).mappings():
         rows.setdefault(row["seq"], []).append(row)
     purges = {
         purge.packet_seq: purge

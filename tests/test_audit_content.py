@@ -1,0 +1,156 @@
+"""A leaf's bytes: PostgreSQL's ``record_send`` and the Python encoder agree on every value,
+the standalone verifier reads them back, and ingest stores raw_signals canonically.
+
+The sealer lets PostgreSQL encode leaves while ``verify``, the artifact endpoint and SQLite
+encode them in Python: one byte of difference would report every sealed packet as altered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select, text
+
+from bucket.extensions import db
+from bucket.models import Packet
+from bucket.services.audit.content import FIELDS, LEAF_SELECT, LEAF_SQL, leaf_content
+from tests.factories import make_packet
+
+API = "/api/v1/bucket/prana"
+VERIFIER = Path(__file__).resolve().parent.parent / "tools" / "verify_proof.py"
+
+# Text PostgreSQL can hold (no NUL), any script; floats as stored (no NaN or infinities, which
+# validation refuses); timestamps across the range the published pattern allows.
+CHARACTERS = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
+TEXT = st.text(CHARACTERS, max_size=40)
+FLOAT = st.floats(allow_nan=False, allow_infinity=False)
+TIMESTAMP = st.datetimes(
+    min_value=datetime(1900, 1, 1), max_value=datetime(2999, 12, 31, 23, 59, 59, 999999)
+)
+SIGNALS = st.dictionaries(
+    TEXT, st.none() | st.booleans() | st.integers(-(2**53), 2**53) | FLOAT | TEXT, max_size=5
+)
+
+
+@st.composite
+def packet_rows(draw) -> dict:
+    row = {}
+    for column in Packet.__table__.columns:  # text within each column's declared length
+        size = min(40, getattr(column.type, "length", None) or 40)
+        row[column.name] = draw(st.none() | st.text(CHARACTERS, max_size=size))
+    row["packet_id"] = str(uuid.uuid4())
+    row["seq"] = draw(st.integers(1, 2**62))
+    row["dedup_key"] = uuid.uuid4().hex
+    if row["idempotency_key"] is not None:  # unique where set
+        row["idempotency_key"] += uuid.uuid4().hex
+    row["user_id"] = draw(st.text(CHARACTERS, max_size=40))
+    for name in ("active_seconds", "idle_seconds", "away_seconds"):
+        row[name] = draw(FLOAT)
+    for name in ("focus_score", "integrity_score"):
+        row[name] = draw(st.none() | FLOAT)
+    row["client_timestamp"] = draw(TIMESTAMP)
+    row["received_at"] = draw(TIMESTAMP)
+    row["raw_signals"] = orjson.dumps(draw(SIGNALS), option=orjson.OPT_SORT_KEYS).decode()
+    return row
+
+
+def load_verifier():
+    spec = importlib.util.spec_from_file_location("verify_proof", VERIFIER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_packet_column_is_in_the_leaf():
+    """A column added to packets must be placed in the leaf deliberately (a new leaf format
+    for the packets stored after it), never by reading the model: that would change the bytes
+    of every packet sealed before it."""
+    assert set(FIELDS) == {column.name for column in Packet.__table__.columns}
+    assert len(FIELDS) == len(set(FIELDS))
+    assert load_verifier().LEAF_FIELDS == FIELDS
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(rows=st.lists(packet_rows(), min_size=1, max_size=4))
+def test_postgres_and_python_encode_the_same_leaf(app, rows):
+    """Stored on PostgreSQL, each row's record_send bytes equal the Python encoder's over the
+    row as read back: NULLs, any Unicode, -0.0 and extreme floats, timestamps before 2000."""
+    columns = ", ".join(FIELDS)
+    values = ", ".join(
+        f"CAST(:{name} AS json)" if name == "raw_signals" else f":{name}" for name in FIELDS
+    )
+    with app.app_context():
+        try:
+            db.session.execute(
+                text(f"INSERT INTO packets ({columns}) OVERRIDING SYSTEM VALUE VALUES ({values})"),
+                rows,
+            )
+            ids = [row["packet_id"] for row in rows]
+            in_postgres = dict(
+                db.session.execute(
+                    text(f"SELECT packet_id, {LEAF_SQL} FROM packets WHERE packet_id = ANY(:ids)"),
+                    {"ids": ids},
+                ).all()
+            )
+            read_back = db.session.execute(
+                select(*LEAF_SELECT).where(Packet.packet_id.in_(ids))
+            ).mappings()
+            for row in read_back:
+                assert leaf_content(row) == bytes(in_postgres[row["packet_id"]]), row
+        finally:
+            db.session.rollback()
+
+
+@settings(max_examples=200, deadline=None)
+@given(row=packet_rows())
+def test_the_standalone_verifier_reads_back_every_value(row):
+    """What the verifier decodes from the bytes is the row that was encoded."""
+    stated = load_verifier().fields_of(leaf_content(row))
+    for name in FIELDS:
+        expected = row[name]
+        if name == "raw_signals":
+            expected = orjson.loads(expected)
+        elif isinstance(expected, datetime):
+            expected = expected.replace(tzinfo=UTC)
+        if isinstance(expected, float):
+            assert math.copysign(1, stated[name]) == math.copysign(1, expected)
+        assert stated[name] == expected, name
+
+
+@settings(max_examples=50, deadline=None)
+@given(naive=packet_rows())
+def test_naive_and_aware_utc_timestamps_encode_alike(naive):
+    """Rows read through the models carry aware UTC datetimes, raw ones naive UTC."""
+    aware = dict(naive)
+    for name in ("client_timestamp", "received_at"):
+        aware[name] = naive[name].replace(tzinfo=UTC)
+    assert leaf_content(naive) == leaf_content(aware)
+    later = dict(naive, received_at=naive["received_at"] + timedelta(microseconds=1))
+    assert leaf_content(later) != leaf_content(naive)
+
+
+@pytest.mark.parametrize("batch", [False, True], ids=["single", "batch"])
+def test_raw_signals_are_stored_canonically(app, client, batch):
+    """Keys sorted at every depth, no whitespace: the same signals always have the same
+    bytes, whichever way they arrived."""
+    signals = {"zeta": 1, "alpha": {"y": [3, {"b": 1, "a": 2}], "x": 0.5}, "mid": "é"}
+    packets = [make_packet(raw_signals=signals) for _ in range(2 if batch else 1)]
+    body = {"packets": packets} if batch else packets[0]
+    response = client.post(f"{API}/ingest", json=body)
+    assert response.status_code in (200, 201), response.json
+    with app.app_context():
+        stored = db.session.execute(text("SELECT CAST(raw_signals AS TEXT) FROM packets")).scalars()
+        expected = '{"alpha":{"x":0.5,"y":[3,{"a":2,"b":1}]},"mid":"é","zeta":1}'
+        assert list(stored) == [expected] * len(packets)
+        db.session.commit()
