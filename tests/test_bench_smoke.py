@@ -40,6 +40,7 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     for scenario in ("table_small", "table_large", "storage", "embedded", "capacity", "memory"):
         assert scenario in results, scenario
     assert results["audit"]["errors"] == 0 and results["audit"]["ratio"] > 0
+    assert all(cpu > 0 for cpu in results["audit"]["cpu_us_per_packet"].values())
     ingest = results["ingest"]
     assert ingest["single_rps"] > 0 and ingest["trivial_rps"] > 0
     assert ingest["single_errors"] == ingest["batch_errors"] == 0
