@@ -26,9 +26,21 @@ class JsonLineFormatter(logging.Formatter):
     general-purpose JSON formatter.
     """
 
+    _second: tuple[int, str] = (-1, "")
+
+    def format_time(self, created: float) -> str:
+        """ISO 8601 in UTC with milliseconds; strftime runs once a second, not once a line
+        (it was a third of the formatter's time)."""
+        whole = int(created)
+        second, text = self._second
+        if second != whole:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+            self._second = (whole, text)  # one tuple: threads see it whole or not at all
+        return f"{text}.{int((created - whole) * 1000):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         line = {
-            "time": self.formatTime(record),
+            "time": self.format_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),

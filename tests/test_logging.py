@@ -3,8 +3,10 @@
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,19 @@ def test_one_json_line_per_request_with_the_essentials(client, request_lines):
     assert first["level"] == "INFO" and first["logger"] == "bucket.request"
     assert len(first["request_id"]) == 16 and first["request_id"] != second["request_id"]
     assert second["status"] == 404
+
+
+def test_each_line_is_stamped_in_utc_to_the_millisecond(client, request_lines):
+    """ISO 8601 with a Z, whatever the machine's time zone; the time the request ended."""
+    before = datetime.now(UTC)
+    client.get("/health")
+    after = datetime.now(UTC)
+    (line,) = request_lines()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]), line["time"]
+    stamped = datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+    assert before - timedelta(milliseconds=1) <= stamped <= after
+    record = logging.makeLogRecord({"msg": "m", "created": 1_764_712_624.0305})
+    assert json.loads(json_formatter().format(record))["time"] == "2025-12-02T21:57:04.030Z"
 
 
 def test_request_id_is_taken_from_the_caller_and_echoed(client, request_lines):
