@@ -134,6 +134,19 @@ def service_env(database: Database, redis_url: str, log_dir: str) -> dict[str, s
 # --- ingest -------------------------------------------------------------------------------
 
 
+def round_of_ingest(run: Run, n: int, single: list, batch: list, single_cost: list) -> None:
+    """One turn of the service: single packets (with their cost), then batches."""
+    sizes, connections = run.sizes, run.sizes.wrk_connections
+    with Accounting(run.database, run.service) as cost:
+        single.append(
+            wrk(run.service.port, "ingest.lua", sizes.seconds, connections, {"RUN": f"s{n}"})
+        )
+    single_cost.append((cost, single[-1]["requests"]))
+    batch.append(
+        wrk(run.service.port, "batch.lua", sizes.seconds, 4, {"RUN": f"b{n}", "BATCH": "100"})
+    )
+
+
 def bench_ingest(run: Run) -> None:
     """Single-packet and batch ingest with wrk, alternating with the trivial endpoint."""
     sizes, db = run.sizes, run.database
@@ -142,21 +155,24 @@ def bench_ingest(run: Run) -> None:
     wrk(run.service.port, "ingest.lua", 2, connections, {"RUN": "warm"})
     rss_before = run.service.rss_mb()
     ingested_before = db_rows(db)
-    trivial, single, batch = [], [], []
+    trivial, bare, single, batch = [], [], [], []
     single_cost = []
-    for n in range(sizes.rounds):
-        trivial.append(wrk(run.ceiling.port, "ingest.lua", sizes.seconds, connections))
-        with Accounting(db, run.service) as cost:
-            single.append(
-                wrk(run.service.port, "ingest.lua", sizes.seconds, connections, {"RUN": f"s{n}"})
+    # The second ceiling: Flask and the same durable insert, none of the bucket's layers.
+    bare_app = Service(run.env, module="bench.bare_insert_app:app", name="bare-insert")
+    try:
+        wrk(bare_app.port, "ingest.lua", 1, connections, {"RUN": "bare-warm"})
+        for n in range(sizes.rounds):
+            trivial.append(wrk(run.ceiling.port, "ingest.lua", sizes.seconds, connections))
+            bare.append(
+                wrk(bare_app.port, "ingest.lua", sizes.seconds, connections, {"RUN": f"bare{n}"})
             )
-        single_cost.append((cost, single[-1]["requests"]))
-        batch.append(
-            wrk(run.service.port, "batch.lua", sizes.seconds, 4, {"RUN": f"b{n}", "BATCH": "100"})
-        )
+            round_of_ingest(run, n, single, batch, single_cost)
+    finally:
+        bare_app.stop()
     ingested = db_rows(db) - ingested_before
     rss_after = run.service.rss_mb()
     trivial_rps = median([r["rps"] for r in trivial])
+    bare_rps = median([r["rps"] for r in bare])
     single_rps = median([r["rps"] for r in single])
     batch_pps = median([r["rps"] * 100 for r in batch])
     db_cpu = sum(c.db_cpu for c, _ in single_cost) / sum(n for _, n in single_cost)
@@ -166,6 +182,9 @@ def bench_ingest(run: Run) -> None:
         "trivial_rps": trivial_rps,
         "single_rps": single_rps,
         "single_ratio": single_rps / trivial_rps,
+        "bare_insert_rps": bare_rps,
+        "bare_insert_ratio": bare_rps / trivial_rps,
+        "bare_insert_errors": sum(r["errors"] for r in bare),
         "single_p50_ms": median([r["p50_ms"] for r in single]),
         "single_p99_ms": median([r["p99_ms"] for r in single]),
         "single_errors": sum(r["errors"] for r in single),
@@ -173,7 +192,7 @@ def bench_ingest(run: Run) -> None:
         "batch_ratio_to_trivial_rps": batch_pps / trivial_rps,
         "batch_p99_ms": median([r["p99_ms"] for r in batch]),
         "batch_errors": sum(r["errors"] for r in batch),
-        "runs": {"trivial": trivial, "single": single, "batch": batch},
+        "runs": {"trivial": trivial, "bare_insert": bare, "single": single, "batch": batch},
         "db_cpu_ms_per_packet": db_cpu * 1000,
         "app_cpu_ms_per_packet": app_cpu * 1000,
         "wal_bytes_per_packet": wal,
@@ -533,6 +552,13 @@ def table(results: dict) -> str:
             f"{ing['single_rps']:.0f} vs {ing['trivial_rps']:.0f} = {ing['single_ratio']:.2f}, "
             f"p99 {ing['single_p99_ms']:.1f} ms, {ing['single_errors']} errors",
             ">= 0.5, p99 < 50 ms, 0 errors",
+        )
+        row(
+            "bare Flask + the same insert vs trivial (a ceiling)",
+            f"{ing['bare_insert_rps']:.0f} vs {ing['trivial_rps']:.0f} = "
+            f"{ing['bare_insert_ratio']:.2f}; ingest / bare = "
+            f"{ing['single_rps'] / ing['bare_insert_rps']:.2f}",
+            "(what the bucket's layers cost)",
         )
         row(
             "batch ingest, 100 packets per envelope",

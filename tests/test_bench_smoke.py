@@ -43,7 +43,8 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert all(cpu > 0 for cpu in results["audit"]["cpu_us_per_packet"].values())
     ingest = results["ingest"]
     assert ingest["single_rps"] > 0 and ingest["trivial_rps"] > 0
-    assert ingest["single_errors"] == ingest["batch_errors"] == 0
+    assert ingest["single_errors"] == ingest["batch_errors"] == ingest["bare_insert_errors"] == 0
+    assert ingest["bare_insert_rps"] > 0
     assert results["backlog_small"]["errors"] == results["backlog_large"]["errors"] == 0
     assert results["recovery"]["emptied"]
     embedded = results["embedded"]
