@@ -128,6 +128,11 @@ class Config:
             "keepalives_interval": 2,
             "keepalives_count": 3,
             "tcp_user_timeout": 10000,
+            # Text and floats come back exactly, whatever the server's defaults say: the audit
+            # log re-encodes stored rows in Python and compares them with what PostgreSQL
+            # sealed (bucket/services/audit/content.py).
+            "client_encoding": "UTF8",
+            "options": "-c extra_float_digits=3",
         }
         self.BUCKET_REDIS_RETRY_AFTER = env_float("BUCKET_REDIS_RETRY_AFTER", 1.0)
         self.SQLALCHEMY_TRACK_MODIFICATIONS = False

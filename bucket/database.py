@@ -55,7 +55,11 @@ def configure_database(app: Flask) -> None:
         )
         # The hot paths' own pool, whose connections stay in autocommit: each of their
         # statements is atomic by itself, and no per-request BEGIN/COMMIT round trip is paid.
-        hot_connect_args = {**options["connect_args"], "options": QUEUE_PLANNER_SETTINGS}
+        base_options = options["connect_args"].get("options", "")
+        hot_connect_args = {
+            **options["connect_args"],
+            "options": f"{base_options} {QUEUE_PLANNER_SETTINGS}".strip(),
+        }
         config["SQLALCHEMY_BINDS"] = {
             AUTOCOMMIT_BIND: {
                 "url": url,

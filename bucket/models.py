@@ -193,6 +193,9 @@ class AuditSeal(db.Model):
     leaf_seqs: Mapped[bytes] = mapped_column(LargeBinary)
     leaf_ids: Mapped[str] = mapped_column(Text)
     leaf_hashes: Mapped[bytes] = mapped_column(LargeBinary)
+    # How its leaves encode a packet (services/audit/content.py): 1, sorted JSON (the seals
+    # made before migration 0008); 2, PostgreSQL's binary record.
+    leaf_format: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
 
 
 class AuditPurge(db.Model):

@@ -21,7 +21,7 @@ from sqlalchemy import select, text
 from bucket.extensions import db
 from bucket.models import AuditSeal
 from bucket.services.audit import merkle
-from bucket.services.audit.content import Leaves
+from bucket.services.audit.content import LEAF_SELECT, Leaves, json_leaf_content, seal_hash
 from bucket.services.audit.sealing import seal_everything, seal_new_packets
 from tests.concurrency import join_all
 from tests.queue_helpers import ingest_many
@@ -153,6 +153,18 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     assert refused.returncode == 1 and "data differs from its canonical bytes: focus_score" in (
         refused.stdout
     )
+    for change, named in (
+        ({"raw_signals": {**answer["data"]["raw_signals"], "tab_visible": 1}}, "raw_signals"),
+        ({"focus_score": 70}, "focus_score"),  # an integer where a double was sealed
+        ({"delivery_state": "processed"}, "delivery_state"),  # never sealed: not proven
+    ):
+        told = json.loads(json.dumps(answer))
+        told["data"].update(change)
+        refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+        assert refused.returncode == 1 and f"canonical bytes: {named}" in refused.stdout, change
+    relabelled = dict(json.loads(json.dumps(answer)), artifact_id=ids[2])
+    refused = outside_check(tmp_path, relabelled, "--seal-hash", own_seal)
+    assert refused.returncode == 1 and "artifact_id is not the sealed packet" in refused.stdout
     bent = json.loads(json.dumps(answer))
     bent["provenance"]["inclusion_proof"][0] = "00" * 32
     assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
@@ -316,3 +328,44 @@ def test_the_seal_endpoints_need_the_token(make_app, backend):
     ):
         assert client.get(url).status_code == 401
         assert client.get(url, headers={"X-API-Key": "audit-token"}).status_code in (200, 404)
+
+
+def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app, client, tmp_path):
+    """After migration 0008 the seals made before it keep their JSON leaves (leaf_format 1):
+    verify and the proofs read them that way, tampering with their packets is still named, and
+    the first binary-format seal follows them in the same chain."""
+    old = ingest_many(client, 3)
+    seal(app)
+    with app.app_context():  # what a seal made before 0008 looks like
+        made = db.session.get(AuditSeal, 1)
+        rows = {
+            row["packet_id"]: row for row in db.session.execute(select(*LEAF_SELECT)).mappings()
+        }
+        hashes = [merkle.leaf_hash(json_leaf_content(rows[i])) for i in Leaves.of(made).ids]
+        made.leaf_hashes, made.leaf_format = b"".join(hashes), 1
+        made.root = merkle.root(hashes).hex()
+        made.hash = seal_hash(made)
+        old_head = made.hash
+        db.session.commit()
+    new = ingest_many(client, 2)
+    seal(app)
+    chain = client.get("/api/v1/bucket/audit/seals?from=1").json
+    assert [s["leaf_format"] for s in chain] == [1, 2]
+    assert chain[1]["previous_hash"] == old_head
+    assert verify(app.test_cli_runner()).exit_code == 0
+
+    answer = artifact(client, old[1])
+    assert answer["leaf_format"] == 1 and answer["provenance"]["matches_stored_content"]
+    assert json.loads(base64.b64decode(answer["canonical"]))["packet_id"] == old[1]
+    head = chain[1]["hash"]
+    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
+    seals_file = tmp_path / "seals.json"
+    seals_file.write_text(json.dumps(chain))
+    proven = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    assert proven.returncode == 0, proven.stdout + proven.stderr
+    assert artifact(client, new[0])["leaf_format"] == 2
+
+    sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])
+    result = verify(app.test_cli_runner())
+    assert result.exit_code == 1 and f"altered: seal 1 packet {old[0]}" in result.output

@@ -37,6 +37,7 @@ LEAF_FIELDS = (
     "integrity_score", "raw_signals", "received_at",
 )  # fmt: skip
 JSON_FIELDS = ("raw_signals",)
+TIMESTAMP_FIELDS = ("client_timestamp", "received_at")
 # timezone.utc, not datetime.UTC: the verifier runs on Python 3.8 and later.
 UTC = timezone.utc  # noqa: UP017
 POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
@@ -71,8 +72,17 @@ def decode_record(content: bytes) -> list:
     return values
 
 
-def fields_of(content: bytes) -> dict:
-    """The packet as its canonical bytes state it (JSON fields parsed)."""
+def fields_of(content: bytes, leaf_format: int = 2) -> dict:
+    """The packet as its canonical bytes state it (JSON fields parsed). Leaf format 2 is the
+    binary record; format 1 (seals made before it) is sorted JSON with ISO 8601 times."""
+    if leaf_format == 1:
+        stated = json.loads(content)
+        if not isinstance(stated, dict) or set(stated) != set(LEAF_FIELDS):
+            raise ValueError("not the fields of a packet")
+        for name in TIMESTAMP_FIELDS:
+            if stated[name] is not None:
+                stated[name] = datetime.fromisoformat(stated[name])
+        return stated
     values = decode_record(content)
     if len(values) != len(LEAF_FIELDS):
         raise ValueError(f"{len(values)} fields, not {len(LEAF_FIELDS)}")
@@ -83,7 +93,20 @@ def fields_of(content: bytes) -> dict:
     return stated
 
 
-def same(stated, shown) -> bool:
+def as_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def same(name: str, stated, shown) -> bool:
+    """Whether the answer shows the field exactly as sealed: JSON by its canonical text (so
+    true is not 1 and 1 is not 1.0), numbers of the same kind and bits, times to the
+    microsecond."""
+    if name in JSON_FIELDS:
+        return (
+            stated is None
+            and shown is None
+            or (stated is not None and shown is not None and as_json(stated) == as_json(shown))
+        )
     if isinstance(stated, datetime):
         try:
             shown = datetime.fromisoformat(shown)
@@ -91,7 +114,10 @@ def same(stated, shown) -> bool:
             return False
         if shown.tzinfo is None:
             shown = shown.replace(tzinfo=UTC)
-    return stated == shown
+        return stated == shown
+    if isinstance(stated, float):
+        return type(shown) is float and struct.pack(">d", stated) == struct.pack(">d", shown)
+    return type(shown) is type(stated) and stated == shown
 
 
 def node(left: bytes, right: bytes) -> bytes:
@@ -136,15 +162,18 @@ def check(artifact: dict, trusted: str | None, seals: list[dict]) -> list[str]:
     if leaf.hex() != provenance["current_hash"]:
         failures.append("the packet's canonical bytes do not hash to its leaf")
     try:
-        stated = fields_of(canonical)
-    except (ValueError, struct.error) as exc:
+        stated = fields_of(canonical, artifact.get("leaf_format", 2))
+    except (ValueError, TypeError, struct.error) as exc:
         failures.append(f"the packet's canonical bytes are not a packet record: {exc}")
     else:
         data = artifact.get("data") or {}
-        differ = [name for name in LEAF_FIELDS if not same(stated[name], data.get(name))]
+        differ = [name for name in LEAF_FIELDS if not same(name, stated[name], data.get(name))]
+        differ += sorted(name for name in data if name not in LEAF_FIELDS)
         if differ:
             names = ", ".join(differ)
             failures.append(f"the answer's data differs from its canonical bytes: {names}")
+        if artifact.get("artifact_id") != stated["packet_id"]:
+            failures.append("the answer's artifact_id is not the sealed packet's id")
     seal = provenance["seal"]
     path = [bytes.fromhex(h) for h in provenance["inclusion_proof"]]
     found = proof_root(leaf, provenance["leaf_index"], provenance["tree_size"], path)
@@ -187,8 +216,10 @@ def main(argv: list[str] | None = None) -> int:
             seals = json.load(handle)
     failures = check(artifact, args.seal_hash, seals)
     try:
-        packet = fields_of(base64.b64decode(artifact.get("canonical", "")))
-    except (ValueError, struct.error):
+        packet = fields_of(
+            base64.b64decode(artifact.get("canonical", "")), artifact.get("leaf_format", 2)
+        )
+    except (ValueError, TypeError, struct.error):
         packet = {}
     print(
         f"packet {artifact.get('artifact_id')}: user {packet.get('user_id')}, "

@@ -21,6 +21,12 @@ class SealSchema(BaseSchema):
     root = fields.String(metadata={"description": "RFC 9162 Merkle tree hash, hex."})
     previous_hash = fields.String(metadata={"description": "The previous seal's hash."})
     hash = fields.String(metadata={"description": "SHA-256 of this seal's canonical header."})
+    leaf_format = fields.Integer(
+        metadata={
+            "description": "How its leaves encode a packet: 2, PostgreSQL's binary record; 1, "
+            "sorted JSON (seals made before that format)."
+        }
+    )
 
 
 class LatestHashSchema(BaseSchema):
@@ -45,10 +51,13 @@ class ArtifactSchema(BaseSchema):
     data = fields.Dict(metadata={"description": "The packet as stored: every field hashed."})
     canonical = fields.String(
         metadata={
-            "description": "Base64 of the exact bytes its leaf hashes: PostgreSQL's binary "
-            "record of the packet's fields (the README's audit section; tools/verify_proof.py "
-            "decodes it)."
+            "description": "Base64 of the exact bytes its leaf hashes, in its seal's "
+            "leaf_format: PostgreSQL's binary record of the packet's fields (the README's audit "
+            "section; tools/verify_proof.py decodes it)."
         }
+    )
+    leaf_format = fields.Integer(
+        metadata={"description": "The encoding of ``canonical``: that of the packet's seal."}
     )
     provenance = fields.Dict(
         metadata={

@@ -1,8 +1,8 @@
 """Leaves become PostgreSQL's binary record of each packet (services/audit/content.py).
 
-Seals made with the earlier leaf format (canonical JSON) would no longer verify: they are
-dropped, and the sealer seals every stored packet again in the new format, from the first.
-Purge records stay: they name packets the retention purge removed.
+The seals made before keep their leaves and say so (``leaf_format`` 1, sorted JSON): verify
+and the proofs still read them that way, and the first seal of the new format follows the
+last old one in the same chain, so every head hash kept elsewhere stays good.
 
 Revision ID: 0008_leaf_format
 Revises: 0007_activity_minutes
@@ -10,6 +10,7 @@ Create Date: 2026-12-02 22:00:00.000000
 
 """
 from alembic import op
+import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
@@ -20,8 +21,12 @@ depends_on = None
 
 
 def upgrade():
-    op.execute('DELETE FROM audit_seals')
+    with op.batch_alter_table('audit_seals') as batch_op:
+        batch_op.add_column(
+            sa.Column('leaf_format', sa.SmallInteger(), server_default=sa.text('1'), nullable=False)
+        )
 
 
 def downgrade():
-    op.execute('DELETE FROM audit_seals')
+    with op.batch_alter_table('audit_seals') as batch_op:
+        batch_op.drop_column('leaf_format')

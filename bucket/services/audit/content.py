@@ -126,9 +126,26 @@ def leaf_content(row: Any) -> bytes:
     return b"".join(parts)
 
 
-def packet_leaf(row: Any) -> str:
-    """The packet's leaf hash, hex."""
-    return leaf_hash(leaf_content(row)).hex()
+def json_leaf_content(row: Any) -> bytes:
+    """Leaf format 1, of the seals made before migration 0008: the same fields as sorted,
+    compact JSON, datetimes in ISO 8601 UTC with microseconds, raw_signals parsed."""
+    content = {name: row[name] for name in FIELDS}
+    for name in JSON_FIELDS:
+        if content[name] is not None:
+            content[name] = orjson.loads(content[name])
+    for name, kind in LEAF_COLUMNS:
+        if kind is TIMESTAMP:
+            content[name] = _plain(content[name])
+    return orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+
+
+LEAF_FORMAT = 2  # what new seals use
+ENCODINGS: dict[int, Callable[[Any], bytes]] = {1: json_leaf_content, 2: leaf_content}
+
+
+def packet_leaf(row: Any, leaf_format: int = LEAF_FORMAT) -> str:
+    """The packet's leaf hash in a seal's leaf format, hex."""
+    return leaf_hash(ENCODINGS[leaf_format](row)).hex()
 
 
 def published(row: Any) -> dict[str, Any]:

@@ -9,10 +9,11 @@ from sqlalchemy import select
 from bucket.extensions import db
 from bucket.models import AuditSeal, Packet
 from bucket.services.audit.content import (
+    ENCODINGS,
+    LEAF_FORMAT,
     LEAF_SELECT,
     Leaves,
     encoded,
-    leaf_content,
     published,
     seal_header,
 )
@@ -27,13 +28,15 @@ HEADER = (
     S.c.root,
     S.c.previous_hash,
     S.c.hash,
+    S.c.leaf_format,
 )
 MAX_SEALS = 1000
 
 
 def seal_out(seal: Any) -> dict[str, Any]:
-    """A seal as published: its header and its hash (from a row or an AuditSeal)."""
-    return {**seal_header(seal), "hash": seal.hash}
+    """A seal as published: its header, its hash and how its leaves encode a packet (from a
+    row or an AuditSeal)."""
+    return {**seal_header(seal), "hash": seal.hash, "leaf_format": seal.leaf_format}
 
 
 def latest() -> dict[str, Any]:
@@ -80,12 +83,14 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
     ).scalar()
     leaves = Leaves.of(seal) if seal is not None else None
     index = leaves.index_of(row["seq"]) if leaves is not None else None
-    content = leaf_content(row)
+    leaf_format = seal.leaf_format if seal is not None else LEAF_FORMAT
+    content = ENCODINGS[leaf_format](row)
     current = leaf_hash(content).hex()
     answer: dict[str, Any] = {
         "artifact_id": packet_id,
         "data": published(row),
         "canonical": encoded(content),
+        "leaf_format": leaf_format,
     }
     if index is None or leaves.ids[index] != packet_id:
         db.session.commit()

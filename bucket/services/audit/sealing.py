@@ -22,6 +22,7 @@ from bucket.extensions import db
 from bucket.models import AuditSeal, Packet
 from bucket.services.audit.content import (
     GENESIS,
+    LEAF_FORMAT,
     LEAF_SELECT,
     LEAF_SQL,
     Leaves,
@@ -43,16 +44,24 @@ SEALER_LOCK = 0x7072616E615F7365
 # the workers 30-50 µs a packet; this costs them the hashing alone (BENCHMARKS.md). The rows
 # come in seq order from an index range scan (the planner settings below: on a backlog, a
 # bitmap scan and a sort would encode every row of the range, not only the first ``limit``);
-# the three aggregates read them in that order, which ``read_leaves_postgres`` checks.
+# the three aggregates read them in that order, which ``read_leaves_postgres`` checks. A seal
+# also stops at LEAF_BYTES_PER_SEAL of leaves (always taking its first packet): a value in
+# PostgreSQL cannot exceed 1 GB, and a run of megabyte-sized packets must not stop sealing.
+LEAF_BYTES_PER_SEAL = 64 * 1024 * 1024
 LEAVES_SQL = (
     "SELECT string_agg(int8send(seq), ''::bytea), string_agg(packet_id, E'\\n'), "
     "string_agg(int4send(octet_length(leaf) + 1) || '\\x00'::bytea || leaf, ''::bytea) "
+    "FROM (SELECT seq, packet_id, leaf, "
+    "sum(octet_length(leaf)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS through "
     f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM packets "
-    "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen"
+    "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen) AS measured "
+    "WHERE through - octet_length(leaf) < %s"
 )
-INDEX_ORDER_ONLY = (
+# Transaction-local: the index order above, and the leaves' text in UTF-8 whatever the
+# database's or the client's default encoding (record_send converts text to the client's).
+SEALER_SETTINGS = (
     "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true), "
-    "set_config('enable_seqscan', 'off', true)"
+    "set_config('enable_seqscan', 'off', true), set_config('client_encoding', 'UTF8', true)"
 )
 
 
@@ -109,7 +118,7 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
         }
         seal["hash"] = seal_hash(seal)
         seal["packets_total"] = (previous.packets_total if previous else 0) + len(leaves.seqs)
-        session.execute(insert(S).values(**seal, **leaves.packed()))
+        session.execute(insert(S).values(**seal, **leaves.packed(), leaf_format=LEAF_FORMAT))
         session.commit()
         return Sealed(seal["seq"], len(leaves.seqs), seal["hash"])
     except BaseException:
@@ -121,8 +130,10 @@ def read_leaves_postgres(after: int, horizon: int, limit: int) -> Leaves:
     """The next leaves, encoded by PostgreSQL, in the session's transaction."""
     connection = db.session.connection().connection.driver_connection
     with connection.cursor(binary=True) as cursor:
-        cursor.execute(INDEX_ORDER_ONLY)
-        packed_seqs, ids, contents = cursor.execute(LEAVES_SQL, (after, horizon, limit)).fetchone()
+        cursor.execute(SEALER_SETTINGS)
+        packed_seqs, ids, contents = cursor.execute(
+            LEAVES_SQL, (after, horizon, limit, LEAF_BYTES_PER_SEAL)
+        ).fetchone()
     if packed_seqs is None:
         return Leaves([], [], [])
     seqs = list(struct.unpack(f">{len(packed_seqs) // 8}q", packed_seqs))
@@ -133,7 +144,10 @@ def read_leaves_postgres(after: int, horizon: int, limit: int) -> Leaves:
         start = position + 4
         position = start + int.from_bytes(view[position:start])
         hashes.append(sha256(view[start:position]).digest())
-    return Leaves(seqs, ids.split("\n"), hashes)
+    leaves = Leaves(seqs, ids.split("\n"), hashes)
+    if position != len(view) or not len(leaves.seqs) == len(leaves.ids) == len(leaves.hashes):
+        raise RuntimeError("the leaves PostgreSQL returned do not add up: no seal made")
+    return leaves
 
 
 def read_leaves(after: int, horizon: int, limit: int) -> Leaves:

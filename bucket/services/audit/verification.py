@@ -174,7 +174,7 @@ def check_seal(seal: AuditSeal, report: Verification) -> None:
                 )
             continue
         report.packets += 1
-        if row["packet_id"] != packet_id or packet_leaf(row) != sealed.hex():
+        if row["packet_id"] != packet_id or packet_leaf(row, seal.leaf_format) != sealed.hex():
             report.problems.append(
                 Problem(
                     "altered",
