@@ -21,7 +21,6 @@ from sqlalchemy import select, text
 
 from bucket.extensions import db
 from bucket.models import Packet
-from bucket.services.audit import sealing
 from bucket.services.audit.content import FIELDS, LEAF_SELECT, LEAF_SQL, leaf_content
 from bucket.services.audit.sealing import seal_everything
 from tests.factories import make_packet
@@ -182,17 +181,3 @@ def test_a_server_with_other_encoding_and_float_defaults_seals_what_verify_reads
     assert answer["provenance"]["matches_stored_content"] is True
     assert answer["data"]["user_id"] == "José"
     assert answer["data"]["focus_score"] == 70.12345678901234
-
-
-@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
-def test_a_seal_stops_at_its_byte_budget_and_the_rest_goes_into_the_next(app, client, monkeypatch):
-    """A run of large packets cannot overflow PostgreSQL's 1 GB value: a seal takes leaves up
-    to LEAF_BYTES_PER_SEAL (and always its first), the rest go into the next seals."""
-    monkeypatch.setattr(sealing, "LEAF_BYTES_PER_SEAL", 1000)
-    for _ in range(3):
-        packet = make_packet(raw_signals={"blob": "x" * 700})
-        assert client.post(f"{API}/ingest", json=packet).status_code in (200, 201)
-    with app.app_context():
-        assert [s.packet_count for s in seal_everything()] == [1, 1, 1]
-    result = app.test_cli_runner().invoke(args=["bucket", "verify"])
-    assert result.exit_code == 0 and "checked 3 seals and 3 packets" in result.output

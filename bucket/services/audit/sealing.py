@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from hashlib import sha256
 
 from flask import current_app
 from sqlalchemy import insert, select, text
@@ -38,24 +37,20 @@ T = Packet.__table__
 S = AuditSeal.__table__
 # pg_advisory_xact_lock key of the sealer: "prana-seal" as an integer.
 SEALER_LOCK = 0x7072616E615F7365
-# PostgreSQL encodes the leaves in C and hands them over as three values: the seqs and ids
-# already packed as the seal stores them, and each leaf's bytes (0x00-prefixed, as RFC 9162
-# hashes a leaf) behind its 4-byte length. Reading whole rows and encoding them in Python cost
-# the workers 30-50 µs a packet; this costs them the hashing alone (BENCHMARKS.md). The rows
-# come in seq order from an index range scan (the planner settings below: on a backlog, a
-# bitmap scan and a sort would encode every row of the range, not only the first ``limit``);
-# the three aggregates read them in that order, which ``read_leaves_postgres`` checks. A seal
-# also stops at LEAF_BYTES_PER_SEAL of leaves (always taking its first packet): a value in
-# PostgreSQL cannot exceed 1 GB, and a run of megabyte-sized packets must not stop sealing.
-LEAF_BYTES_PER_SEAL = 64 * 1024 * 1024
+# PostgreSQL encodes and hashes the leaves in C and hands them over as three values: the
+# seqs and ids already packed as the seal stores them, and the leaf hashes (RFC 9162: SHA-256
+# of 0x00 and the leaf's bytes), 32 bytes each. Reading whole rows and encoding them in Python
+# cost the workers 30-50 µs a packet; this leaves them the Merkle tree alone (BENCHMARKS.md),
+# and an aggregate of 32 bytes a packet never nears PostgreSQL's 1 GB limit on a value. The
+# rows come in seq order from an index range scan (the planner settings below: on a backlog,
+# a bitmap scan and a sort would encode every row of the range, not only the first
+# ``limit``); the three aggregates read them in that order, which ``read_leaves_postgres``
+# checks.
 LEAVES_SQL = (
     "SELECT string_agg(int8send(seq), ''::bytea), string_agg(packet_id, E'\\n'), "
-    "string_agg(int4send(octet_length(leaf) + 1) || '\\x00'::bytea || leaf, ''::bytea) "
-    "FROM (SELECT seq, packet_id, leaf, "
-    "sum(octet_length(leaf)) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING) AS through "
+    "string_agg(sha256('\\x00'::bytea || leaf), ''::bytea) "
     f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM packets "
-    "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen) AS measured "
-    "WHERE through - octet_length(leaf) < %s"
+    "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen"
 )
 # Transaction-local: the index order above, and the leaves' text in UTF-8 whatever the
 # database's or the client's default encoding (record_send converts text to the client's).
@@ -131,21 +126,14 @@ def read_leaves_postgres(after: int, horizon: int, limit: int) -> Leaves:
     connection = db.session.connection().connection.driver_connection
     with connection.cursor(binary=True) as cursor:
         cursor.execute(SEALER_SETTINGS)
-        packed_seqs, ids, contents = cursor.execute(
-            LEAVES_SQL, (after, horizon, limit, LEAF_BYTES_PER_SEAL)
-        ).fetchone()
+        packed_seqs, ids, hashed = cursor.execute(LEAVES_SQL, (after, horizon, limit)).fetchone()
     if packed_seqs is None:
         return Leaves([], [], [])
     seqs = list(struct.unpack(f">{len(packed_seqs) // 8}q", packed_seqs))
     if seqs != sorted(set(seqs)):
         raise RuntimeError("the leaves did not arrive in seq order: no seal made")
-    view, hashes, position = memoryview(contents), [], 0
-    while position < len(view):
-        start = position + 4
-        position = start + int.from_bytes(view[position:start])
-        hashes.append(sha256(view[start:position]).digest())
-    leaves = Leaves(seqs, ids.split("\n"), hashes)
-    if position != len(view) or not len(leaves.seqs) == len(leaves.ids) == len(leaves.hashes):
+    leaves = Leaves(seqs, ids.split("\n"), [hashed[i : i + 32] for i in range(0, len(hashed), 32)])
+    if not len(leaves.seqs) == len(leaves.ids) == len(leaves.hashes):
         raise RuntimeError("the leaves PostgreSQL returned do not add up: no seal made")
     return leaves
 
