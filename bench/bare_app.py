@@ -1,0 +1,150 @@
+"""The second ceiling: a bare Flask app that runs the bucket's own statements and nothing else.
+
+Same gunicorn command, same database and the same SQL as the bucket's hot paths, each answered
+after its commit, on one kept autocommit connection per thread:
+
+- ``POST …/ingest``: a packet, or an envelope of them, stored with the bucket's insert of the
+  packets and their deliveries (the single-packet statement, or the batch's JSON statement);
+- ``GET …/packets/pending``: the bucket's lease statement alone (the bucket also reaps expired
+  leases and reads the queue's figures in a first statement, which this skips);
+- ``POST …/packets/mark-processed``: the bucket's acknowledgement statement, for one result or
+  for ``{"results": [...]}``.
+
+Nothing else runs: no validation beyond parsing, no second deduplication key, no rate limits,
+request log, metrics, auth or hooks. What the bucket costs above this is what its own layers
+cost; what this costs above the trivial app is what the durable statements cost on the machine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import secrets
+import threading
+import time
+import uuid
+from datetime import UTC, datetime
+
+import orjson
+import psycopg
+from flask import Flask, request
+from psycopg.types.json import Json
+
+from bucket.services.counters import random_shard
+from bucket.services.delivery.acks import FAILURE_MESSAGE, PG_ACK
+from bucket.services.delivery.claims import PG_LEASE
+from bucket.services.delivery.settings import PACKET_COLUMN_NAMES
+from bucket.services.ingest import BATCH_INSERT_SQL, PACKET_COLUMNS, SINGLE_INSERT_SQL
+from config import Config
+
+app = Flask(__name__)
+API = "/api/v1/bucket/prana"
+DSN = os.environ["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
+_local = threading.local()
+SETTINGS = Config()  # the delivery knobs, from the environment as the bucket reads them
+
+
+def connection() -> psycopg.Connection:
+    """One autocommit connection per gunicorn thread, kept open."""
+    conn = getattr(_local, "conn", None)
+    if conn is None or conn.closed:
+        conn = _local.conn = psycopg.connect(DSN, autocommit=True, prepare_threshold=0)
+    return conn
+
+
+def answer(body: dict) -> app.response_class:
+    return app.response_class(orjson.dumps(body), mimetype="application/json")
+
+
+def packet_row(packet: dict, now: datetime) -> dict:
+    """The packet as the bucket stores it, built without checking anything."""
+    identity = (
+        f"{packet['system_type']}|{packet['user_id']}|{packet['session_id']}|{packet['timestamp']}"
+    )
+    return {
+        **packet,
+        "packet_id": str(uuid.uuid4()),
+        "dedup_key": hashlib.md5(identity.encode()).hexdigest(),
+        "idempotency_key": None,
+        "client_timestamp": packet["timestamp"],
+        "received_at": now,
+    }
+
+
+@app.post(f"{API}/ingest")
+def ingest():
+    body = orjson.loads(request.get_data())
+    now = datetime.now(UTC).replace(tzinfo=None)
+    if "packets" in body:
+        rows = [packet_row(packet, now) for packet in body["packets"]]
+        doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC | orjson.OPT_SORT_KEYS).decode()
+        stored = connection().execute(BATCH_INSERT_SQL, {"doc": doc}).fetchall()
+        return answer({"status": "ok", "stored": len(stored)})
+    row = packet_row(body, now)
+    row["client_timestamp"] = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+    row["raw_signals"] = Json(body["raw_signals"])
+    connection().execute(SINGLE_INSERT_SQL, [row.get(name) for name in PACKET_COLUMNS])
+    return answer({"status": "ingested", "packet_id": row["packet_id"], "received_at": now})
+
+
+@app.get(f"{API}/packets/pending")
+def pending():
+    now = time.time()
+    rows = connection().execute(
+        PG_LEASE,
+        {
+            "now": now,
+            "now_ts": datetime.fromtimestamp(now, UTC),
+            "receipt": secrets.token_hex(8),
+            "until": now + SETTINGS.BUCKET_VISIBILITY_TIMEOUT,
+            "source": "pending",
+            "max": SETTINGS.BUCKET_MAX_ATTEMPTS,
+            "limit": request.args.get("limit", 10, type=int),
+        },
+    )
+    packets = [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows]
+    return answer({"packets": packets, "count": len(packets)})
+
+
+@app.post(f"{API}/packets/mark-processed")
+def mark_processed():
+    body = orjson.loads(request.get_data())
+    results = body.get("results") or [body]
+    items = [
+        {
+            "packet_id": item["packet_id"],
+            "success": bool(item["success"]),
+            "receipt": item.get("receipt"),
+            "jitter": random.uniform(0.5, 1.0),
+            "error_message": item.get("error_message"),
+            "karma_actions": item.get("karma_actions"),
+        }
+        for item in results
+    ]
+    now = time.time()
+    rows = (
+        connection()
+        .execute(
+            PG_ACK,
+            {
+                "doc": orjson.dumps(items).decode(),
+                "ids": [item["packet_id"] for item in items],
+                "now": now,
+                "now_ts": datetime.fromtimestamp(now, UTC).replace(tzinfo=None),
+                "max": SETTINGS.BUCKET_MAX_ATTEMPTS,
+                "backoff": SETTINGS.BUCKET_RETRY_BACKOFF,
+                "backoff_max": SETTINGS.BUCKET_RETRY_BACKOFF_MAX,
+                "failure": FAILURE_MESSAGE,
+                "shard": random_shard(),
+                "minute": int(now // 60),
+            },
+        )
+        .fetchall()
+    )
+    return answer({"status": "ok", "results": [{"packet_id": row[0]} for row in rows]})
+
+
+@app.get("/health")
+def health():
+    return {"status": "ok"}
