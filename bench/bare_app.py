@@ -17,25 +17,23 @@ cost; what this costs above the trivial app is what the durable statements cost 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import secrets
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 
 import orjson
 import psycopg
 from flask import Flask, request
-from psycopg.types.json import Json
 
 from bucket.services.counters import random_shard
 from bucket.services.delivery.acks import FAILURE_MESSAGE, PG_ACK
 from bucket.services.delivery.claims import PG_LEASE
 from bucket.services.delivery.settings import PACKET_COLUMN_NAMES
-from bucket.services.ingest import BATCH_INSERT_SQL, PACKET_COLUMNS, SINGLE_INSERT_SQL
+from bucket.services.ingest import BATCH_INSERT_SQL, SINGLE_INSERT_SQL, packet_row, single_values
+from bucket.timeutil import utc_now
 from config import Config
 
 app = Flask(__name__)
@@ -57,34 +55,23 @@ def answer(body: dict) -> app.response_class:
     return app.response_class(orjson.dumps(body), mimetype="application/json")
 
 
-def packet_row(packet: dict, now: datetime) -> dict:
-    """The packet as the bucket stores it, built without checking anything."""
-    identity = (
-        f"{packet['system_type']}|{packet['user_id']}|{packet['session_id']}|{packet['timestamp']}"
-    )
-    return {
-        **packet,
-        "packet_id": str(uuid.uuid4()),
-        "dedup_key": hashlib.md5(identity.encode()).hexdigest(),
-        "idempotency_key": None,
-        "client_timestamp": packet["timestamp"],
-        "received_at": now,
-    }
+def stored_row(packet: dict, now: datetime) -> dict:
+    """The bucket's own row for a packet (``packet_row``), built without validating it."""
+    timestamp = datetime.fromisoformat(packet["timestamp"].replace("Z", "+00:00"))
+    return packet_row({**packet, "timestamp": timestamp}, now, None)
 
 
 @app.post(f"{API}/ingest")
 def ingest():
     body = orjson.loads(request.get_data())
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = utc_now()
     if "packets" in body:
-        rows = [packet_row(packet, now) for packet in body["packets"]]
+        rows = [stored_row(packet, now) for packet in body["packets"]]
         doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC | orjson.OPT_SORT_KEYS).decode()
         stored = connection().execute(BATCH_INSERT_SQL, {"doc": doc}).fetchall()
         return answer({"status": "ok", "stored": len(stored)})
-    row = packet_row(body, now)
-    row["client_timestamp"] = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
-    row["raw_signals"] = Json(body["raw_signals"])
-    connection().execute(SINGLE_INSERT_SQL, [row.get(name) for name in PACKET_COLUMNS])
+    row = stored_row(body, now)
+    connection().execute(SINGLE_INSERT_SQL, single_values(row))
     return answer({"status": "ingested", "packet_id": row["packet_id"], "received_at": now})
 
 
