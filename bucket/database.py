@@ -14,6 +14,7 @@ from sqlalchemy.exc import DisconnectionError
 
 from bucket.jsonutil import canonical_json
 from bucket.services.dialect import AUTOCOMMIT_BIND
+from bucket.sqlite_turns import TurnTakingConnection, turns_for
 
 # The hot statements must reach packets through an index range in index order whatever the
 # statistics say: a backlog grows faster than autovacuum re-analyses, and on stale statistics
@@ -45,7 +46,11 @@ def configure_database(app: Flask) -> None:
     url = config["SQLALCHEMY_DATABASE_URI"]
     options: dict[str, Any] = {"json_serializer": canonical_json}
     if url.startswith("sqlite"):
-        options["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        options["connect_args"] = {
+            "timeout": 30,
+            "check_same_thread": False,
+            "factory": TurnTakingConnection,
+        }
     else:
         options.update(
             pool_size=config["BUCKET_DB_POOL_SIZE"],
@@ -91,7 +96,7 @@ def refuse_closed_connection(dbapi_connection, _record, _proxy) -> None:
 
 def tune_engine(engine: Engine) -> None:
     """PostgreSQL: JSON columns decoded by orjson. SQLite: WAL, and BEGIN IMMEDIATE so each
-    transaction's claims and acks are serialised."""
+    transaction's claims and acks are serialised, its writers taking turns (sqlite_turns.py)."""
     if engine.dialect.name == "postgresql":
 
         @event.listens_for(engine, "connect")
@@ -105,9 +110,13 @@ def tune_engine(engine: Engine) -> None:
     if engine.dialect.name != "sqlite":
         return
 
+    turns = turns_for(engine.url.database or "")
+
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves
+        if isinstance(dbapi_connection, TurnTakingConnection):
+            dbapi_connection.turns = turns
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -116,4 +125,8 @@ def tune_engine(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        dbapi_connection = connection.connection.dbapi_connection
+        if isinstance(dbapi_connection, TurnTakingConnection):
+            dbapi_connection.begin_immediate()
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
