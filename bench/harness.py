@@ -216,6 +216,71 @@ class Accounting:
             self.app_cpu = self.service.cpu_seconds() - self._app
 
 
+@dataclass
+class Weather:
+    """What the host and PostgreSQL did during a measurement, beside its figures: CPU time the
+    hypervisor stole, I/O wait, the kernel's pressure stall figures, and the writes of
+    PostgreSQL's checkpointer and backends. A figure that drifts with the machine (a table
+    row measured after minutes of load) can then be told from one that drifts with the code."""
+
+    database: Database
+    figures: dict | None = None
+
+    def __enter__(self) -> Weather:
+        self._started = (time.monotonic(), cpu_ticks(), pressure_us(), self._bgwriter())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        began, ticks, stalls, writes = self._started
+        elapsed_us = (time.monotonic() - began) * 1e6
+        ticks_now, stalls_now, writes_now = cpu_ticks(), pressure_us(), self._bgwriter()
+        spent = {k: ticks_now[k] - ticks[k] for k in ticks}
+        total = max(sum(spent.values()), 1)
+        self.figures = {
+            "steal_pct": 100 * spent["steal"] / total,
+            "iowait_pct": 100 * spent["iowait"] / total,
+            "idle_pct": 100 * spent["idle"] / total,
+            **{
+                f"{kind}_pressure_pct": 100 * (stalls_now[kind] - stalls[kind]) / elapsed_us
+                for kind in stalls
+            },
+            **{name: writes_now[name] - writes[name] for name in writes},
+        }
+
+    def _bgwriter(self) -> dict[str, int]:
+        with self.database.connect() as conn:
+            row = conn.execute(
+                "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, buffers_clean,"
+                " buffers_backend FROM pg_stat_bgwriter"
+            ).fetchone()
+        names = ("checkpoints", "checkpoint_buffers", "bgwriter_buffers", "backend_buffers")
+        return dict(zip(names, (int(v) for v in row), strict=True))
+
+
+CPU_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_ticks() -> dict[str, int]:
+    """The machine's CPU time by kind since boot (/proc/stat), in clock ticks."""
+    with open("/proc/stat") as stat:
+        values = stat.readline().split()[1 : 1 + len(CPU_FIELDS)]
+    return dict(zip(CPU_FIELDS, (int(v) for v in values), strict=True))
+
+
+def pressure_us() -> dict[str, int]:
+    """Microseconds in which some task stalled on CPU or on I/O (/proc/pressure), where the
+    kernel reports them."""
+    stalls = {}
+    for kind in ("cpu", "io"):
+        try:
+            with open(f"/proc/pressure/{kind}") as pressure:
+                first = pressure.readline()
+        except OSError:
+            continue
+        stalls[kind] = int(first.rsplit("total=", 1)[1])
+    return stalls
+
+
 FILL_SQL = """
 WITH source AS (
   SELECT g, %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t,

@@ -33,6 +33,7 @@ from bench.harness import (  # noqa: E402
     Accounting,
     Database,
     Service,
+    Weather,
     bucket_command,
     fill,
     median,
@@ -441,11 +442,13 @@ def bench_table(run: Run, stored: int, label: str) -> None:
     sequential(run.service.port, "ingest", 100, token=None)  # warm-up
     # Rounds, medians, and the trivial app's p50 beside them: one sequence of calls on a
     # shared machine swings by a third, which would hide or fake a change with the table size.
-    ingests, polls, acks, trivials = [], [], [], []
+    ingests, polls, acks, trivials, weathers = [], [], [], [], []
     for _ in range(sizes.rounds):
-        ingest = sequential(run.service.port, "ingest", calls, token=None)
-        drain = karma(run.service.port, 60, calls)
-        trivial = sequential(run.ceiling.port, "ingest", calls, token=None)
+        with Weather(run.database) as weather:
+            ingest = sequential(run.service.port, "ingest", calls, token=None)
+            drain = karma(run.service.port, 60, calls)
+            trivial = sequential(run.ceiling.port, "ingest", calls, token=None)
+        weathers.append(weather.figures)
         ingests.append(percentile(ingest.latencies["ingest"], 50) * 1000)
         polls.append(percentile(drain.latencies.get("poll", []), 50) * 1000)
         acks.append(percentile(drain.latencies.get("ack", []), 50) * 1000)
@@ -456,6 +459,11 @@ def bench_table(run: Run, stored: int, label: str) -> None:
         "poll_p50_ms": median(polls),
         "ack_p50_ms": median(acks),
         "trivial_ingest_p50_ms": median(trivials),
+        # The machine during the rounds: medians of percentages, sums of PostgreSQL's writes.
+        "weather": {
+            name: (median if name.endswith("_pct") else sum)([w[name] for w in weathers])
+            for name in weathers[0]
+        },
     }
 
 
@@ -642,6 +650,23 @@ def table(results: dict) -> str:
         row(
             "  trivial app's ingest p50 beside them (the machine's drift)",
             f"{ts['trivial_ingest_p50_ms']:.2f} -> {tl['trivial_ingest_p50_ms']:.2f} ms",
+            "",
+        )
+        ws, wl = ts["weather"], tl["weather"]
+        row(
+            "  the machine meanwhile: CPU stolen, I/O wait, I/O pressure",
+            " -> ".join(
+                f"{w['steal_pct']:.0f}/{w['iowait_pct']:.0f}/{w.get('io_pressure_pct', 0):.0f} %"
+                for w in (ws, wl)
+            ),
+            "",
+        )
+        row(
+            "  PostgreSQL meanwhile: checkpoints, buffers written by checkpoints/backends",
+            " -> ".join(
+                f"{w['checkpoints']}, {w['checkpoint_buffers']:,}/{w['backend_buffers']:,}"
+                for w in (ws, wl)
+            ),
             "",
         )
     if "memory" in results:
