@@ -248,12 +248,24 @@ class Weather:
         }
 
     def _bgwriter(self) -> dict[str, int]:
+        """Buffers written by the checkpointer, the background writer and backends (which
+        write when shared_buffers holds no clean page), and the WAL with its full-page images
+        (the first change to a page after a checkpoint logs the whole 8 kB page)."""
         with self.database.connect() as conn:
             row = conn.execute(
                 "SELECT checkpoints_timed + checkpoints_req, buffers_checkpoint, buffers_clean,"
-                " buffers_backend FROM pg_stat_bgwriter"
+                " buffers_backend, wal_records, wal_fpi, wal_bytes"
+                " FROM pg_stat_bgwriter, pg_stat_wal"
             ).fetchone()
-        names = ("checkpoints", "checkpoint_buffers", "bgwriter_buffers", "backend_buffers")
+        names = (
+            "checkpoints",
+            "checkpoint_buffers",
+            "bgwriter_buffers",
+            "backend_buffers",
+            "wal_records",
+            "wal_full_page_images",
+            "wal_bytes",
+        )
         return dict(zip(names, (int(v) for v in row), strict=True))
 
 

@@ -669,6 +669,14 @@ def table(results: dict) -> str:
             ),
             "",
         )
+        row(
+            "  WAL meanwhile: full-page images / records, MB",
+            " -> ".join(
+                f"{w['wal_full_page_images']:,}/{w['wal_records']:,}, {w['wal_bytes'] / 1e6:.1f}"
+                for w in (ws, wl)
+            ),
+            "",
+        )
     if "memory" in results:
         mem = results["memory"]
         row(
