@@ -9,8 +9,13 @@ takes a lock that the threads of a worker share and then an exclusive ``flock`` 
 the database that the workers (and ``flask`` commands) share; both wake a waiter as soon as the
 holder lets go, so SQLite's own lock is free whenever a transaction begins.
 
-The turn is taken by ``BEGIN`` and given back when the DBAPI connection commits, rolls back or
-closes (``TurnTakingConnection``), so no path that ends a transaction can keep it.
+A blocking ``flock`` cannot time out, so the process's one waiting thread hands that wait to a
+keeper thread and waits for it with a deadline: a writer held up longer (another process keeps
+a transaction open, say a ``flask shell``) fails as before, with "database is locked" from
+SQLite's busy timeout, instead of hanging.
+
+The turn is taken by ``BEGIN`` and given back when the DBAPI connection commits, rolls back,
+closes or is collected (``TurnTakingConnection``), so no path that ends a transaction keeps it.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ import fcntl
 import os
 import sqlite3
 import threading
+import time
 
-# How long a writer waits for its turn before it goes on and lets SQLite's busy timeout decide.
+# How long a writer waits for its turn; then it goes on, and SQLite's busy timeout decides.
 TURN_TIMEOUT_SECONDS = 30.0
 
 
@@ -32,31 +38,92 @@ class WriterTurns:
         self._open()
 
     def _open(self) -> None:
+        self.generation = getattr(self, "generation", 0) + 1
         self._threads = threading.Lock()
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._keeper: threading.Thread | None = None
+        self._handover = threading.Condition(threading.Lock())
+        self._wanted = False  # the holder of the thread lock waits for the keeper
+        self._granted = False  # the keeper took the file for it
+        self._keeper_waiting = False  # the keeper is in (or about to enter) its flock
 
     def reopen_after_fork(self) -> None:
         """A forked worker must share neither the parent's open file (a flock belongs to the
-        open file, so both would hold it at once) nor a thread lock held at the fork."""
+        open file, so both would hold it at once) nor a lock held at the fork. Turns taken
+        before the fork belong to the old generation and are not given back here."""
         os.close(self._fd)
         self._open()
 
-    def take(self) -> bool:
+    def take(self, timeout: float = TURN_TIMEOUT_SECONDS) -> bool:
         """Wait for this process's turn, then the file's; False if none came in time."""
-        if not self._threads.acquire(timeout=TURN_TIMEOUT_SECONDS):
+        deadline = time.monotonic() + timeout
+        if not self._threads.acquire(timeout=timeout):
             return False
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            with self._handover:
+                # The file is this process's when no one holds it elsewhere, unless the
+                # keeper is still waiting for it on behalf of a writer that gave up: a flock
+                # belongs to the open file, so taking it now would be taking the keeper's.
+                if not self._keeper_waiting:
+                    try:
+                        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        return True
+                    except BlockingIOError:
+                        pass
+            if self._wait_for_keeper(deadline):
+                return True
         except OSError:
-            self._threads.release()
-            return False
-        return True
+            pass
+        self._threads.release()
+        return False
 
-    def give_back(self) -> None:
+    def give_back(self, generation: int) -> None:
+        if generation != self.generation:
+            return  # taken in the parent before a fork: not this process's locks
         try:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
         finally:
             self._threads.release()
+
+    def _wait_for_keeper(self, deadline: float) -> bool:
+        """Have the keeper wait in the kernel's queue for the file, and wait for the keeper
+        until the deadline. Only the holder of the thread lock gets here, one at a time."""
+        with self._handover:
+            if self._keeper is None:
+                self._keeper = threading.Thread(
+                    target=self._keep, name="bucket-sqlite-turns", daemon=True
+                )
+                self._keeper.start()
+            self._wanted, self._granted = True, False
+            self._handover.notify_all()
+            granted = self._handover.wait_for(
+                lambda: self._granted, timeout=max(0.0, deadline - time.monotonic())
+            )
+            self._wanted = self._granted = False
+            return granted
+
+    def _keep(self) -> None:
+        """Take the file for whoever wants it; give it back if they stopped waiting."""
+        while True:
+            with self._handover:
+                self._handover.wait_for(lambda: self._wanted)
+                self._keeper_waiting = True
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            except OSError:
+                time.sleep(0.01)  # the file was reopened after a fork: ask again
+                with self._handover:
+                    self._keeper_waiting = False
+                continue
+            with self._handover:
+                self._keeper_waiting = False
+                if self._wanted:
+                    # Granted, and no longer wanted: this loop must not come round and take
+                    # (or let go of) the file again before the writer has even woken up.
+                    self._wanted, self._granted = False, True
+                    self._handover.notify_all()
+                else:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 _turns_by_path: dict[str, WriterTurns] = {}
@@ -91,12 +158,13 @@ class TurnTakingConnection(sqlite3.Connection):
     """A connection that begins its transactions in turn and hands the turn on when it ends them."""
 
     turns: WriterTurns | None = None
-    _holding = False
+    _holding: int = 0  # the generation of the turn held, 0 for none
 
     def begin_immediate(self) -> None:
         took_turn = False
-        if self.turns is not None and not self._holding:
-            took_turn = self._holding = self.turns.take()
+        if self.turns is not None and not self._holding and self.turns.take():
+            self._holding = self.turns.generation
+            took_turn = True
         try:
             self.execute("BEGIN IMMEDIATE")
         except BaseException:
@@ -108,7 +176,8 @@ class TurnTakingConnection(sqlite3.Connection):
         try:
             super().commit()
         finally:
-            self._hand_on()
+            if not self._still_in_transaction():  # a failed COMMIT leaves it open, still ours
+                self._hand_on()
 
     def rollback(self) -> None:
         try:
@@ -122,7 +191,20 @@ class TurnTakingConnection(sqlite3.Connection):
         finally:
             self._hand_on()
 
+    def __del__(self) -> None:
+        # Collected without close(): SQLite closes it in C, so the turn is handed on here.
+        try:
+            self._hand_on()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules may be gone
+            pass
+
+    def _still_in_transaction(self) -> bool:
+        try:
+            return self.in_transaction
+        except sqlite3.ProgrammingError:  # closed
+            return False
+
     def _hand_on(self) -> None:
         if self._holding:
-            self._holding = False
-            self.turns.give_back()
+            generation, self._holding = self._holding, 0
+            self.turns.give_back(generation)

@@ -3,9 +3,13 @@ waits on SQLite's busy polling, and every way a transaction ends hands the turn 
 
 from __future__ import annotations
 
+import fcntl
+import gc
 import multiprocessing
+import os
 import sqlite3
 import threading
+import time
 
 import pytest
 
@@ -128,3 +132,93 @@ def test_a_begin_inside_a_transaction_fails_and_keeps_the_turn_until_the_end(dat
 def test_an_in_memory_database_has_no_turns():
     assert turns_for(":memory:") is None
     assert turns_for("") is None
+
+
+def test_a_writer_held_up_by_another_process_gives_up_in_time_and_the_next_one_gets_in(database):
+    """A blocking flock cannot time out; the wait goes to the keeper thread, and the writer
+    waits for it only until its deadline. Then SQLite's busy timeout decides, as before."""
+    turns = turns_for(database)
+    other_process = os.open(turns.lock_path, os.O_RDWR)  # another open file: another holder
+    fcntl.flock(other_process, fcntl.LOCK_EX)
+    try:
+        started = time.monotonic()
+        assert turns.take(timeout=0.3) is False
+        assert 0.25 < time.monotonic() - started < 5
+        assert not turns._threads.locked()
+    finally:
+        fcntl.flock(other_process, fcntl.LOCK_UN)
+        os.close(other_process)
+    # The keeper, still waiting for the file on behalf of the writer that gave up, gets it,
+    # finds no one waiting and lets it go, or hands it to the next writer.
+    for _ in range(3):
+        assert turns.take(timeout=5) is True
+        generation = turns.generation
+        turns.give_back(generation)
+    # No turn is left with the keeper: another process gets the file at once.
+    other_process = os.open(turns.lock_path, os.O_RDWR)
+    try:
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                fcntl.flock(other_process, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                assert time.monotonic() < deadline, "the keeper kept the file"
+                time.sleep(0.01)
+    finally:
+        os.close(other_process)
+
+
+def test_a_connection_collected_without_close_hands_the_turn_on(database):
+    turns = turns_for(database)
+    connection = connect(database, busy_timeout=0.05)
+    connection.begin_immediate()
+    assert turns._threads.locked()
+    del connection
+    gc.collect()
+    assert not turns._threads.locked()
+
+
+def test_a_commit_that_fails_keeps_the_turn_until_the_rollback(database):
+    """A deferred foreign key checked at COMMIT fails it and leaves the transaction open."""
+    turns = turns_for(database)
+    connection = connect(database, busy_timeout=0.05)
+    connection.execute("PRAGMA foreign_keys=ON")
+    connection.execute("CREATE TABLE parent (id INTEGER PRIMARY KEY)")
+    connection.execute(
+        "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id)"
+        " DEFERRABLE INITIALLY DEFERRED)"
+    )
+    connection.begin_immediate()
+    connection.execute("INSERT INTO child VALUES (42)")
+    with pytest.raises(sqlite3.IntegrityError):
+        connection.commit()
+    assert connection.in_transaction
+    assert turns._threads.locked()
+    connection.rollback()
+    assert not turns._threads.locked()
+    connection.close()
+
+
+def test_a_turn_taken_before_a_fork_is_not_given_back_by_the_child(database):
+    """The child has locks of its own; ending a transaction inherited from the parent must
+    neither fail nor release them."""
+    turns = turns_for(database)
+    connection = connect(database, busy_timeout=0.05)
+    connection.begin_immediate()
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_end_inherited_transaction, args=(connection, turns))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert turns._threads.locked()  # the parent's turn is the parent's until it ends
+    connection.rollback()
+    assert not turns._threads.locked()
+    connection.close()
+
+
+def _end_inherited_transaction(connection, turns) -> None:
+    connection.rollback()
+    assert not turns._threads.locked()
+    assert turns.take(timeout=0.2) is False  # the parent still holds the file
+    assert not turns._threads.locked()
