@@ -18,20 +18,18 @@ cost; what this costs above the trivial app is what the durable statements cost 
 from __future__ import annotations
 
 import os
-import random
 import secrets
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 
 import orjson
 import psycopg
 from flask import Flask, request
 
-from bucket.services.counters import random_shard
-from bucket.services.delivery.acks import FAILURE_MESSAGE, PG_ACK
-from bucket.services.delivery.claims import PG_LEASE
-from bucket.services.delivery.settings import PACKET_COLUMN_NAMES
+from bucket.services.delivery.acks import PG_ACK, ack_item, ack_params
+from bucket.services.delivery.claims import PG_LEASE, lease_params
+from bucket.services.delivery.settings import PACKET_COLUMN_NAMES, DeliverySettings
 from bucket.services.ingest import BATCH_INSERT_SQL, SINGLE_INSERT_SQL, packet_row, single_values
 from bucket.timeutil import utc_now
 from config import Config
@@ -40,7 +38,8 @@ app = Flask(__name__)
 API = "/api/v1/bucket/prana"
 DSN = os.environ["DATABASE_URL"].replace("postgresql+psycopg://", "postgresql://")
 _local = threading.local()
-SETTINGS = Config()  # the delivery knobs, from the environment as the bucket reads them
+# The delivery knobs, from the environment as the bucket reads them.
+SETTINGS = DeliverySettings.from_config(vars(Config()))
 
 
 def connection() -> psycopg.Connection:
@@ -78,18 +77,15 @@ def ingest():
 @app.get(f"{API}/packets/pending")
 def pending():
     now = time.time()
-    rows = connection().execute(
-        PG_LEASE,
-        {
-            "now": now,
-            "now_ts": datetime.fromtimestamp(now, UTC),
-            "receipt": secrets.token_hex(8),
-            "until": now + SETTINGS.BUCKET_VISIBILITY_TIMEOUT,
-            "source": "pending",
-            "max": SETTINGS.BUCKET_MAX_ATTEMPTS,
-            "limit": request.args.get("limit", 10, type=int),
-        },
+    params = lease_params(
+        now,
+        SETTINGS.max_attempts,
+        receipt=secrets.token_hex(8),
+        until=now + SETTINGS.visibility_timeout,
+        source="pending",
+        limit=request.args.get("limit", 10, type=int),
     )
+    rows = connection().execute(PG_LEASE, params)
     packets = [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows]
     return answer({"packets": packets, "count": len(packets)})
 
@@ -97,38 +93,8 @@ def pending():
 @app.post(f"{API}/packets/mark-processed")
 def mark_processed():
     body = orjson.loads(request.get_data())
-    results = body.get("results") or [body]
-    items = [
-        {
-            "packet_id": item["packet_id"],
-            "success": bool(item["success"]),
-            "receipt": item.get("receipt"),
-            "jitter": random.uniform(0.5, 1.0),
-            "error_message": item.get("error_message"),
-            "karma_actions": item.get("karma_actions"),
-        }
-        for item in results
-    ]
-    now = time.time()
-    rows = (
-        connection()
-        .execute(
-            PG_ACK,
-            {
-                "doc": orjson.dumps(items).decode(),
-                "ids": [item["packet_id"] for item in items],
-                "now": now,
-                "now_ts": datetime.fromtimestamp(now, UTC).replace(tzinfo=None),
-                "max": SETTINGS.BUCKET_MAX_ATTEMPTS,
-                "backoff": SETTINGS.BUCKET_RETRY_BACKOFF,
-                "backoff_max": SETTINGS.BUCKET_RETRY_BACKOFF_MAX,
-                "failure": FAILURE_MESSAGE,
-                "shard": random_shard(),
-                "minute": int(now // 60),
-            },
-        )
-        .fetchall()
-    )
+    items = [ack_item(result) for result in body.get("results") or [body]]
+    rows = connection().execute(PG_ACK, ack_params(items, SETTINGS, time.time())).fetchall()
     return answer({"status": "ok", "results": [{"packet_id": row[0]} for row in rows]})
 
 

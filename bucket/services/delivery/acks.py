@@ -136,17 +136,8 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
     settings = DeliverySettings.from_app()
     unique: dict[str, dict] = {}
     for item in results:
-        unique.setdefault(
-            item["packet_id"],
-            {
-                "packet_id": item["packet_id"],
-                "success": bool(item["success"]),
-                "receipt": item.get("receipt"),
-                "jitter": random.uniform(0.5, 1.0),
-                "error_message": item.get("error_message"),
-                "karma_actions": item.get("karma_actions") if item["success"] else None,
-            },
-        )
+        if item["packet_id"] not in unique:
+            unique[item["packet_id"]] = ack_item(item)
     record = _record_postgres if dialect_name() == "postgresql" else _record_sqlite
     updated, current = record(list(unique.values()), settings)
     if any(row[1] == DeliveryState.PENDING for row in updated.values()):
@@ -160,26 +151,39 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
     return [by_id[item["packet_id"]] for item in results]
 
 
+def ack_item(result: dict) -> dict:
+    """One consumer result as the acknowledgement statements read it, with its back-off jitter."""
+    return {
+        "packet_id": result["packet_id"],
+        "success": bool(result["success"]),
+        "receipt": result.get("receipt"),
+        "jitter": random.uniform(0.5, 1.0),
+        "error_message": result.get("error_message"),
+        "karma_actions": result.get("karma_actions") if result["success"] else None,
+    }
+
+
+def ack_params(items: list[dict], settings: DeliverySettings, now: float) -> dict:
+    """The parameters of ``PG_ACK`` for these items at ``now`` (epoch seconds)."""
+    return {
+        "doc": orjson.dumps(items).decode(),
+        "ids": [item["packet_id"] for item in items],
+        "now": now,
+        "now_ts": from_epoch(now).replace(tzinfo=None),
+        "max": settings.max_attempts,
+        "backoff": settings.retry_backoff,
+        "backoff_max": settings.retry_backoff_max,
+        "failure": FAILURE_MESSAGE,
+        "shard": counters.random_shard(),
+        "minute": int(now // 60),
+    }
+
+
 Rows = dict[str, tuple]
 
 
 def _record_postgres(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
-    now = epoch_now()
-    rows = sql.run(
-        PG_ACK,
-        {
-            "doc": orjson.dumps(items).decode(),
-            "ids": [item["packet_id"] for item in items],
-            "now": now,
-            "now_ts": from_epoch(now).replace(tzinfo=None),
-            "max": settings.max_attempts,
-            "backoff": settings.retry_backoff,
-            "backoff_max": settings.retry_backoff_max,
-            "failure": FAILURE_MESSAGE,
-            "shard": counters.random_shard(),
-            "minute": int(now // 60),
-        },
-    )
+    rows = sql.run(PG_ACK, ack_params(items, settings, epoch_now()))
     updated = {row[0]: row[:4] for row in rows if row[4]}
     current = {row[0]: row[:4] for row in rows if not row[4]}
     return updated, current

@@ -141,6 +141,21 @@ def claim(limit: int, visibility_timeout: int | None = None) -> Claim:
     return claimed
 
 
+def lease_params(
+    now: float, max_attempts: int, *, receipt: str, until: float, source: str, limit: int
+) -> dict:
+    """The parameters of ``PG_LEASE``: lease up to ``limit`` visible packets of ``source``."""
+    return {
+        "now": now,
+        "now_ts": from_epoch(now),
+        "max": max_attempts,
+        "receipt": receipt,
+        "until": until,
+        "source": source,
+        "limit": limit,
+    }
+
+
 def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Claim:
     """One round on PostgreSQL: heads (with reaping), then the lease; two autocommit statements.
     No receipt when nothing is visible; no rows when the head was taken meanwhile."""
@@ -158,13 +173,14 @@ def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Cla
     is_suspect = source == DeliveryState.LEASED
     rows = sql.run(
         PG_LEASE,
-        {
-            **params,
-            "receipt": receipt,
-            "until": now + timeout,
-            "source": source,
-            "limit": 1 if is_suspect else limit,
-        },
+        lease_params(
+            now,
+            params["max"],
+            receipt=receipt,
+            until=now + timeout,
+            source=source,
+            limit=1 if is_suspect else limit,
+        ),
     )
     return Claim(
         [dict(zip(PACKET_COLUMN_NAMES, row, strict=True)) for row in rows],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from flask import current_app
 from sqlalchemy import and_
@@ -34,7 +36,10 @@ class DeliverySettings:
 
     @classmethod
     def from_app(cls) -> DeliverySettings:
-        config = current_app.config
+        return cls.from_config(current_app.config)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DeliverySettings:
         return cls(
             visibility_timeout=config["BUCKET_VISIBILITY_TIMEOUT"],
             max_attempts=config["BUCKET_MAX_ATTEMPTS"],
