@@ -111,7 +111,9 @@ class WriterTurns:
             try:
                 fcntl.flock(self._fd, fcntl.LOCK_EX)
             except OSError:
-                time.sleep(0.01)  # the file was reopened after a fork: ask again
+                # The kernel refused the wait (out of locks, say): try again shortly; the
+                # writer gives up at its deadline and SQLite's busy timeout decides.
+                time.sleep(0.01)
                 with self._handover:
                     self._keeper_waiting = False
                 continue

@@ -175,7 +175,7 @@ def _lease_postgres(limit: int, timeout: int, settings: DeliverySettings) -> Cla
         PG_LEASE,
         lease_params(
             now,
-            params["max"],
+            settings.max_attempts,
             receipt=receipt,
             until=now + timeout,
             source=source,
