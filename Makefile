@@ -20,14 +20,14 @@ run: install
 	$(call procfile,release)
 	$(call procfile,web)
 
-test: install
-	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+test: lint
 	$(BIN)/pytest
 
+# Style, then the package's layers and the absence of import circles (pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 # The benchmark suite (BENCHMARKS.md): `make bench`, or `make bench ARGS=--quick`.
 bench: install

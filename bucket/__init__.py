@@ -6,6 +6,10 @@ from typing import Any
 
 from flask import Flask
 
+# The extension objects are built at import, before logging is configured: Flask-Migrate brings
+# Alembic, which logs its plugins as it loads. (Imported as a module: the factory's own names
+# would be overwritten by the subpackages ``bucket.api`` and ``bucket.queue`` when they load.)
+import bucket.extensions  # noqa: F401
 from bucket.database import configure_database, tune_engine
 from config import Config, TestingConfig
 
@@ -19,6 +23,7 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     register_packet_rules(app)
     register_request_hooks(app)
     register_extensions(app)
+    register_background_work(app)
     register_rate_limits(app)
     register_blueprints(app)
     document_api(app)
@@ -53,14 +58,13 @@ def register_packet_rules(app: Flask) -> None:
 
 
 def register_extensions(app: Flask) -> None:
-    """Bind db, migrations, the queue service, the bookkeeper, CORS and the API object."""
+    """Bind db, migrations, the queue service, CORS and the API object."""
     from bucket import models  # noqa: F401 - registers the tables on the metadata
-    from bucket.extensions import api, bookkeeper, cors, db, migrate, queue
+    from bucket.extensions import api, cors, db, migrate, queue
 
     db.init_app(app)
     migrate.init_app(app, db, directory=str(app.root_path + "/../migrations"))
     queue.init_app(app)
-    bookkeeper.init_app(app)
     cors.init_app(
         app,
         resources={r"/api/v1/bucket/prana/ingest": {"origins": app.config["BUCKET_CORS_ORIGINS"]}},
@@ -73,6 +77,32 @@ def register_extensions(app: Flask) -> None:
     with app.app_context():
         for engine in db.engines.values():
             tune_engine(engine)
+
+
+def register_background_work(app: Flask) -> None:
+    """The bookkeeper's periodic tasks, in the order each round runs them (gunicorn starts it)."""
+    from bucket.bookkeeper import PeriodicTask
+    from bucket.extensions import bookkeeper
+    from bucket.services import activity, quarantine
+    from bucket.services.audit.sealing import seal_backlog
+    from bucket.services.bookkeeping import book_new_packets
+
+    seal_every = app.config["BUCKET_AUDIT_SEAL_INTERVAL"]
+    bookkeeper.init_app(
+        app,
+        [
+            PeriodicTask("bookkeeping", book_new_packets),
+            # Sealing stops at the horizon the booking above just moved.
+            PeriodicTask("sealing", seal_backlog, seal_every if seal_every > 0 else -1),
+            PeriodicTask("quarantine expiry", quarantine.expire, EXPIRY_INTERVAL),
+            PeriodicTask("roll-up pruning", activity.prune, EXPIRY_INTERVAL),
+        ],
+    )
+
+
+# Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS and old per-minute roll-ups are
+# dropped this often (seconds).
+EXPIRY_INTERVAL = 60.0
 
 
 def register_blueprints(app: Flask) -> None:
@@ -115,7 +145,7 @@ def register_blueprints(app: Flask) -> None:
 
 def register_error_handlers(app: Flask) -> None:
     """One JSON error shape for every failure."""
-    from bucket.errors import register_error_handlers as install
+    from bucket.web.errors import register_error_handlers as install
 
     install(app)
 
@@ -136,17 +166,17 @@ def register_commands(app: Flask) -> None:
 
 def configure_logging(app: Flask) -> None:
     """JSON log lines on stderr at LOG_LEVEL, unless the host configured logging already."""
-    from bucket.request_log import configure_logging as install
+    from bucket.web.request_log import configure_logging as install
 
     install(app)
 
 
 def register_request_hooks(app: Flask) -> None:
     """Request id and log line, request metrics, trusted proxies, the consumer token (in order)."""
-    from bucket.auth import init_auth
-    from bucket.metrics import init_metrics
-    from bucket.ratelimit import trust_proxies
-    from bucket.request_log import init_request_log
+    from bucket.web.auth import init_auth
+    from bucket.web.metrics import init_metrics
+    from bucket.web.ratelimit import trust_proxies
+    from bucket.web.request_log import init_request_log
 
     init_request_log(app)
     init_metrics(app)
@@ -156,9 +186,9 @@ def register_request_hooks(app: Flask) -> None:
 
 def register_rate_limits(app: Flask) -> None:
     """Ingest limits per client address and per user (BUCKET_RATE_LIMIT_*)."""
-    from bucket.extensions import rate_limits
+    from bucket.web.ratelimit import RateLimits
 
-    rate_limits.init_app(app)
+    RateLimits(app)
 
 
 def document_api(app: Flask) -> None:

@@ -1,6 +1,8 @@
-"""The background bookkeeper: a thread per worker process that books new packets every few seconds
-(seals new packets into the audit log every BUCKET_AUDIT_SEAL_INTERVAL seconds, and drops expired
-quarantine entries once a minute).
+"""The background bookkeeper: a thread per worker process that runs the service's periodic work.
+
+It knows nothing of that work: the application factory hands it the tasks (book new packets,
+seal them into the audit log, drop expired quarantine entries and old roll-ups), each with its
+own period, and the thread runs every due task in the order given, once per round.
 
 Started by gunicorn's ``post_worker_init`` hook (``gunicorn.conf.py``), so neither tests,
 ``flask shell`` nor CLI commands run it unasked; ``flask bucket book`` does one round by hand.
@@ -13,6 +15,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -22,33 +26,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 EXTENSION_KEY = "bucket.bookkeeper"
-# Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS are dropped this often (seconds).
-QUARANTINE_EXPIRY_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class PeriodicTask:
+    """One piece of background work: ``run`` every ``every`` seconds (0: every round).
+
+    A task whose period is negative is left out (its feature is switched off)."""
+
+    name: str
+    run: Callable[[], object]
+    every: float = 0.0
 
 
 class BookkeeperState:
-    """One application's bookkeeping thread and its pace."""
+    """One application's bookkeeping thread, its pace and its tasks."""
 
-    def __init__(self, interval: float, seal_interval: float = 0.0) -> None:
+    def __init__(self, interval: float, tasks: Sequence[PeriodicTask]) -> None:
         self.interval = interval
+        self.tasks = [task for task in tasks if task.every >= 0]
         self.thread: threading.Thread | None = None
         self.stop = threading.Event()
         self.rounds = 0
-        self.next_expiry = 0.0
-        self.seal_interval = seal_interval
-        self.next_seal = 0.0
+        self.next_run = dict.fromkeys((task.name for task in self.tasks), 0.0)
 
 
 class Bookkeeper:
-    """Flask extension running ``book_new_packets`` in the background of a serving process."""
+    """Flask extension running periodic tasks in the background of a serving process."""
 
-    def __init__(self, app: Flask | None = None) -> None:
+    def __init__(self, app: Flask | None = None, tasks: Sequence[PeriodicTask] = ()) -> None:
         if app is not None:
-            self.init_app(app)
+            self.init_app(app, tasks)
 
-    def init_app(self, app: Flask) -> None:
+    def init_app(self, app: Flask, tasks: Sequence[PeriodicTask] = ()) -> None:
+        """Keep this app's tasks; the thread runs a round every BUCKET_BOOKKEEPING_INTERVAL s."""
         app.extensions[EXTENSION_KEY] = BookkeeperState(
-            app.config["BUCKET_BOOKKEEPING_INTERVAL"], app.config["BUCKET_AUDIT_SEAL_INTERVAL"]
+            app.config["BUCKET_BOOKKEEPING_INTERVAL"], tasks
         )
 
     def start(self, app: Flask) -> None:
@@ -70,28 +83,28 @@ class Bookkeeper:
             state.thread.join(timeout)
 
     def _run(self, app: Flask, state: BookkeeperState) -> None:
-        from bucket.extensions import db
-        from bucket.services import activity, quarantine
-        from bucket.services.audit.sealing import seal_backlog
-        from bucket.services.bookkeeping import book_new_packets
-
         while not state.stop.wait(state.interval):
             started = time.monotonic()
+            # Leaving the app context removes the database session (Flask-SQLAlchemy).
             with app.app_context():
-                try:
-                    book_new_packets()
-                    if state.seal_interval > 0 and time.monotonic() >= state.next_seal:
-                        state.next_seal = time.monotonic() + state.seal_interval
-                        seal_backlog()
-                    if time.monotonic() >= state.next_expiry:
-                        state.next_expiry = time.monotonic() + QUARANTINE_EXPIRY_INTERVAL
-                        quarantine.expire()
-                        activity.prune()
-                except SQLAlchemyError as exc:  # the database is away: try again next round
-                    log.warning("bookkeeping failed: %s", exc.__class__.__name__)
-                except Exception:  # noqa: BLE001 - a bug must not end the thread
-                    log.exception("bookkeeping failed")
-                finally:
-                    db.session.remove()
+                run_round(state)
             state.rounds += 1
             log.debug("bookkeeping round took %.1f ms", (time.monotonic() - started) * 1000)
+
+
+def run_round(state: BookkeeperState) -> None:
+    """Run every due task in order; a failure skips the rest of the round, as the later tasks
+    build on the earlier ones (sealing stops at the bookkeeper's horizon)."""
+    for task in state.tasks:
+        now = time.monotonic()
+        if now < state.next_run[task.name]:
+            continue
+        state.next_run[task.name] = now + task.every
+        try:
+            task.run()
+        except SQLAlchemyError as exc:  # the database is away: try again next round
+            log.warning("%s failed: %s", task.name, exc.__class__.__name__)
+            return
+        except Exception:  # noqa: BLE001 - a bug must not end the thread
+            log.exception("%s failed", task.name)
+            return

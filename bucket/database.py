@@ -13,8 +13,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DisconnectionError
 
 from bucket.jsonutil import canonical_json
-from bucket.services.dialect import AUTOCOMMIT_BIND
 from bucket.sqlite_turns import TurnTakingConnection, turns_for
+
+# The pool of the hand-written hot statements (services/sql.py), in autocommit.
+AUTOCOMMIT_BIND = "autocommit"
 
 # The hot statements must reach packets through an index range in index order whatever the
 # statistics say: a backlog grows faster than autovacuum re-analyses, and on stale statistics

@@ -10,7 +10,6 @@ from sqlalchemy.orm import DeclarativeBase
 
 from bucket.bookkeeper import Bookkeeper
 from bucket.queue import QueueService
-from bucket.ratelimit import RateLimits
 
 
 class Base(DeclarativeBase):
@@ -22,5 +21,4 @@ migrate = Migrate()
 api = Api()
 cors = CORS()
 queue = QueueService()
-rate_limits = RateLimits()
 bookkeeper = Bookkeeper()

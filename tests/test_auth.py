@@ -113,7 +113,7 @@ def test_ingest_stays_open_to_browsers(client):
 
 def test_without_a_token_the_service_is_open_warns_and_says_so(make_app, caplog):
     """No BUCKET_CONSUMER_TOKEN: it starts, logs a warning, and status reports auth off."""
-    with caplog.at_level(logging.WARNING, logger="bucket.auth"):
+    with caplog.at_level(logging.WARNING, logger="bucket.web.auth"):
         app = make_app(BUCKET_CONSUMER_TOKEN=[])
     assert any("BUCKET_CONSUMER_TOKEN is not set" in r.getMessage() for r in caplog.records)
     client = app.test_client()

@@ -50,11 +50,11 @@ def assert_500_shape(response) -> None:
 def test_an_unhandled_exception_answers_json_500_without_internals(production_errors, caplog):
     """A bug answers the one error shape, leaks nothing, and is logged with its traceback."""
     client = production_errors.test_client()
-    with caplog.at_level(logging.ERROR, logger="bucket.errors"):
+    with caplog.at_level(logging.ERROR, logger="bucket.web.errors"):
         response = client.get(BOOM)
     assert_500_shape(response)
     assert "hunter2" not in response.get_data(as_text=True)
-    (record,) = [r for r in caplog.records if r.name == "bucket.errors"]
+    (record,) = [r for r in caplog.records if r.name == "bucket.web.errors"]
     assert record.exc_info and record.exc_info[0] is RuntimeError
 
 

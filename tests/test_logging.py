@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bucket.request_log import json_formatter
+from bucket.web.request_log import json_formatter
 from tests.factories import make_packet
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,11 +18,11 @@ import psycopg
 import pytest
 from sqlalchemy import text
 
+from bucket.database import AUTOCOMMIT_BIND
 from bucket.extensions import db
 from bucket.services.counters import recount
 from bucket.services.delivery.acks import PG_ACK
 from bucket.services.delivery.claims import PG_HEADS, PG_LEASE
-from bucket.services.dialect import AUTOCOMMIT_BIND
 from bucket.services.stats import COUNT_CAP, HEAD_ROWS, STATUS_SQL
 from bucket.timeutil import epoch_now, from_epoch
 from tests.queue_helpers import ingest_many

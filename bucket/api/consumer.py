@@ -5,10 +5,9 @@ from __future__ import annotations
 from flask import jsonify
 from flask_smorest import Blueprint, abort
 
-from bucket.api.body import load_or_abort, read_json_object
 from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import pending_packet_out, user_packet_out
-from bucket.metrics import note_acks
+from bucket.exceptions import BadCursor
 from bucket.schemas import (
     AckBatchResultSchema,
     AckBatchSchema,
@@ -24,8 +23,9 @@ from bucket.schemas import (
     fast_load_acks,
 )
 from bucket.services import delivery
-from bucket.services.cursors import BadCursor
 from bucket.services.listing import user_packets
+from bucket.web.body import load_or_abort, read_json_object
+from bucket.web.metrics import note_acks
 
 blp = Blueprint(
     "consumer",

@@ -10,8 +10,8 @@ from typing import Any
 
 from flask import Flask
 
-from bucket.auth import PROTECTED_BLUEPRINTS
 from bucket.timeutil import TIMESTAMP_PATTERN
+from bucket.web.auth import PROTECTED_BLUEPRINTS
 
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 RETRY_AFTER = {

@@ -6,11 +6,11 @@ from flask import current_app, jsonify, request
 from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
-from bucket.api.body import load_or_abort, read_json_object
-from bucket.metrics import note_packets
 from bucket.schemas import BatchEnvelopeSchema, packet_rules
 from bucket.services import quarantine
 from bucket.services.ingest import store_batch, store_packets
+from bucket.web.body import load_or_abort, read_json_object
+from bucket.web.metrics import note_packets
 
 blp = Blueprint(
     "ingest",

@@ -6,7 +6,7 @@ from flask import Response
 from flask_smorest import Blueprint
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from bucket.metrics import render_metrics
+from bucket.web.metrics import render_metrics
 
 blp = Blueprint("metrics", __name__, description="Prometheus metrics (no authentication).")
 

@@ -8,6 +8,7 @@ from flask_smorest import Blueprint
 
 from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import user_packet_out
+from bucket.exceptions import BadCursor
 from bucket.models import DeliveryState
 from bucket.schemas import (
     DeadQuerySchema,
@@ -19,7 +20,6 @@ from bucket.schemas import (
     UserPacketSchema,
 )
 from bucket.services import activity, delivery
-from bucket.services.cursors import BadCursor
 from bucket.services.listing import dead_letters
 
 blp = Blueprint(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Response, jsonify, request, url_for
 from flask_smorest import abort
 
-from bucket.services.cursors import BadCursor
+from bucket.exceptions import BadCursor
 
 
 def page_response(items: list, next_cursor: str | None, endpoint: str, **view_args) -> Response:

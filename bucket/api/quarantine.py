@@ -7,6 +7,7 @@ from flask_smorest import Blueprint, abort
 
 from bucket.api.paging import page_response, refuse_cursor
 from bucket.api.presenters import quarantine_entry_out
+from bucket.exceptions import BadCursor
 from bucket.schemas import (
     QuarantineEntrySchema,
     QuarantineQuerySchema,
@@ -14,7 +15,6 @@ from bucket.schemas import (
     QuarantineReplaySchema,
 )
 from bucket.services import quarantine
-from bucket.services.cursors import BadCursor
 from bucket.services.quarantine import Filters
 
 blp = Blueprint(

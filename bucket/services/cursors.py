@@ -11,12 +11,10 @@ import json
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from bucket.exceptions import BadCursor
+
 T = TypeVar("T")
 MESSAGE = "The cursor is not valid; use the Link header of a previous page."
-
-
-class BadCursor(ValueError):
-    """The cursor was not one this service issued."""
 
 
 def encode(*values: Any) -> str:

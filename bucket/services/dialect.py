@@ -16,7 +16,3 @@ def upsert_insert(table):
     """An INSERT that supports ``on_conflict_do_nothing`` on the current backend."""
     module = postgresql if dialect_name() == "postgresql" else sqlite
     return module.insert(table)
-
-
-# The pool of the hand-written hot statements (services/sql.py), in autocommit.
-AUTOCOMMIT_BIND = "autocommit"

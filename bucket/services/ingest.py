@@ -12,6 +12,7 @@ import orjson
 from psycopg.types.json import Json
 from sqlalchemy import insert, or_, select, text
 
+from bucket.exceptions import ConflictVanished
 from bucket.extensions import db, queue
 from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
@@ -53,10 +54,6 @@ EXISTING_SQL = (
     "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packets "
     "WHERE idempotency_key = %(idem)s"
 )
-
-
-class ConflictVanished(RuntimeError):
-    """A duplicate's original disappeared before it could be read back; the client retries."""
 
 
 @dataclass(frozen=True)

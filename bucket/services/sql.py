@@ -22,8 +22,9 @@ import psycopg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
+from bucket.database import AUTOCOMMIT_BIND
 from bucket.extensions import db
-from bucket.services.dialect import AUTOCOMMIT_BIND, dialect_name
+from bucket.services.dialect import dialect_name
 
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
 # LOG_LEVEL=DEBUG shows every hand-written statement sent to PostgreSQL (SQLAlchemy's own are

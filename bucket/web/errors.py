@@ -10,8 +10,8 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from bucket.exceptions import DatabaseUnavailable
 from bucket.extensions import db
-from bucket.services.ingest import ConflictVanished
 
 log = logging.getLogger(__name__)
 DATABASE_RETRY_AFTER = "2"
@@ -109,6 +109,6 @@ def register_error_handlers(app: Flask) -> None:
     """Install the handlers; ours replace flask-smorest's HTTP handler to always add a message."""
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(PoolTimeoutError, database_unavailable)
-    app.register_error_handler(ConflictVanished, database_unavailable)
+    app.register_error_handler(DatabaseUnavailable, database_unavailable)
     app.register_error_handler(DBAPIError, database_error)
     app.register_error_handler(InternalServerError, internal_error)

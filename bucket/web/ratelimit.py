@@ -23,7 +23,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from bucket.api.body import ACCEPTED_MEDIA_TYPES
+from bucket.web.body import ACCEPTED_MEDIA_TYPES
+from bucket.web.errors import error_response
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +214,6 @@ def check_ingest_limits():
 
 def too_many_requests(limits: IngestLimits, item: RateLimitItem, scope: str, key: str):
     """429 in the one error shape, with ``Retry-After`` from the breached window."""
-    from bucket.errors import error_response
-
     retry_after = limits.retry_after_seconds(item, scope, key)
     who = "this address" if scope == "ip" else "this user"
     return error_response(

@@ -7,7 +7,7 @@ import logging
 
 from flask import Flask, current_app, request
 
-from bucket.errors import error_response
+from bucket.web.errors import error_response
 
 log = logging.getLogger(__name__)
 

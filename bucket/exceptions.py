@@ -1,0 +1,20 @@
+"""Domain exceptions: raised by the services, answered by the error handlers (bucket/web/errors).
+
+They live at the bottom of the package so that both sides import them from here and neither
+imports the other.
+"""
+
+from __future__ import annotations
+
+
+class DatabaseUnavailable(RuntimeError):
+    """The database could not serve the request now; nothing was stored, and the client retries
+    (answered 503 with ``Retry-After``)."""
+
+
+class ConflictVanished(DatabaseUnavailable):
+    """A duplicate's original disappeared before it could be read back; the client retries."""
+
+
+class BadCursor(ValueError):
+    """The cursor was not one this service issued."""
