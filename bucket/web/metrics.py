@@ -55,6 +55,11 @@ PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "
 # Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
 ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
 
+# Label values come from fixed sets, so no request can add a series: endpoints are the url
+# map's (or "unmatched"), methods these (or "other"), statuses the app's (or "other").
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+STATUSES = frozenset(range(100, 600))
+
 _children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
@@ -82,11 +87,13 @@ def record_request(response):
     """Count the request and its latency; cached label children keep this to a dict lookup."""
     started = g.get("request_started")
     endpoint = request.endpoint or "unmatched"
-    key = (endpoint, request.method, response.status_code)
+    method = request.method if request.method in METHODS else "other"
+    key = (endpoint, method, response.status_code)
     children = _children.get(key)
     if children is None:
+        code = response.status_code
         children = _children[key] = (
-            REQUESTS.labels(endpoint, request.method, str(response.status_code)),
+            REQUESTS.labels(endpoint, method, str(code) if code in STATUSES else "other"),
             LATENCY.labels(endpoint),
         )
     children[0].inc()
