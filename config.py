@@ -64,6 +64,8 @@ class Config:
         self.BUCKET_RETRY_BACKOFF_MAX = env_float("BUCKET_RETRY_BACKOFF_MAX", 3600.0)
         self.BUCKET_MAX_BODY_BYTES = env_int("BUCKET_MAX_BODY_BYTES", 1024 * 1024)
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
+        # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
+        self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)
         # What cognitive_state may hold (the legacy EMS states are accepted besides).
         self.BUCKET_COGNITIVE_STATES = env_list(
             "BUCKET_COGNITIVE_STATES",
@@ -90,6 +92,10 @@ class Config:
         )
         self.BUCKET_RATE_LIMIT_INGEST_PER_USER = env_str(
             "BUCKET_RATE_LIMIT_INGEST_PER_USER", "600 per minute"
+        )
+        # Bytes of ingest bodies per client address, stored or refused alike (32 MiB a minute).
+        self.BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP = env_str(
+            "BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP", "33554432 per minute"
         )
         self.BUCKET_RATE_LIMIT_STRATEGY = env_str(
             "BUCKET_RATE_LIMIT_STRATEGY", "sliding-window-counter"

@@ -133,6 +133,14 @@ CASES: dict[str, dict] = {
         "value": "3 per second",
         "config": ("BUCKET_RATE_LIMIT_INGEST_PER_USER", None),
     },
+    "BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP": {
+        "value": "4096 per second",
+        "config": ("BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP", None),
+    },
+    "BUCKET_RAW_SIGNALS_MAX_BYTES": {
+        "value": "2048",
+        "config": ("BUCKET_RAW_SIGNALS_MAX_BYTES", 2048),
+    },
     "BUCKET_RATE_LIMIT_STRATEGY": {
         "value": "fixed-window",
         "config": ("BUCKET_RATE_LIMIT_STRATEGY", None),

@@ -207,11 +207,9 @@ def test_limits_survive_redis_dying_by_falling_back_to_memory(make_app, tmp_path
         private.stop()
 
 
-# In memory (no Redis) the limits are counted one after the other.
-@pytest.mark.parametrize("backend", ["postgres"])
-def test_a_request_refused_by_one_limit_spends_no_other_allowance(make_app, backend):
-    """A user over their limit does not use up their classroom's: on Redis the address and
-    user windows are checked and counted together, all or nothing."""
+def test_a_request_refused_by_one_limit_spends_no_other_allowance(make_app):
+    """A user over their limit does not use up their classroom's: the address and user
+    windows are checked and counted together, all or nothing (in one script on Redis)."""
     client = limited(
         make_app,
         BUCKET_RATE_LIMIT_INGEST_PER_IP="3 per minute",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from flask import current_app, jsonify, request
 from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
 from bucket.schemas import BatchEnvelopeSchema, packet_rules
 from bucket.services import quarantine
-from bucket.services.ingest import store_batch, store_packets
+from bucket.services.ingest import packet_user, store_batch, store_packets
 from bucket.web.body import load_or_abort, read_json_object
 from bucket.web.metrics import note_packets
+from bucket.web.ratelimit import admit_ingest
 
 blp = Blueprint(
     "ingest",
@@ -82,6 +85,7 @@ def ingest():
         message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters."
         abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
     packet = load_or_quarantine(body, idempotency_key)
+    admit_ingest(1, {packet_user(packet): 1})
     (outcome,) = store_packets([packet], idempotency_key)
     note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
     # A duplicate keeps the seed's "ingested" status (the bridge checks it) and says so aside.
@@ -102,6 +106,7 @@ def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
         return packet_rules().load(body)
     except ValidationError as exc:
         errors = exc.normalized_messages()
+        admit_ingest(1, {})  # the address pays for a refused packet, not the user it names
         (entry_id,) = quarantine.keep_if_reachable(
             [quarantine.Refused(body, errors, request.origin, "packet", idempotency_key)]
         )
@@ -141,6 +146,8 @@ def ingest_batch(body: dict):
             valid.append((index, rules.load(raw)))
         except ValidationError as exc:
             errors[index] = exc.normalized_messages()
+    # Each accepted packet is charged to its own user; the address pays for every packet.
+    admit_ingest(len(packets), Counter(packet_user(packet) for _, packet in valid))
     summary = store_batch(len(packets), valid, errors)
     refused = [index for index in sorted(errors) if isinstance(packets[index], dict)]
     kept = quarantine.keep_if_reachable(

@@ -128,9 +128,14 @@ def scoped_idempotency_key(user_id: str, key: str | None) -> str | None:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+def packet_user(data: dict[str, Any]) -> str:
+    """A validated packet's user: ``user_id``, or the EMS ``employee_id`` without one."""
+    return data.get("user_id") or data["employee_id"]
+
+
 def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str | None) -> dict:
     """Turn a validated packet into a table row (EMS ``employee_id`` becomes the user)."""
-    user_id = data.get("user_id") or data["employee_id"]
+    user_id = packet_user(data)
     timestamp = data["timestamp"]
     return {
         "packet_id": new_packet_id(),

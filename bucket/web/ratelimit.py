@@ -1,35 +1,72 @@
-"""Rate limits on ingest, per client address and per user, counted in packets.
+"""Rate limits on ingest: packets per client address and per user, bytes per client address.
 
 Only ingest is limited: it is the one endpoint open to the internet. Consumer and operator
 endpoints are never throttled (the original's limiter throttled its own poller and stranded
 packets); they are guarded by the consumer token instead. Counters live in Redis when
 ``REDIS_URL`` is set, so every worker and instance shares them, and fall back to memory while
-Redis is unreachable (Redis is tried again a second later).
+Redis is unreachable (Redis is tried again a second later); without Redis each instance
+counts on its own.
+
+A request is admitted once, by the view, when it knows what each packet is: the address pays
+for every packet and every byte it sent, stored or refused; a user pays only for the packets
+accepted in their name, each packet to its own user, so nobody can spend a victim's
+allowance with packets that are refused. A request that never reaches that point (a body
+that is not JSON, an empty or oversized batch) is charged to its address afterwards.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-import orjson
 from flask import Flask, current_app, g, request
+from flask_smorest import abort
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage, RedisStorage, storage_from_string
 from limits.strategies import STRATEGIES, SlidingWindowCounterRateLimiter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from bucket.web.body import ACCEPTED_MEDIA_TYPES
 from bucket.web.errors import error_response
 
 log = logging.getLogger(__name__)
 
 EXTENSION_KEY = "bucket.ratelimit"
 INGEST_ENDPOINT = "ingest.ingest"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One kind of key a request is charged to: the setting holding its limits, and how a
+    429 names what ran out."""
+
+    setting: str
+    what: str
+
+
+# Each kind of key ingest is charged to. Another kind (say, the verified token's subject) is one
+# more entry here and one more ``Charge`` in ``admit_ingest``.
+SCOPES: dict[str, Scope] = {
+    "ip": Scope("BUCKET_RATE_LIMIT_INGEST_PER_IP", "packets from this address"),
+    "ip_bytes": Scope("BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP", "bytes from this address"),
+    "user": Scope("BUCKET_RATE_LIMIT_INGEST_PER_USER", "packets for this user"),
+}
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one request costs one key: ``cost`` units (packets or bytes) of ``scope``'s limits."""
+
+    scope: str
+    key: str
+    cost: int
 
 
 def trust_proxies(app: Flask) -> None:
@@ -43,50 +80,28 @@ def trust_proxies(app: Flask) -> None:
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
 
 
-def read_ingest_identity() -> None:
-    """Parse an ingest body once, before the limits run: its user and packet count set the cost.
-
-    The parsed object is left in ``g.json_body`` for the view, so JSON is decoded once per
-    request. Nothing here refuses a request: bad bodies cost one packet and are judged by the view.
-    """
-    if request.endpoint != INGEST_ENDPOINT or request.method != "POST":
-        return
-    g.rate_user, g.rate_cost = None, 1
-    media_type = (request.mimetype or "").lower()
-    if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
-        return
-    try:
-        body = orjson.loads(request.get_data(cache=True))
-    except orjson.JSONDecodeError:
-        return
-    if not isinstance(body, dict):
-        return
-    g.json_body = body
-    packets = body.get("packets")
-    if isinstance(packets, list):
-        g.rate_cost = max(1, len(packets))
-        first = packets[0] if packets and isinstance(packets[0], dict) else {}
-    else:
-        first = body
-    user = first.get("user_id") or first.get("employee_id")
-    if isinstance(user, str) and user:
-        g.rate_user = user[:256]
-
-
 def client_address() -> str:
     """The caller's address (after ProxyFix, when proxies are trusted)."""
     return request.remote_addr or "unknown"
 
 
+def body_bytes() -> int:
+    """Bytes of the request body: as read, or as announced when it was refused unread."""
+    try:
+        return len(request.get_data(cache=True))
+    except HTTPException:  # over BUCKET_MAX_BODY_BYTES: never read
+        return request.content_length or 0
+
+
 # Every limit of one request in one round trip, all or nothing: each (previous, current) key
 # pair is a sliding window counter exactly as the ``limits`` library keeps it (its own script
 # acquires one window per call), so the library still reads these windows for Retry-After.
+# ARGV holds (amount, limit, expiry) for each pair: each key is charged its own amount.
 ACQUIRE_ALL = """
-local amount = tonumber(ARGV[1])
-local weighted = {}
 for i = 1, #KEYS / 2 do
   local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
-  local limit, expiry = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]) * 1000
+  local amount, limit = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
+  local expiry = tonumber(ARGV[3 * i]) * 1000
   if amount > limit then return i end
   local current_ttl = tonumber(redis.call('pttl', current))
   if current_ttl > 0 and current_ttl < expiry then
@@ -101,7 +116,8 @@ for i = 1, #KEYS / 2 do
   end
 end
 for i = 1, #KEYS / 2 do
-  local current, expiry = KEYS[2 * i], tonumber(ARGV[2 * i + 1]) * 1000
+  local current = KEYS[2 * i]
+  local amount, expiry = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i]) * 1000
   if redis.call('exists', current) == 1 then
     redis.call('incrby', current, amount)
   else
@@ -111,7 +127,8 @@ end
 return 0
 """
 
-Check = tuple[RateLimitItem, str, str]  # the limit, its scope (ip or user), the key
+Check = tuple[RateLimitItem, str, str, int]  # the limit, its scope, the key, the cost
+Breach = tuple[RateLimitItem, str, str]  # the limit a request would exceed, its scope and key
 
 
 class IngestLimits:
@@ -120,16 +137,16 @@ class IngestLimits:
     The ``limits`` library provides the storage (Redis or memory) and the strategies. With
     Redis and the sliding window counter (the default), all of a request's limits are checked
     and counted by one script in one round trip; two round trips per request were a third of
-    an ingest's CPU. While Redis fails, counting goes on in this process's memory and Redis is
-    tried again after ``retry_after`` seconds.
+    an ingest's CPU. Otherwise each limit is tested, then all are counted, under a lock (all
+    or nothing within this process). While Redis fails, counting goes on in this process's
+    memory and Redis is tried again after ``retry_after`` seconds.
     """
 
     def __init__(
         self,
         storage_uri: str,
         options: dict,
-        per_ip: str,
-        per_user: str,
+        limits: Mapping[str, str],
         strategy: str,
         retry_after: float,
     ) -> None:
@@ -144,48 +161,62 @@ class IngestLimits:
             if self.one_round_trip
             else None
         )
-        self.per_ip = parse_many(per_ip) if per_ip else []
-        self.per_user = parse_many(per_user) if per_user else []
+        self.items = {scope: parse_many(text) for scope, text in limits.items() if text}
         self.retry_after = retry_after
         self._down_until = 0.0
+        self._lock = threading.Lock()
 
     def strategy(self):
         """The shared counters, or memory while they are unreachable."""
         return self.primary if time.monotonic() >= self._down_until else self.fallback
 
-    def acquire(self, checks: list[Check], cost: int) -> Check | None:
-        """Count ``cost`` against every check; return the first one it would exceed (then
-        nothing is counted, on Redis), or None."""
+    def checks(self, charges: Iterable[Charge]) -> list[Check]:
+        """Each limit every charge meets (scopes without limits, and free charges, meet none)."""
+        return [
+            (item, charge.scope, charge.key, charge.cost)
+            for charge in charges
+            if charge.cost > 0
+            for item in self.items.get(charge.scope, ())
+        ]
+
+    def admit(self, charges: Iterable[Charge]) -> Breach | None:
+        """Count every charge against its limits; return the first limit one would exceed
+        (then nothing is counted), or None."""
+        checks = self.checks(charges)
+        if not checks:
+            return None
         if self.strategy() is self.primary:
             try:
-                return self._acquire_shared(checks, cost)
+                if self.one_round_trip:
+                    return self._admit_in_one_script(checks)
+                return self._admit_in_turn(self.primary, checks)
             except Exception as exc:  # noqa: BLE001 - each storage raises its own errors
                 log.warning("rate limit storage unavailable, counting in memory: %s", exc)
                 self._down_until = time.monotonic() + self.retry_after
-        for check in checks:
-            item, scope, key = check
-            if not self.fallback.hit(item, INGEST_ENDPOINT, scope, key, cost=cost):
-                return check
+        return self._admit_in_turn(self.fallback, checks)
+
+    def _admit_in_turn(self, strategy, checks: list[Check]) -> Breach | None:
+        with self._lock:
+            for item, scope, key, cost in checks:
+                if not strategy.test(item, INGEST_ENDPOINT, scope, key, cost=cost):
+                    return item, scope, key
+            for item, scope, key, cost in checks:
+                strategy.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
         return None
 
-    def _acquire_shared(self, checks: list[Check], cost: int) -> Check | None:
-        if not self.one_round_trip:
-            for check in checks:
-                item, scope, key = check
-                if not self.primary.hit(item, INGEST_ENDPOINT, scope, key, cost=cost):
-                    return check
-            return None
-        keys, args = [], [cost]
+    def _admit_in_one_script(self, checks: list[Check]) -> Breach | None:
+        keys: list[str] = []
+        args: list[int] = []
         storage = self.storage
-        for item, scope, key in checks:
+        for item, scope, key, cost in checks:
             counted = item.key_for(INGEST_ENDPOINT, scope, key)
             keys += [
                 storage.prefixed_key(storage._previous_window_key(counted)),
                 storage.prefixed_key(storage._current_window_key(counted)),
             ]
-            args += [item.amount, item.get_expiry()]
+            args += [cost, item.amount, item.get_expiry()]
         breached = int(self.script(keys=keys, args=args))
-        return checks[breached - 1] if breached else None
+        return checks[breached - 1][:3] if breached else None
 
     def retry_after_seconds(self, item: RateLimitItem, scope: str, key: str) -> int:
         """Whole seconds until the breached window lets a request through."""
@@ -196,31 +227,50 @@ class IngestLimits:
             return 1
 
 
-def check_ingest_limits():
-    """Refuse an ingest request over its address's or its user's allowance, in packets."""
-    if request.endpoint != INGEST_ENDPOINT or request.method != "POST":
-        return None
-    read_ingest_identity()
+def admit_ingest(packets: int, users: Mapping[str, int]) -> None:
+    """Charge this ingest request, or refuse it with a 429 (then nothing is charged).
+
+    The client address pays ``packets`` and the body's bytes; each user the packets accepted
+    in their name. Called once per request, before anything is stored or quarantined.
+    """
+    g.ingest_admitted = True
+    limits: IngestLimits | None = current_app.extensions.get(EXTENSION_KEY)
+    if limits is None:
+        return
+    address = client_address()
+    charges = [Charge("ip", address, packets), Charge("ip_bytes", address, body_bytes())]
+    charges += [Charge("user", user, count) for user, count in users.items()]
+    breached = limits.admit(charges)
+    if breached is not None:
+        message, headers = refusal(limits, *breached)
+        abort(429, message=message, headers=headers)
+
+
+def charge_unadmitted(response):
+    """A request the view refused before admitting it (not JSON, a bad envelope, too large)
+    still costs its address one packet and its bytes; once over, such requests get 429 too."""
+    if (
+        request.endpoint != INGEST_ENDPOINT
+        or request.method != "POST"
+        or g.get("ingest_admitted")
+        or response.status_code == 429
+    ):
+        return response
     limits: IngestLimits = current_app.extensions[EXTENSION_KEY]
     address = client_address()
-    checks = [(item, "ip", address) for item in limits.per_ip]
-    if g.rate_user:
-        checks += [(item, "user", g.rate_user) for item in limits.per_user]
-    breached = limits.acquire(checks, g.rate_cost) if checks else None
-    if breached is not None:
-        return too_many_requests(limits, *breached)
-    return None
+    breached = limits.admit([Charge("ip", address, 1), Charge("ip_bytes", address, body_bytes())])
+    if breached is None:
+        return response
+    return error_response(429, *refusal(limits, *breached))
 
 
-def too_many_requests(limits: IngestLimits, item: RateLimitItem, scope: str, key: str):
-    """429 in the one error shape, with ``Retry-After`` from the breached window."""
+def refusal(
+    limits: IngestLimits, item: RateLimitItem, scope: str, key: str
+) -> tuple[str, dict[str, str]]:
+    """A 429's message and its ``Retry-After``, from the breached window."""
     retry_after = limits.retry_after_seconds(item, scope, key)
-    who = "this address" if scope == "ip" else "this user"
-    return error_response(
-        429,
-        f"Too many packets from {who}: the limit is {item}. Retry after {retry_after} s.",
-        {"Retry-After": str(retry_after)},
-    )
+    message = f"Too many {SCOPES[scope].what}: the limit is {item}. Retry after {retry_after} s."
+    return message, {"Retry-After": str(retry_after)}
 
 
 def storage_settings(app: Flask) -> tuple[str, dict[str, Any]]:
@@ -254,9 +304,8 @@ class RateLimits:
         app.extensions[EXTENSION_KEY] = IngestLimits(
             storage_uri,
             storage_options,
-            config["BUCKET_RATE_LIMIT_INGEST_PER_IP"],
-            config["BUCKET_RATE_LIMIT_INGEST_PER_USER"],
+            {scope: config.get(spec.setting) for scope, spec in SCOPES.items()},
             config["BUCKET_RATE_LIMIT_STRATEGY"],
             float(config["BUCKET_REDIS_RETRY_AFTER"]),
         )
-        app.before_request(check_ingest_limits)
+        app.after_request(charge_unadmitted)
