@@ -50,11 +50,14 @@ def register_json(app: Flask) -> None:
 
 
 def register_packet_rules(app: Flask) -> None:
-    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)."""
+    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)
+    and how large raw_signals may be (BUCKET_RAW_SIGNALS_MAX_BYTES)."""
     from bucket.schemas import PacketRules
 
     states = tuple(app.config["BUCKET_COGNITIVE_STATES"])
-    app.extensions["bucket.packet_rules"] = PacketRules(states)
+    app.extensions["bucket.packet_rules"] = PacketRules(
+        states, app.config["BUCKET_RAW_SIGNALS_MAX_BYTES"]
+    )
 
 
 def register_extensions(app: Flask) -> None:

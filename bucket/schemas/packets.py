@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import orjson
 from marshmallow import (
     ValidationError,
     fields,
@@ -24,6 +25,8 @@ SYSTEM_TYPES = ("gurukul", "ems")
 ROLES = ("student", "employee")
 WINDOW_SECONDS = 5.0
 WINDOW_TOLERANCE = 0.1
+# One packet's raw_signals as JSON, at most (BUCKET_RAW_SIGNALS_MAX_BYTES replaces it).
+RAW_SIGNALS_MAX_BYTES = 16384
 
 
 class PacketSchema(BaseSchema):
@@ -48,9 +51,25 @@ class PacketSchema(BaseSchema):
     integrity_score = StrictNumber(allow_none=True, validate=validate.Range(min=0, max=1))
     raw_signals = fields.Dict(required=True)
 
-    def __init__(self, cognitive_states: tuple[str, ...] = COGNITIVE_STATES, **kwargs: Any):
+    def __init__(
+        self,
+        cognitive_states: tuple[str, ...] = COGNITIVE_STATES,
+        raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         self.cognitive_states = accepted_cognitive_states(cognitive_states)
+        self.raw_signals_max_bytes = raw_signals_max_bytes
+
+    @validates("raw_signals")
+    def check_raw_signals_size(self, value: dict, **kwargs: Any) -> None:
+        """No bigger than the configured bytes as JSON: refused whole, never trimmed."""
+        size = json_size(value)
+        if size is not None and size > self.raw_signals_max_bytes:
+            raise ValidationError(
+                f"Larger than {self.raw_signals_max_bytes} bytes as JSON ({size}); "
+                "BUCKET_RAW_SIGNALS_MAX_BYTES bounds it."
+            )
 
     @validates("cognitive_state")
     def check_cognitive_state(self, value: str | None, **kwargs: Any) -> None:
@@ -89,6 +108,14 @@ _CHOICES = (
 _DEFAULT_STATES = frozenset(COGNITIVE_STATES) | frozenset(EMS_STATES)
 
 
+def json_size(value: Any) -> int | None:
+    """Bytes of ``value`` as compact JSON; None when it cannot be encoded (other rules judge)."""
+    try:
+        return len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        return None
+
+
 def accepted_cognitive_states(configured: tuple[str, ...]) -> frozenset[str]:
     """What ``cognitive_state`` may hold: the configured states and the legacy EMS ones."""
     return frozenset(configured) | frozenset(EMS_STATES)
@@ -102,7 +129,9 @@ def _finite_number(value: Any) -> bool:
 
 
 def fast_load_packet(
-    data: Any, cognitive_states: frozenset[str] = _DEFAULT_STATES
+    data: Any,
+    cognitive_states: frozenset[str] = _DEFAULT_STATES,
+    raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES,
 ) -> dict[str, Any] | None:
     """``PacketSchema().load(data)`` for the packets that pass it, in a fraction of the time;
     None whenever the packet might not pass, and then ``PacketSchema`` judges it and names
@@ -150,6 +179,9 @@ def fast_load_packet(
     timestamp, signals = data.get("timestamp"), data.get("raw_signals")
     if type(timestamp) is not str or type(signals) is not dict:
         return None
+    size = json_size(signals)
+    if size is None or size > raw_signals_max_bytes:
+        return None
     try:
         out["timestamp"] = parse_client_timestamp(timestamp)
     except (ValueError, OverflowError):
@@ -159,15 +191,21 @@ def fast_load_packet(
 
 
 class PacketRules:
-    """The packet rules in force for one application: its accepted cognitive states."""
+    """The packet rules in force for one application: its accepted cognitive states and the
+    size of raw_signals."""
 
-    def __init__(self, cognitive_states: tuple[str, ...]) -> None:
-        self.schema = PacketSchema(cognitive_states=tuple(cognitive_states))
+    def __init__(
+        self, cognitive_states: tuple[str, ...], raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES
+    ) -> None:
+        self.schema = PacketSchema(
+            cognitive_states=tuple(cognitive_states), raw_signals_max_bytes=raw_signals_max_bytes
+        )
         self.cognitive_states = self.schema.cognitive_states
+        self.raw_signals_max_bytes = raw_signals_max_bytes
 
     def load(self, data: Any) -> dict[str, Any]:
         """The validated packet; ``ValidationError`` naming each problem otherwise."""
-        packet = fast_load_packet(data, self.cognitive_states)
+        packet = fast_load_packet(data, self.cognitive_states, self.raw_signals_max_bytes)
         return packet if packet is not None else self.schema.load(data)
 
 
