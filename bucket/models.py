@@ -156,6 +156,8 @@ class QuarantinedPacket(db.Model):
     error_fields: Mapped[str] = mapped_column(Text)
     user_id: Mapped[str | None] = mapped_column(String(256))
     origin: Mapped[str | None] = mapped_column(String(512))
+    # The client address that first sent it: the bounds evict from the biggest sender first.
+    sender: Mapped[str | None] = mapped_column(String(64))
     source: Mapped[str] = mapped_column(String(16))  # "packet" or "batch"
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     size_bytes: Mapped[int] = mapped_column(Integer)
@@ -167,6 +169,7 @@ class QuarantinedPacket(db.Model):
         # Oldest first when the bounds or the retention period drop entries.
         Index("ix_quarantine_last_seen", "last_seen_at"),
         Index("ix_quarantine_user", "user_id", "id"),
+        Index("ix_quarantine_sender", "sender", "last_seen_at", "id"),
     )
 
 

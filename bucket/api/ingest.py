@@ -13,7 +13,7 @@ from bucket.services import quarantine
 from bucket.services.ingest import packet_user, store_batch, store_packets
 from bucket.web.body import load_or_abort, read_json_object
 from bucket.web.metrics import note_packets
-from bucket.web.ratelimit import admit_ingest
+from bucket.web.ratelimit import admit_ingest, client_address
 
 blp = Blueprint(
     "ingest",
@@ -108,7 +108,11 @@ def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
         errors = exc.normalized_messages()
         admit_ingest(1, {})  # the address pays for a refused packet, not the user it names
         (entry_id,) = quarantine.keep_if_reachable(
-            [quarantine.Refused(body, errors, request.origin, "packet", idempotency_key)]
+            [
+                quarantine.Refused(
+                    body, errors, request.origin, "packet", idempotency_key, client_address()
+                )
+            ]
         )
         kept = entry_id is not None
         abort(
@@ -150,8 +154,12 @@ def ingest_batch(body: dict):
     admit_ingest(len(packets), Counter(packet_user(packet) for _, packet in valid))
     summary = store_batch(len(packets), valid, errors)
     refused = [index for index in sorted(errors) if isinstance(packets[index], dict)]
+    sender = client_address()
     kept = quarantine.keep_if_reachable(
-        [quarantine.Refused(packets[i], errors[i], request.origin, "batch") for i in refused]
+        [
+            quarantine.Refused(packets[i], errors[i], request.origin, "batch", None, sender)
+            for i in refused
+        ]
     )
     for index, entry_id in zip(refused, kept, strict=True):
         if entry_id is not None:

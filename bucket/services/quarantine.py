@@ -5,11 +5,12 @@ kept as received with its errors, when and from which ``Origin`` it came. Copies
 content (transport fields such as ``retry_count`` left out) share one entry whose
 ``seen_count`` grows. Anyone on the internet can post, so the quarantine is bounded: at most
 ``BUCKET_QUARANTINE_MAX_ROWS`` entries and ``BUCKET_QUARANTINE_MAX_BYTES`` of bodies (the
-least recently seen are evicted first) and ``BUCKET_QUARANTINE_RETENTION_DAYS`` since an entry
-was last seen; both kinds of drop are counted. Replay validates each entry again under the
-rules in force now and ingests those that pass exactly as if they had just arrived (so
-deduplication applies, and replaying twice stores nothing twice); the others stay, with their
-new errors.
+sender address holding the most gives way first, its least recently seen entries first, so
+one sender cannot push everyone else's entries out) and ``BUCKET_QUARANTINE_RETENTION_DAYS``
+since an entry was last seen; both kinds of drop are counted. Replay validates each entry
+again under the rules in force now and ingests those that pass exactly as if they had just
+arrived (so deduplication applies, and replaying twice stores nothing twice); the others stay,
+with their new errors.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import orjson
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, literal, select, update
 from sqlalchemy.exc import OperationalError
 
 from bucket.extensions import db
@@ -53,6 +54,7 @@ class Refused:
     origin: str | None
     source: str  # "packet" or "batch"
     idempotency_key: str | None = None
+    sender: str | None = None  # the client address it came from
 
 
 @dataclass
@@ -121,6 +123,7 @@ def keep(refused: list[Refused]) -> list[int]:
             "error_fields": error_fields(item.errors),
             "user_id": identity_of(item.body),
             "origin": storable(item.origin, 512),
+            "sender": storable(item.sender, 64),
             "source": item.source,
             "idempotency_key": storable(item.idempotency_key, 255),
             "size_bytes": len(body_text),
@@ -178,17 +181,42 @@ def totals() -> tuple[int, int]:
 
 
 def evict_beyond(limits: Limits, adding_rows: int, adding_bytes: int) -> tuple[int, int]:
-    """Delete the least recently seen entries while the quarantine, with what this
-    transaction adds, is over either bound; the entries and bytes deleted."""
+    """While the quarantine, with what this transaction adds, is over either bound, delete the
+    least recently seen entries of the sender holding the most (bytes, when the byte bound is
+    the one exceeded; entries otherwise); the entries and bytes deleted.
+
+    Once over a bound, eviction goes 1% below it, so the search for the biggest sender (a
+    scan of the table) runs once per many newcomers, not for each one.
+    """
     held_rows, held_bytes = totals()
     rows, size = held_rows + adding_rows, held_bytes + adding_bytes
+    if rows <= limits.max_rows and size <= limits.max_bytes:
+        return 0, 0
+    low_rows = limits.max_rows - limits.max_rows // 100
+    low_bytes = limits.max_bytes - limits.max_bytes // 100
     dropped_rows = dropped_bytes = 0
-    while rows > limits.max_rows or size > limits.max_bytes:
-        excess = max(rows - limits.max_rows, 1)
+    while rows > low_rows or size > low_bytes:
+        by_bytes = size > low_bytes
+        share = func.sum(Q.c.size_bytes) if by_bytes else func.count()
+        biggest = db.session.execute(
+            select(Q.c.sender).group_by(Q.c.sender).order_by(share.desc()).limit(1)
+        ).first()
+        if biggest is None:
+            break
+        # That sender's least recently seen entries, as many as cover the excess.
+        weight = Q.c.size_bytes if by_bytes else literal(1)
+        excess = size - low_bytes if by_bytes else rows - low_rows
+        theirs = select(
+            Q.c.id,
+            weight.label("weight"),
+            func.sum(weight).over(order_by=(Q.c.last_seen_at, Q.c.id)).label("running"),
+        ).where(Q.c.sender.is_not_distinct_from(biggest.sender))
+        theirs = theirs.subquery()
         oldest = (
-            select(Q.c.id)
-            .order_by(Q.c.last_seen_at, Q.c.id)
-            .limit(min(excess, EVICTION_BATCH))
+            select(theirs.c.id)
+            .where(theirs.c.running - theirs.c.weight < excess)
+            .order_by(theirs.c.running)
+            .limit(EVICTION_BATCH)
             .scalar_subquery()
         )
         statement = delete(Q).where(Q.c.id.in_(oldest)).returning(Q.c.size_bytes)
