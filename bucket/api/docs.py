@@ -41,8 +41,8 @@ Every response carries an `X-Request-ID` header (the caller's, when it sent a pl
 Errors share one JSON shape: `code`, `status`, `message` and, per offending field, `errors`.
 When `BUCKET_CONSUMER_TOKEN` is set, the consumer and status endpoints need
 `Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes, `/metrics`
-and this document stay open. Ingest is rate limited per client address and per user (429 with
-`Retry-After`).
+and this document stay open. Ingest is rate limited in packets and bytes per client address and
+in accepted packets per user (429 with `Retry-After`).
 """
 HEALTH_SCHEMA = {
     "type": "object",
