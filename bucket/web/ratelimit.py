@@ -86,11 +86,14 @@ def client_address() -> str:
 
 
 def body_bytes() -> int:
-    """Bytes of the request body: as read, or as announced when it was refused unread."""
+    """Bytes of the request body: as announced (Werkzeug reads no more), or as read when it
+    came chunked. A body nobody read is not read for this (a slow sender would hold us)."""
+    if request.content_length is not None:
+        return request.content_length
     try:
-        return len(request.get_data(cache=True))
-    except HTTPException:  # over BUCKET_MAX_BODY_BYTES: never read
-        return request.content_length or 0
+        return len(request.get_data(cache=True)) if "_cached_data" in vars(request) else 0
+    except HTTPException:  # over BUCKET_MAX_BODY_BYTES
+        return 0
 
 
 # Every limit of one request in one round trip, all or nothing: each (previous, current) key
