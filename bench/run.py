@@ -127,6 +127,7 @@ def service_env(database: Database, redis_url: str, log_dir: str) -> dict[str, s
         BUCKET_CONSUMER_TOKEN=TOKEN,
         BUCKET_RATE_LIMIT_INGEST_PER_IP=UNLIMITED,
         BUCKET_RATE_LIMIT_INGEST_PER_USER=UNLIMITED,
+        BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP=UNLIMITED,
         # The audit sealer would spend minutes sealing each bulk fill (a backlog that arrives
         # at once, unlike a real one); the "audit" scenario measures what it costs ingest.
         BUCKET_AUDIT_SEAL_INTERVAL="0",
