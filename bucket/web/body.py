@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from flask import g, request
+from flask import request
 from flask_smorest import abort
 from marshmallow import Schema, ValidationError
 
@@ -18,15 +18,12 @@ def read_json_object() -> dict[str, Any]:
     if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
         message = f"Unsupported Content-Type {media_type!r}: send application/json."
         abort(415, message=message, errors={"headers": {"Content-Type": [message]}})
-    raw = request.get_data(cache=True)  # the rate limiter may have read it already
+    raw = request.get_data(cache=True)
     limit = request.max_content_length
     if request.content_length is None and limit is not None and len(raw) >= limit:
         # Werkzeug cuts a chunked body at the limit instead of refusing it: refuse it here.
         message = f"The request body exceeds {limit} bytes (BUCKET_MAX_BODY_BYTES)."
         abort(413, message=message, errors={"json": [message]})
-    parsed = g.get("json_body")  # decoded once already, by the rate limiter's look at the user
-    if parsed is not None:
-        return parsed
     if not raw.strip():
         message = "The request body is empty: send a JSON object."
         abort(400, message=message, errors={"json": [message]})
