@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from bucket.extensions import db
-from bucket.models import Packet
+from bucket.models import Packet, QuarantinedPacket
 from tests.factories import make_packet
 
 API = "/api/v1/bucket/prana"
@@ -217,3 +217,18 @@ def test_invented_http_methods_add_no_metric_series(client):
     methods = set(re.findall(r'bucket_http_requests_total\{[^}]*method="([^"]*)"', metrics))
     assert methods <= {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other"}
     assert "other" in methods
+
+
+def test_entries_kept_before_senders_were_recorded_count_as_one_sender(make_app):
+    """Entries from before migration 0009 (no sender) are one sender among others: a flood
+    from one address evicts its own entries, not theirs."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=10, BUCKET_CONSUMER_TOKEN=[TOKEN])
+    client = app.test_client()
+    legacy = {post(client, invalid("old", n), "192.0.2.40").json["quarantine_id"] for n in range(4)}
+    with app.app_context():
+        db.session.execute(update(QuarantinedPacket).values(sender=None))
+        db.session.commit()
+    for n in range(30):
+        assert post(client, invalid("flood", n), "203.0.113.66").status_code == 422
+    held = quarantined_ids(client)
+    assert legacy <= held and len(held) == 10
