@@ -27,8 +27,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import clients  # noqa: E402
+from bench.context import service_env  # noqa: E402
 from bench.harness import BIN, TOKEN, Database, Service, fill, migrate, private_redis, recount, wrk  # noqa: E402
-from bench.run import service_env  # noqa: E402
 
 
 def load(kind: str, port: int, seconds: float) -> None:

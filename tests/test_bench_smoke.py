@@ -14,10 +14,23 @@ from pathlib import Path
 
 import pytest
 
+from bench.report import CAPACITY
+from bench.scenarios import SCENARIOS
 from tests import servers
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_scenario_registry_is_consistent():
+    """Each scenario has its own name, needs only registered ones, and its rows their own place."""
+    names = [scenario.name for scenario in SCENARIOS]
+    assert len(names) == len(set(names)), names
+    assert all(set(scenario.needs) <= set(names) for scenario in SCENARIOS)
+    positions = [section.position for s in SCENARIOS for section in s.sections] + [
+        CAPACITY.position
+    ]
+    assert len(positions) == len(set(positions)), positions
 
 
 def test_the_benchmark_smoke_run_measures_every_figure():

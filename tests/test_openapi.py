@@ -12,7 +12,7 @@ from marshmallow import ValidationError
 from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 
-from bucket.schemas import PacketSchema
+from bucket.schemas import MAX_IDEMPOTENCY_KEY, IngestHeadersSchema, PacketSchema
 from tests.factories import make_packet
 
 API = "/api/v1/bucket/prana"
@@ -100,6 +100,16 @@ def test_security_and_refusals_are_documented(spec):
     assert {"400", "413", "415", "422", "429", "503"} <= set(ingest["responses"])
     assert "Retry-After" in ingest["responses"]["429"]["headers"]
     assert "security" not in spec["paths"]["/health"]["get"]
+
+
+def test_ingest_documents_the_headers_it_reads_and_its_outage_answer(spec):
+    """Ingest's header parameters are the fields of the schema the view loads them with, and its
+    503 names Retry-After like every other operation's."""
+    ingest = spec["paths"][f"{API}/ingest"]["post"]
+    headers = {p["name"]: p for p in ingest["parameters"] if p["in"] == "header"}
+    assert set(headers) == {field.data_key for field in IngestHeadersSchema().fields.values()}
+    assert headers["Idempotency-Key"]["schema"]["maxLength"] == MAX_IDEMPOTENCY_KEY
+    assert "Retry-After" in resolve(spec, ingest["responses"]["503"])["headers"]
 
 
 def test_real_responses_match_the_document(client, spec):

@@ -10,7 +10,6 @@ from typing import Any
 
 from flask import Flask
 
-from bucket.timeutil import TIMESTAMP_PATTERN
 from bucket.web.auth import PROTECTED_BLUEPRINTS
 
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
@@ -44,21 +43,9 @@ When `BUCKET_CONSUMER_TOKEN` is set, the consumer and status endpoints need
 and this document stay open. Ingest is rate limited in packets and bytes per client address and
 in accepted packets per user (429 with `Retry-After`).
 """
-HEALTH_SCHEMA = {
-    "type": "object",
-    "properties": {"status": {"type": "string", "enum": ["ok"]}},
-    "required": ["status"],
-}
-READY_SCHEMA = {
-    "type": "object",
-    "properties": {
-        "status": {"type": "string", "enum": ["ok", "unavailable"]},
-        "database": {"type": "boolean"},
-        "redis_connected": {"type": "boolean"},
-        "queue_backend": {"type": "string", "enum": ["redis", "memory"]},
-    },
-    "required": ["status", "database", "redis_connected", "queue_backend"],
-}
+
+# The probes and the scrape are open and touch no session: no hook below can refuse them.
+OPEN_PROBES = ("/health", "/health/ready", "/metrics")
 
 
 def error(description: str, headers: dict | None = None) -> dict[str, Any]:
@@ -83,20 +70,14 @@ TOO_MANY = error("Too many packets from this address or for this user.", RETRY_A
 
 
 def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
-    """State the packet rules that marshmallow checks across fields, as far as JSON Schema can.
-
-    The window rule (active + idle + away = 5.0 s ± 0.1) has no JSON Schema form; it is in the
-    description, and a request breaking it gets 422 naming ``active_seconds``.
-    """
+    """State what the schemas' fields cannot declare, each for the reason next to it."""
     packet = schemas.get("Packet")
     if packet is not None:
-        packet["properties"]["timestamp"] = {
-            "type": "string",
-            "format": "date-time",
-            "pattern": TIMESTAMP_PATTERN,
-            "description": "ISO-8601 client time with a year from 1900 to 2999; Z or an offset "
-            "(none means UTC). A space may stand for the T.",
-        }
+        # "One of user_id/employee_id, one of cognitive_state/state" is a check across fields
+        # (a @validates_schema); apispec documents fields one by one, so the pairs are said here.
+        # The window rule (active + idle + away = 5.0 s ± 0.1) has no JSON Schema form at all; it
+        # is in the schema's description, and a request breaking it gets 422 naming
+        # ``active_seconds``.
         packet["allOf"] = [
             {
                 "anyOf": [
@@ -117,23 +98,21 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
                 ]
             },
         ]
+        # The accepted states come from this app's BUCKET_COGNITIVE_STATES, not from the class.
         states = sorted(app.extensions["bucket.packet_rules"].cognitive_states)
         packet["properties"]["cognitive_state"]["enum"] = [*states, None]
-        packet["properties"]["cognitive_state"]["description"] = (
-            "BUCKET_COGNITIVE_STATES, or a legacy EMS state."
-        )
-        packet["description"] = (
-            "One 5-second window. user_id (or employee_id) and cognitive_state (or state) are "
-            "required; active_seconds + idle_seconds + away_seconds must be 5.0 (±0.1)."
-        )
     error = schemas.get("Error")
     if error is not None:
+        # The Error component is flask-smorest's own ErrorSchema, registered by the Api object in
+        # bucket.extensions, a layer below the schemas: it cannot be given a field of ours.
         error["properties"]["quarantine_id"] = {
             "type": "integer",
             "description": "A refused packet's entry in the quarantine (README, The quarantine).",
         }
     envelope = schemas.get("BatchEnvelope")
     if envelope is not None:
+        # The schema takes the packets as raw items (each is validated on its own, so one bad
+        # packet cannot sink the batch) and the limit is this app's BUCKET_MAX_BATCH_SIZE.
         envelope["properties"]["packets"] = {
             "type": "array",
             "items": {"$ref": "#/components/schemas/Packet"},
@@ -145,7 +124,7 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
 
 
 def complete_spec(app: Flask, spec: Any) -> None:
-    """Add refusals, security and probe bodies to every operation of ``spec``."""
+    """Add the shared refusals, security and the cross-field packet rules to ``spec``."""
     spec.options.setdefault("info", {})["description"] = DESCRIPTION
     complete_packet_schemas(app, spec.components.schemas)
     responses = spec.components.responses
@@ -170,18 +149,7 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
     """One operation: which hooks can refuse it decides which responses it documents."""
     tags = set(operation.get("tags", []))
     answers = operation.setdefault("responses", {})
-    if path == "/health":
-        answers["200"] = {
-            "description": "The process answers.",
-            "content": {"application/json": {"schema": HEALTH_SCHEMA}},
-        }
-        return
-    if path == "/health/ready":
-        ready = {"application/json": {"schema": READY_SCHEMA}}
-        answers["200"] = {"description": "The database answers.", "content": ready}
-        answers["503"] = {"description": "The database does not answer.", "content": ready}
-        return
-    if path == "/metrics":
+    if path in OPEN_PROBES:
         return
     if method in ("post", "put", "patch"):
         for code, response in BODY_REFUSALS.items():
@@ -189,20 +157,6 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
     answers.setdefault("503", UNAVAILABLE)
     if "ingest" in tags:
         answers.setdefault("429", TOO_MANY)
-        answers["422"] = {
-            "description": "Nothing stored: one invalid packet (the error shape), or a batch "
-            "whose every packet was rejected (the batch answer).",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "oneOf": [
-                            {"$ref": "#/components/schemas/Error"},
-                            {"$ref": "#/components/schemas/BatchResult"},
-                        ]
-                    }
-                }
-            },
-        }
     if secured and tags & PROTECTED_BLUEPRINTS:
         operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
         for code, response in AUTH_REFUSALS.items():

@@ -8,20 +8,21 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from bucket.extensions import db, queue
+from bucket.schemas import HealthSchema, ReadinessSchema
 
 blp = Blueprint("health", __name__, description="Service probes (no authentication).")
 
 
 @blp.route("/health", methods=["GET"])
-@blp.response(200, description="The process answers.")
+@blp.response(200, HealthSchema, description="The process answers.")
 def health():
     """Liveness: answers as long as the process can serve a request."""
     return jsonify({"status": "ok"})
 
 
 @blp.route("/health/ready", methods=["GET"])
-@blp.response(200, description="The database answers; Redis state is reported, not required.")
-@blp.alt_response(503, response="DEFAULT_ERROR", description="The database does not answer.")
+@blp.response(200, ReadinessSchema, description="The database answers.")
+@blp.alt_response(503, schema=ReadinessSchema, description="The database does not answer.")
 def ready():
     """Readiness: the database answers a trivial query (Redis is optional thanks to memory)."""
     try:

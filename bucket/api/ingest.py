@@ -8,7 +8,16 @@ from flask import current_app, jsonify, request
 from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
-from bucket.schemas import BatchEnvelopeSchema, packet_rules
+from bucket.extensions import api
+from bucket.schemas import (
+    MAX_IDEMPOTENCY_KEY,
+    BatchEnvelopeSchema,
+    BatchResultSchema,
+    IngestHeadersSchema,
+    IngestResultSchema,
+    PacketSchema,
+    packet_rules,
+)
 from bucket.services import quarantine
 from bucket.services.ingest import packet_user, store_batch, store_packets
 from bucket.web.body import load_or_abort, read_json_object
@@ -23,55 +32,35 @@ blp = Blueprint(
 )
 
 envelope_schema = BatchEnvelopeSchema()
-MAX_IDEMPOTENCY_KEY = 255
 
 
 @blp.route("/ingest", methods=["POST"])
+# The view reads the body itself (JSON, or sendBeacon's text/plain; one packet or an envelope,
+# each packet validated on its own so a bad one cannot sink a batch), so no @blp.arguments
+# declares it: its two shapes are named here from their schemas.
 @blp.doc(
     requestBody={
         "required": True,
         "content": {
-            media: {
-                "schema": {
-                    "oneOf": [
-                        {"$ref": "#/components/schemas/Packet"},
-                        {"$ref": "#/components/schemas/BatchEnvelope"},
-                    ]
-                }
-            }
+            media: {"schema": {"oneOf": [PacketSchema, BatchEnvelopeSchema]}}
             for media in ("application/json", "text/plain")
         },
-    },
-    parameters=[
-        {"in": "header", "name": "Idempotency-Key", "schema": {"type": "string", "maxLength": 255}},
-        {"in": "header", "name": "X-PRANA-BATCH-ID", "schema": {"type": "string"}},
-        {"in": "header", "name": "X-CLIENT-TIMESTAMP", "schema": {"type": "string"}},
-    ],
-    responses={
-        "200": {
-            "description": "Stored (or recognised as a duplicate) and committed.",
-            "content": {
-                "application/json": {
-                    "schema": {
-                        "oneOf": [
-                            {"$ref": "#/components/schemas/IngestResult"},
-                            {"$ref": "#/components/schemas/BatchResult"},
-                        ]
-                    }
-                }
-            },
-        },
-        "207": {
-            "description": "Batch: some packets were rejected.",
-            "content": {
-                "application/json": {"schema": {"$ref": "#/components/schemas/BatchResult"}}
-            },
-        },
-        "422": {"$ref": "#/components/responses/UNPROCESSABLE_CONTENT"},
-        "503": {"$ref": "#/components/responses/DEFAULT_ERROR"},
-    },
+    }
 )
-def ingest():
+@blp.arguments(IngestHeadersSchema, location="headers")
+@blp.response(
+    200,
+    {"oneOf": [IngestResultSchema, BatchResultSchema]},
+    description="Stored (or recognised as a duplicate) and committed.",
+)
+@blp.alt_response(207, schema=BatchResultSchema, description="Batch: some packets were rejected.")
+@blp.alt_response(
+    422,
+    schema={"oneOf": [api.ERROR_SCHEMA, BatchResultSchema]},
+    description="Nothing stored: one invalid packet (the error shape), or a batch whose every "
+    "packet was rejected (the batch answer).",
+)
+def ingest(headers: dict):
     """Store one packet or a batch; answer only after the database committed it.
 
     A retried packet (same natural identity, or same ``Idempotency-Key``) is answered with its
@@ -79,8 +68,8 @@ def ingest():
     """
     body = read_json_object()
     if "packets" in body:
-        return ingest_batch(body)
-    idempotency_key = request.headers.get("Idempotency-Key") or None
+        return ingest_batch(body, headers.get("batch_id"))
+    idempotency_key = headers.get("idempotency_key") or None
     if idempotency_key is not None and len(idempotency_key) > MAX_IDEMPOTENCY_KEY:
         message = f"Idempotency-Key is longer than {MAX_IDEMPOTENCY_KEY} characters."
         abort(400, message=message, errors={"headers": {"Idempotency-Key": [message]}})
@@ -124,7 +113,7 @@ def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
         )
 
 
-def ingest_batch(body: dict):
+def ingest_batch(body: dict, batch_id: str | None):
     """Validate each packet on its own; the valid ones are stored in one statement."""
     envelope = load_or_abort(envelope_schema, body)
     packets = envelope["packets"]
@@ -171,7 +160,7 @@ def ingest_batch(body: dict):
     )
     answer = {
         "status": summary.status,
-        "batch_id": request.headers.get("X-PRANA-BATCH-ID"),
+        "batch_id": batch_id,
         "accepted": summary.accepted,
         "duplicates": summary.duplicates,
         "rejected": summary.rejected,

@@ -12,13 +12,11 @@ blp = Blueprint("metrics", __name__, description="Prometheus metrics (no authent
 
 
 @blp.route("/metrics", methods=["GET"])
-@blp.doc(
-    responses={
-        "200": {
-            "description": "Prometheus text exposition format 0.0.4.",
-            "content": {"text/plain": {"schema": {"type": "string"}}},
-        }
-    }
+@blp.response(
+    200,
+    {"type": "string"},
+    content_type="text/plain",
+    description="Prometheus text exposition format 0.0.4.",
 )
 def metrics():
     """Request counts and latencies (all workers), packet outcomes and queue gauges."""

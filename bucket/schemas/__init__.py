@@ -32,6 +32,7 @@ from bucket.schemas.delivery import (  # noqa: F401
     fast_load_ack,
     fast_load_acks,
 )
+from bucket.schemas.health import HealthSchema, ReadinessSchema  # noqa: F401
 from bucket.schemas.operations import (  # noqa: F401
     DeadQuerySchema,
     MovedSchema,
@@ -43,6 +44,7 @@ from bucket.schemas.operations import (  # noqa: F401
 from bucket.schemas.packets import (  # noqa: F401
     COGNITIVE_STATES,
     EMS_STATES,
+    MAX_IDEMPOTENCY_KEY,
     ROLES,
     SYSTEM_TYPES,
     WINDOW_SECONDS,
@@ -50,6 +52,7 @@ from bucket.schemas.packets import (  # noqa: F401
     BatchEnvelopeSchema,
     BatchItemResultSchema,
     BatchResultSchema,
+    IngestHeadersSchema,
     IngestResultSchema,
     PacketRules,
     PacketSchema,

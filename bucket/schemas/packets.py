@@ -15,7 +15,7 @@ from marshmallow import (
 )
 
 from bucket.schemas.base import BaseSchema, ClientTimestamp, StrictNumber, Text, identifier
-from bucket.timeutil import parse_client_timestamp
+from bucket.timeutil import TIMESTAMP_PATTERN, parse_client_timestamp
 
 # The contract's states; BUCKET_COGNITIVE_STATES replaces them (config.py).
 COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK")
@@ -27,10 +27,17 @@ WINDOW_SECONDS = 5.0
 WINDOW_TOLERANCE = 0.1
 # One packet's raw_signals as JSON, at most (BUCKET_RAW_SIGNALS_MAX_BYTES replaces it).
 RAW_SIGNALS_MAX_BYTES = 16384
+MAX_IDEMPOTENCY_KEY = 255
 
 
 class PacketSchema(BaseSchema):
     """One PRANA packet as the browser bridge sends it (CONTRACT.md, "Packets")."""
+
+    class Meta(BaseSchema.Meta):
+        description = (
+            "One 5-second window. user_id (or employee_id) and cognitive_state (or state) are "
+            "required; active_seconds + idle_seconds + away_seconds must be 5.0 (±0.1)."
+        )
 
     # Null counts as absent for the identity and state pairs; the cross-field check below
     # requires one of each pair (an EMS client may send ``user_id: null`` next to employee_id).
@@ -41,8 +48,20 @@ class PacketSchema(BaseSchema):
     task_id = identifier()
     system_type = fields.String(allow_none=True, validate=validate.OneOf(SYSTEM_TYPES))
     role = fields.String(allow_none=True, validate=validate.OneOf(ROLES))
-    timestamp = ClientTimestamp(required=True)
-    cognitive_state = fields.String(allow_none=True)
+    timestamp = ClientTimestamp(
+        required=True,
+        metadata={
+            "type": "string",
+            "format": "date-time",
+            "pattern": TIMESTAMP_PATTERN,
+            "description": "ISO-8601 client time with a year from 1900 to 2999; Z or an offset "
+            "(none means UTC). A space may stand for the T.",
+        },
+    )
+    cognitive_state = fields.String(
+        allow_none=True,
+        metadata={"description": "BUCKET_COGNITIVE_STATES, or a legacy EMS state."},
+    )
     state = fields.String(allow_none=True, validate=validate.OneOf(EMS_STATES))
     active_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
     idle_seconds = StrictNumber(required=True, validate=validate.Range(min=0))
@@ -223,6 +242,28 @@ class BatchEnvelopeSchema(BaseSchema):
     # Transport fields: described, never a reason to refuse the packets they carry.
     batch_size = fields.Raw(load_default=None, metadata={"description": "Packets the bridge sent."})
     sent_at = fields.Raw(load_default=None, metadata={"description": "When the bridge sent it."})
+
+
+class IngestHeadersSchema(BaseSchema):
+    """The headers the bridge may send with a packet or a batch (CONTRACT.md)."""
+
+    # No validator: an over-long key is the view's 400 naming the header (the contract's answer),
+    # not the 422 a failed header argument would give; maxLength documents the same limit.
+    idempotency_key = fields.String(
+        data_key="Idempotency-Key",
+        metadata={
+            "maxLength": MAX_IDEMPOTENCY_KEY,
+            "description": "A single packet's retry key: a repeat gets the original answer.",
+        },
+    )
+    batch_id = fields.String(
+        data_key="X-PRANA-BATCH-ID",
+        metadata={"description": "The bridge's batch id, echoed as batch_id."},
+    )
+    client_timestamp = fields.String(
+        data_key="X-CLIENT-TIMESTAMP",
+        metadata={"description": "When the bridge sent the request; informational, not stored."},
+    )
 
 
 class IngestResultSchema(BaseSchema):

@@ -1,0 +1,13 @@
+"""The scenario families, in the order a full run measures them.
+
+A new family is one module here (its measure functions, its ``SCENARIOS`` with their report
+sections) and one entry in ``FAMILIES``. A section's position places its rows in the table:
+10 to 70 are taken, in tens, and the capacity figures close it at 100.
+"""
+
+from __future__ import annotations
+
+from bench.scenarios import audit, delivery, embedded, ingest, table
+
+FAMILIES = (ingest, audit, delivery, table, embedded)
+SCENARIOS = tuple(scenario for family in FAMILIES for scenario in family.SCENARIOS)
