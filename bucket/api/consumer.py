@@ -143,7 +143,9 @@ def user_listing(
     except BadCursor as exc:
         refuse_cursor(exc)
     items = [user_packet_out(row._mapping) for row in rows]
-    return page_response(items, next_cursor, "consumer.user_listing", user_id=user_id)
+    return page_response(
+        items, next_cursor, "consumer.user_listing", UserQuerySchema, user_id=user_id
+    )
 
 
 def refuse(outcome: delivery.AckOutcome) -> None:

@@ -50,7 +50,10 @@ def dead(args: dict):
     except BadCursor as exc:
         refuse_cursor(exc)
     return page_response(
-        [user_packet_out(row._mapping) for row in rows], next_cursor, "operations.dead"
+        [user_packet_out(row._mapping) for row in rows],
+        next_cursor,
+        "operations.dead",
+        DeadQuerySchema,
     )
 
 

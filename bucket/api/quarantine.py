@@ -43,7 +43,7 @@ def list_entries(args: dict):
     except BadCursor as exc:
         refuse_cursor(exc)
     items = [quarantine_entry_out(row._mapping) for row in rows]
-    return page_response(items, next_cursor, "quarantine.list_entries")
+    return page_response(items, next_cursor, "quarantine.list_entries", QuarantineQuerySchema)
 
 
 @blp.route("/<int:entry_id>", methods=["GET"])

@@ -7,7 +7,7 @@ from marshmallow import (
     validate,
 )
 
-from bucket.schemas.base import BaseSchema, Text
+from bucket.schemas.base import BaseSchema, Moment, Text
 
 
 class TimeseriesQuerySchema(BaseSchema):
@@ -48,8 +48,8 @@ class ReplaySchema(BaseSchema):
     """One user's packets to serve again (processed, dead and retrying ones)."""
 
     user_id = Text(required=True, validate=validate.Length(min=1, max=256))
-    since = fields.AwareDateTime(default_timezone=None)
-    until = fields.AwareDateTime(default_timezone=None)
+    since = Moment()
+    until = Moment()
 
 
 class MovedSchema(BaseSchema):

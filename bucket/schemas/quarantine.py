@@ -7,7 +7,7 @@ from marshmallow import (
     validate,
 )
 
-from bucket.schemas.base import BaseSchema, Text
+from bucket.schemas.base import BaseSchema, Moment, Text
 
 
 class QuarantineFiltersSchema(BaseSchema):
@@ -16,12 +16,8 @@ class QuarantineFiltersSchema(BaseSchema):
     user_id = Text(metadata={"description": "The user (or EMS employee) named."})
     origin = Text(metadata={"description": "The Origin the packet came from."})
     field = Text(data_key="field", metadata={"description": "Only entries refused for this field."})
-    since = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Last seen at or after (ISO-8601)."}
-    )
-    until = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Last seen before (ISO-8601)."}
-    )
+    since = Moment(metadata={"description": "Last seen at or after (ISO-8601)."})
+    until = Moment(metadata={"description": "Last seen before (ISO-8601)."})
 
 
 class QuarantineQuerySchema(QuarantineFiltersSchema):
