@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from tests.factories import make_packet
-from tests.queue_helpers import ingest_many
+from tests.queue_helpers import ack, ingest_many, poll, status
 
 API = "/api/v1/bucket/prana"
 QUARANTINE = f"{API}/quarantine"
@@ -144,3 +144,66 @@ def test_a_since_or_until_beyond_what_utc_can_hold_is_a_422_naming_it(client, na
     assert_refused(response, 422, "json", name)
     response = client.post(f"{QUARANTINE}/replay", json={name: moment})
     assert_refused(response, 422, "json", name)
+
+
+# --- 7. operator actions on everything need {"all": true} -----------------------------------
+
+
+def test_quarantine_replay_of_a_body_it_cannot_read_replays_nothing(make_app):
+    """text/plain, form-encoded (curl -d) and empty bodies are 4xx: never "every entry"."""
+    app = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    client = app.test_client()
+    for _ in range(3):
+        answer = client.post(f"{API}/ingest", json=make_packet(cognitive_state="THINKING"))
+        assert answer.status_code == 422
+    lenient = make_app().test_client()
+    url = f"{QUARANTINE}/replay"
+    ids = [entry["id"] for entry in lenient.get(QUARANTINE).json]
+    one = json.dumps({"ids": [ids[0]]})
+    assert_refused(lenient.post(url, data=one, content_type="text/plain"), 415, "headers")
+    assert_refused(lenient.post(url, data={"ids": str(ids[0])}), 415, "headers")
+    assert_refused(lenient.post(url, data=""), 400, "json")
+    assert_refused(lenient.post(url, data="", content_type="application/json"), 400, "json")
+    assert_refused(lenient.post(url, data="{", content_type="application/json"), 400, "json")
+    for body in ({}, {"limit": 5}, {"after": 1}, {"all": False}, {"all": "yes"}):
+        assert_refused(lenient.post(url, json=body), 422, "json")
+    assert_refused(lenient.post(url, json={"all": True, "ids": [ids[0]]}), 422, "json", "all")
+    assert len(lenient.get(QUARANTINE).json) == 3  # nothing was replayed by any of those
+    named = lenient.post(url, json={"ids": [ids[0]]})
+    assert named.status_code == 200 and named.json["ingested"] == 1
+    everything = lenient.post(url, json={"all": True})
+    assert everything.status_code == 200 and everything.json["ingested"] == 2
+    assert lenient.get(QUARANTINE).json == []
+
+
+def kill(make_app, count: int) -> tuple:
+    """An app whose packets die on their first failure, and ``count`` dead packets."""
+    app = make_app(BUCKET_MAX_ATTEMPTS=1, BUCKET_RETRY_BACKOFF=0)
+    client = app.test_client()
+    ids = ingest_many(client, count, user_id="doomed")
+    poll(client, limit=count)
+    for packet_id in ids:
+        assert ack(client, packet_id, success=False, error_message="boom").status_code == 200
+    return client, ids
+
+
+def test_dead_requeue_of_a_body_it_cannot_read_requeues_nothing(make_app):
+    client, ids = kill(make_app, 3)
+    one = json.dumps({"packet_ids": [ids[0]]})
+    assert_refused(client.post(REQUEUE, data=one, content_type="text/plain"), 415, "headers")
+    assert_refused(client.post(REQUEUE, data={"packet_ids": ids[0]}), 415, "headers")
+    assert_refused(client.post(REQUEUE, data=""), 400, "json")
+    for body in ({}, {"all": False}, {"all": None}):
+        assert_refused(client.post(REQUEUE, json=body), 422, "json")
+    both = {"all": True, "user_id": "doomed"}
+    assert_refused(client.post(REQUEUE, json=both), 422, "json", "all")
+    assert status(client)["dead_packets"] == 3
+    assert client.post(REQUEUE, json={"packet_ids": [ids[0]]}).json == {"requeued": 1}
+    assert client.post(REQUEUE, json={"all": True}).json == {"requeued": 2}
+    assert status(client)["dead_packets"] == 0
+
+
+def test_user_replay_refuses_a_body_it_cannot_read(client):
+    """The user replay names its user, but a form-encoded body is a 415 like the others."""
+    response = client.post(f"{API}/packets/replay", data={"user_id": "x"})
+    assert_refused(response, 415, "headers")

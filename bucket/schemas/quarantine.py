@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from marshmallow import (
+    ValidationError,
     fields,
     validate,
+    validates_schema,
 )
 
 from bucket.schemas.base import BaseSchema, Moment, Text
@@ -18,6 +20,9 @@ class QuarantineFiltersSchema(BaseSchema):
     field = Text(data_key="field", metadata={"description": "Only entries refused for this field."})
     since = Moment(metadata={"description": "Last seen at or after (ISO-8601)."})
     until = Moment(metadata={"description": "Last seen before (ISO-8601)."})
+
+
+FILTERS = ("user_id", "origin", "field", "since", "until")
 
 
 class QuarantineQuerySchema(QuarantineFiltersSchema):
@@ -48,15 +53,35 @@ ENTRY_IDS = validate.Range(min=1, max=2**63 - 1)
 
 
 class QuarantineReplaySchema(QuarantineFiltersSchema):
-    """What to replay: the entries matching the filters (every entry, without any) and, when
-    given, named by ``ids``; in id order after ``after``, up to ``limit``. Replaying is safe
+    """What to replay: the entries named by ``ids`` or matching the filters (both: those named
+    that match), or every entry with ``all: true``; in id order after ``after``, up to
+    ``limit``. Replaying is safe
     to repeat: deduplication absorbs what was stored before."""
 
     ids = fields.List(fields.Integer(validate=ENTRY_IDS), validate=validate.Length(min=1, max=500))
+    every = fields.Boolean(
+        data_key="all",
+        truthy={True},
+        falsy={False},
+        metadata={"description": "Replay every entry (matching the filters, if any)."},
+    )
     after = fields.Integer(
         validate=ENTRY_IDS, metadata={"description": "Continue after this entry (next_after)."}
     )
     limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=5000))
+
+    @validates_schema
+    def says_which(self, data: dict, **kwargs) -> None:
+        """Every entry only when asked: ``all: true``; otherwise ids or a filter."""
+        if data.get("every"):
+            if "ids" in data:
+                raise ValidationError("Send ids or all: true, not both.", "all")
+        elif not any(data.get(name) for name in ("ids", *FILTERS)):
+            raise ValidationError(
+                "Name the entries (ids, or a filter such as user_id), or send all: true to "
+                "replay every entry.",
+                "all",
+            )
 
 
 class QuarantineReplayItemSchema(BaseSchema):

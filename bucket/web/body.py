@@ -1,4 +1,5 @@
-"""Reading JSON bodies the way the browser bridge sends them (JSON, or sendBeacon's text/plain)."""
+"""Reading JSON bodies: the way the browser bridge sends them (JSON, or sendBeacon's text/plain),
+and the stricter way of operators' actions (JSON only)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import orjson
 from flask import g, request
 from flask_smorest import abort
 from marshmallow import Schema, ValidationError
+from webargs.flaskparser import FlaskParser
 
 ACCEPTED_MEDIA_TYPES = {"application/json", "text/plain", ""}
+JSON_MEDIA_TYPES = {"application/json", ""}
 
 
-def read_json_object() -> dict[str, Any]:
-    """Return the body as a JSON object, or abort with a 4xx JSON error naming the problem."""
+def read_json_object(media_types: set[str] = ACCEPTED_MEDIA_TYPES) -> dict[str, Any]:
+    """Return the body as a JSON object, or abort with a 4xx JSON error naming the problem.
+
+    ``media_types`` are the Content-Types read as JSON (besides any ``+json``; ``""`` is a
+    request without one).
+    """
     media_type = (request.mimetype or "").lower()
-    if media_type not in ACCEPTED_MEDIA_TYPES and not media_type.endswith("+json"):
+    if media_type not in media_types and not media_type.endswith("+json"):
         message = f"Unsupported Content-Type {media_type!r}: send application/json."
         abort(415, message=message, errors={"headers": {"Content-Type": [message]}})
     raw = request.get_data(cache=True)  # the rate limiter may have read it already
@@ -29,6 +36,8 @@ def read_json_object() -> dict[str, Any]:
         return parsed
     if not raw.strip():
         message = "The request body is empty: send a JSON object."
+        if media_types is JSON_MEDIA_TYPES:
+            message = 'The request body is empty: send a JSON object (`{"all": true}` for all).'
         abort(400, message=message, errors={"json": [message]})
     try:
         body = orjson.loads(raw)
@@ -50,3 +59,17 @@ def load_or_abort(schema: Schema, data: dict[str, Any]) -> dict[str, Any]:
         return schema.load(data)
     except ValidationError as exc:
         abort(422, message="The request is not valid.", errors={"json": exc.normalized_messages()})
+
+
+class ActionBodyParser(FlaskParser):
+    """The body of an operator's action, for ``blp.arguments``: JSON, or a 4xx.
+
+    webargs reads a body of another Content-Type, or an empty one, as no arguments at all; for
+    an action whose empty choice once meant "everything", a replay sent with curl's ``-d``
+    acted on every entry. Here a body is read as JSON (``application/json``, ``+json`` or no
+    Content-Type at all) or refused before the schema sees it: 415 for another type, 400 for
+    an empty or malformed body.
+    """
+
+    def load_json(self, req: Any, schema: Schema) -> dict[str, Any]:
+        return read_json_object(JSON_MEDIA_TYPES)
