@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -207,3 +208,38 @@ def test_user_replay_refuses_a_body_it_cannot_read(client):
     """The user replay names its user, but a form-encoded body is a 415 like the others."""
     response = client.post(f"{API}/packets/replay", data={"user_id": "x"})
     assert_refused(response, 415, "headers")
+
+
+# --- 8. HEAD and OPTIONS change nothing -----------------------------------------------------
+
+
+def test_head_and_options_on_pending_lease_nothing(client):
+    ids = ingest_many(client, 3)
+    query = "limit=50&visibility_timeout=43200"
+    head = client.head(f"{API}/packets/pending?{query}")
+    assert head.status_code == 405 and "HEAD" not in head.headers["Allow"]
+    assert "GET" in head.headers["Allow"]
+    options = client.options(f"{API}/packets/pending?{query}")
+    assert options.status_code in (200, 204)
+    figures = status(client)
+    assert figures["leased_packets"] == 0 and figures["queue_size"] == 3
+    assert sorted(p["packet_id"] for p in poll(client, limit=50)["packets"]) == sorted(ids)
+
+
+def test_head_and_options_anywhere_change_nothing(app, client):
+    """Every route, asked with HEAD and OPTIONS and a leasing query string: nothing moves."""
+    ingest_many(client, 2, user_id="stu_test")
+    refuse_packets(client, 1)
+    before = status(client)
+    query = "limit=50&visibility_timeout=43200&wait=0"
+    for rule in app.url_map.iter_rules():
+        path = re.sub(r"<int:\w+>", "1", rule.rule)
+        path = re.sub(r"<path:filename>", "console/console.js", path)
+        path = re.sub(r"<[^>]+>", "stu_test", path)
+        for method in ("HEAD", "OPTIONS"):
+            answer = client.open(f"{path}?{query}", method=method)
+            answer.close()
+            assert answer.status_code < 500, (method, path, answer.status_code)
+    after = status(client)
+    for name in ("leased_packets", "queue_size", "pending_packets", "quarantined_packets"):
+        assert after[name] == before[name], name
