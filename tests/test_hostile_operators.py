@@ -243,3 +243,55 @@ def test_head_and_options_anywhere_change_nothing(app, client):
     after = status(client)
     for name in ("leased_packets", "queue_size", "pending_packets", "quarantined_packets"):
         assert after[name] == before[name], name
+
+
+# --- 9. /metrics behind a token on request; no packet data in error logs ----------------------
+
+METRICS_TOKEN = "scrape-token-for-prometheus"
+CONSUMER_TOKEN = "consumer-token-of-karma"
+
+
+def test_metrics_stay_open_unless_asked(make_app):
+    """The contract: /metrics answers without a token, even when the consumer token is set."""
+    client = make_app(BUCKET_CONSUMER_TOKEN=[CONSUMER_TOKEN]).test_client()
+    assert client.get("/metrics").status_code == 200
+
+
+def test_a_metrics_token_protects_metrics(make_app):
+    client = make_app(
+        BUCKET_CONSUMER_TOKEN=[CONSUMER_TOKEN], BUCKET_METRICS_TOKEN=[METRICS_TOKEN]
+    ).test_client()
+    missing = client.get("/metrics")
+    assert missing.status_code == 401 and missing.json["code"] == 401
+    assert missing.headers["WWW-Authenticate"].startswith("Bearer")
+    assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    for headers in (
+        {"Authorization": f"Bearer {METRICS_TOKEN}"},
+        {"X-API-Key": METRICS_TOKEN},
+        {"Authorization": f"Bearer {CONSUMER_TOKEN}"},
+    ):
+        answer = client.get("/metrics", headers=headers)
+        assert answer.status_code == 200 and "bucket_" in answer.get_data(as_text=True)
+    operation = client.get("/openapi.json").json["paths"]["/metrics"]["get"]
+    assert operation["security"] and "401" in operation["responses"]
+    # The metrics token opens nothing else.
+    scraper = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+    assert client.get(f"{API}/status", headers=scraper).status_code == 403
+    assert client.get("/health").status_code == 200
+
+
+def test_metrics_can_ask_for_the_consumer_token(make_app):
+    client = make_app(
+        BUCKET_CONSUMER_TOKEN=[CONSUMER_TOKEN], BUCKET_METRICS_REQUIRE_TOKEN=True
+    ).test_client()
+    assert client.get("/metrics").status_code == 401
+    consumer = {"Authorization": f"Bearer {CONSUMER_TOKEN}"}
+    assert client.get("/metrics", headers=consumer).status_code == 200
+
+
+def test_metrics_asking_for_a_token_without_any_stay_closed_and_say_so(make_app, caplog):
+    client = make_app(BUCKET_METRICS_REQUIRE_TOKEN=True).test_client()
+    assert "BUCKET_METRICS_REQUIRE_TOKEN is set but no token is" in caplog.text
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/metrics", headers={"X-API-Key": "guess"}).status_code == 403
+    assert client.get(f"{API}/status").status_code == 200  # the consumer side stays open

@@ -11,7 +11,7 @@ from typing import Any
 from flask import Flask
 
 from bucket.timeutil import TIMESTAMP_PATTERN
-from bucket.web.auth import PROTECTED_BLUEPRINTS
+from bucket.web.auth import guarded_blueprints
 
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 RETRY_AFTER = {
@@ -40,9 +40,10 @@ Every response carries an `X-Request-ID` header (the caller's, when it sent a pl
 128 characters, or a fresh one), which also appears in the service's log line for the request.
 Errors share one JSON shape: `code`, `status`, `message` and, per offending field, `errors`.
 When `BUCKET_CONSUMER_TOKEN` is set, the consumer and status endpoints need
-`Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes, `/metrics`
-and this document stay open. Ingest is rate limited per client address and per user (429 with
-`Retry-After`).
+`Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes and this
+document stay open, and so does `/metrics` unless `BUCKET_METRICS_TOKEN` or
+`BUCKET_METRICS_REQUIRE_TOKEN` is set. Ingest is rate limited per client address and per user
+(429 with `Retry-After`).
 """
 HEALTH_SCHEMA = {
     "type": "object",
@@ -154,7 +155,7 @@ def complete_spec(app: Flask, spec: Any) -> None:
         spec.components.response(
             "UNPROCESSABLE_CONTENT", error("The request is not valid: see errors per field.")
         )
-    secured = bool(app.config.get("BUCKET_CONSUMER_TOKEN"))
+    secured = set(guarded_blueprints(app))
     if secured:
         for name, scheme in SECURITY_SCHEMES.items():
             if name not in spec.components.security_schemes:
@@ -166,9 +167,14 @@ def complete_spec(app: Flask, spec: Any) -> None:
             complete_operation(path, method, operation, secured)
 
 
-def complete_operation(path: str, method: str, operation: dict, secured: bool) -> None:
-    """One operation: which hooks can refuse it decides which responses it documents."""
+def complete_operation(path: str, method: str, operation: dict, secured: set[str]) -> None:
+    """One operation: which hooks can refuse it decides which responses it documents
+    (``secured``: the blueprints that need a token)."""
     tags = set(operation.get("tags", []))
+    if tags & secured:
+        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+        for code, response in AUTH_REFUSALS.items():
+            operation.setdefault("responses", {}).setdefault(code, response)
     answers = operation.setdefault("responses", {})
     if path == "/health":
         answers["200"] = {
@@ -203,7 +209,3 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
                 }
             },
         }
-    if secured and tags & PROTECTED_BLUEPRINTS:
-        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-        for code, response in AUTH_REFUSALS.items():
-            answers.setdefault(code, response)
