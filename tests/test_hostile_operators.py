@@ -7,11 +7,15 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from sqlalchemy import text
 
+from bucket.extensions import db
+from bucket.web.request_log import json_formatter
 from tests.factories import make_packet
 from tests.queue_helpers import ack, ingest_many, poll, status
 
@@ -295,3 +299,52 @@ def test_metrics_asking_for_a_token_without_any_stay_closed_and_say_so(make_app,
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers={"X-API-Key": "guess"}).status_code == 403
     assert client.get(f"{API}/status").status_code == 200  # the consumer side stays open
+
+
+PAYLOAD_MARK = "PAYLOAD-THAT-MUST-NOT-BE-LOGGED"
+
+
+@pytest.fixture
+def failing_inserts(app):
+    """Every insert into packets fails with a database error that is not an outage (on
+    PostgreSQL its DETAIL quotes the row, as a NOT NULL or CHECK violation's does)."""
+    with app.app_context():
+        if db.engine.dialect.name == "sqlite":
+            statements = [
+                "CREATE TRIGGER refuse_packets BEFORE INSERT ON packets "
+                "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END"
+            ]
+            undo = ["DROP TRIGGER refuse_packets"]
+        else:
+            statements = [
+                "CREATE FUNCTION refuse_packets() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'refused by the test' USING DETAIL = NEW::text; END $$",
+                "CREATE TRIGGER refuse_packets BEFORE INSERT ON packets "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_packets()",
+            ]
+            undo = ["DROP TRIGGER refuse_packets ON packets", "DROP FUNCTION refuse_packets()"]
+        with db.engine.begin() as connection:
+            for statement in statements:
+                connection.execute(text(statement))
+    yield
+    with app.app_context(), db.engine.begin() as connection:
+        for statement in undo:
+            connection.execute(text(statement))
+
+
+def test_a_database_error_logs_identifiers_not_payloads(client, failing_inserts, caplog):
+    """The 500's log line names the statement and the packet's identifiers; the packet's
+    signals and the rest of its content stay out (SQL parameters included)."""
+    caplog.set_level(logging.INFO)
+    packet = make_packet(user_id="stu_logged", raw_signals={"secret": PAYLOAD_MARK})
+    packet["session_id"] = "sess_logged"
+    for body in (packet, {"packets": [packet, make_packet(raw_signals={"s": PAYLOAD_MARK})]}):
+        response = client.post(f"{API}/ingest", json=body)
+        assert response.status_code == 500, response.get_data(as_text=True)
+    formatter = json_formatter()
+    lines = [formatter.format(record) for record in caplog.records]
+    errors = [line for line in lines if '"level":"ERROR"' in line]
+    assert errors, lines
+    assert not [line for line in lines if PAYLOAD_MARK in line]
+    assert any("stu_logged" in line for line in errors)
+    assert any("refused by the test" in line for line in errors)

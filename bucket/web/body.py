@@ -50,6 +50,7 @@ def read_json_object(media_types: set[str] = ACCEPTED_MEDIA_TYPES) -> dict[str, 
             message="The request body must be a JSON object.",
             errors={"json": [f"Expected an object, got {type(body).__name__}."]},
         )
+    g.json_body = body  # decoded once; a database error's log line names its identifiers
     return body
 
 
