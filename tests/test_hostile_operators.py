@@ -170,7 +170,7 @@ def test_quarantine_replay_of_a_body_it_cannot_read_replays_nothing(make_app):
     assert_refused(lenient.post(url, data=""), 400, "json")
     assert_refused(lenient.post(url, data="", content_type="application/json"), 400, "json")
     assert_refused(lenient.post(url, data="{", content_type="application/json"), 400, "json")
-    for body in ({}, {"limit": 5}, {"after": 1}, {"all": False}, {"all": "yes"}):
+    for body in ({}, {"limit": 5}, {"after": 1}, {"all": False}, {"all": "yes"}, {"user_id": ""}):
         assert_refused(lenient.post(url, json=body), 422, "json")
     assert_refused(lenient.post(url, json={"all": True, "ids": [ids[0]]}), 422, "json", "all")
     assert len(lenient.get(QUARANTINE).json) == 3  # nothing was replayed by any of those

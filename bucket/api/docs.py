@@ -10,6 +10,7 @@ from typing import Any
 
 from flask import Flask
 
+from bucket.schemas import QuarantineReplaySchema, RequeueSchema
 from bucket.timeutil import TIMESTAMP_PATTERN
 from bucket.web.auth import guarded_blueprints
 
@@ -45,6 +46,9 @@ document stay open, and so does `/metrics` unless `BUCKET_METRICS_TOKEN` or
 `BUCKET_METRICS_REQUIRE_TOKEN` is set. Ingest is rate limited per client address and per user
 (429 with `Retry-After`).
 """
+# Rules across fields that a schema checks in ``validates_schema`` and apispec cannot derive:
+# which of an action's fields choose what it acts on ("all" only when sent).
+CROSS_FIELD_RULES = {"Requeue": RequeueSchema, "QuarantineReplay": QuarantineReplaySchema}
 HEALTH_SCHEMA = {
     "type": "object",
     "properties": {"status": {"type": "string", "enum": ["ok"]}},
@@ -155,6 +159,9 @@ def complete_spec(app: Flask, spec: Any) -> None:
         spec.components.response(
             "UNPROCESSABLE_CONTENT", error("The request is not valid: see errors per field.")
         )
+    for name, schema in CROSS_FIELD_RULES.items():
+        if name in spec.components.schemas:
+            spec.components.schemas[name].update(schema.OPENAPI_RULE)
     secured = set(guarded_blueprints(app))
     if secured:
         for name, scheme in SECURITY_SCHEMES.items():

@@ -52,6 +52,21 @@ class RequeueSchema(BaseSchema):
         metadata={"description": "Requeue every dead packet."},
     )
 
+    # The rule says_which checks, for the OpenAPI document (api/docs.py adds it).
+    OPENAPI_RULE = {
+        "oneOf": [
+            {
+                "required": ["all"],
+                "properties": {"all": {"enum": [True]}},
+                "not": {"anyOf": [{"required": ["packet_ids"]}, {"required": ["user_id"]}]},
+            },
+            {
+                "anyOf": [{"required": ["packet_ids"]}, {"required": ["user_id"]}],
+                "not": {"required": ["all"], "properties": {"all": {"enum": [True]}}},
+            },
+        ]
+    }
+
     @validates_schema
     def says_which(self, data: dict, **kwargs) -> None:
         """Every dead packet only when asked: ``all: true``; otherwise packet_ids or user_id."""

@@ -70,13 +70,35 @@ class QuarantineReplaySchema(QuarantineFiltersSchema):
     )
     limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=5000))
 
+    # A filter given is a choice, so it may not be empty (an empty one would match everything).
+    user_id = Text(validate=validate.Length(min=1), metadata={"description": "The user named."})
+    origin = Text(validate=validate.Length(min=1), metadata={"description": "The Origin."})
+    field = Text(
+        validate=validate.Length(min=1), metadata={"description": "Entries refused for it."}
+    )
+
+    # The rule says_which checks, for the OpenAPI document (api/docs.py adds it).
+    OPENAPI_RULE = {
+        "anyOf": [
+            {
+                "required": ["all"],
+                "properties": {"all": {"enum": [True]}},
+                "not": {"required": ["ids"]},
+            },
+            {
+                "anyOf": [{"required": [name]} for name in ("ids", *FILTERS)],
+                "not": {"required": ["all", "ids"], "properties": {"all": {"enum": [True]}}},
+            },
+        ]
+    }
+
     @validates_schema
     def says_which(self, data: dict, **kwargs) -> None:
         """Every entry only when asked: ``all: true``; otherwise ids or a filter."""
         if data.get("every"):
             if "ids" in data:
                 raise ValidationError("Send ids or all: true, not both.", "all")
-        elif not any(data.get(name) for name in ("ids", *FILTERS)):
+        elif not any(name in data for name in ("ids", *FILTERS)):
             raise ValidationError(
                 "Name the entries (ids, or a filter such as user_id), or send all: true to "
                 "replay every entry.",
