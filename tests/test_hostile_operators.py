@@ -348,3 +348,12 @@ def test_a_database_error_logs_identifiers_not_payloads(client, failing_inserts,
     assert not [line for line in lines if PAYLOAD_MARK in line]
     assert any("stu_logged" in line for line in errors)
     assert any("refused by the test" in line for line in errors)
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"])
+def test_cli_moments_beyond_utc_are_a_usage_error(runner, moment):
+    """The commands' --since/--until refuse such a moment as the API does (exit 2, no trace)."""
+    for args in (["requeue", "--since", moment], ["replay", "--user", "u", "--until", moment]):
+        result = runner.invoke(args=["bucket", *args])
+        assert result.exit_code == 2, (result.output, result.exception)
+        assert "UTC" in result.output
