@@ -58,6 +58,10 @@ class Config:
         self.BUCKET_REDIS_PREFIX = env_str("BUCKET_REDIS_PREFIX", "prana-bucket")
         self.BUCKET_CORS_ORIGINS = env_list("BUCKET_CORS_ORIGINS", ["*"])
         self.BUCKET_CONSUMER_TOKEN = env_list("BUCKET_CONSUMER_TOKEN", [])
+        # /metrics is open unless asked: its own tokens, or the consumer token's (README,
+        # "Operator endpoints").
+        self.BUCKET_METRICS_TOKEN = env_list("BUCKET_METRICS_TOKEN", [])
+        self.BUCKET_METRICS_REQUIRE_TOKEN = env_bool("BUCKET_METRICS_REQUIRE_TOKEN", False)
         self.BUCKET_VISIBILITY_TIMEOUT = env_int("BUCKET_VISIBILITY_TIMEOUT", 60)
         self.BUCKET_MAX_ATTEMPTS = env_int("BUCKET_MAX_ATTEMPTS", 5)
         self.BUCKET_RETRY_BACKOFF = env_float("BUCKET_RETRY_BACKOFF", 10.0)

@@ -23,14 +23,19 @@ bucket_cli = AppGroup("bucket", help="Inspect and repair the packet queue.")
 
 
 def parse_moment(value: str | None) -> datetime | None:
-    """Parse an ISO-8601 option value; naive means UTC."""
+    """Parse an ISO-8601 option value, in UTC; naive means UTC."""
     if value is None:
         return None
     try:
         moment = datetime.fromisoformat(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an ISO-8601 time") from exc
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    if not moment.tzinfo:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError as exc:  # year 1 with a positive offset, year 9999 with a negative one
+        raise click.BadParameter(f"{value!r} is not a moment UTC can hold") from exc
 
 
 def echo_table(figures: dict) -> None:

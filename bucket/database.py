@@ -46,7 +46,9 @@ def configure_database(app: Flask) -> None:
         os.makedirs(app.instance_path, exist_ok=True)
         config["SQLALCHEMY_DATABASE_URI"] = f"sqlite:///{app.instance_path}/bucket.sqlite3"
     url = config["SQLALCHEMY_DATABASE_URI"]
-    options: dict[str, Any] = {"json_serializer": canonical_json}
+    # SQL parameters carry packets' content (raw_signals): never in an error message or a log
+    # line (bucket/web/errors.py logs a failed statement with its packets' identifiers).
+    options: dict[str, Any] = {"json_serializer": canonical_json, "hide_parameters": True}
     if url.startswith("sqlite"):
         options["connect_args"] = {
             "timeout": 30,

@@ -180,4 +180,9 @@ def test_the_console_shows_status_charts_requeues_and_a_timeline(bucket, browser
         detail = page.text_content("#packet-detail")
         assert '"focus_bonus"' in detail and '"delivery_state": "processed"' in detail
         save_screenshot(page, request, "timeline")
+
+        # Requeue every dead packet: the button asks for it explicitly ({"all": true}).
+        page.click("#requeue-all")
+        page.wait_for_selector("#fig-dead[data-value='0']")
+        assert status(bucket)["dead_packets"] == 0
         assert not page.page_errors(), page_log(page)

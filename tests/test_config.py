@@ -86,6 +86,14 @@ CASES: dict[str, dict] = {
         "value": "first,second",
         "config": ("BUCKET_CONSUMER_TOKEN", ["first", "second"]),
     },
+    "BUCKET_METRICS_TOKEN": {
+        "value": "scraper-one,scraper-two",
+        "config": ("BUCKET_METRICS_TOKEN", ["scraper-one", "scraper-two"]),
+    },
+    "BUCKET_METRICS_REQUIRE_TOKEN": {
+        "value": "true",
+        "config": ("BUCKET_METRICS_REQUIRE_TOKEN", True),
+    },
     "BUCKET_VISIBILITY_TIMEOUT": {"value": "17", "config": ("BUCKET_VISIBILITY_TIMEOUT", 17)},
     "BUCKET_MAX_ATTEMPTS": {"value": "8", "config": ("BUCKET_MAX_ATTEMPTS", 8)},
     "BUCKET_RETRY_BACKOFF": {"value": "2.5", "config": ("BUCKET_RETRY_BACKOFF", 2.5)},

@@ -91,7 +91,7 @@ def test_requeue_one_packet_one_user_or_all(make_app):
     assert status(client)["dead_packets"] == 4
     assert client.post(requeue, json={"user_id": "doomed"}).json == {"requeued": 2}
     assert {p["user_id"] for p in client.get(f"{API}/packets/dead").json} == {"other"}
-    assert client.post(requeue, json={}).json == {"requeued": 2}
+    assert client.post(requeue, json={"all": True}).json == {"requeued": 2}
     assert status(client)["dead_packets"] == 0
     served = {p["packet_id"]: p for p in poll(client, limit=10)["packets"]}
     assert set(served) == set(ids + other)

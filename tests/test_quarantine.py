@@ -221,11 +221,11 @@ def test_replay_goes_on_past_entries_that_still_fail(make_app):
         refused(client, make_packet(user_id="fixable", cognitive_state="THINKING"))
     lenient = make_app()
     client = lenient.test_client()
-    first = replay(client, limit=2)
+    first = replay(client, all=True, limit=2)
     assert (first["replayed"], first["still_refused"], first["remaining"]) == (2, 2, 3)
-    second = replay(client, limit=2, after=first["next_after"])
+    second = replay(client, all=True, limit=2, after=first["next_after"])
     assert (second["still_refused"], second["ingested"], second["remaining"]) == (1, 1, 1)
-    last = replay(client, limit=2, after=second["next_after"])
+    last = replay(client, all=True, limit=2, after=second["next_after"])
     assert (last["ingested"], last["remaining"], last["next_after"]) == (1, 0, None)
     assert stored(lenient) == 2 and held(lenient) == 3
     only = replay(client, user_id="stuck")
@@ -277,10 +277,10 @@ def test_a_new_state_is_quarantined_then_configured_replayed_and_served_once(
     monkeypatch.setenv("BUCKET_COGNITIVE_STATES", CONTRACT_STATES + ",FATIGUED")
     after = make_app()  # the restart
     operator = after.test_client()
-    report = replay(operator)
+    report = replay(operator, all=True)
     assert (report["replayed"], report["ingested"], report["remaining"]) == (4, 4, 0)
     assert held(after) == 0 and operator.get(QUARANTINE).json == []
-    assert replay(operator)["replayed"] == 0  # replaying again stores nothing
+    assert replay(operator, all=True)["replayed"] == 0  # replaying again stores nothing
 
     for response in send_all(after.test_client(), 3):
         assert response.status_code == 200, response.json

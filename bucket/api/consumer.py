@@ -25,6 +25,7 @@ from bucket.schemas import (
 from bucket.services import delivery
 from bucket.services.listing import user_packets
 from bucket.web.body import load_or_abort, read_json_object
+from bucket.web.methods import refuse_head
 from bucket.web.metrics import note_acks
 
 blp = Blueprint(
@@ -40,6 +41,7 @@ lease_schema = LeaseChangeSchema()
 
 
 @blp.route("/packets/pending", methods=["GET"])
+@refuse_head  # HEAD would lease packets and throw their receipts away
 @blp.arguments(PendingQuerySchema, location="query", as_kwargs=True)
 @blp.response(200, PendingResponseSchema)
 def pending(limit: int, wait: float, visibility_timeout: int | None = None):
@@ -136,7 +138,9 @@ def user_listing(
     except BadCursor as exc:
         refuse_cursor(exc)
     items = [user_packet_out(row._mapping) for row in rows]
-    return page_response(items, next_cursor, "consumer.user_listing", user_id=user_id)
+    return page_response(
+        items, next_cursor, "consumer.user_listing", UserQuerySchema, user_id=user_id
+    )
 
 
 def refuse(outcome: delivery.AckOutcome) -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 from flask import Flask
 
-from bucket.web.auth import PROTECTED_BLUEPRINTS
+from bucket.schemas import QuarantineReplaySchema, RequeueSchema
+from bucket.web.auth import guarded_blueprints
 
 ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
 RETRY_AFTER = {
@@ -39,13 +40,17 @@ Every response carries an `X-Request-ID` header (the caller's, when it sent a pl
 128 characters, or a fresh one), which also appears in the service's log line for the request.
 Errors share one JSON shape: `code`, `status`, `message` and, per offending field, `errors`.
 When `BUCKET_CONSUMER_TOKEN` is set, the consumer and status endpoints need
-`Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes, `/metrics`
-and this document stay open. Ingest is rate limited in packets and bytes per client address and
-in accepted packets per user (429 with `Retry-After`).
+`Authorization: Bearer <token>` or `X-API-Key: <token>`; ingest, the health probes and this
+document stay open, and so does `/metrics` unless `BUCKET_METRICS_TOKEN` or
+`BUCKET_METRICS_REQUIRE_TOKEN` is set. Ingest is rate limited in packets and bytes per client
+address and in accepted packets per user (429 with `Retry-After`).
 """
 
-# The probes and the scrape are open and touch no session: no hook below can refuse them.
+# The probes and the scrape touch no session: no hook below but the token can refuse them.
 OPEN_PROBES = ("/health", "/health/ready", "/metrics")
+# Rules across fields that a schema checks in ``validates_schema`` and apispec cannot derive:
+# which of an action's fields choose what it acts on ("all" only when sent).
+CROSS_FIELD_RULES = {"Requeue": RequeueSchema, "QuarantineReplay": QuarantineReplaySchema}
 
 
 def error(description: str, headers: dict | None = None) -> dict[str, Any]:
@@ -133,7 +138,10 @@ def complete_spec(app: Flask, spec: Any) -> None:
         spec.components.response(
             "UNPROCESSABLE_CONTENT", error("The request is not valid: see errors per field.")
         )
-    secured = bool(app.config.get("BUCKET_CONSUMER_TOKEN"))
+    for name, schema in CROSS_FIELD_RULES.items():
+        if name in spec.components.schemas:
+            spec.components.schemas[name].update(schema.OPENAPI_RULE)
+    secured = set(guarded_blueprints(app))
     if secured:
         for name, scheme in SECURITY_SCHEMES.items():
             if name not in spec.components.security_schemes:
@@ -145,9 +153,14 @@ def complete_spec(app: Flask, spec: Any) -> None:
             complete_operation(path, method, operation, secured)
 
 
-def complete_operation(path: str, method: str, operation: dict, secured: bool) -> None:
-    """One operation: which hooks can refuse it decides which responses it documents."""
+def complete_operation(path: str, method: str, operation: dict, secured: set[str]) -> None:
+    """One operation: which hooks can refuse it decides which responses it documents
+    (``secured``: the blueprints that need a token)."""
     tags = set(operation.get("tags", []))
+    if tags & secured:
+        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
+        for code, response in AUTH_REFUSALS.items():
+            operation.setdefault("responses", {}).setdefault(code, response)
     answers = operation.setdefault("responses", {})
     if path in OPEN_PROBES:
         return
@@ -157,7 +170,3 @@ def complete_operation(path: str, method: str, operation: dict, secured: bool) -
     answers.setdefault("503", UNAVAILABLE)
     if "ingest" in tags:
         answers.setdefault("429", TOO_MANY)
-    if secured and tags & PROTECTED_BLUEPRINTS:
-        operation["security"] = [{name: []} for name in SECURITY_SCHEMES]
-        for code, response in AUTH_REFUSALS.items():
-            answers.setdefault(code, response)

@@ -1,4 +1,5 @@
-"""Prometheus scrape endpoint (open, like the health probes)."""
+"""Prometheus scrape endpoint (open, like the health probes, unless an operator asks for a
+token: BUCKET_METRICS_TOKEN or BUCKET_METRICS_REQUIRE_TOKEN)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from bucket.web.metrics import render_metrics
 
-blp = Blueprint("metrics", __name__, description="Prometheus metrics (no authentication).")
+blp = Blueprint(
+    "metrics", __name__, description="Prometheus metrics (a token only when configured)."
+)
 
 
 @blp.route("/metrics", methods=["GET"])

@@ -21,6 +21,7 @@ from bucket.schemas import (
 )
 from bucket.services import activity, delivery
 from bucket.services.listing import dead_letters
+from bucket.web.body import ActionBodyParser
 
 blp = Blueprint(
     "operations",
@@ -28,6 +29,7 @@ blp = Blueprint(
     url_prefix="/api/v1/bucket/prana",
     description="Activity, dead letters, requeue and replay for operators.",
 )
+blp.ARGUMENTS_PARSER = ActionBodyParser()  # an action's body is JSON or refused, never "all"
 
 
 @blp.route("/stats/timeseries", methods=["GET"])
@@ -50,7 +52,10 @@ def dead(args: dict):
     except BadCursor as exc:
         refuse_cursor(exc)
     return page_response(
-        [user_packet_out(row._mapping) for row in rows], next_cursor, "operations.dead"
+        [user_packet_out(row._mapping) for row in rows],
+        next_cursor,
+        "operations.dead",
+        DeadQuerySchema,
     )
 
 
@@ -59,7 +64,7 @@ def dead(args: dict):
 @blp.response(200, MovedSchema)
 def requeue(args: dict):
     """Serve dead packets again with fresh attempts: those named by ``packet_ids``, or one
-    user's (``user_id``), or every dead packet when neither is given."""
+    user's (``user_id``), or every dead packet with ``all: true`` (only then)."""
     count = delivery.requeue(
         (DeliveryState.DEAD,), user_id=args.get("user_id"), packet_ids=args.get("packet_ids")
     )

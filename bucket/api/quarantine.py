@@ -14,8 +14,10 @@ from bucket.schemas import (
     QuarantineReplayResultSchema,
     QuarantineReplaySchema,
 )
+from bucket.schemas.quarantine import FILTERS
 from bucket.services import quarantine
 from bucket.services.quarantine import Filters
+from bucket.web.body import ActionBodyParser
 
 blp = Blueprint(
     "quarantine",
@@ -23,8 +25,7 @@ blp = Blueprint(
     url_prefix="/api/v1/bucket/prana/quarantine",
     description="Packets refused for their content, kept for repair and replay.",
 )
-
-FILTERS = ("user_id", "origin", "field", "since", "until")
+blp.ARGUMENTS_PARSER = ActionBodyParser()  # a replay's body is JSON or refused, never "all"
 
 
 def filters_from(args: dict) -> Filters:
@@ -43,7 +44,7 @@ def list_entries(args: dict):
     except BadCursor as exc:
         refuse_cursor(exc)
     items = [quarantine_entry_out(row._mapping) for row in rows]
-    return page_response(items, next_cursor, "quarantine.list_entries")
+    return page_response(items, next_cursor, "quarantine.list_entries", QuarantineQuerySchema)
 
 
 @blp.route("/<int:entry_id>", methods=["GET"])
@@ -66,8 +67,9 @@ def replay(args: dict):
 
     Each ingested entry is stored exactly as if it had just arrived (a copy already stored is
     recognised as a duplicate) and leaves the quarantine; the others stay with their new
-    errors. Entries are taken in id order: those matching the filters (all, without any) and
-    named by ``ids`` if given, up to ``limit``; send ``next_after`` back as ``after`` to go on.
+    errors. Entries are taken in id order: those named by ``ids`` or matching the filters (or
+    every entry, with ``all: true``: an empty body, or one that is not JSON, replays nothing),
+    up to ``limit``; send ``next_after`` back as ``after`` to go on.
     """
     report = quarantine.replay(
         ids=args.get("ids"),

@@ -4,6 +4,7 @@ without NUL, client timestamps."""
 from __future__ import annotations
 
 import math
+from datetime import UTC
 from typing import Any
 
 from marshmallow import (
@@ -63,6 +64,26 @@ class ClientTimestamp(fields.Field):
 
     def _serialize(self, value: Any, attr: Any, obj: Any, **kwargs: Any):
         return None if value is None else value.isoformat()
+
+
+class Moment(fields.AwareDateTime):
+    """An ISO-8601 moment with a time zone (``since``/``until``), normalised to UTC.
+
+    A moment that UTC cannot hold (year 1 with a positive offset, year 9999 with a negative
+    one) is refused here, naming its parameter, instead of overflowing in the database driver.
+    """
+
+    default_error_messages = {"overflow": "Not a moment that UTC can hold (years 1 to 9999)."}
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(default_timezone=None, **kwargs)
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any):
+        moment = super()._deserialize(value, attr, data, **kwargs)
+        try:
+            return moment.astimezone(UTC)
+        except OverflowError as exc:
+            raise self.make_error("overflow") from exc
 
 
 def identifier(required: bool = False) -> fields.String:

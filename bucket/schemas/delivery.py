@@ -10,7 +10,7 @@ from marshmallow import (
 )
 
 from bucket.models import DeliveryState
-from bucket.schemas.base import BaseSchema, Text
+from bucket.schemas.base import BaseSchema, Moment, Text
 
 MAX_ACK_BATCH = 500
 
@@ -189,12 +189,8 @@ class UserQuerySchema(BaseSchema):
     processed_only = fields.Boolean(load_default=False)
     status = fields.String(validate=validate.OneOf(DeliveryState.ALL))
     cursor = fields.String()
-    since = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Received at or after (ISO-8601)."}
-    )
-    until = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Received before (ISO-8601)."}
-    )
+    since = Moment(metadata={"description": "Received at or after (ISO-8601)."})
+    until = Moment(metadata={"description": "Received before (ISO-8601)."})
 
 
 class UserPacketSchema(PacketOutSchema):

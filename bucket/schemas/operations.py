@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from marshmallow import (
+    ValidationError,
     fields,
     validate,
+    validates_schema,
 )
 
-from bucket.schemas.base import BaseSchema, Text
+from bucket.schemas.base import BaseSchema, Moment, Text
 
 
 class TimeseriesQuerySchema(BaseSchema):
@@ -36,20 +38,55 @@ class DeadQuerySchema(BaseSchema):
 
 
 class RequeueSchema(BaseSchema):
-    """Which dead packets to serve again: those named, or one user's, or (neither) all."""
+    """Which dead packets to serve again: those named, or one user's, or with ``all: true``
+    every one."""
 
     packet_ids = fields.List(
         Text(validate=validate.Length(min=1, max=64)), validate=validate.Length(min=1, max=500)
     )
     user_id = Text(validate=validate.Length(min=1, max=256))
+    every = fields.Boolean(
+        data_key="all",
+        truthy={True},
+        falsy={False},
+        metadata={"description": "Requeue every dead packet."},
+    )
+
+    # The rule says_which checks, for the OpenAPI document (api/docs.py adds it).
+    OPENAPI_RULE = {
+        "oneOf": [
+            {
+                "required": ["all"],
+                "properties": {"all": {"enum": [True]}},
+                "not": {"anyOf": [{"required": ["packet_ids"]}, {"required": ["user_id"]}]},
+            },
+            {
+                "anyOf": [{"required": ["packet_ids"]}, {"required": ["user_id"]}],
+                "not": {"required": ["all"], "properties": {"all": {"enum": [True]}}},
+            },
+        ]
+    }
+
+    @validates_schema
+    def says_which(self, data: dict, **kwargs) -> None:
+        """Every dead packet only when asked: ``all: true``; otherwise packet_ids or user_id."""
+        chosen = "packet_ids" in data or "user_id" in data
+        if data.get("every") and chosen:
+            raise ValidationError("Send packet_ids or user_id, or all: true, not both.", "all")
+        if not data.get("every") and not chosen:
+            raise ValidationError(
+                "Name the packets (packet_ids or user_id), or send all: true to requeue every "
+                "dead packet.",
+                "all",
+            )
 
 
 class ReplaySchema(BaseSchema):
     """One user's packets to serve again (processed, dead and retrying ones)."""
 
     user_id = Text(required=True, validate=validate.Length(min=1, max=256))
-    since = fields.AwareDateTime(default_timezone=None)
-    until = fields.AwareDateTime(default_timezone=None)
+    since = Moment()
+    until = Moment()
 
 
 class MovedSchema(BaseSchema):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from marshmallow import (
+    ValidationError,
     fields,
     validate,
+    validates_schema,
 )
 
-from bucket.schemas.base import BaseSchema, Text
+from bucket.schemas.base import BaseSchema, Moment, Text
 
 
 class QuarantineFiltersSchema(BaseSchema):
@@ -16,12 +18,11 @@ class QuarantineFiltersSchema(BaseSchema):
     user_id = Text(metadata={"description": "The user (or EMS employee) named."})
     origin = Text(metadata={"description": "The Origin the packet came from."})
     field = Text(data_key="field", metadata={"description": "Only entries refused for this field."})
-    since = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Last seen at or after (ISO-8601)."}
-    )
-    until = fields.AwareDateTime(
-        default_timezone=None, metadata={"description": "Last seen before (ISO-8601)."}
-    )
+    since = Moment(metadata={"description": "Last seen at or after (ISO-8601)."})
+    until = Moment(metadata={"description": "Last seen before (ISO-8601)."})
+
+
+FILTERS = ("user_id", "origin", "field", "since", "until")
 
 
 class QuarantineQuerySchema(QuarantineFiltersSchema):
@@ -52,15 +53,57 @@ ENTRY_IDS = validate.Range(min=1, max=2**63 - 1)
 
 
 class QuarantineReplaySchema(QuarantineFiltersSchema):
-    """What to replay: the entries matching the filters (every entry, without any) and, when
-    given, named by ``ids``; in id order after ``after``, up to ``limit``. Replaying is safe
+    """What to replay: the entries named by ``ids`` or matching the filters (both: those named
+    that match), or every entry with ``all: true``; in id order after ``after``, up to
+    ``limit``. Replaying is safe
     to repeat: deduplication absorbs what was stored before."""
 
     ids = fields.List(fields.Integer(validate=ENTRY_IDS), validate=validate.Length(min=1, max=500))
+    every = fields.Boolean(
+        data_key="all",
+        truthy={True},
+        falsy={False},
+        metadata={"description": "Replay every entry (matching the filters, if any)."},
+    )
     after = fields.Integer(
         validate=ENTRY_IDS, metadata={"description": "Continue after this entry (next_after)."}
     )
     limit = fields.Integer(load_default=500, validate=validate.Range(min=1, max=5000))
+
+    # A filter given is a choice, so it may not be empty (an empty one would match everything).
+    user_id = Text(validate=validate.Length(min=1), metadata={"description": "The user named."})
+    origin = Text(validate=validate.Length(min=1), metadata={"description": "The Origin."})
+    field = Text(
+        validate=validate.Length(min=1), metadata={"description": "Entries refused for it."}
+    )
+
+    # The rule says_which checks, for the OpenAPI document (api/docs.py adds it).
+    OPENAPI_RULE = {
+        "anyOf": [
+            {
+                "required": ["all"],
+                "properties": {"all": {"enum": [True]}},
+                "not": {"required": ["ids"]},
+            },
+            {
+                "anyOf": [{"required": [name]} for name in ("ids", *FILTERS)],
+                "not": {"required": ["all", "ids"], "properties": {"all": {"enum": [True]}}},
+            },
+        ]
+    }
+
+    @validates_schema
+    def says_which(self, data: dict, **kwargs) -> None:
+        """Every entry only when asked: ``all: true``; otherwise ids or a filter."""
+        if data.get("every"):
+            if "ids" in data:
+                raise ValidationError("Send ids or all: true, not both.", "all")
+        elif not any(name in data for name in ("ids", *FILTERS)):
+            raise ValidationError(
+                "Name the entries (ids, or a filter such as user_id), or send all: true to "
+                "replay every entry.",
+                "all",
+            )
 
 
 class QuarantineReplayItemSchema(BaseSchema):

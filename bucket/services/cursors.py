@@ -15,6 +15,9 @@ from bucket.exceptions import BadCursor
 
 T = TypeVar("T")
 MESSAGE = "The cursor is not valid; use the Link header of a previous page."
+# Every cursor we write is far shorter (a timestamp and a packet id: about 110 characters); a
+# longer one is refused before it is decoded.
+MAX_LENGTH = 512
 
 
 def encode(*values: Any) -> str:
@@ -26,10 +29,13 @@ def encode(*values: Any) -> str:
 def decode(cursor: str, parse: Callable[..., T]) -> T:
     """``parse(*values)`` of a cursor ``encode`` made; ``BadCursor`` for anything else
     (``parse`` raises ValueError or TypeError for values it refuses)."""
+    if len(cursor) > MAX_LENGTH:
+        raise BadCursor(MESSAGE)
     try:
         values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         if not isinstance(values, list):
             raise ValueError("not a cursor")
         return parse(*values)
-    except (ValueError, TypeError, OverflowError) as exc:
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # RecursionError: JSON nested deeper than the parser's stack (never one of ours).
         raise BadCursor(MESSAGE) from exc

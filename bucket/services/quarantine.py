@@ -277,8 +277,8 @@ class Filters:
 
 def entry_cursor(entry_id: int) -> int:
     """The quarantine listing's cursor: the last entry's id."""
-    if not isinstance(entry_id, int) or isinstance(entry_id, bool):
-        raise ValueError("not an id")
+    if not isinstance(entry_id, int) or isinstance(entry_id, bool) or not 0 < entry_id < 2**63:
+        raise ValueError("not an id")  # the column is a signed 64-bit integer
     return entry_id
 
 

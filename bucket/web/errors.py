@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import traceback
 from http import HTTPStatus
 
-from flask import Flask, jsonify, request
+from flask import Flask, g, has_request_context, jsonify, request
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
@@ -77,8 +78,56 @@ def database_error(exc: DBAPIError):
 def internal_error(exc: InternalServerError):
     """Roll the session back first, then answer 500 without leaking internals."""
     db.session.rollback()
-    log.error("unhandled error", exc_info=exc.original_exception or exc)
+    original = exc.original_exception or exc
+    if isinstance(original, DBAPIError):
+        log_database_error(original)
+    else:
+        log.error("unhandled error", exc_info=original)
     return error_response(500, "Internal server error.")
+
+
+# What a log line may name of the packets (or acknowledgements) a failed request carried.
+IDENTIFIERS = ("packet_id", "user_id", "employee_id", "session_id", "system_type", "timestamp")
+MAX_IDENTIFIED = 20
+
+
+def log_database_error(exc: DBAPIError) -> None:
+    """Log a failed statement with what finds its cause and its packets, not their content.
+
+    The engines hide SQL parameters (``hide_parameters``: a packet's signals are parameters),
+    and the driver's message is cut to its first line (PostgreSQL's DETAIL quotes the row's
+    values). The statement, the driver's error, the stack and the identifiers of the request's
+    packets remain.
+    """
+    driver = exc.orig if exc.orig is not None else exc
+    summary = str(driver).split("\n", 1)[0][:300]
+    fields = {
+        "error": type(driver).__name__,
+        "statement": (exc.statement or "")[:2000],
+        "stack": "".join(traceback.format_tb(exc.__traceback__)),
+    }
+    if has_request_context():
+        fields["request_id"] = g.get("request_id")
+        fields["packets"] = request_identifiers()
+    log.error("database error: %s: %s", type(driver).__name__, summary, extra=fields)
+
+
+def request_identifiers() -> list[dict[str, str]]:
+    """The identifiers of the packets in the request's JSON body (one packet, a batch, or
+    acknowledgements), as decoded by the view; never any other field."""
+    body = g.get("json_body")
+    if not isinstance(body, dict):
+        return []
+    items = body.get("packets") or body.get("results") or [body]
+    if not isinstance(items, list):
+        return []
+    found = []
+    for item in items[:MAX_IDENTIFIED]:
+        if isinstance(item, dict):
+            named = {key: item[key][:256] for key in IDENTIFIERS if isinstance(item.get(key), str)}
+            if named:
+                found.append(named)
+    return found
 
 
 def http_error(exc: HTTPException):

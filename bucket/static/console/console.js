@@ -202,7 +202,7 @@ async function refreshDead() {
 }
 
 document.getElementById("requeue-all").addEventListener("click", () => requeue(
-  {}, "Requeue every dead packet?"));
+  { all: true }, "Requeue every dead packet?"));
 
 // --- a learner's timeline --------------------------------------------------------------
 
