@@ -172,16 +172,19 @@ def configure_logging(app: Flask) -> None:
 
 
 def register_request_hooks(app: Flask) -> None:
-    """Request id and log line, request metrics, trusted proxies, the consumer token (in order)."""
+    """Request id and log line, request metrics, trusted proxies, the consumer token, security
+    headers (in order)."""
     from bucket.web.auth import init_auth
     from bucket.web.metrics import init_metrics
     from bucket.web.ratelimit import trust_proxies
     from bucket.web.request_log import init_request_log
+    from bucket.web.security_headers import init_security_headers
 
     init_request_log(app)
     init_metrics(app)
     trust_proxies(app)
     init_auth(app)
+    init_security_headers(app)
 
 
 def register_rate_limits(app: Flask) -> None:
