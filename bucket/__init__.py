@@ -50,11 +50,16 @@ def register_json(app: Flask) -> None:
 
 
 def register_packet_rules(app: Flask) -> None:
-    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)."""
+    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)
+    and how deep a packet's fields may nest (BUCKET_MAX_JSON_DEPTH)."""
+    from bucket.jsonutil import MAX_DEPTH_LIMIT
     from bucket.schemas import PacketRules
 
     states = tuple(app.config["BUCKET_COGNITIVE_STATES"])
-    app.extensions["bucket.packet_rules"] = PacketRules(states)
+    depth = app.config["BUCKET_MAX_JSON_DEPTH"]
+    if not 1 <= depth <= MAX_DEPTH_LIMIT:
+        raise ValueError(f"BUCKET_MAX_JSON_DEPTH must be between 1 and {MAX_DEPTH_LIMIT}.")
+    app.extensions["bucket.packet_rules"] = PacketRules(states, depth)
 
 
 def register_extensions(app: Flask) -> None:

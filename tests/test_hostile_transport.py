@@ -378,7 +378,8 @@ def stored_count(app) -> int:
 def test_deep_raw_signals_are_refused_422_and_quarantined(app, client, depth):
     """raw_signals deeper than BUCKET_MAX_JSON_DEPTH (32): a 422 naming the limit, and the
     packet is in the quarantine; nothing is stored, no 500."""
-    answer = post_text(client, packet_text(nested(depth), user_id="deep"))
+    text = packet_text(nested(depth), user_id="deep")
+    answer = post_text(client, text)
     assert answer.status_code == 422, answer.get_data(as_text=True)[:300]
     body = answer.get_json()
     assert "BUCKET_MAX_JSON_DEPTH" in json.dumps(body["errors"])
@@ -386,7 +387,7 @@ def test_deep_raw_signals_are_refused_422_and_quarantined(app, client, depth):
     (entry,) = quarantined(app)
     assert entry.id == body["quarantine_id"] and entry.user_id == "deep"
     assert stored_count(app) == 0
-    again = post_text(client, packet_text(nested(depth), user_id="deep"))
+    again = post_text(client, text)
     assert again.get_json()["quarantine_id"] == body["quarantine_id"]
     listed = client.get(f"/api/v1/bucket/prana/quarantine/{body['quarantine_id']}")
     assert listed.status_code == 200
@@ -421,9 +422,15 @@ def test_a_body_deeper_than_the_parser_accepts_is_422_and_quarantined(app, clien
     assert isinstance(entry.body, str) and '"abyss"' in entry.body
 
 
-def test_unknown_fields_nested_deep_do_not_cause_500(app, client):
-    """A deep value in a field the packet does not know is refused the same way."""
+def test_unknown_fields_nested_deep_are_tolerated_and_quarantined_with_their_packet(app, client):
+    """An unknown field is tolerated however deep (it is not stored); when the packet is refused
+    for another reason, the quarantine keeps it whole, deep field included."""
     text = packet_text("{}", user_id="deep-extra")
     answer = post_text(client, text[:-1] + ', "extra": ' + nested(400) + "}")
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    refused = packet_text("{}", user_id="deep-extra", active_seconds=-1)
+    answer = post_text(client, refused[:-1] + ', "extra": ' + nested(400) + "}")
     assert answer.status_code == 422, answer.get_data(as_text=True)[:300]
     assert answer.get_json()["quarantine_id"]
+    (entry,) = quarantined(app)
+    assert nested(400) in entry.body

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import NoReturn
+
 from flask import current_app, jsonify, request
 from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
+from bucket.exceptions import BodyTooDeep
 from bucket.schemas import BatchEnvelopeSchema, packet_rules
 from bucket.services import quarantine
 from bucket.services.ingest import store_batch, store_packets
@@ -74,7 +77,10 @@ def ingest():
     A retried packet (same natural identity, or same ``Idempotency-Key``) is answered with its
     original ``packet_id`` and ``"duplicate": true``, and is never stored twice.
     """
-    body = read_json_object()
+    try:
+        body = read_json_object()
+    except BodyTooDeep as exc:
+        keep_too_deep(exc)
     if "packets" in body:
         return ingest_batch(body)
     idempotency_key = request.headers.get("Idempotency-Key") or None
@@ -93,6 +99,19 @@ def ingest():
     if outcome.duplicate:
         answer["duplicate"] = True
     return jsonify(answer)
+
+
+def keep_too_deep(exc: BodyTooDeep) -> NoReturn:
+    """A body too deep to parse is kept in the quarantine as text, and refused with 422."""
+    (entry_id,) = quarantine.keep_if_reachable(
+        [quarantine.Refused(exc.text, {"json": [exc.message]}, request.origin, "packet")]
+    )
+    abort(
+        422,
+        message=exc.message + (" It is kept in the quarantine." if entry_id is not None else ""),
+        errors={"json": [exc.message]},
+        extra={"quarantine_id": entry_id} if entry_id is not None else None,
+    )
 
 
 def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from bucket.exceptions import DatabaseUnavailable
+from bucket.exceptions import BodyTooDeep, DatabaseUnavailable
 from bucket.extensions import db
 
 log = logging.getLogger(__name__)
@@ -105,10 +105,16 @@ def body_too_large_message() -> str:
     return f"The request body exceeds {limit} bytes (BUCKET_MAX_BODY_BYTES)."
 
 
+def body_too_deep(exc: BodyTooDeep):
+    """A body nesting beyond the parser's reach: 422 naming the limit (ingest keeps it first)."""
+    return error_response(422, exc.message, errors={"json": [exc.message]})
+
+
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers; ours replace flask-smorest's HTTP handler to always add a message."""
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(PoolTimeoutError, database_unavailable)
     app.register_error_handler(DatabaseUnavailable, database_unavailable)
     app.register_error_handler(DBAPIError, database_error)
+    app.register_error_handler(BodyTooDeep, body_too_deep)
     app.register_error_handler(InternalServerError, internal_error)

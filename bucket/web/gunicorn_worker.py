@@ -28,10 +28,8 @@ import orjson
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
-from config import env_float, env_int
+from config import Config
 
-DEFAULT_READ_TIMEOUT = 10.0
-DEFAULT_MAX_BODY = 1024 * 1024
 RECV_SIZE = 256 * 1024
 CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 MAX_CHUNK_LINE = 4096
@@ -195,8 +193,9 @@ class BufferingThreadWorker(ThreadWorker):
     """gthread whose threads only ever see complete requests (module docstring)."""
 
     def init_process(self) -> None:
-        self.read_timeout = env_float("BUCKET_REQUEST_READ_TIMEOUT", DEFAULT_READ_TIMEOUT)
-        self.max_body = env_int("BUCKET_MAX_BODY_BYTES", DEFAULT_MAX_BODY)
+        config = Config()
+        self.read_timeout = config.BUCKET_REQUEST_READ_TIMEOUT
+        self.max_body = config.BUCKET_MAX_BODY_BYTES
         self.readings: dict = {}  # connection -> RequestReading
         super().init_process()
 
