@@ -247,6 +247,40 @@ def test_a_malformed_chunked_body_is_400_in_the_error_shape(server):
     assert_error_shape(received, 400)
 
 
+def test_a_malformed_chunked_body_is_400_under_plain_gthread_too(tmp_path):
+    """Where the buffering worker is not in use (gthread reading bodies in threads, as with
+    TLS configured in gunicorn), the app itself answers broken framing 400, not 500."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL")}
+    env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'plain.sqlite3'}", LOG_LEVEL="WARNING")
+    command = [str(VENV_BIN / "gunicorn"), "-k", "gthread", "--threads", "2"]
+    command += ["-b", f"127.0.0.1:{port}", "wsgi:app"]
+    service = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+
+        def serving() -> bool:
+            assert service.poll() is None
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            return False
+
+        wait_until(serving, 30, "plain gunicorn never listened", interval=0.2)
+        received = raw_exchange(
+            port,
+            (
+                f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                "Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+            ).encode(),
+        )
+        assert_error_shape(received, 400)
+    finally:
+        service.terminate()
+        service.wait(timeout=30)
+
+
 def test_a_well_formed_chunked_body_is_served(server):
     """A chunked body is still read and stored."""
     _, port = server

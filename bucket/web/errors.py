@@ -74,9 +74,21 @@ def database_error(exc: DBAPIError):
     return internal_error(InternalServerError(original_exception=exc))
 
 
+def is_framing_error(exc: BaseException | None) -> bool:
+    """Whether reading the body failed on the client's framing: gunicorn raises its parser's
+    errors (a chunk size such as ``zz``, a body cut short) from ``wsgi.input``. Its buffering
+    worker refuses such bodies before the app runs; this covers plain gthread (TLS set up in
+    gunicorn), without the app depending on gunicorn."""
+    return exc is not None and type(exc).__module__ == "gunicorn.http.errors"
+
+
 def internal_error(exc: InternalServerError):
-    """Roll the session back first, then answer 500 without leaking internals."""
+    """Roll the session back first, then answer 500 without leaking internals (a body whose
+    framing is broken is the client's error: 400)."""
     db.session.rollback()
+    if is_framing_error(exc.original_exception):
+        message = "The request body is malformed and could not be read."
+        return error_response(400, message, errors={"json": [message]})
     log.error("unhandled error", exc_info=exc.original_exception or exc)
     return error_response(500, "Internal server error.")
 
