@@ -158,6 +158,7 @@ def slow_request_head(port: int) -> bytes:
 # --- finding 1: slow bodies -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_slow_bodies_do_not_starve_health(server):
     """Forty connections that send headers and 4 bytes of a 100-byte body: /health still
     answers within two seconds, on a worker of only four threads."""
@@ -181,6 +182,7 @@ def test_slow_bodies_do_not_starve_health(server):
             sock.close()
 
 
+@pytest.mark.slow
 def test_a_stalled_body_is_answered_408_in_the_error_shape(server):
     """A body that stops arriving costs at most BUCKET_REQUEST_READ_TIMEOUT: then a JSON 408,
     and the connection is closed."""
@@ -197,6 +199,7 @@ def test_a_stalled_body_is_answered_408_in_the_error_shape(server):
     assert "BUCKET_REQUEST_READ_TIMEOUT" in document["message"]
 
 
+@pytest.mark.slow
 def test_a_body_trickled_in_pieces_is_served(server):
     """A slow but complete body (sent in pieces) is read in full and stored."""
     _, port = server
@@ -218,6 +221,27 @@ def test_a_body_trickled_in_pieces_is_served(server):
     assert json.loads(answer)["status"] == "ingested"
 
 
+@pytest.mark.slow
+def test_expect_100_continue_is_answered_before_the_body(server):
+    """A client that waits for ``100 Continue`` (curl does, for bodies over 1 KiB) gets it
+    before it sends the body, then the answer to the whole request."""
+    _, port = server
+    body = json.dumps(make_packet(user_id="expect")).encode()
+    head = (
+        f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(head)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert parse_response(received)[0] == 200, received
+
+
+@pytest.mark.slow
 def test_keep_alive_and_pipelined_requests_are_served(server):
     """Two requests on one connection, the second sent with the first: both answered."""
     _, port = server
@@ -234,6 +258,7 @@ def test_keep_alive_and_pipelined_requests_are_served(server):
 # --- finding 2 (transport part) and 9: errors made before the app -----------------------------
 
 
+@pytest.mark.slow
 def test_a_malformed_chunked_body_is_400_in_the_error_shape(server):
     """Transfer-Encoding: chunked with chunk size ``zz``: 400 in the error shape, not 500."""
     _, port = server
@@ -247,6 +272,7 @@ def test_a_malformed_chunked_body_is_400_in_the_error_shape(server):
     assert_error_shape(received, 400)
 
 
+@pytest.mark.slow
 def test_a_malformed_chunked_body_is_400_under_plain_gthread_too(tmp_path):
     """Where the buffering worker is not in use (gthread reading bodies in threads, as with
     TLS configured in gunicorn), the app itself answers broken framing 400, not 500."""
@@ -281,6 +307,7 @@ def test_a_malformed_chunked_body_is_400_under_plain_gthread_too(tmp_path):
         service.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_a_well_formed_chunked_body_is_served(server):
     """A chunked body is still read and stored."""
     _, port = server
@@ -302,6 +329,7 @@ def test_a_well_formed_chunked_body_is_served(server):
     assert status == 200, received
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("request_bytes", "code"),
     [
@@ -314,8 +342,22 @@ def test_a_well_formed_chunked_body_is_served(server):
         ),
         (b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400),
         (b"NOT A REQUEST\r\n\r\n", 400),
+        (b"GET /health HTTP/1.1\nHost: x\n\n", 400),
+        (
+            b"POST /health HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            400,
+        ),
+        (b"POST /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     ],
-    ids=["uri-too-long", "too-many-headers", "bad-header", "bad-request-line"],
+    ids=[
+        "uri-too-long",
+        "too-many-headers",
+        "bad-header",
+        "bad-request-line",
+        "bare-lf",
+        "two-lengths",
+        "unknown-coding",
+    ],
 )
 def test_errors_gunicorn_makes_are_in_the_error_shape(server, request_bytes, code):
     """414, 431 and 400 for bad framing come from the server, before the app: same JSON shape."""
@@ -325,6 +367,7 @@ def test_errors_gunicorn_makes_are_in_the_error_shape(server, request_bytes, cod
     assert parse_response(received)[1].get("x-content-type-options") == "nosniff"
 
 
+@pytest.mark.slow
 def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     """Content-Length above BUCKET_MAX_BODY_BYTES: 413 in the error shape at once, without
     waiting for a body that will never be read."""
@@ -338,6 +381,7 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
     assert_error_shape(received, 413)
 
 
+@pytest.mark.slow
 def test_the_double_slash_redirect_is_in_the_error_shape(server):
     """``prana//status`` redirects to ``prana/status``; its body is JSON, not Werkzeug's HTML,
     and the Location is relative (a forged Host header does not choose it)."""

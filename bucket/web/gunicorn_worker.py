@@ -76,6 +76,7 @@ class RequestReading:
         self.body_start: int | None = None
         self.length: int | None = None  # Content-Length, when framed by it
         self.chunked = False
+        self.head_scan = 0  # where the search for the end of the head resumes
         self.scan = 0  # chunked: where the next chunk-size line starts
         self.chunked_bytes = 0
 
@@ -85,15 +86,25 @@ class RequestReading:
         if self.body_start is None and not self.read_head():
             return False
         if self.chunked:
-            return self.scan_chunks()
+            if self.scan_chunks():
+                return True
+            if len(self.buf) - self.body_start > self.max_body + self.max_head:  # endless trailers
+                raise Refusal(413, "The chunked body's trailer section is too large.")
+            return False
         return len(self.buf) - self.body_start >= (self.length or 0)
 
     def read_head(self) -> bool:
         """Find the end of the head and the body's framing; False while the head is partial."""
-        end = self.buf.find(b"\r\n\r\n")
+        # Search only what arrived since the last look (a head may come a byte at a time).
+        start, self.head_scan = self.head_scan, max(0, len(self.buf) - 3)
+        end = self.buf.find(b"\r\n\r\n", start)
+        if end < 0 and self.buf.find(b"\n\n", start) >= 0:
+            raise Refusal(400, "Header lines must end with CRLF.")
         if end < 0:
-            line_end = self.buf.find(b"\r\n")
-            if line_end < 0 and len(self.buf) > self.max_line + 2:
+            if (
+                len(self.buf) > self.max_line + 2
+                and self.buf.find(b"\r\n", 0, self.max_line + 2) < 0
+            ):
                 raise Refusal(414, f"The request line is longer than {self.max_line} bytes.")
             if len(self.buf) > self.max_head:
                 raise Refusal(431, "The request's header fields are too large.")
