@@ -22,6 +22,7 @@ import requests
 
 from bucket.extensions import db
 from bucket.models import Packet, QuarantinedPacket
+from tests.browser import launch_chromium, open_page, page_log
 from tests.concurrency import wait_until
 from tests.factories import make_packet
 from tests.servers import free_port
@@ -420,6 +421,23 @@ def test_the_docs_page_keeps_working_under_its_policy(client):
     answer = client.get("/docs")
     assert answer.status_code == 200
     assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("path", "rendered"),
+    [("/docs", ".swagger-ui .info .title"), ("/console", "#fig-pending[data-value]")],
+)
+def test_the_pages_work_in_a_browser_under_their_policy(server, path, rendered):
+    """Chromium renders /docs (Swagger UI) and /console with no Content-Security-Policy
+    violation."""
+    base, _ = server
+    with launch_chromium() as browser, open_page(browser) as page:
+        page.goto(f"{base}{path}")
+        page.wait_for_selector(rendered)
+        log = page_log(page)
+        assert "Content Security Policy" not in log, log
+        assert not page.page_errors(), log
 
 
 # --- finding 2: deep JSON ----------------------------------------------------------------------
