@@ -70,6 +70,12 @@ class Config:
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
         # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
         self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)
+        # Levels a packet's field may nest (raw_signals itself is level 1); deeper is a 422 and
+        # the packet goes to the quarantine. At most 128 (bucket/jsonutil.py: MAX_DEPTH_LIMIT).
+        self.BUCKET_MAX_JSON_DEPTH = env_int("BUCKET_MAX_JSON_DEPTH", 32)
+        # Seconds a request (head and body) may take to arrive once its connection is readable;
+        # then 408 (bucket/web/gunicorn_worker.py reads it, not the app).
+        self.BUCKET_REQUEST_READ_TIMEOUT = env_float("BUCKET_REQUEST_READ_TIMEOUT", 10.0)
         # What cognitive_state may hold (the legacy EMS states are accepted besides).
         self.BUCKET_COGNITIVE_STATES = env_list(
             "BUCKET_COGNITIVE_STATES",

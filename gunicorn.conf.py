@@ -2,9 +2,12 @@
 
 Worker class and counts, and why:
 
-- ``worker_class = "gthread"``: a long poll (``pending?wait=N``, N <= 20 s) parks one thread on
-  an in-process condition and holds no database connection (each claim commits first), so the
-  other threads of the same worker keep serving ingest. A sync worker would be blocked whole for
+- ``worker_class``: gthread, as ``bucket.web.gunicorn_worker.BufferingThreadWorker``, which reads
+  each request whole (head and body, within ``BUCKET_REQUEST_READ_TIMEOUT``) in the worker's event
+  loop before a thread serves it, so slow or stalled clients never hold threads. A long poll
+  (``pending?wait=N``, N <= 20 s) parks one thread on an in-process condition and holds no
+  database connection (each claim commits first), so the other threads of the same worker keep
+  serving ingest. A sync worker would be blocked whole for
   up to 20 s per waiting consumer; gevent/eventlet would need psycopg and redis patched.
 - ``workers`` = ``WEB_CONCURRENCY`` (default 2): processes for CPU parallelism and for surviving
   a crashed worker; every worker hears Redis readiness announcements, so a packet ingested by
@@ -30,8 +33,9 @@ from config import env_int
 # Empty values count as unset, as everywhere in config.py.
 bind = f"0.0.0.0:{env_int('PORT', 3000)}"
 # gthread: each worker serves many requests at once; a long poll (up to 20 s) parks one thread
-# and no database connection, so ingest keeps flowing beside waiting consumers.
-worker_class = "gthread"
+# and no database connection, so ingest keeps flowing beside waiting consumers. Our subclass reads
+# each request whole in the event loop first, so a slow client never holds a thread.
+worker_class = "bucket.web.gunicorn_worker.BufferingThreadWorker"
 workers = env_int("WEB_CONCURRENCY", 2)
 threads = env_int("BUCKET_THREADS", 16)
 timeout = 60

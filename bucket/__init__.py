@@ -51,12 +51,17 @@ def register_json(app: Flask) -> None:
 
 def register_packet_rules(app: Flask) -> None:
     """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)
-    and how large raw_signals may be (BUCKET_RAW_SIGNALS_MAX_BYTES)."""
+    and how large raw_signals may be (BUCKET_RAW_SIGNALS_MAX_BYTES) and how deep a packet's fields
+    may nest (BUCKET_MAX_JSON_DEPTH)."""
+    from bucket.jsonutil import MAX_DEPTH_LIMIT
     from bucket.schemas import PacketRules
 
     states = tuple(app.config["BUCKET_COGNITIVE_STATES"])
+    depth = app.config["BUCKET_MAX_JSON_DEPTH"]
+    if not 1 <= depth <= MAX_DEPTH_LIMIT:
+        raise ValueError(f"BUCKET_MAX_JSON_DEPTH must be between 1 and {MAX_DEPTH_LIMIT}.")
     app.extensions["bucket.packet_rules"] = PacketRules(
-        states, app.config["BUCKET_RAW_SIGNALS_MAX_BYTES"]
+        states, app.config["BUCKET_RAW_SIGNALS_MAX_BYTES"], depth
     )
 
 
@@ -175,16 +180,19 @@ def configure_logging(app: Flask) -> None:
 
 
 def register_request_hooks(app: Flask) -> None:
-    """Request id and log line, request metrics, trusted proxies, the consumer token (in order)."""
+    """Request id and log line, request metrics, trusted proxies, the consumer token, security
+    headers (in order)."""
     from bucket.web.auth import init_auth
     from bucket.web.metrics import init_metrics
     from bucket.web.ratelimit import trust_proxies
     from bucket.web.request_log import init_request_log
+    from bucket.web.security_headers import init_security_headers
 
     init_request_log(app)
     init_metrics(app)
     trust_proxies(app)
     init_auth(app)
+    init_security_headers(app)
 
 
 def register_rate_limits(app: Flask) -> None:

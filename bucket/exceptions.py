@@ -18,3 +18,13 @@ class ConflictVanished(DatabaseUnavailable):
 
 class BadCursor(ValueError):
     """The cursor was not one this service issued."""
+
+
+class BodyTooDeep(ValueError):
+    """The request body nests deeper than the JSON parser goes (1024 levels): it cannot be
+    read as JSON, only kept as text (answered 422; ingest quarantines the text)."""
+
+    def __init__(self, text: str, message: str) -> None:
+        super().__init__(message)
+        self.text = text
+        self.message = message

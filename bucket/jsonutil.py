@@ -33,3 +33,61 @@ def canonical_json(obj: Any) -> str:
     """JSON as stored in JSON columns: keys sorted at every depth, no whitespace, so the same
     value always has the same text (the audit log hashes ``raw_signals`` as stored)."""
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS).decode()
+
+
+# orjson encodes at most 254 levels (and parses at most 1024). Values stored as JSON, and the
+# answers that wrap them, stay below SAFE_DEPTH; BUCKET_MAX_JSON_DEPTH may not exceed
+# MAX_DEPTH_LIMIT, which leaves room for the wrapping (a packet, a list of entries, an answer).
+SAFE_DEPTH = 200
+MAX_DEPTH_LIMIT = 128
+
+
+def deeper_than(value: Any, limit: int) -> bool:
+    """Whether ``value`` nests more than ``limit`` levels (a scalar is 0, ``{}`` or ``[]`` is 1);
+    iterative, and it stops at the first branch past the limit."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if level > limit:
+            return True
+        stack.extend((child, level + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+class _Raw(str):
+    """Text already encoded, pushed on the encoder's stack."""
+
+
+def json_text_any_depth(value: Any) -> str:
+    """JSON text of a parsed value however deep it nests (the encoders stop at 254 levels):
+    for keeping what an attacker sent, never for what the service serves."""
+    parts: list[str] = []
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, _Raw):
+            parts.append(item)
+        elif isinstance(item, dict):
+            stack.append(_Raw("}"))
+            for index, (key, child) in enumerate(reversed(list(item.items()))):
+                stack.append(child)
+                stack.append(_Raw(orjson.dumps(str(key)).decode() + ":"))
+                if index < len(item) - 1:
+                    stack.append(_Raw(","))
+            stack.append(_Raw("{"))
+        elif isinstance(item, list):
+            stack.append(_Raw("]"))
+            for index, child in enumerate(reversed(item)):
+                stack.append(child)
+                if index < len(item) - 1:
+                    stack.append(_Raw(","))
+            stack.append(_Raw("["))
+        else:
+            parts.append(orjson.dumps(item, option=orjson.OPT_NON_STR_KEYS).decode())
+    return "".join(parts)

@@ -100,6 +100,11 @@ CASES: dict[str, dict] = {
     "BUCKET_RETRY_BACKOFF_MAX": {"value": "99", "config": ("BUCKET_RETRY_BACKOFF_MAX", 99.0)},
     "BUCKET_MAX_BODY_BYTES": {"value": "2048", "config": ("MAX_CONTENT_LENGTH", 2048)},
     "BUCKET_MAX_BATCH_SIZE": {"value": "50", "config": ("BUCKET_MAX_BATCH_SIZE", 50)},
+    "BUCKET_MAX_JSON_DEPTH": {"value": "8", "config": ("BUCKET_MAX_JSON_DEPTH", 8)},
+    "BUCKET_REQUEST_READ_TIMEOUT": {
+        "value": "4.5",
+        "config": ("BUCKET_REQUEST_READ_TIMEOUT", 4.5),
+    },
     "BUCKET_COGNITIVE_STATES": {
         "value": "ON_TASK, FATIGUED",
         "config": ("BUCKET_COGNITIVE_STATES", ["ON_TASK", "FATIGUED"]),

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections import Counter
+from typing import NoReturn
 
 from flask import current_app, jsonify, request
 from flask_smorest import Blueprint, abort
 from marshmallow import ValidationError
 
+from bucket.exceptions import BodyTooDeep
 from bucket.extensions import api
 from bucket.schemas import (
     MAX_IDEMPOTENCY_KEY,
@@ -66,7 +68,10 @@ def ingest(headers: dict):
     A retried packet (same natural identity, or same ``Idempotency-Key``) is answered with its
     original ``packet_id`` and ``"duplicate": true``, and is never stored twice.
     """
-    body = read_json_object()
+    try:
+        body = read_json_object()
+    except BodyTooDeep as exc:
+        keep_too_deep(exc)
     if "packets" in body:
         return ingest_batch(body, headers.get("batch_id"))
     idempotency_key = headers.get("idempotency_key") or None
@@ -86,6 +91,21 @@ def ingest(headers: dict):
     if outcome.duplicate:
         answer["duplicate"] = True
     return jsonify(answer)
+
+
+def keep_too_deep(exc: BodyTooDeep) -> NoReturn:
+    """A body too deep to parse is kept in the quarantine as text, and refused with 422."""
+    admit_ingest(1, {})  # its sender's address pays, like for any refused packet
+    refused = quarantine.Refused(
+        exc.text, {"json": [exc.message]}, request.origin, "packet", sender=client_address()
+    )
+    (entry_id,) = quarantine.keep_if_reachable([refused])
+    abort(
+        422,
+        message=exc.message + (" It is kept in the quarantine." if entry_id is not None else ""),
+        errors={"json": [exc.message]},
+        extra={"quarantine_id": entry_id} if entry_id is not None else None,
+    )
 
 
 def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:

@@ -14,6 +14,7 @@ from marshmallow import (
     validates_schema,
 )
 
+from bucket.jsonutil import deeper_than
 from bucket.schemas.base import BaseSchema, ClientTimestamp, StrictNumber, Text, identifier
 from bucket.timeutil import TIMESTAMP_PATTERN, parse_client_timestamp
 
@@ -28,6 +29,7 @@ WINDOW_TOLERANCE = 0.1
 # One packet's raw_signals as JSON, at most (BUCKET_RAW_SIGNALS_MAX_BYTES replaces it).
 RAW_SIGNALS_MAX_BYTES = 16384
 MAX_IDEMPOTENCY_KEY = 255
+DEFAULT_MAX_DEPTH = 32  # BUCKET_MAX_JSON_DEPTH
 
 
 class PacketSchema(BaseSchema):
@@ -210,22 +212,41 @@ def fast_load_packet(
 
 
 class PacketRules:
-    """The packet rules in force for one application: its accepted cognitive states and the
-    size of raw_signals."""
+    """The packet rules in force for one application: its accepted cognitive states, the size of
+    raw_signals, and how deep a field may nest."""
 
     def __init__(
-        self, cognitive_states: tuple[str, ...], raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES
+        self,
+        cognitive_states: tuple[str, ...],
+        raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES,
+        max_depth: int = DEFAULT_MAX_DEPTH,
     ) -> None:
         self.schema = PacketSchema(
             cognitive_states=tuple(cognitive_states), raw_signals_max_bytes=raw_signals_max_bytes
         )
         self.cognitive_states = self.schema.cognitive_states
         self.raw_signals_max_bytes = raw_signals_max_bytes
+        self.max_depth = max_depth
 
     def load(self, data: Any) -> dict[str, Any]:
         """The validated packet; ``ValidationError`` naming each problem otherwise."""
+        check_depth(data, self.max_depth)
         packet = fast_load_packet(data, self.cognitive_states, self.raw_signals_max_bytes)
         return packet if packet is not None else self.schema.load(data)
+
+
+def check_depth(data: Any, max_depth: int) -> None:
+    """Refuse a packet whose ``raw_signals`` nests deeper than ``max_depth`` (the object itself
+    is level 1): the encoders that store and serve packets stop at 254 levels, and every layer
+    honours this smaller limit instead (README, "Hostile transport"). The other known fields
+    hold scalars; unknown fields are tolerated and never stored, so their depth is no matter
+    (the quarantine keeps a refused packet however deep it nests)."""
+    if type(data) is not dict:
+        return
+    signals = data.get("raw_signals")
+    if isinstance(signals, dict | list) and deeper_than(signals, max_depth):
+        message = f"Nests deeper than {max_depth} levels (BUCKET_MAX_JSON_DEPTH)."
+        raise ValidationError({"raw_signals": [message]})
 
 
 def packet_rules() -> PacketRules:

@@ -28,6 +28,7 @@ from sqlalchemy import delete, func, literal, select, update
 from sqlalchemy.exc import OperationalError
 
 from bucket.extensions import db
+from bucket.jsonutil import SAFE_DEPTH, deeper_than, json_text_any_depth
 from bucket.models import PacketCounter, QuarantinedPacket
 from bucket.schemas import packet_rules
 from bucket.services import counters, cursors
@@ -76,11 +77,25 @@ class Limits:
 
 
 def digest(body: Any) -> str:
-    """The content's identity: canonical JSON without the transport fields."""
+    """The content's identity: canonical JSON without the transport fields (a body nesting
+    too deep for the encoder is hashed as its plain JSON text)."""
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k not in TRANSPORT_FIELDS}
-    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    if deeper_than(body, SAFE_DEPTH):
+        canonical = json_text_any_depth(body).encode()
+    else:
+        canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return hashlib.sha256(canonical).hexdigest()
+
+
+def storable_body(body: Any) -> tuple[Any, int]:
+    """The body as the JSON column keeps it, and its size: as received, or, when it nests
+    deeper than the encoders go (a refused packet may nest up to the parser's 1024 levels),
+    its JSON text as one string, so that it is kept, listed and served like any other."""
+    if deeper_than(body, SAFE_DEPTH):
+        text = json_text_any_depth(body)
+        return text, len(text.encode())
+    return body, len(orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS))
 
 
 def storable(text: str | None, length: int) -> str | None:
@@ -115,10 +130,10 @@ def keep(refused: list[Refused]) -> list[int]:
     now = utc_now()
     ids, added_rows, added_bytes = [], 0, 0
     for item in refused:
-        body_text = orjson.dumps(item.body, option=orjson.OPT_NON_STR_KEYS)
+        body, size = storable_body(item.body)
         values = {
             "digest": digest(item.body),
-            "body": item.body,
+            "body": body,
             "errors": item.errors,
             "error_fields": error_fields(item.errors),
             "user_id": identity_of(item.body),
@@ -126,7 +141,7 @@ def keep(refused: list[Refused]) -> list[int]:
             "sender": storable(item.sender, 64),
             "source": item.source,
             "idempotency_key": storable(item.idempotency_key, 255),
-            "size_bytes": len(body_text),
+            "size_bytes": size,
             "seen_count": 1,
             "first_seen_at": now,
             "last_seen_at": now,

@@ -11,8 +11,14 @@ from flask_smorest import abort
 from marshmallow import Schema, ValidationError
 from webargs.flaskparser import FlaskParser
 
+from bucket.exceptions import BodyTooDeep
+
 ACCEPTED_MEDIA_TYPES = {"application/json", "text/plain", ""}
 JSON_MEDIA_TYPES = {"application/json", ""}
+TOO_DEEP_MESSAGE = (
+    "The request body nests deeper than the JSON parser accepts (1024 levels); "
+    "a packet's fields may nest at most BUCKET_MAX_JSON_DEPTH levels."
+)
 
 
 def read_json_object(media_types: set[str] = ACCEPTED_MEDIA_TYPES) -> dict[str, Any]:
@@ -39,6 +45,8 @@ def read_json_object(media_types: set[str] = ACCEPTED_MEDIA_TYPES) -> dict[str, 
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            raise BodyTooDeep(raw.decode("utf-8", "replace"), TOO_DEEP_MESSAGE) from exc
         message = f"The request body is not valid JSON: {exc}."
         abort(400, message=message, errors={"json": [message]})
     if not isinstance(body, dict):

@@ -11,7 +11,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from bucket.exceptions import DatabaseUnavailable
+from bucket.exceptions import BodyTooDeep, DatabaseUnavailable
 from bucket.extensions import db
 
 log = logging.getLogger(__name__)
@@ -75,10 +75,22 @@ def database_error(exc: DBAPIError):
     return internal_error(InternalServerError(original_exception=exc))
 
 
+def is_framing_error(exc: BaseException | None) -> bool:
+    """Whether reading the body failed on the client's framing: gunicorn raises its parser's
+    errors (a chunk size such as ``zz``, a body cut short) from ``wsgi.input``. Its buffering
+    worker refuses such bodies before the app runs; this covers plain gthread (TLS set up in
+    gunicorn), without the app depending on gunicorn."""
+    return exc is not None and type(exc).__module__ == "gunicorn.http.errors"
+
+
 def internal_error(exc: InternalServerError):
-    """Roll the session back first, then answer 500 without leaking internals."""
+    """Roll the session back first, then answer 500 without leaking internals (a body whose
+    framing is broken is the client's error: 400)."""
     db.session.rollback()
     original = exc.original_exception or exc
+    if is_framing_error(exc.original_exception):
+        message = "The request body is malformed and could not be read."
+        return error_response(400, message, errors={"json": [message]})
     if isinstance(original, DBAPIError):
         log_database_error(original)
     else:
@@ -154,10 +166,16 @@ def body_too_large_message() -> str:
     return f"The request body exceeds {limit} bytes (BUCKET_MAX_BODY_BYTES)."
 
 
+def body_too_deep(exc: BodyTooDeep):
+    """A body nesting beyond the parser's reach: 422 naming the limit (ingest keeps it first)."""
+    return error_response(422, exc.message, errors={"json": [exc.message]})
+
+
 def register_error_handlers(app: Flask) -> None:
     """Install the handlers; ours replace flask-smorest's HTTP handler to always add a message."""
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(PoolTimeoutError, database_unavailable)
     app.register_error_handler(DatabaseUnavailable, database_unavailable)
     app.register_error_handler(DBAPIError, database_error)
+    app.register_error_handler(BodyTooDeep, body_too_deep)
     app.register_error_handler(InternalServerError, internal_error)
