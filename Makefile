@@ -5,7 +5,9 @@ BIN := $(VENV)/bin
 
 .PHONY: run test lint install bench
 
-$(BIN)/.installed: requirements.txt requirements-dev.txt
+# client/pyproject.toml: the consumer client is installed editable (-e ./client); a change to its
+# metadata (version, dependencies, entry points) needs a reinstall.
+$(BIN)/.installed: requirements.txt requirements-dev.txt client/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt
