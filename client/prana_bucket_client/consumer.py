@@ -2,8 +2,9 @@
 
 One :class:`Consumer` runs four kinds of threads:
 
-- the **poller** (the thread that calls :meth:`Consumer.run`) leases only as many packets as it
-  has free slots (``max_in_flight``), long-polling while the bucket is empty;
+- the **pollers** (one, or up to four when ``batch_size`` is below ``max_in_flight``) lease only
+  as many packets as there are free slots (``max_in_flight``), long-polling while the bucket
+  is empty;
 - the **workers** (a pool of ``concurrency`` threads) run the handler, one packet each;
 - the **acknowledger** sends finished packets' outcomes in ``{"results": [...]}`` batches,
   with their receipts, after at most ``ack_delay`` seconds or ``ack_batch_size`` results;
@@ -185,6 +186,9 @@ class Consumer:
         self.concurrency = concurrency
         self.max_in_flight = max(1, max_in_flight or concurrency)
         self.batch_size = max(1, min(batch_size, MAX_POLL_LIMIT))
+        # Enough pollers that small polls (``batch_size`` < ``max_in_flight``) keep the slots
+        # full while each poll's round trip is under way; never more than 4.
+        self.pollers = max(1, min(4, -(-self.max_in_flight // self.batch_size)))
         self.visibility_timeout = visibility_timeout
         self.wait = wait
         self.poll_interval = poll_interval
@@ -199,6 +203,7 @@ class Consumer:
         self._lock = threading.Condition()
         self._held: dict[str, _Held] = {}
         self._in_flight = 0  # leased and not finished by a worker
+        self._reserved = 0  # slots set aside by pollers for the packets they asked for
         self._acks: list[tuple[float, dict[str, Any]]] = []
         self._stop = threading.Event()
         self._quit = threading.Event()  # the background threads' end, after the last flush
@@ -247,7 +252,19 @@ class Consumer:
                 self.visibility_timeout,
                 self.wait,
             )
-            self._poll_loop()
+            pollers = [
+                threading.Thread(target=self._poll_loop, name=f"bucket-poller-{n}", daemon=True)
+                for n in range(self.pollers)
+            ]
+            for poller in pollers:
+                poller.start()
+            # The calling thread only waits, so a signal's handler runs at once.
+            while not self._stop.wait(0.5):
+                if not any(poller.is_alive() for poller in pollers):
+                    break
+            self._stop.set()
+            for poller in pollers:  # a long poll ends within ``wait``; its packets are kept
+                poller.join()
         finally:
             try:
                 self._shut_down()
@@ -262,9 +279,11 @@ class Consumer:
         """
         self._start_threads()
         before = self.counters()
-        free = self.max_in_flight - self._in_flight
+        with self._lock:
+            free = self.max_in_flight - self._in_flight
+        sent = time.monotonic()
         body = self._poll(max(1, min(free, self.batch_size)), wait=0.0)
-        ids = self._dispatch(body.get("packets", []), time.monotonic())
+        ids = self._dispatch(body.get("packets", []), sent)
         with self._lock:
             self._acks_due = True
             self._lock.notify_all()
@@ -292,18 +311,24 @@ class Consumer:
         return self.transport.poll(limit, self.visibility_timeout, wait)
 
     def _poll_loop(self) -> None:
+        """One poller: reserve free slots, lease that many packets at most, start them."""
         backoff = Backoff(cap=max(5.0, self.poll_interval * 2))
         while not self._stop.is_set():
             with self._lock:
-                while self._in_flight >= self.max_in_flight and not self._stop.is_set():
+                while (
+                    self._in_flight + self._reserved >= self.max_in_flight
+                    and not self._stop.is_set()
+                ):
                     self._lock.wait(1.0)
-                free = self.max_in_flight - self._in_flight
-            if self._stop.is_set():
-                break
+                if self._stop.is_set():
+                    break
+                limit = min(self.max_in_flight - self._in_flight - self._reserved, self.batch_size)
+                self._reserved += limit
             sent = time.monotonic()
             try:
-                body = self._poll(min(free, self.batch_size), self.wait)
+                body = self._poll(limit, self.wait)
             except Unavailable as exc:
+                self._unreserve(limit)
                 pause = backoff.delay(exc.retry_after)
                 with self._lock:
                     self._counters.unavailable += 1
@@ -311,38 +336,54 @@ class Consumer:
                 self._stop.wait(pause)
                 continue
             except Refused as exc:
+                self._unreserve(limit)
                 log.error("poll refused (%s); polling again in %g s", exc, self.poll_interval)
                 self._stop.wait(self.poll_interval)
                 continue
+            except BaseException:
+                self._unreserve(limit)
+                raise
             backoff.reset()
             packets = body.get("packets") or []
-            self._dispatch(packets, sent)
+            self._dispatch(packets, sent, reserved=limit)
             if not packets and (self.wait == 0 or time.monotonic() - sent < 0.05):
                 # Pace an empty bucket only when the server did not wait for us.
                 self._stop.wait(self.poll_interval if self.wait == 0 else 0.5)
 
-    def _dispatch(self, packets: list[Packet], sent: float) -> list[str]:
-        """Hold and start each leased packet (or release it at once when stopping)."""
+    def _unreserve(self, count: int) -> None:
+        with self._lock:
+            self._reserved -= count
+            self._lock.notify_all()
+
+    def _dispatch(self, packets: list[Packet], sent: float, reserved: int = 0) -> list[str]:
+        """Hold and start each leased packet (``reserved`` slots were set aside for them)."""
         expires = sent + self.visibility_timeout
-        ids = []
-        for packet in packets:
-            pid = packet["packet_id"]
-            held = _Held(packet, packet.get("receipt"), expires)
-            with self._lock:
-                self._held[pid] = held
+        taken: list[tuple[str, _Held]] = []
+        with self._lock:
+            self._reserved -= reserved
+            for packet in packets:
                 self._in_flight += 1
-                held.immediate = self._in_flight <= self.concurrency
-                self._counters.leased += 1
-                age = _age_seconds(packet.get("received_at"))
+                held = _Held(
+                    packet,
+                    packet.get("receipt"),
+                    expires,
+                    immediate=self._in_flight <= self.concurrency,
+                )
+                self._held[packet["packet_id"]] = held
+                taken.append((packet["packet_id"], held))
+            self._counters.leased += len(packets)
+            if packets:
+                age = _age_seconds(packets[-1].get("received_at"))
                 if age is not None:
                     self._counters.lag_seconds = round(age, 3)
-            ids.append(pid)
+            self._lock.notify_all()
+        for pid, held in taken:
             if self._pool is None:
                 held.started = held.release = True
                 self._release(pid, held)
             else:
                 self._pool.submit(self._work, pid, held)
-        return ids
+        return [pid for pid, _ in taken]
 
     # --- workers -------------------------------------------------------------------------
 

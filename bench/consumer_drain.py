@@ -1,0 +1,153 @@
+"""The Karma Tracker drain: the deployed consumer's pattern beside the consumer client.
+
+Both use Karma Tracker's default settings (``batch_size`` 10, ``poll_interval`` 5 s) against a
+karma API stub answering in 10 ms, with a backlog waiting, in 1 and 4 processes:
+
+- **the deployed pattern**, described by its behaviour (its code is Karma Tracker's): poll 10
+  packets, for each call the karma API and acknowledge it on its own request, then sleep
+  ``poll_interval``;
+- **the client** (``client/``, ``prana_bucket_client.BucketConsumer`` with the same
+  settings and its defaults beyond them: long polls, 16 packets at once, batched acks).
+
+Figures: packets per second (acknowledged by the consumer processes over the measurement),
+and karma calls made twice for one packet (the stub counts calls per ``Idempotency-Key``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import requests
+
+from bench import clients
+from bench.harness import TOKEN, median
+
+API = "/api/v1/bucket/prana"
+KARMA_LATENCY = 0.010
+POLL_INTERVAL = 5.0
+BATCH_SIZE = 10
+
+
+def karma_action(packet: dict[str, Any]) -> dict[str, Any]:
+    """The benchmark's karma rule: every packet earns one action (one karma call each)."""
+    return {"action": "completing_lessons", "intensity": 0.8, "note": "bench"}
+
+
+def deployed_pattern(port: int, karma_port: int, token: str, seconds: float) -> clients.Tally:
+    """The deployed consumer's loop: poll ``BATCH_SIZE``, karma call then one ack per packet
+    (module-level ``requests`` calls, as it makes them), sleep ``POLL_INTERVAL``; cycles start
+    until ``seconds`` have passed and each is counted whole."""
+    bucket = f"http://127.0.0.1:{port}{API}"
+    karma = f"http://127.0.0.1:{karma_port}/api/v1/karma/log-action/"
+    headers = {"Authorization": f"Bearer {token}"}
+    tally = clients.Tally()
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        answer = requests.get(
+            f"{bucket}/packets/pending", params={"limit": BATCH_SIZE}, headers=headers, timeout=10
+        )
+        tally.timed("poll", t0, answer.status_code)
+        packets = answer.json()["packets"] if answer.status_code == 200 else []
+        for packet in packets:
+            action = karma_action(packet)
+            call = requests.post(karma, json={"user_id": packet["user_id"], **action}, timeout=10)
+            t0 = time.perf_counter()
+            ack = requests.post(
+                f"{bucket}/packets/mark-processed",
+                json={
+                    "packet_id": packet["packet_id"],
+                    "success": call.status_code == 200,
+                    "karma_actions": [
+                        {"action": action["action"], "packet_id": packet["packet_id"]}
+                    ],
+                },
+                headers=headers,
+                timeout=5,
+            )
+            tally.timed("ack", t0, ack.status_code)
+            tally.packets += 1
+        # The whole sleep counts: the rate is the loop's steady one, not a partial cycle's.
+        time.sleep(POLL_INTERVAL)
+    tally.elapsed = time.perf_counter() - started
+    return tally
+
+
+def client_drain(port: int, karma_port: int, token: str, seconds: float) -> clients.Tally:
+    """The client's BucketConsumer with the same settings, stopped after ``seconds``."""
+    from prana_bucket_client import BucketConsumer
+
+    class BenchConsumer(BucketConsumer):
+        def determine_karma_action(self, packet: dict[str, Any]) -> dict[str, Any]:
+            return karma_action(packet)
+
+    consumer = BenchConsumer(
+        bucket_url=f"http://127.0.0.1:{port}",
+        karma_tracker_url=f"http://127.0.0.1:{karma_port}",
+        poll_interval=POLL_INTERVAL,
+        batch_size=BATCH_SIZE,
+        token=token,
+        install_signal_handlers=False,
+    )
+    timer = threading.Timer(seconds, consumer.stop_consumer)
+    started = time.perf_counter()
+    timer.start()
+    consumer.start_consumer()  # returns after the stop: handlers finished, acks flushed
+    counters = consumer.consumer.counters()
+    tally = clients.Tally()
+    tally.elapsed = time.perf_counter() - started
+    tally.packets = counters.acknowledged
+    tally.calls = counters.polls
+    tally.errors = counters.failed + counters.crashed + counters.ack_refused + counters.unavailable
+    return tally
+
+
+def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tuple[float, int]:
+    """``processes`` consumers at once: (packets/s over the slowest one's time, errors)."""
+    tallies = clients.in_processes(
+        [(job, port, karma_port, TOKEN, seconds) for _ in range(processes)]
+    )
+    elapsed = max(t.elapsed for t in tallies)
+    return sum(t.packets for t in tallies) / elapsed, sum(t.errors for t in tallies)
+
+
+def bench_consumer_drain(run) -> None:
+    """Deployed pattern vs client, 1 and 4 processes, karma stub at 10 ms, backlog waiting."""
+    from tests.karma_stub import karma_stub
+
+    smoke = run.sizes.seconds < 2
+    client_seconds = max(2.0, float(run.sizes.seconds))
+    deployed_seconds = 2.0 * run.sizes.seconds  # a cycle starts until then, each lasts 5 s+
+    port = run.service.port
+    results: dict[str, Any] = {"karma_latency_ms": KARMA_LATENCY * 1000, "errors": 0}
+    with karma_stub(latency=KARMA_LATENCY) as karma:
+        for processes in (1,) if smoke else (1, 4):
+            run.top_up(200)
+            rate, errors = drain(deployed_pattern, port, karma.port, processes, deployed_seconds)
+            results[f"deployed_{processes}_packets_per_s"] = rate
+            results["errors"] += errors
+        for processes in (1, 4):
+            rates = []
+            for _ in range(1 if smoke else run.sizes.rounds):
+                run.top_up(int(3000 * processes * client_seconds) + 1000)
+                rate, errors = drain(client_drain, port, karma.port, processes, client_seconds)
+                rates.append(rate)
+                results["errors"] += errors
+            results[f"client_{processes}_packets_per_s"] = median(rates)
+        keys = karma.keys()
+    results["karma_calls"] = sum(keys.values())
+    results["karma_calls_twice"] = sum(1 for key, n in keys.items() if key and n > 1)
+    run.results["consumer_drain"] = results
+    print(
+        "consumer drain (karma 10 ms, batch_size 10, poll_interval 5): "
+        + ", ".join(
+            f"{name} {value:.1f}"
+            for name, value in results.items()
+            if name.endswith("packets_per_s")
+        )
+        + f"; karma calls twice {results['karma_calls_twice']}, errors {results['errors']}",
+        flush=True,
+    )
