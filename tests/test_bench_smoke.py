@@ -70,4 +70,10 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     embedded = results["embedded"]
     assert embedded["single_errors"] == embedded["drain_errors"] == 0
     assert embedded["database_locked"] == 0
+    # The Karma Tracker drain (bench/consumer_drain.py): both consumers drained, none errred,
+    # and the client never made a karma call twice for one packet.
+    drain = results["consumer_drain"]
+    assert drain["errors"] == 0 and drain["karma_calls_twice"] == 0
+    for figure in ("deployed_1", "client_1", "client_4"):
+        assert drain[f"{figure}_packets_per_s"] > 0, figure
     assert "poll limit=10 p50" in run.stdout  # the table was printed

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -323,3 +324,71 @@ def test_429_503_and_dropped_connections_are_ridden_out(bucket):
     assert {row["delivery_count"] for row in rows.values()} == {1}
     assert set(karma.keys().values()) == {1} and set(karma.keys()) == set(ids)
     assert "HTTP 429" in log and "HTTP 503" in log
+
+
+def test_bucket_consumer_keeps_the_deployed_interface(bucket):
+    """The deployed consumer's constructor, attributes and methods: poll_and_process answers
+    its stats dict, mark_packet_processed its bool, stop_consumer ends start_consumer after
+    flushing; karma_tracker_url falls back to the bucket's URL."""
+    from prana_bucket_client import BucketConsumer
+
+    class Consumer(BucketConsumer):
+        def determine_karma_action(self, packet):
+            return {"action": "completing_lessons"}
+
+    assert Consumer(f"{bucket.url}/", None).karma_tracker_url == bucket.url
+    ids = ingest(bucket, learners(13))
+    with karma_stub() as karma:
+        consumer = Consumer(bucket.url, karma.url, install_signal_handlers=False, wait=1)
+        assert (consumer.bucket_url, consumer.poll_interval, consumer.batch_size) == (
+            bucket.url,
+            5,
+            10,
+        )
+        assert consumer.running is False
+        first = consumer.poll_and_process()
+        assert first == {"processed": 10, "errors": 0, "total": 10, "queue_size": 3}
+        assert consumer.mark_packet_processed(ids[12], True, [{"action": "x"}]) is True
+        runner = threading.Thread(target=consumer.start_consumer, daemon=True)
+        runner.start()
+        wait_until(lambda: settled(bucket, ids), 20, "start_consumer did not drain")
+        consumer.stop_consumer(timeout=15)
+        runner.join(5)
+        assert not runner.is_alive() and consumer.running is False
+    assert set(karma.keys()) == set(ids[:12])
+    assert consumer.stats["succeeded"] == 12
+
+
+def test_the_command_names_its_environment():
+    """``prana-bucket-consumer --help`` lists the deployed consumer's variables and the new."""
+    answer = subprocess.run(
+        [sys.executable, "-m", "prana_bucket_client", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert answer.returncode == 0
+    for name in ("BUCKET_API_BASE_URL", "KARMA_TRACKER_API_BASE_URL", "POLL_INTERVAL_SECONDS"):
+        assert name in answer.stdout
+    assert "BATCH_SIZE" in answer.stdout and "CONSUMER_CONCURRENCY" in answer.stdout
+
+
+@pytest.mark.parametrize(
+    "header, expected",
+    [("3", 3.0), ("0.5", 0.5), (None, None), ("soon", None), ("-4", 0.0)],
+)
+def test_retry_after_is_read_as_seconds(header, expected):
+    """Retry-After in delta-seconds (or an HTTP date) becomes a pause; garbage is ignored."""
+    from prana_bucket_client.transport import retry_after_seconds
+
+    assert retry_after_seconds(header) == expected
+
+
+def test_backoff_grows_with_jitter_and_honours_retry_after():
+    """Full-jitter exponential pauses, capped, never below what Retry-After asked."""
+    from prana_bucket_client import Backoff
+
+    backoff = Backoff(base=0.1, cap=1.0)
+    pauses = [backoff.delay() for _ in range(8)]
+    assert all(0.05 <= p <= 1.0 for p in pauses) and max(pauses) > 0.5
+    assert Backoff(base=0.1, cap=1.0).delay(retry_after=2.0) >= 2.0
