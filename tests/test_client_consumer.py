@@ -392,3 +392,40 @@ def test_backoff_grows_with_jitter_and_honours_retry_after():
     pauses = [backoff.delay() for _ in range(8)]
     assert all(0.05 <= p <= 1.0 for p in pauses) and max(pauses) > 0.5
     assert Backoff(base=0.1, cap=1.0).delay(retry_after=2.0) >= 2.0
+
+
+def test_a_stop_releases_at_once_what_it_will_not_start(bucket):
+    """With more leased than workers (max_in_flight 3, concurrency 1), a stop gives the two
+    queued packets back at once (visibility 0) while the running one finishes and is acked."""
+    from prana_bucket_client import Consumer
+
+    ids = ingest(bucket, learners(3))
+    gate = threading.Event()
+    consumer = Consumer(
+        bucket.url,
+        lambda packet: gate.wait(20),
+        concurrency=1,
+        max_in_flight=3,
+        batch_size=3,
+        wait=1,
+        install_signal_handlers=False,
+    )
+    runner = threading.Thread(target=consumer.run, daemon=True)
+    runner.start()
+    try:
+        wait_until(lambda: consumer.counters().leased == 3, 15, "three packets never leased")
+        consumer.stop()
+        wait_until(lambda: consumer.counters().released == 2, 10, "queued packets kept")
+        states = sorted(row["delivery_state"] for row in bucket.rows(ids).values())
+        assert states == ["leased", "pending", "pending"]
+    finally:
+        gate.set()
+    assert consumer.wait_stopped(15)
+    runner.join(5)
+    rows = bucket.rows(ids)
+    assert sorted(row["delivery_state"] for row in rows.values()) == [
+        "pending",
+        "pending",
+        "processed",
+    ]
+    assert consumer.counters().succeeded == 1

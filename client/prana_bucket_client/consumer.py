@@ -589,10 +589,17 @@ class Consumer:
     def _shut_down(self) -> None:
         """Release what was not started, wait for running handlers, flush acks, end threads."""
         deadline = time.monotonic() + self.shutdown_timeout
+        # Packets queued behind busy workers are given back now, not when a worker frees up.
         with self._lock:
-            for held in self._held.values():
-                if not held.started and not held.immediate:
-                    held.release = True
+            queued = [
+                (pid, held)
+                for pid, held in self._held.items()
+                if not held.started and not held.immediate
+            ]
+            for _, held in queued:
+                held.started = held.release = True
+        for pid, held in queued:
+            self._release(pid, held)
         if self._pool is not None:
             # Queued work items see ``release`` and give their leases back at once.
             while True:
