@@ -118,6 +118,7 @@ class _Held:
     # A worker was free when it was leased: it is finished even if a stop comes meanwhile.
     immediate: bool = True
     started: bool = False  # a worker took it (to handle it, or to release it)
+    lost: bool = False  # the lease ran out while the bucket was unreachable
     finished: bool = False
     release: bool = False
 
@@ -340,9 +341,11 @@ class Consumer:
                 log.error("poll refused (%s); polling again in %g s", exc, self.poll_interval)
                 self._stop.wait(self.poll_interval)
                 continue
-            except BaseException:
+            except Exception:
                 self._unreserve(limit)
-                raise
+                log.exception("poll failed unexpectedly; polling again in %g s", self.poll_interval)
+                self._stop.wait(self.poll_interval)
+                continue
             backoff.reset()
             packets = body.get("packets") or []
             self._dispatch(packets, sent, reserved=limit)
@@ -496,6 +499,9 @@ class Consumer:
         except Refused as exc:
             log.error("acknowledgement of %d packets refused: %s", len(batch), exc)
             answers = []
+        except Exception:  # the acknowledger must outlive one odd answer
+            log.exception("acknowledgement of %d packets failed", len(batch))
+            answers = []
         refused = [a for a in answers if a.get("code", 200) != 200]
         for answer in refused:
             log.warning(
@@ -526,7 +532,9 @@ class Consumer:
                 due = [
                     (pid, held)
                     for pid, held in self._held.items()
-                    if held.receipt and not held.release and held.expires - now < margin
+                    if held.receipt
+                    and not (held.release or held.lost)
+                    and held.expires - now < margin
                 ]
             for pid, held in due:
                 self._extend(pid, held)
@@ -553,7 +561,7 @@ class Consumer:
                 # Acknowledged meanwhile is fine; otherwise the lease is gone (expired while
                 # the bucket was unreachable): the handler's result will be refused as stale.
                 self._counters.lost_leases += 1
-                held.receipt = None
+                held.lost = True  # its ack keeps the receipt, so it cannot overwrite a newer one
                 log.warning("lost the lease of %s: %s", pid, body)
 
     def _log_progress(self) -> None:
