@@ -429,3 +429,12 @@ def test_a_stop_releases_at_once_what_it_will_not_start(bucket):
         "processed",
     ]
     assert consumer.counters().succeeded == 1
+
+
+def test_the_package_says_one_version():
+    """The installed metadata (client/pyproject.toml) and ``__version__`` agree."""
+    import importlib.metadata
+
+    import prana_bucket_client
+
+    assert importlib.metadata.version("prana-bucket-client") == prana_bucket_client.__version__
