@@ -308,12 +308,20 @@ def test_poison_packets_are_dead_lettered_without_harming_batch_mates(bucket):
 
 def test_429_503_and_dropped_connections_are_ridden_out(bucket):
     """Behind a proxy answering every third request with 429, 503 (Retry-After: 1) or a
-    dropped connection, the consumer backs off and still processes every packet once."""
+    dropped connection, the consumer backs off and still processes every packet once: its acks
+    are retried and its leases (10 s) kept meanwhile."""
     ids = ingest(bucket, learners(60))
     with (
         karma_stub(latency=0.005) as karma,
         faulty_proxy(bucket.url, every=3) as proxy,
-        consumers(1, proxy.url, karma.url, CONSUMER_CONCURRENCY="16", BATCH_SIZE="50") as running,
+        consumers(
+            1,
+            proxy.url,
+            karma.url,
+            CONSUMER_CONCURRENCY="16",
+            BATCH_SIZE="50",
+            CONSUMER_VISIBILITY_TIMEOUT="10",
+        ) as running,
     ):
         wait_settled(bucket, ids, 60, running)
         proxy.faults = False
@@ -321,7 +329,7 @@ def test_429_503_and_dropped_connections_are_ridden_out(bucket):
         log = running[0].output()
     assert set(proxy.injected) == {"429", "503", "drop"}, proxy.injected
     rows = bucket.rows(ids)
-    assert {row["delivery_count"] for row in rows.values()} == {1}
+    assert {row["delivery_count"] for row in rows.values()} == {1}, log
     assert set(karma.keys().values()) == {1} and set(karma.keys()) == set(ids)
     assert "HTTP 429" in log and "HTTP 503" in log
 

@@ -8,8 +8,8 @@ One :class:`Consumer` runs four kinds of threads:
 - the **workers** (a pool of ``concurrency`` threads) run the handler, one packet each;
 - the **acknowledger** sends finished packets' outcomes in ``{"results": [...]}`` batches,
   with their receipts, after at most ``ack_delay`` seconds or ``ack_batch_size`` results;
-- the **lease keeper** extends the lease of every packet still held when less than half of it
-  is left, so a slow handler never sees its packet served to someone else.
+- the **lease keeper** extends the lease of every packet still held when a third of it is
+  gone, so a slow handler never sees its packet served to someone else.
 
 A stop (:meth:`Consumer.stop`, SIGTERM or SIGINT) ends polling, finishes the packets a worker
 was free for when they were leased (with ``max_in_flight`` = ``concurrency``, all of them),
@@ -190,6 +190,9 @@ class Consumer:
         # Enough pollers that small polls (``batch_size`` < ``max_in_flight``) keep the slots
         # full while each poll's round trip is under way; never more than 4.
         self.pollers = max(1, min(4, -(-self.max_in_flight // self.batch_size)))
+        # A poller waits for this many free slots: polls of one or two packets, one as each
+        # handler finishes, would cost the bucket and the client a round trip per packet.
+        self.low_water = max(1, min(self.batch_size, -(-self.max_in_flight // (2 * self.pollers))))
         self.visibility_timeout = visibility_timeout
         self.wait = wait
         self.poll_interval = poll_interval
@@ -317,7 +320,7 @@ class Consumer:
         while not self._stop.is_set():
             with self._lock:
                 while (
-                    self._in_flight + self._reserved >= self.max_in_flight
+                    self.max_in_flight - self._in_flight - self._reserved < self.low_water
                     and not self._stop.is_set()
                 ):
                     self._lock.wait(1.0)
@@ -523,11 +526,13 @@ class Consumer:
     # --- leases --------------------------------------------------------------------------
 
     def _lease_loop(self) -> None:
-        tick = min(1.0, self.visibility_timeout / 4)
+        # Extend once a third of the lease is gone, checking six times a lease: a failed
+        # extension (429, 503, a dropped connection) is tried again at each tick until then.
+        tick = min(1.0, self.visibility_timeout / 6)
         last_log = time.monotonic()
         while not self._quit.wait(tick):
             now = time.monotonic()
-            margin = self.visibility_timeout / 2
+            margin = self.visibility_timeout * 2 / 3
             with self._lock:
                 due = [
                     (pid, held)
