@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,7 +214,6 @@ def test_a_consumer_killed_mid_drain_loses_only_what_it_held(bucket):
         with consumers(1, bucket.url, karma.url) as (first,):
             wait_until(lambda: len(karma.keys()) >= 40, 30, "first consumer never got going")
             first.kill()
-        killed_at = time.time()
         held = {
             pid: row for pid, row in bucket.rows(ids).items() if row["delivery_state"] == "leased"
         }
@@ -231,9 +229,8 @@ def test_a_consumer_killed_mid_drain_loses_only_what_it_held(bucket):
     calls = karma.keys()
     assert set(calls) == set(ids)
     assert {pid for pid, n in calls.items() if n > 1} <= set(held)
-    for pid, row in held.items():
-        last_call = karma.calls_of(pid)[-1].at
-        assert last_call >= min(row["visible_at"], killed_at + 3) - 0.5, pid
+    for pid, row in held.items():  # served again only once the lease it held had run out
+        assert karma.calls_of(pid)[-1].at >= row["visible_at"] - 0.05, pid
 
 
 def test_sigterm_mid_drain_leaves_nothing_to_redeliver(bucket):
