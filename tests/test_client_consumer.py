@@ -352,7 +352,13 @@ def test_bucket_consumer_keeps_the_deployed_interface(bucket):
         )
         assert consumer.running is False
         first = consumer.poll_and_process()
-        assert first == {"processed": 10, "errors": 0, "total": 10, "queue_size": 3}
+        assert first == {
+            "processed": 10,
+            "errors": 0,
+            "total": 10,
+            "queue_size": 3,
+            "karma_actions": 10,
+        }
         assert consumer.mark_packet_processed(ids[12], True, [{"action": "x"}]) is True
         runner = threading.Thread(target=consumer.start_consumer, daemon=True)
         runner.start()

@@ -86,6 +86,8 @@ class BucketConsumer:
             install_signal_handlers=install_signal_handlers,
         )
         self._loop_thread: threading.Thread | None = None
+        self._actions_lock = threading.Lock()
+        self._karma_actions = 0  # results with an action, for poll_and_process's stats
 
     # --- Karma Tracker's business logic (override in the subclass) -------------------------
 
@@ -174,6 +176,9 @@ class BucketConsumer:
     def _handle(self, packet: Packet) -> Outcome:
         result = self.process_packet(packet)
         success = bool(result.get("success"))
+        if success and result.get("action"):
+            with self._actions_lock:
+                self._karma_actions += 1
         return Outcome(
             success=success,
             karma_actions=self.karma_actions_for(packet["packet_id"], result),
@@ -185,8 +190,10 @@ class BucketConsumer:
     def poll_and_process(self) -> dict[str, Any]:
         """One round: poll up to ``batch_size`` packets, process them at once, acknowledge.
 
-        Returns ``{"processed", "errors", "total", "queue_size"}`` like the original.
+        Returns ``{"processed", "errors", "total", "queue_size", "karma_actions"}`` like the
+        original.
         """
+        actions_before = self._karma_actions
         try:
             round_ = self.consumer.run_once()
         except (Unavailable, Refused) as exc:
@@ -197,6 +204,7 @@ class BucketConsumer:
             "errors": round_["failed"],
             "total": round_["total"],
             "queue_size": round_["queue_size"],
+            "karma_actions": self._karma_actions - actions_before,
         }
 
     def start_consumer(self) -> None:
