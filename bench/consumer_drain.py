@@ -1,4 +1,6 @@
-"""The Karma Tracker drain: the deployed consumer's pattern beside the consumer client.
+"""The Karma Tracker drain's consumer processes: the deployed consumer's pattern and the client.
+
+The scenario that runs them is ``bench/scenarios/consumer.py``.
 
 Both use Karma Tracker's default settings (``batch_size`` 10, ``poll_interval`` 5 s) against a
 karma API stub answering in 10 ms, with a backlog waiting, in 1 and 4 processes:
@@ -9,8 +11,7 @@ karma API stub answering in 10 ms, with a backlog waiting, in 1 and 4 processes:
 - **the client** (``client/``, ``prana_bucket_client.BucketConsumer`` with the same
   settings and its defaults beyond them: long polls, 16 packets at once, batched acks).
 
-Figures: packets per second (acknowledged by the consumer processes over the measurement),
-and karma calls made twice for one packet (the stub counts calls per ``Idempotency-Key``).
+Each returns a ``bench.clients.Tally``: packets acknowledged, errors, seconds.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ import requests
 
 from bench import clients
 
-# Consumer processes import this module (spawn): it imports only what they need; the harness
-# (PostgreSQL, the test servers) is imported by the scenario itself, in the parent.
+# Consumer processes import this module (spawn): it imports only what they need, not the
+# harness or the scenario registry (PostgreSQL, the test servers).
 
 API = "/api/v1/bucket/prana"
 KARMA_LATENCY = 0.010
@@ -105,55 +106,3 @@ def client_drain(port: int, karma_port: int, token: str, seconds: float) -> clie
     tally.calls = counters.polls
     tally.errors = counters.failed + counters.crashed + counters.ack_refused + counters.unavailable
     return tally
-
-
-def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tuple[float, int]:
-    """``processes`` consumers at once: (packets/s over the slowest one's time, errors)."""
-    from bench.harness import TOKEN
-
-    tallies = clients.in_processes(
-        [(job, port, karma_port, TOKEN, seconds) for _ in range(processes)]
-    )
-    elapsed = max(t.elapsed for t in tallies)
-    return sum(t.packets for t in tallies) / elapsed, sum(t.errors for t in tallies)
-
-
-def bench_consumer_drain(run) -> None:
-    """Deployed pattern vs client, 1 and 4 processes, karma stub at 10 ms, backlog waiting."""
-    from bench.harness import median
-    from tests.karma_stub import karma_stub
-
-    smoke = run.sizes.seconds < 2
-    client_seconds = max(2.0, float(run.sizes.seconds))
-    deployed_seconds = 2.0 * run.sizes.seconds  # a cycle starts until then, each lasts 5 s+
-    per_process = 1000 if smoke else 3000  # packets/s a process could drain at most, with room
-    port = run.service.port
-    results: dict[str, Any] = {"karma_latency_ms": KARMA_LATENCY * 1000, "errors": 0}
-    with karma_stub(latency=KARMA_LATENCY) as karma:
-        for processes in (1,) if smoke else (1, 4):
-            run.top_up(200)
-            rate, errors = drain(deployed_pattern, port, karma.port, processes, deployed_seconds)
-            results[f"deployed_{processes}_packets_per_s"] = rate
-            results["errors"] += errors
-        for processes in (1, 4):
-            rates = []
-            for _ in range(1 if smoke else run.sizes.rounds):
-                run.top_up(int(per_process * processes * client_seconds) + 1000)
-                rate, errors = drain(client_drain, port, karma.port, processes, client_seconds)
-                rates.append(rate)
-                results["errors"] += errors
-            results[f"client_{processes}_packets_per_s"] = median(rates)
-        keys = karma.keys()
-    results["karma_calls"] = sum(keys.values())
-    results["karma_calls_twice"] = sum(1 for key, n in keys.items() if key and n > 1)
-    run.results["consumer_drain"] = results
-    print(
-        "consumer drain (karma 10 ms, batch_size 10, poll_interval 5): "
-        + ", ".join(
-            f"{name} {value:.1f}"
-            for name, value in results.items()
-            if name.endswith("packets_per_s")
-        )
-        + f"; karma calls twice {results['karma_calls_twice']}, errors {results['errors']}",
-        flush=True,
-    )

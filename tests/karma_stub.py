@@ -82,12 +82,18 @@ def _karma_handler(stub: KarmaStub) -> type[http.server.BaseHTTPRequestHandler]:
     return Handler
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # Dozens of consumer threads connect at once (the benchmark's four processes open 64
+    # connections): socketserver's backlog of 5 would reset some of them.
+    request_queue_size = 256
+    daemon_threads = True
+
+
 @contextlib.contextmanager
 def serve(handler: type[http.server.BaseHTTPRequestHandler]) -> Iterator[int]:
     """Serve ``handler`` on a free port from a daemon thread; yield the port."""
     port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", port), handler)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1})
     thread.daemon = True
     thread.start()

@@ -70,7 +70,7 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     embedded = results["embedded"]
     assert embedded["single_errors"] == embedded["drain_errors"] == 0
     assert embedded["database_locked"] == 0
-    # The Karma Tracker drain (bench/consumer_drain.py): both consumers drained, none errred,
+    # The Karma Tracker drain (bench/scenarios/consumer.py): both consumers drained, none errred,
     # and the client never made a karma call twice for one packet.
     drain = results["consumer_drain"]
     assert drain["errors"] == 0 and drain["karma_calls_twice"] == 0

@@ -1,0 +1,84 @@
+"""The Karma Tracker drain: the deployed consumer's pattern beside the consumer client.
+
+Both use Karma Tracker's default settings (``batch_size`` 10, ``poll_interval`` 5 s) against a
+karma API stub answering in 10 ms, with a backlog waiting, in 1 and 4 processes (the processes
+are ``bench/consumer_drain.py``). Figures: packets per second acknowledged by the consumer
+processes, and karma calls made twice for one packet (the stub counts calls per
+``Idempotency-Key``, which only the client sends).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench import clients
+from bench.consumer_drain import KARMA_LATENCY, POLL_INTERVAL, client_drain, deployed_pattern
+from bench.context import Row, Run, Scenario, Section
+from bench.harness import TOKEN, median
+
+
+def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tuple[float, int]:
+    """``processes`` consumers at once: (packets/s over the slowest one's time, errors)."""
+    tallies = clients.in_processes(
+        [(job, port, karma_port, TOKEN, seconds) for _ in range(processes)]
+    )
+    elapsed = max(t.elapsed for t in tallies)
+    return sum(t.packets for t in tallies) / elapsed, sum(t.errors for t in tallies)
+
+
+def bench_consumer_drain(run: Run) -> None:
+    """Deployed pattern vs client, 1 and 4 processes, karma stub at 10 ms, backlog waiting."""
+    from tests.karma_stub import karma_stub
+
+    smoke = run.sizes.seconds < 2
+    client_seconds = max(2.0, float(run.sizes.seconds))
+    # Deployed cycles start until then and each is counted whole (5 s of sleep included).
+    deployed_seconds = 2.0 * run.sizes.seconds
+    per_process = 1000 if smoke else 3000  # packets/s a process could drain at most, with room
+    port = run.service.port
+    results: dict[str, Any] = {
+        "karma_latency_ms": KARMA_LATENCY * 1000,
+        "poll_interval_s": POLL_INTERVAL,
+        "errors": 0,
+    }
+    with karma_stub(latency=KARMA_LATENCY) as karma:
+        for processes in (1,) if smoke else (1, 4):
+            run.top_up(200)
+            rate, errors = drain(deployed_pattern, port, karma.port, processes, deployed_seconds)
+            results[f"deployed_{processes}_packets_per_s"] = rate
+            results["errors"] += errors
+        for processes in (1, 4):
+            rates = []
+            for _ in range(1 if smoke else run.sizes.rounds):
+                run.top_up(int(per_process * processes * client_seconds) + 1000)
+                rate, errors = drain(client_drain, port, karma.port, processes, client_seconds)
+                rates.append(rate)
+                results["errors"] += errors
+            results[f"client_{processes}_packets_per_s"] = median(rates)
+        keys = karma.keys()
+    results["karma_calls"] = sum(keys.values())
+    results["karma_calls_twice"] = sum(1 for key, n in keys.items() if key and n > 1)
+    run.results["consumer_drain"] = results
+
+
+def consumer_rows(results: dict, row: Row) -> None:
+    """Karma Tracker's drain, deployed pattern beside the client."""
+    if "consumer_drain" not in results:
+        return
+    drain_ = results["consumer_drain"]
+    for processes, target in ((1, "≥ 500/s"), (4, "≥ 1,500/s")):
+        deployed = drain_.get(f"deployed_{processes}_packets_per_s")
+        shown = f"deployed {deployed:.1f}/s, " if deployed is not None else ""
+        row(
+            f"Karma Tracker drain, {processes} process(es), karma 10 ms",
+            f"{shown}client {drain_[f'client_{processes}_packets_per_s']:.0f}/s",
+            target,
+        )
+    row(
+        "client: karma calls twice for one packet, errors",
+        f"{drain_['karma_calls_twice']}, {drain_['errors']}",
+        "0, 0",
+    )
+
+
+SCENARIOS = (Scenario("consumer", bench_consumer_drain, sections=(Section(80, consumer_rows),)),)
