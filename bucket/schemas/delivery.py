@@ -46,6 +46,22 @@ class PacketOutSchema(BaseSchema):
     received_at = fields.String()
     delivery_state = fields.String(metadata={"enum": list(DeliveryState.ALL)})
     delivery_count = fields.Integer()
+    authenticated = fields.Boolean(
+        metadata={"description": "Sent with a verified bearer token of this packet's user."}
+    )
+    auth_subject = fields.String(
+        allow_none=True, metadata={"description": "The valid token's subject, if any."}
+    )
+    auth_outcome = fields.String(
+        allow_none=True,
+        metadata={
+            "enum": ["verified", "missing", "invalid", "mismatch", None],
+            "description": "How ingest judged its token; null when it did not check tokens.",
+        },
+    )
+    stale = fields.Boolean(
+        metadata={"description": "Its client timestamp lay over BUCKET_STALE_AFTER before arrival."}
+    )
 
 
 class PendingPacketSchema(PacketOutSchema):

@@ -24,6 +24,8 @@ from bucket.timeutil import epoch_now
 A = ActivityMinute.__table__
 PROCESSED = "processed"
 INGESTED = "ingested:"
+REFUSED = "refused:"  # refused:<reason>, by authenticated ingest
+AUTH = "auth:"  # auth:<outcome>, stored packets by authentication outcome (booked)
 KEEP_MINUTES = 2 * 24 * 60
 WINDOWS = {"1h": 60, "24h": 24 * 60}
 MINUTE_OF = {
@@ -86,6 +88,25 @@ def processed(count: int, now: float) -> None:
                 }
             ]
         )
+
+
+def refused(reasons: dict[str, int]) -> None:
+    """Packets refused by authenticated ingest, by reason, added to this minute and committed
+    (``status`` and the console read them; a refusal writes nothing else)."""
+    minute = int(epoch_now() // 60)
+    add(
+        [
+            {
+                "minute": minute,
+                "series": f"{REFUSED}{reason}",
+                "shard": counters.random_shard(),
+                "value": count,
+            }
+            for reason, count in sorted(reasons.items())
+            if count
+        ]
+    )
+    db.session.commit()
 
 
 def minute_start(minute: int) -> datetime:
