@@ -243,6 +243,17 @@ class StatusSchema(BaseSchema):
         metadata={"description": "Entries dropped so far after the retention period."}
     )
     consumer_auth = fields.Boolean()
+    ingest_auth = fields.String(
+        metadata={"enum": ["off", "observe", "require"], "description": "BUCKET_INGEST_AUTH."}
+    )
+    auth_refused = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={
+            "description": "Packets refused by authenticated ingest over the last 24 hours, "
+            "by reason (missing, invalid, mismatch); never quarantined."
+        },
+    )
 
 
 class LeaseChangeSchema(BaseSchema):

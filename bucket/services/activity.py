@@ -26,6 +26,7 @@ PROCESSED = "processed"
 INGESTED = "ingested:"
 REFUSED = "refused:"  # refused:<reason>, by authenticated ingest
 AUTH = "auth:"  # auth:<outcome>, stored packets by authentication outcome (booked)
+AUTH_REFUSALS = ("missing", "invalid", "mismatch")
 KEEP_MINUTES = 2 * 24 * 60
 WINDOWS = {"1h": 60, "24h": 24 * 60}
 MINUTE_OF = {
@@ -107,6 +108,24 @@ def refused(reasons: dict[str, int]) -> None:
         ]
     )
     db.session.commit()
+
+
+def refusals(minutes: int = 24 * 60) -> dict[str, int]:
+    """Packets refused by authenticated ingest over the last ``minutes``, by reason (every
+    reason present, zero included); a bounded read of the roll-ups, committed."""
+    first = int(epoch_now() // 60) - minutes + 1
+    found = db.session.execute(
+        text(
+            "SELECT series, sum(value) FROM activity_minutes "
+            "WHERE minute >= :first AND series LIKE 'refused:%' GROUP BY series"
+        ),
+        {"first": first},
+    ).all()
+    db.session.commit()
+    counts = dict.fromkeys(AUTH_REFUSALS, 0)
+    for series, count in found:
+        counts[series[len(REFUSED) :]] = int(count)
+    return counts
 
 
 def minute_start(minute: int) -> datetime:

@@ -12,7 +12,7 @@ import logging
 
 from flask import Flask, current_app, g, request
 
-from bucket.services.tokens import OFF, TokenCheck, TokenVerifier
+from bucket.services.tokens import OFF, VERIFIED, TokenCheck, TokenVerifier
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,12 @@ def request_token() -> TokenCheck | None:
         checker = verifier()
         g.ingest_token = checker.check(bearer_token()) if checker.enabled else None
     return g.ingest_token
+
+
+def verified_subject() -> str | None:
+    """The subject of this request's verified token (the rate limits count it on its own)."""
+    token = g.get("ingest_token")
+    return token.subject if token is not None and token.outcome == VERIFIED else None
 
 
 def check_before_limits() -> None:
