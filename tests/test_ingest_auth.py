@@ -615,3 +615,25 @@ def test_verified_subjects_are_limited_on_their_own_not_by_the_shared_address(ma
     for _ in range(3):
         assert client.post(INGEST, json=packet("stu_9")).status_code == 200
     assert client.post(INGEST, json=packet("stu_9")).status_code == 429
+
+
+# --- the console's figures ---------------------------------------------------------------------
+
+
+def test_the_console_series_give_the_verified_share_and_refusals_per_minute(make_app):
+    """Booked packets by outcome give each minute's verified share; refusals by reason."""
+    from bucket.services.bookkeeping import book_new_packets
+
+    observing = make_app(**rsa_settings(BUCKET_INGEST_AUTH="observe"))
+    client = observing.test_client()
+    assert client.post(INGEST, json=packet(), headers=bearer(rsa_token())).status_code == 200
+    assert client.post(INGEST, json=packet()).status_code == 200
+    requiring = make_app(**rsa_settings()).test_client()
+    assert requiring.post(INGEST, json=packet()).status_code == 401
+    with observing.app_context():
+        book_new_packets()
+    hour = client.get(f"{API}/stats/timeseries?window=1h").json
+    share = [value for value in hour["verified_share"] if value is not None]
+    assert share in ([0.5], [1.0, 0.0])  # the two may straddle a minute
+    assert sum(hour["refused"]["missing"]) == 1
+    assert sum(hour["refused"]["invalid"]) == sum(hour["refused"]["mismatch"]) == 0

@@ -67,10 +67,24 @@ def book(after: int, through: int) -> int:
         ),
         {"after": after, "through": through},
     ).all()
+    # Stored packets by authentication outcome (only those ingest checked): the console's
+    # share of verified packets per minute.
+    outcomes = db.session.execute(
+        text(
+            f"SELECT {MINUTE_OF[dialect_name()]}, auth_outcome, count(*) FROM packets "
+            "WHERE seq > :after AND seq <= :through AND auth_outcome IS NOT NULL "
+            "GROUP BY 1, 2"
+        ),
+        {"after": after, "through": through},
+    ).all()
     add(
         [
             {"minute": minute, "series": series_of(system, state), "shard": 0, "value": count}
             for minute, system, state, count in groups
+        ]
+        + [
+            {"minute": minute, "series": f"{AUTH}{outcome}"[:96], "shard": 0, "value": count}
+            for minute, outcome, count in outcomes
         ]
     )
     return sum(count for *_, count in groups)
@@ -164,6 +178,7 @@ def timeseries(window: str) -> dict[str, Any]:
     for series, count in mix:
         system, _, state = series[len(INGESTED) :].partition(":")
         states.setdefault(system, {})[state] = int(count)
+    verified_share, refused = auth_timeseries(first, last)
     return {
         "window": window,
         "minute_seconds": 60,
@@ -172,7 +187,37 @@ def timeseries(window: str) -> dict[str, Any]:
         "processed": done,
         "totals": {"ingested": sum(ingested), "processed": sum(done)},
         "states": states,
+        "verified_share": verified_share,
+        "refused": refused,
     }
+
+
+def auth_timeseries(first: int, last: int) -> tuple[list[float | None], dict[str, list[int]]]:
+    """Authenticated ingest per minute: the share of checked packets stored verified (None
+    in a minute without any), and packets refused by reason."""
+    rows = db.session.execute(
+        text(
+            "SELECT minute, series, sum(value) FROM activity_minutes WHERE minute >= :first "
+            "AND (series LIKE 'auth:%' OR series LIKE 'refused:%') GROUP BY minute, series"
+        ),
+        {"first": first},
+    ).all()
+    db.session.commit()
+    minutes = last - first + 1
+    checked, verified = [0] * minutes, [0] * minutes
+    refused = {reason: [0] * minutes for reason in AUTH_REFUSALS}
+    for minute, series, count in rows:
+        if not first <= minute <= last:
+            continue
+        at, count = minute - first, int(count)
+        if series.startswith(AUTH):
+            checked[at] += count
+            if series == f"{AUTH}verified":
+                verified[at] += count
+        else:
+            refused.setdefault(series[len(REFUSED) :], [0] * minutes)[at] += count
+    share = [round(v / c, 4) if c else None for v, c in zip(verified, checked, strict=True)]
+    return share, refused
 
 
 def prune() -> int:
