@@ -637,3 +637,19 @@ def test_the_console_series_give_the_verified_share_and_refusals_per_minute(make
     assert share in ([0.5], [1.0, 0.0])  # the two may straddle a minute
     assert sum(hour["refused"]["missing"]) == 1
     assert sum(hour["refused"]["invalid"]) == sum(hour["refused"]["mismatch"]) == 0
+
+
+def test_a_reused_token_stops_verifying_when_it_expires(make_app):
+    """Verified tokens are remembered (a bridge sends the same one every 5 s), never past
+    their expiry: the same token text is refused once ``exp`` (plus leeway) has passed."""
+    app = make_app(
+        BUCKET_INGEST_AUTH="require", BUCKET_INGEST_JWT_SECRET=SECRET, BUCKET_INGEST_JWT_LEEWAY=0
+    )
+    client = app.test_client()
+    expires = int(time.time()) + 2
+    short = bearer(hs256(exp=expires))
+    assert client.post(INGEST, json=packet(), headers=short).status_code == 200
+    assert client.post(INGEST, json=packet(), headers=short).status_code == 200
+    time.sleep(max(0.0, expires + 1.1 - time.time()))
+    refused = client.post(INGEST, json=packet(), headers=short)
+    assert refused.status_code == 401 and "expired" in refused.json["message"]

@@ -35,6 +35,10 @@ PUBLIC_KEY_ALGORITHMS = frozenset(
 # A JWKS URL asked again for an unknown ``kid`` at most this often: a stream of tokens with
 # made-up kids must not turn into a stream of fetches.
 JWKS_MIN_REFRESH_SECONDS = 30.0
+# Verified tokens kept per process (services/tokens.TokenVerifier.check), and for how long at
+# most: a key removed from a JWKS stops verifying the tokens it signed within this time.
+CACHE_SIZE = 10_000
+CACHE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,12 @@ class TokenVerifier:
         if session_claim:
             required.append(session_claim)
         self.options = {"require": required, "verify_aud": audience is not None}
+        # Verified tokens, by their exact text, until they expire (at most CACHE_SECONDS): a
+        # bridge sends the same token every 5 s for hours, and a signature check is the one
+        # cost authenticated ingest adds to a packet. Only valid tokens are kept, so a flood of
+        # forged ones cannot fill it; it is bounded all the same.
+        self._verified: dict[str, tuple[float, TokenCheck]] = {}
+        self._cache_lock = threading.Lock()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> TokenVerifier:
@@ -234,16 +244,29 @@ class TokenVerifier:
         """What the token proves (never raises for a bad token)."""
         if not token:
             return NO_TOKEN
+        cached = self._verified.get(token)
+        if cached is not None and time.time() < cached[0]:
+            return cached[1]
+        checked, expires = self._check(token)
+        if checked.outcome == VERIFIED:
+            with self._cache_lock:
+                if len(self._verified) >= CACHE_SIZE:
+                    self._verified.clear()
+                self._verified[token] = (expires, checked)
+        return checked
+
+    def _check(self, token: str) -> tuple[TokenCheck, float]:
+        """The full check, and until when a verified answer may be reused."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            return TokenCheck(INVALID, reason="not a JWT")
+            return TokenCheck(INVALID, reason="not a JWT"), 0.0
         algorithm = header.get("alg")
         if algorithm not in self.algorithms:
-            return TokenCheck(INVALID, reason="algorithm not allowed")
+            return TokenCheck(INVALID, reason="algorithm not allowed"), 0.0
         key = self._key_for(algorithm, header.get("kid"))
         if key is None:
-            return TokenCheck(INVALID, reason="unknown key id")
+            return TokenCheck(INVALID, reason="unknown key id"), 0.0
         try:
             claims = jwt.decode(
                 token,
@@ -255,24 +278,26 @@ class TokenVerifier:
                 options=self.options,
             )
         except jwt.ExpiredSignatureError:
-            return TokenCheck(INVALID, reason="expired")
+            return TokenCheck(INVALID, reason="expired"), 0.0
         except jwt.ImmatureSignatureError:
-            return TokenCheck(INVALID, reason="not yet valid")
+            return TokenCheck(INVALID, reason="not yet valid"), 0.0
         except jwt.InvalidAudienceError:
-            return TokenCheck(INVALID, reason="wrong audience")
+            return TokenCheck(INVALID, reason="wrong audience"), 0.0
         except jwt.InvalidIssuerError:
-            return TokenCheck(INVALID, reason="wrong issuer")
+            return TokenCheck(INVALID, reason="wrong issuer"), 0.0
         except jwt.InvalidSignatureError:
-            return TokenCheck(INVALID, reason="bad signature")
+            return TokenCheck(INVALID, reason="bad signature"), 0.0
         except jwt.MissingRequiredClaimError as exc:
-            return TokenCheck(INVALID, reason=f"missing claim {exc.claim}")
+            return TokenCheck(INVALID, reason=f"missing claim {exc.claim}"), 0.0
         except (jwt.PyJWTError, ValueError, TypeError):
-            return TokenCheck(INVALID, reason="malformed")
+            return TokenCheck(INVALID, reason="malformed"), 0.0
         subject = claims.get(self.user_claim)
         session = claims.get(self.session_claim) if self.session_claim else None
         if not isinstance(subject, str | int) or isinstance(subject, bool):
-            return TokenCheck(INVALID, reason=f"claim {self.user_claim} is not a string")
-        return TokenCheck(VERIFIED, str(subject), None if session is None else str(session))
+            return TokenCheck(INVALID, reason=f"claim {self.user_claim} is not a string"), 0.0
+        until = min(float(claims["exp"]) + self.leeway, time.time() + CACHE_SECONDS)
+        checked = TokenCheck(VERIFIED, str(subject), None if session is None else str(session))
+        return checked, until
 
     def judge(self, token: TokenCheck, packet: Mapping[str, Any]) -> PacketAuth:
         """One packet under the token: ``mismatch`` when a valid token names another user (or,
