@@ -239,7 +239,7 @@ def test_a_jwks_url_is_fetched_cached_and_refetched_for_a_new_kid(make_app, tmp_
         rotated_file = jwks_file(tmp_path, ("k1", RSA_KEY), ("k2", OTHER_RSA_KEY))
         document["body"] = json.loads(Path(rotated_file).read_text())
         verifier = app.extensions["bucket.ingest_auth"]
-        verifier.jwks._fetched_at -= 60  # past the minimum interval between refreshes
+        verifier.jwks._tried_at -= 60  # past the minimum interval between refreshes
         rotated = bearer(rs256(kid="k2", key=OTHER_RSA_KEY))
         assert client.post(INGEST, json=packet(), headers=rotated).status_code == 200
         assert len(fetches) == 2
@@ -248,6 +248,19 @@ def test_a_jwks_url_is_fetched_cached_and_refetched_for_a_new_kid(make_app, tmp_
             bad = bearer(rs256(kid=f"made-up-{n}"))
             assert client.post(INGEST, json=packet(), headers=bad).status_code == 401
         assert len(fetches) == 2
+        # the provider goes away: the keys fetched before keep verifying, and it is asked
+        # again at most every 30 s, not once per request
+        server.shutdown()
+        server.server_close()
+        verifier.jwks._fetched_at -= 10_000  # the cache has expired
+        verifier.jwks._tried_at -= 60
+        tries = []
+        load = verifier.jwks._load
+        verifier.jwks._load = lambda: tries.append(1) or load()
+        for n in range(3):  # tokens not seen before: each needs its key
+            fresh = bearer(rs256(kid="k2", key=OTHER_RSA_KEY, jti=f"after-{n}"))
+            assert client.post(INGEST, json=packet(), headers=fresh).status_code == 200
+        assert len(tries) == 1
     finally:
         server.shutdown()
         server.server_close()
@@ -292,6 +305,10 @@ def test_leeway_accepts_a_token_expired_a_moment_ago(make_app):
             "not a public key",
         ),
         ({"BUCKET_INGEST_AUTH": "require", "BUCKET_INGEST_JWKS_URL": "/no/jwks.json"}, "JWKS"),
+        (
+            {"BUCKET_INGEST_AUTH": "require", "BUCKET_INGEST_JWT_SECRET": public_pem(RSA_KEY)},
+            "never keys an HMAC check",
+        ),
         (
             {
                 "BUCKET_INGEST_AUTH": "require",

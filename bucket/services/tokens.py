@@ -10,6 +10,7 @@ public key and the JWKS RS*/ES*/PS*, so an HMAC check is never keyed with a publ
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import urllib.request
@@ -22,6 +23,8 @@ import jwt
 from jwt.algorithms import get_default_algorithms
 
 from bucket.exceptions import IngestAuthMisconfigured
+
+log = logging.getLogger(__name__)
 
 OFF, OBSERVE, REQUIRE = "off", "observe", "require"
 MODES = (OFF, OBSERVE, REQUIRE)
@@ -75,11 +78,11 @@ class JwksKeys:
         self.timeout = timeout
         self.cache_seconds = cache_seconds
         self._keys: dict[str | None, jwt.PyJWK] = {}
-        self._fetched_at = -1e18
+        self._fetched_at = self._tried_at = -1e18
         self._lock = threading.Lock()
         if not self.is_url:
             self._keys = self._load()  # a file must be readable now: fail at start, not later
-            self._fetched_at = time.monotonic()
+            self._fetched_at = self._tried_at = time.monotonic()
 
     def _read(self) -> str:
         if self.is_url:
@@ -112,15 +115,17 @@ class JwksKeys:
         now = time.monotonic()
         with self._lock:
             expired = now - self._fetched_at > self.cache_seconds
-            unknown = kid not in self._keys
-            may_refresh = now - self._fetched_at > JWKS_MIN_REFRESH_SECONDS
-            if expired or (unknown and may_refresh):
+            unknown = kid not in self._keys and not (kid is None and len(self._keys) == 1)
+            # Tried at most every JWKS_MIN_REFRESH_SECONDS, whatever the outcome: neither
+            # made-up kids nor an unreachable provider turn into a fetch per request.
+            if (expired or unknown) and now - self._tried_at > JWKS_MIN_REFRESH_SECONDS:
+                self._tried_at = now
                 try:
                     self._keys = self._load()
-                except IngestAuthMisconfigured:
-                    if not self._keys:
-                        return None  # unreachable and nothing cached: the token is invalid
-                self._fetched_at = now
+                    self._fetched_at = now
+                except IngestAuthMisconfigured as exc:
+                    # Unreachable: the keys fetched before stay in use until it answers again.
+                    log.warning("JWKS unavailable, keeping %d keys: %s", len(self._keys), exc)
             if kid is None and len(self._keys) == 1:
                 return next(iter(self._keys.values()))
             return self._keys.get(kid)
@@ -189,6 +194,11 @@ class TokenVerifier:
         jwks_url = config.get("BUCKET_INGEST_JWKS_URL") or None
         if mode == OFF:
             return cls(OFF, frozenset())
+        if secret and secret.lstrip().startswith(("-----BEGIN", "ssh-")):
+            raise IngestAuthMisconfigured(
+                "BUCKET_INGEST_JWT_SECRET holds a key in PEM/SSH form: a public key never keys "
+                "an HMAC check; give it as BUCKET_INGEST_JWT_PUBLIC_KEY"
+            )
         if not (secret or pem or jwks_url):
             raise IngestAuthMisconfigured(
                 f"BUCKET_INGEST_AUTH={mode} needs a key: set BUCKET_INGEST_JWT_SECRET, "
