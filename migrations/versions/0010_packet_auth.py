@@ -4,7 +4,7 @@ whether it arrived stale (README, "Authenticated ingest"; leaf format 3 seals th
 Packets stored before keep NULL (not checked) and ``stale`` false.
 
 Revision ID: 0010_packet_auth
-Revises: 0008_leaf_format
+Revises: 0009_quarantine_sender
 Create Date: 2026-12-05 12:40:00.000000
 
 """
@@ -14,8 +14,7 @@ import sqlalchemy as sa
 
 # revision identifiers, used by Alembic.
 revision = '0010_packet_auth'
-# 0009 is being added alongside; the chain is set when both are merged.
-down_revision = '0008_leaf_format'
+down_revision = '0009_quarantine_sender'
 branch_labels = None
 depends_on = None
 
