@@ -110,6 +110,30 @@ class Config:
         self.BUCKET_RATE_LIMIT_STRATEGY = env_str(
             "BUCKET_RATE_LIMIT_STRATEGY", "sliding-window-counter"
         )
+        self.BUCKET_RATE_LIMIT_INGEST_PER_SUBJECT = env_str(
+            "BUCKET_RATE_LIMIT_INGEST_PER_SUBJECT", "600 per minute"
+        )
+        # Authenticated ingest (README, "Authenticated ingest"): bearer JWTs on ingest, checked
+        # and bound to each packet's user; bucket/web/ingest_auth.py refuses to start on a
+        # configuration that cannot work.
+        self.BUCKET_INGEST_AUTH = env_str("BUCKET_INGEST_AUTH", "off")
+        self.BUCKET_INGEST_JWT_SECRET = env_str("BUCKET_INGEST_JWT_SECRET")
+        self.BUCKET_INGEST_JWT_PUBLIC_KEY = env_str("BUCKET_INGEST_JWT_PUBLIC_KEY")
+        self.BUCKET_INGEST_JWKS_URL = env_str("BUCKET_INGEST_JWKS_URL")
+        self.BUCKET_INGEST_JWKS_TIMEOUT = env_float("BUCKET_INGEST_JWKS_TIMEOUT", 3.0)
+        self.BUCKET_INGEST_JWKS_CACHE_SECONDS = env_float("BUCKET_INGEST_JWKS_CACHE_SECONDS", 300.0)
+        self.BUCKET_INGEST_JWT_ALGORITHMS = env_list("BUCKET_INGEST_JWT_ALGORITHMS", [])
+        self.BUCKET_INGEST_JWT_USER_CLAIM = env_str("BUCKET_INGEST_JWT_USER_CLAIM", "sub")
+        self.BUCKET_INGEST_JWT_SESSION_CLAIM = env_str("BUCKET_INGEST_JWT_SESSION_CLAIM")
+        self.BUCKET_INGEST_JWT_AUDIENCE = env_str("BUCKET_INGEST_JWT_AUDIENCE")
+        self.BUCKET_INGEST_JWT_ISSUER = env_str("BUCKET_INGEST_JWT_ISSUER")
+        self.BUCKET_INGEST_JWT_LEEWAY = env_float("BUCKET_INGEST_JWT_LEEWAY", 30.0)
+        # Freshness of the client's clock (seconds): further in the future is refused (422),
+        # older than BUCKET_STALE_AFTER is stored with ``stale: true``.
+        self.BUCKET_MAX_CLOCK_SKEW = env_float("BUCKET_MAX_CLOCK_SKEW", 86400.0)
+        self.BUCKET_STALE_AFTER = env_float("BUCKET_STALE_AFTER", 3600.0)
+        # The keys raw_signals may carry; empty: free-form (the contract's default).
+        self.BUCKET_RAW_SIGNALS_KEYS = env_list("BUCKET_RAW_SIGNALS_KEYS", [])
         self.BUCKET_REQUEST_LOG = env_bool("BUCKET_REQUEST_LOG", True)
         self.LOG_LEVEL = env_str("LOG_LEVEL", "INFO")
         self.LOG_FORMAT = env_str("LOG_FORMAT", "json")

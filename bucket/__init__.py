@@ -24,6 +24,7 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     register_request_hooks(app)
     register_extensions(app)
     register_background_work(app)
+    register_ingest_auth(app)
     register_rate_limits(app)
     register_blueprints(app)
     document_api(app)
@@ -50,18 +51,21 @@ def register_json(app: Flask) -> None:
 
 
 def register_packet_rules(app: Flask) -> None:
-    """The packet rules in force: which cognitive states are accepted (BUCKET_COGNITIVE_STATES)
-    and how large raw_signals may be (BUCKET_RAW_SIGNALS_MAX_BYTES) and how deep a packet's fields
-    may nest (BUCKET_MAX_JSON_DEPTH)."""
+    """The packet rules in force: cognitive states, the size of raw_signals and how deep it may
+    nest, when restricted its keys, and how far ahead a client clock may be (BUCKET_*)."""
     from bucket.jsonutil import MAX_DEPTH_LIMIT
     from bucket.schemas import PacketRules
 
-    states = tuple(app.config["BUCKET_COGNITIVE_STATES"])
-    depth = app.config["BUCKET_MAX_JSON_DEPTH"]
+    config = app.config
+    depth = config["BUCKET_MAX_JSON_DEPTH"]
     if not 1 <= depth <= MAX_DEPTH_LIMIT:
         raise ValueError(f"BUCKET_MAX_JSON_DEPTH must be between 1 and {MAX_DEPTH_LIMIT}.")
     app.extensions["bucket.packet_rules"] = PacketRules(
-        states, app.config["BUCKET_RAW_SIGNALS_MAX_BYTES"], depth
+        tuple(config["BUCKET_COGNITIVE_STATES"]),
+        config["BUCKET_RAW_SIGNALS_MAX_BYTES"],
+        depth,
+        config.get("BUCKET_MAX_CLOCK_SKEW"),
+        tuple(config.get("BUCKET_RAW_SIGNALS_KEYS") or ()),
     )
 
 
@@ -76,7 +80,13 @@ def register_extensions(app: Flask) -> None:
     cors.init_app(
         app,
         resources={r"/api/v1/bucket/prana/ingest": {"origins": app.config["BUCKET_CORS_ORIGINS"]}},
-        allow_headers=["Content-Type", "X-CLIENT-TIMESTAMP", "X-PRANA-BATCH-ID", "Idempotency-Key"],
+        allow_headers=[
+            "Content-Type",
+            "X-CLIENT-TIMESTAMP",
+            "X-PRANA-BATCH-ID",
+            "Idempotency-Key",
+            "Authorization",
+        ],
         expose_headers=["Retry-After", "X-Request-ID"],
         methods=["POST", "OPTIONS"],
         max_age=600,
@@ -193,6 +203,13 @@ def register_request_hooks(app: Flask) -> None:
     trust_proxies(app)
     init_auth(app)
     init_security_headers(app)
+
+
+def register_ingest_auth(app: Flask) -> None:
+    """Bearer tokens on ingest (BUCKET_INGEST_AUTH); a configuration that cannot work stops here."""
+    from bucket.web.ingest_auth import IngestAuth
+
+    IngestAuth(app)
 
 
 def register_rate_limits(app: Flask) -> None:

@@ -28,3 +28,8 @@ class BodyTooDeep(ValueError):
         super().__init__(message)
         self.text = text
         self.message = message
+
+
+class IngestAuthMisconfigured(RuntimeError):
+    """The ingest authentication settings cannot work (a mode without a key, an unreadable key,
+    ``none`` allowed): the service refuses to start and says which setting is wrong."""

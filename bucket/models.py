@@ -92,6 +92,12 @@ class Packet(db.Model):
     integrity_score: Mapped[float | None] = mapped_column(Float)
     raw_signals: Mapped[dict] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Who sent it (README, "Authenticated ingest"): verified, missing, invalid or mismatch, and
+    # the valid token's subject; NULL when ingest did not check tokens (BUCKET_INGEST_AUTH=off).
+    auth_outcome: Mapped[str | None] = mapped_column(String(16))
+    auth_subject: Mapped[str | None] = mapped_column(String(256))
+    # The client's timestamp lay more than BUCKET_STALE_AFTER before its arrival.
+    stale: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
@@ -197,7 +203,8 @@ class AuditSeal(db.Model):
     leaf_ids: Mapped[str] = mapped_column(Text)
     leaf_hashes: Mapped[bytes] = mapped_column(LargeBinary)
     # How its leaves encode a packet (services/audit/content.py): 1, sorted JSON (the seals
-    # made before migration 0008); 2, PostgreSQL's binary record.
+    # made before migration 0008); 2, PostgreSQL's binary record; 3, the same with the
+    # authentication outcome, subject and staleness (migration 0010).
     leaf_format: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
 
 

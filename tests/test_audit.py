@@ -21,7 +21,13 @@ from sqlalchemy import select, text
 from bucket.extensions import db
 from bucket.models import AuditSeal
 from bucket.services.audit import merkle
-from bucket.services.audit.content import LEAF_SELECT, Leaves, json_leaf_content, seal_hash
+from bucket.services.audit.content import (
+    LEAF_FORMAT,
+    LEAF_SELECT,
+    Leaves,
+    json_leaf_content,
+    seal_hash,
+)
 from bucket.services.audit.sealing import seal_everything, seal_new_packets
 from tests.concurrency import join_all
 from tests.queue_helpers import ingest_many
@@ -350,7 +356,7 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     new = ingest_many(client, 2)
     seal(app)
     chain = client.get("/api/v1/bucket/audit/seals?from=1").json
-    assert [s["leaf_format"] for s in chain] == [1, 2]
+    assert [s["leaf_format"] for s in chain] == [1, LEAF_FORMAT]
     assert chain[1]["previous_hash"] == old_head
     assert verify(app.test_cli_runner()).exit_code == 0
 
@@ -364,7 +370,7 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     seals_file.write_text(json.dumps(chain))
     proven = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert proven.returncode == 0, proven.stdout + proven.stderr
-    assert artifact(client, new[0])["leaf_format"] == 2
+    assert artifact(client, new[0])["leaf_format"] == LEAF_FORMAT
 
     sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])
     result = verify(app.test_cli_runner())

@@ -57,6 +57,9 @@ def packet_rows(draw) -> dict:
         row[name] = draw(FLOAT)
     for name in ("focus_score", "integrity_score"):
         row[name] = draw(st.none() | FLOAT)
+    outcomes = [None, "verified", "missing", "invalid", "mismatch"]
+    row["auth_outcome"] = draw(st.sampled_from(outcomes))
+    row["stale"] = draw(st.booleans())
     row["client_timestamp"] = draw(TIMESTAMP)
     row["received_at"] = draw(TIMESTAMP)
     row["raw_signals"] = orjson.dumps(draw(SIGNALS), option=orjson.OPT_SORT_KEYS).decode()

@@ -158,6 +158,62 @@ CASES: dict[str, dict] = {
         "value": "fixed-window",
         "config": ("BUCKET_RATE_LIMIT_STRATEGY", None),
     },
+    "BUCKET_RATE_LIMIT_INGEST_PER_SUBJECT": {
+        "value": "7 per second",
+        "config": ("BUCKET_RATE_LIMIT_INGEST_PER_SUBJECT", None),
+    },
+    "BUCKET_INGEST_AUTH": {
+        "value": "observe",
+        "config": ("BUCKET_INGEST_AUTH", None),
+        "with": {"BUCKET_INGEST_JWT_SECRET": "s" * 32},  # observe without a key stops the start
+    },
+    "BUCKET_INGEST_JWT_SECRET": {
+        "value": "shared-secret",
+        "config": ("BUCKET_INGEST_JWT_SECRET", None),
+    },
+    "BUCKET_INGEST_JWT_PUBLIC_KEY": {
+        "value": "/keys/gurukul.pem",
+        "config": ("BUCKET_INGEST_JWT_PUBLIC_KEY", None),
+    },
+    "BUCKET_INGEST_JWKS_URL": {
+        "value": "https://id.example/.well-known/jwks.json",
+        "config": ("BUCKET_INGEST_JWKS_URL", None),
+    },
+    "BUCKET_INGEST_JWKS_TIMEOUT": {
+        "value": "1.5",
+        "config": ("BUCKET_INGEST_JWKS_TIMEOUT", 1.5),
+    },
+    "BUCKET_INGEST_JWKS_CACHE_SECONDS": {
+        "value": "60",
+        "config": ("BUCKET_INGEST_JWKS_CACHE_SECONDS", 60.0),
+    },
+    "BUCKET_INGEST_JWT_ALGORITHMS": {
+        "value": "RS256,ES256",
+        "config": ("BUCKET_INGEST_JWT_ALGORITHMS", ["RS256", "ES256"]),
+    },
+    "BUCKET_INGEST_JWT_USER_CLAIM": {
+        "value": "uid",
+        "config": ("BUCKET_INGEST_JWT_USER_CLAIM", None),
+    },
+    "BUCKET_INGEST_JWT_SESSION_CLAIM": {
+        "value": "session_id",
+        "config": ("BUCKET_INGEST_JWT_SESSION_CLAIM", None),
+    },
+    "BUCKET_INGEST_JWT_AUDIENCE": {
+        "value": "prana-bucket",
+        "config": ("BUCKET_INGEST_JWT_AUDIENCE", None),
+    },
+    "BUCKET_INGEST_JWT_ISSUER": {
+        "value": "https://gurukul.example",
+        "config": ("BUCKET_INGEST_JWT_ISSUER", None),
+    },
+    "BUCKET_INGEST_JWT_LEEWAY": {"value": "5", "config": ("BUCKET_INGEST_JWT_LEEWAY", 5.0)},
+    "BUCKET_MAX_CLOCK_SKEW": {"value": "600", "config": ("BUCKET_MAX_CLOCK_SKEW", 600.0)},
+    "BUCKET_STALE_AFTER": {"value": "120", "config": ("BUCKET_STALE_AFTER", 120.0)},
+    "BUCKET_RAW_SIGNALS_KEYS": {
+        "value": "tab_visible,dwell_time_ms",
+        "config": ("BUCKET_RAW_SIGNALS_KEYS", ["tab_visible", "dwell_time_ms"]),
+    },
     "BUCKET_REQUEST_LOG": {"value": "false", "config": ("BUCKET_REQUEST_LOG", False)},
     "LOG_LEVEL": {"value": "WARNING", "config": ("LOG_LEVEL", None)},
     "LOG_FORMAT": {"value": "text", "config": ("LOG_FORMAT", None)},
@@ -209,8 +265,9 @@ def test_each_variable_is_read_from_the_environment_by_its_documented_name(
     case = CASES[name]
     key, expected = case["config"]
     expected = case["value"] if expected is None else expected
-    default = build_config(monkeypatch, tmp_path, {})
-    configured = build_config(monkeypatch, tmp_path, {name: case["value"]})
+    needed = case.get("with", {})  # what the variable cannot start without
+    default = build_config(monkeypatch, tmp_path, needed)
+    configured = build_config(monkeypatch, tmp_path, {**needed, name: case["value"]})
     assert configured[key] == expected
     assert configured[key] != default[key], f"{case['value']!r} is {name}'s default"
 

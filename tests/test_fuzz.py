@@ -36,7 +36,13 @@ def fuzz_seed() -> int:
 @pytest.fixture
 def app_config():
     """Token and rate limits on, as in production, so their refusals are fuzzed too."""
-    return {"BUCKET_CONSUMER_TOKEN": [TOKEN], "BUCKET_RATE_LIMIT_ENABLED": True}
+    # The future limit on a packet's timestamp (BUCKET_MAX_CLOCK_SKEW) follows the clock, so
+    # no schema can state it: lifted here, tested in tests/test_ingest_auth.py.
+    return {
+        "BUCKET_CONSUMER_TOKEN": [TOKEN],
+        "BUCKET_RATE_LIMIT_ENABLED": True,
+        "BUCKET_MAX_CLOCK_SKEW": 10**12,
+    }
 
 
 def map_query(context, query):

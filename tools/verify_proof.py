@@ -29,13 +29,16 @@ import sys
 from datetime import datetime, timedelta, timezone
 
 SEAL_FIELDS = ("seq", "sealed_at", "after_seq", "last_seq", "packet_count", "root", "previous_hash")
-# The leaf's fields in order (bucket/services/audit/content.py, LEAF_COLUMNS).
-LEAF_FIELDS = (
+# The leaf's fields in order (bucket/services/audit/content.py, LEAF_COLUMNS_V2 and
+# LEAF_COLUMNS): formats 1 and 2 state the first list, format 3 adds who sent the packet.
+LEAF_FIELDS_V2 = (
     "packet_id", "seq", "dedup_key", "idempotency_key", "user_id", "employee_id", "session_id",
     "lesson_id", "task_id", "system_type", "role", "client_timestamp", "cognitive_state",
     "state", "active_seconds", "idle_seconds", "away_seconds", "focus_score",
     "integrity_score", "raw_signals", "received_at",
 )  # fmt: skip
+LEAF_FIELDS = (*LEAF_FIELDS_V2, "auth_outcome", "auth_subject", "stale")
+FORMAT_FIELDS = {1: LEAF_FIELDS_V2, 2: LEAF_FIELDS_V2, 3: LEAF_FIELDS}
 JSON_FIELDS = ("raw_signals",)
 TIMESTAMP_FIELDS = ("client_timestamp", "received_at")
 # timezone.utc, not datetime.UTC: the verifier runs on Python 3.8 and later.
@@ -44,8 +47,8 @@ POSTGRES_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def decode_record(content: bytes) -> list:
-    """The values of a binary record: text (OID 25), int8 (20), float8 (701) and timestamp
-    (1114, microseconds since 2000-01-01 UTC); None for NULL."""
+    """The values of a binary record: text (OID 25), int8 (20), float8 (701), bool (16) and
+    timestamp (1114, microseconds since 2000-01-01 UTC); None for NULL."""
     (count,) = struct.unpack_from(">i", content, 0)
     values, position = [], 4
     for _ in range(count):
@@ -62,6 +65,10 @@ def decode_record(content: bytes) -> list:
             values.append(struct.unpack(">q", data)[0])
         elif oid == 701:
             values.append(struct.unpack(">d", data)[0])
+        elif oid == 16:
+            if data not in (b"\x00", b"\x01"):
+                raise ValueError("a bool that is neither 0 nor 1")
+            values.append(data == b"\x01")
         elif oid == 1114:
             micros = struct.unpack(">q", data)[0]
             values.append(POSTGRES_EPOCH + timedelta(microseconds=micros))
@@ -72,21 +79,25 @@ def decode_record(content: bytes) -> list:
     return values
 
 
-def fields_of(content: bytes, leaf_format: int = 2) -> dict:
-    """The packet as its canonical bytes state it (JSON fields parsed). Leaf format 2 is the
-    binary record; format 1 (seals made before it) is sorted JSON with ISO 8601 times."""
+def fields_of(content: bytes, leaf_format: int = 3) -> dict:
+    """The packet as its canonical bytes state it (JSON fields parsed). Leaf format 3 is the
+    binary record with the authentication outcome, subject and staleness; 2 the binary record
+    without them; 1 (seals made before both) sorted JSON with ISO 8601 times."""
+    if leaf_format not in FORMAT_FIELDS:
+        raise ValueError(f"unknown leaf format {leaf_format}")
+    names = FORMAT_FIELDS[leaf_format]
     if leaf_format == 1:
         stated = json.loads(content)
-        if not isinstance(stated, dict) or set(stated) != set(LEAF_FIELDS):
+        if not isinstance(stated, dict) or set(stated) != set(names):
             raise ValueError("not the fields of a packet")
         for name in TIMESTAMP_FIELDS:
             if stated[name] is not None:
                 stated[name] = datetime.fromisoformat(stated[name])
         return stated
     values = decode_record(content)
-    if len(values) != len(LEAF_FIELDS):
-        raise ValueError(f"{len(values)} fields, not {len(LEAF_FIELDS)}")
-    stated = dict(zip(LEAF_FIELDS, values))  # noqa: B905 - lengths checked above
+    if len(values) != len(names):
+        raise ValueError(f"{len(values)} fields, not {len(names)}")
+    stated = dict(zip(names, values))  # noqa: B905 - lengths checked above
     for name in JSON_FIELDS:
         if stated[name] is not None:
             stated[name] = json.loads(stated[name])
@@ -167,8 +178,14 @@ def check(artifact: dict, trusted: str | None, seals: list[dict]) -> list[str]:
         failures.append(f"the packet's canonical bytes are not a packet record: {exc}")
     else:
         data = artifact.get("data") or {}
-        differ = [name for name in LEAF_FIELDS if not same(name, stated[name], data.get(name))]
-        differ += sorted(name for name in data if name not in LEAF_FIELDS)
+        differ = [name for name in stated if not same(name, stated[name], data.get(name))]
+        differ += sorted(name for name in data if name not in stated)
+        for name in ("auth_subject", "stale"):
+            if name in stated and name in artifact and artifact[name] != stated[name]:
+                differ.append(f"{name} (beside data)")
+        if "auth_outcome" in stated and "authenticated" in artifact:
+            if artifact["authenticated"] != (stated["auth_outcome"] == "verified"):
+                differ.append("authenticated (beside data)")
         if differ:
             names = ", ".join(differ)
             failures.append(f"the answer's data differs from its canonical bytes: {names}")
@@ -201,6 +218,15 @@ def check(artifact: dict, trusted: str | None, seals: list[dict]) -> list[str]:
     return failures
 
 
+def sender(packet: dict) -> str:
+    """Who sent the packet, as its leaf states it (formats 1 and 2 do not say)."""
+    if "auth_outcome" not in packet:
+        return "not sealed (leaf format before 3)"
+    outcome = packet["auth_outcome"] or "not checked"
+    subject = packet.get("auth_subject")
+    return f"{outcome}" + (f" ({subject})" if subject else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("artifact", help="the audit/artifact answer, as JSON ('-': stdin)")
@@ -224,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"packet {artifact.get('artifact_id')}: user {packet.get('user_id')}, "
         f"received {packet.get('received_at')}, focus {packet.get('focus_score')}, "
-        f"state {packet.get('cognitive_state') or packet.get('state')}"
+        f"state {packet.get('cognitive_state') or packet.get('state')}, "
+        f"sender {sender(packet)}"
     )
     for failure in failures:
         print(f"FAILED: {failure}")

@@ -39,6 +39,12 @@ def packet_out(row: Row) -> dict[str, Any]:
         "received_at": row["received_at"],
         "delivery_state": row["delivery_state"],
         "delivery_count": row["delivery_count"],
+        # Who sent it (README, "Authenticated ingest"): true only for a verified token of
+        # this packet's user; auth_outcome is null when ingest did not check tokens.
+        "authenticated": row["auth_outcome"] == "verified",
+        "auth_subject": row["auth_subject"],
+        "auth_outcome": row["auth_outcome"],
+        "stale": bool(row["stale"]),
     }
 
 

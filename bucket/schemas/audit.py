@@ -23,8 +23,9 @@ class SealSchema(BaseSchema):
     hash = fields.String(metadata={"description": "SHA-256 of this seal's canonical header."})
     leaf_format = fields.Integer(
         metadata={
-            "description": "How its leaves encode a packet: 2, PostgreSQL's binary record; 1, "
-            "sorted JSON (seals made before that format)."
+            "description": "How its leaves encode a packet: 3, PostgreSQL's binary record with "
+            "the authentication outcome, subject and staleness; 2, the same without them; 1, "
+            "sorted JSON (seals made before those formats)."
         }
     )
 
@@ -58,6 +59,15 @@ class ArtifactSchema(BaseSchema):
     )
     leaf_format = fields.Integer(
         metadata={"description": "The encoding of ``canonical``: that of the packet's seal."}
+    )
+    authenticated = fields.Boolean(
+        metadata={"description": "Sent with a verified bearer token of this packet's user."}
+    )
+    auth_subject = fields.String(
+        allow_none=True, metadata={"description": "The valid token's subject, if any."}
+    )
+    stale = fields.Boolean(
+        metadata={"description": "Its client timestamp lay over BUCKET_STALE_AFTER before arrival."}
     )
     provenance = fields.Dict(
         metadata={

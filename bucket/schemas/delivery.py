@@ -46,6 +46,22 @@ class PacketOutSchema(BaseSchema):
     received_at = fields.String()
     delivery_state = fields.String(metadata={"enum": list(DeliveryState.ALL)})
     delivery_count = fields.Integer()
+    authenticated = fields.Boolean(
+        metadata={"description": "Sent with a verified bearer token of this packet's user."}
+    )
+    auth_subject = fields.String(
+        allow_none=True, metadata={"description": "The valid token's subject, if any."}
+    )
+    auth_outcome = fields.String(
+        allow_none=True,
+        metadata={
+            "enum": ["verified", "missing", "invalid", "mismatch", None],
+            "description": "How ingest judged its token; null when it did not check tokens.",
+        },
+    )
+    stale = fields.Boolean(
+        metadata={"description": "Its client timestamp lay over BUCKET_STALE_AFTER before arrival."}
+    )
 
 
 class PendingPacketSchema(PacketOutSchema):
@@ -227,6 +243,17 @@ class StatusSchema(BaseSchema):
         metadata={"description": "Entries dropped so far after the retention period."}
     )
     consumer_auth = fields.Boolean()
+    ingest_auth = fields.String(
+        metadata={"enum": ["off", "observe", "require"], "description": "BUCKET_INGEST_AUTH."}
+    )
+    auth_refused = fields.Dict(
+        keys=fields.String(),
+        values=fields.Integer(),
+        metadata={
+            "description": "Packets refused by authenticated ingest over the last 24 hours, "
+            "by reason (missing, invalid, mismatch); never quarantined."
+        },
+    )
 
 
 class LeaseChangeSchema(BaseSchema):

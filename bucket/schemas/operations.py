@@ -30,6 +30,18 @@ class TimeseriesSchema(BaseSchema):
         values=fields.Dict(keys=fields.String(), values=fields.Integer()),
         metadata={"description": "Packets ingested in the window by system, then state."},
     )
+    verified_share = fields.List(
+        fields.Float(allow_none=True),
+        metadata={
+            "description": "Per minute, the share of packets stored with a token check that "
+            "were verified (null: none checked that minute; BUCKET_INGEST_AUTH)."
+        },
+    )
+    refused = fields.Dict(
+        keys=fields.String(),
+        values=fields.List(fields.Integer()),
+        metadata={"description": "Per minute, packets refused by authenticated ingest, by reason."},
+    )
 
 
 class DeadQuerySchema(BaseSchema):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -16,7 +17,7 @@ from marshmallow import (
 
 from bucket.jsonutil import deeper_than
 from bucket.schemas.base import BaseSchema, ClientTimestamp, StrictNumber, Text, identifier
-from bucket.timeutil import TIMESTAMP_PATTERN, parse_client_timestamp
+from bucket.timeutil import TIMESTAMP_PATTERN, parse_client_timestamp, utc_now
 
 # The contract's states; BUCKET_COGNITIVE_STATES replaces them (config.py).
 COGNITIVE_STATES = ("DEEP_FOCUS", "ON_TASK", "THINKING", "IDLE", "DISTRACTED", "AWAY", "OFF_TASK")
@@ -212,14 +213,18 @@ def fast_load_packet(
 
 
 class PacketRules:
-    """The packet rules in force for one application: its accepted cognitive states, the size of
-    raw_signals, and how deep a field may nest."""
+    """The packet rules in force for one application: its accepted cognitive states, the size
+    of raw_signals and how deep a field may nest, when restricted the keys raw_signals may
+    carry (BUCKET_RAW_SIGNALS_KEYS), and how far ahead a client clock may be
+    (BUCKET_MAX_CLOCK_SKEW)."""
 
     def __init__(
         self,
         cognitive_states: tuple[str, ...],
         raw_signals_max_bytes: int = RAW_SIGNALS_MAX_BYTES,
         max_depth: int = DEFAULT_MAX_DEPTH,
+        max_clock_skew: float | None = None,
+        raw_signals_keys: tuple[str, ...] = (),
     ) -> None:
         self.schema = PacketSchema(
             cognitive_states=tuple(cognitive_states), raw_signals_max_bytes=raw_signals_max_bytes
@@ -227,12 +232,40 @@ class PacketRules:
         self.cognitive_states = self.schema.cognitive_states
         self.raw_signals_max_bytes = raw_signals_max_bytes
         self.max_depth = max_depth
+        self.max_clock_skew = None if max_clock_skew is None else timedelta(seconds=max_clock_skew)
+        self.raw_signals_keys = frozenset(raw_signals_keys) or None
 
     def load(self, data: Any) -> dict[str, Any]:
         """The validated packet; ``ValidationError`` naming each problem otherwise."""
         check_depth(data, self.max_depth)
         packet = fast_load_packet(data, self.cognitive_states, self.raw_signals_max_bytes)
-        return packet if packet is not None else self.schema.load(data)
+        if packet is None:
+            packet = self.schema.load(data)
+        if self.max_clock_skew is not None or self.raw_signals_keys is not None:
+            self.check_content(packet)
+        return packet
+
+    def check_content(self, packet: dict[str, Any]) -> None:
+        """A timestamp too far in the future (no clock is that wrong, and it would sort ahead
+        of every real packet), or signals outside the allowed keys (a page leaking a token or
+        a file name): refused for content, never silently trimmed."""
+        errors: dict[str, list[str]] = {}
+        if self.max_clock_skew is not None:
+            ahead = packet["timestamp"] - utc_now()
+            if ahead > self.max_clock_skew:
+                errors["timestamp"] = [
+                    f"Lies {int(ahead.total_seconds())} s in the future; at most "
+                    f"{int(self.max_clock_skew.total_seconds())} s are accepted "
+                    "(BUCKET_MAX_CLOCK_SKEW)."
+                ]
+        if self.raw_signals_keys is not None:
+            extra = sorted(set(packet["raw_signals"]) - self.raw_signals_keys)
+            if extra:
+                errors["raw_signals"] = [
+                    f"Keys not allowed (BUCKET_RAW_SIGNALS_KEYS): {', '.join(extra)}."
+                ]
+        if errors:
+            raise ValidationError(errors)
 
 
 def check_depth(data: Any, max_depth: int) -> None:
@@ -284,6 +317,13 @@ class IngestHeadersSchema(BaseSchema):
     client_timestamp = fields.String(
         data_key="X-CLIENT-TIMESTAMP",
         metadata={"description": "When the bridge sent the request; informational, not stored."},
+    )
+    authorization = fields.String(
+        data_key="Authorization",
+        metadata={
+            "description": "Bearer <JWT> of the signed-in user, checked and bound to each packet "
+            'per BUCKET_INGEST_AUTH (README, "Authenticated ingest").'
+        },
     )
 
 

@@ -24,6 +24,9 @@ from bucket.timeutil import epoch_now
 A = ActivityMinute.__table__
 PROCESSED = "processed"
 INGESTED = "ingested:"
+REFUSED = "refused:"  # refused:<reason>, by authenticated ingest
+AUTH = "auth:"  # auth:<outcome>, stored packets by authentication outcome (booked)
+AUTH_REFUSALS = ("missing", "invalid", "mismatch")
 KEEP_MINUTES = 2 * 24 * 60
 WINDOWS = {"1h": 60, "24h": 24 * 60}
 MINUTE_OF = {
@@ -64,10 +67,24 @@ def book(after: int, through: int) -> int:
         ),
         {"after": after, "through": through},
     ).all()
+    # Stored packets by authentication outcome (only those ingest checked): the console's
+    # share of verified packets per minute.
+    outcomes = db.session.execute(
+        text(
+            f"SELECT {MINUTE_OF[dialect_name()]}, auth_outcome, count(*) FROM packets "
+            "WHERE seq > :after AND seq <= :through AND auth_outcome IS NOT NULL "
+            "GROUP BY 1, 2"
+        ),
+        {"after": after, "through": through},
+    ).all()
     add(
         [
             {"minute": minute, "series": series_of(system, state), "shard": 0, "value": count}
             for minute, system, state, count in groups
+        ]
+        + [
+            {"minute": minute, "series": f"{AUTH}{outcome}"[:96], "shard": 0, "value": count}
+            for minute, outcome, count in outcomes
         ]
     )
     return sum(count for *_, count in groups)
@@ -86,6 +103,43 @@ def processed(count: int, now: float) -> None:
                 }
             ]
         )
+
+
+def refused(reasons: dict[str, int]) -> None:
+    """Packets refused by authenticated ingest, by reason, added to this minute and committed
+    (``status`` and the console read them; a refusal writes nothing else)."""
+    minute = int(epoch_now() // 60)
+    add(
+        [
+            {
+                "minute": minute,
+                "series": f"{REFUSED}{reason}",
+                "shard": counters.random_shard(),
+                "value": count,
+            }
+            for reason, count in sorted(reasons.items())
+            if count
+        ]
+    )
+    db.session.commit()
+
+
+def refusals(minutes: int = 24 * 60) -> dict[str, int]:
+    """Packets refused by authenticated ingest over the last ``minutes``, by reason (every
+    reason present, zero included); a bounded read of the roll-ups, committed."""
+    first = int(epoch_now() // 60) - minutes + 1
+    found = db.session.execute(
+        text(
+            "SELECT series, sum(value) FROM activity_minutes "
+            "WHERE minute >= :first AND series LIKE 'refused:%' GROUP BY series"
+        ),
+        {"first": first},
+    ).all()
+    db.session.commit()
+    counts = dict.fromkeys(AUTH_REFUSALS, 0)
+    for series, count in found:
+        counts[series[len(REFUSED) :]] = int(count)
+    return counts
 
 
 def minute_start(minute: int) -> datetime:
@@ -124,6 +178,7 @@ def timeseries(window: str) -> dict[str, Any]:
     for series, count in mix:
         system, _, state = series[len(INGESTED) :].partition(":")
         states.setdefault(system, {})[state] = int(count)
+    verified_share, refused = auth_timeseries(first, last)
     return {
         "window": window,
         "minute_seconds": 60,
@@ -132,7 +187,37 @@ def timeseries(window: str) -> dict[str, Any]:
         "processed": done,
         "totals": {"ingested": sum(ingested), "processed": sum(done)},
         "states": states,
+        "verified_share": verified_share,
+        "refused": refused,
     }
+
+
+def auth_timeseries(first: int, last: int) -> tuple[list[float | None], dict[str, list[int]]]:
+    """Authenticated ingest per minute: the share of checked packets stored verified (None
+    in a minute without any), and packets refused by reason."""
+    rows = db.session.execute(
+        text(
+            "SELECT minute, series, sum(value) FROM activity_minutes WHERE minute >= :first "
+            "AND (series LIKE 'auth:%' OR series LIKE 'refused:%') GROUP BY minute, series"
+        ),
+        {"first": first},
+    ).all()
+    db.session.commit()
+    minutes = last - first + 1
+    checked, verified = [0] * minutes, [0] * minutes
+    refused = {reason: [0] * minutes for reason in AUTH_REFUSALS}
+    for minute, series, count in rows:
+        if not first <= minute <= last:
+            continue
+        at, count = minute - first, int(count)
+        if series.startswith(AUTH):
+            checked[at] += count
+            if series == f"{AUTH}verified":
+                verified[at] += count
+        else:
+            refused.setdefault(series[len(REFUSED) :], [0] * minutes)[at] += count
+    share = [round(v / c, 4) if c else None for v, c in zip(verified, checked, strict=True)]
+    return share, refused
 
 
 def prune() -> int:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
+from flask import current_app
 from psycopg.types.json import Json
 from sqlalchemy import insert, or_, select, text
 
@@ -18,6 +19,7 @@ from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.dialect import dialect_name, upsert_insert
+from bucket.services.tokens import VERIFIED, PacketAuth
 from bucket.timeutil import new_packet_id, utc_now
 
 PACKET_TABLE = Packet.__table__
@@ -89,9 +91,13 @@ class BatchSummary:
 
 
 def store_batch(
-    size: int, valid: list[tuple[int, dict[str, Any]]], errors: dict[int, dict]
+    size: int,
+    valid: list[tuple[int, dict[str, Any]]],
+    errors: dict[int, dict],
+    auths: dict[int, PacketAuth] | None = None,
 ) -> BatchSummary:
-    """Store a batch's valid packets (by request index) in one statement and report each packet."""
+    """Store a batch's valid packets (by request index) in one statement and report each packet
+    (``auths``: each valid packet's authentication outcome, when ingest checks tokens)."""
     results: list[dict] = [
         {"index": index, "status": "rejected", "errors": errors[index]}
         for index in range(size)
@@ -99,7 +105,10 @@ def store_batch(
     ]
     by_index = {result["index"]: result for result in results}
     if valid:
-        outcomes = store_packets([packet for _, packet in valid])
+        outcomes = store_packets(
+            [packet for _, packet in valid],
+            auths=[auths[index] for index, _ in valid] if auths is not None else None,
+        )
         for (index, _), outcome in zip(valid, outcomes, strict=True):
             by_index[index] = {
                 "index": index,
@@ -111,20 +120,35 @@ def store_batch(
     return BatchSummary(ordered, len(valid), duplicates, len(errors))
 
 
+# Unverified packets (a token missing, invalid or another user's) hold their identities in a
+# namespace of their own: a forged copy posted first can never make the genuine, verified
+# packet a "duplicate" of it (README, "Authenticated ingest"). Verified packets, and every
+# packet while authentication is off, keep the plain identity.
+UNVERIFIED_SCOPE = "unverified"
+
+
 def identity_key(
-    system_type: str | None, user_id: str, session_id: str | None, ts: datetime
+    system_type: str | None,
+    user_id: str,
+    session_id: str | None,
+    ts: datetime,
+    scope: str | None = None,
 ) -> str:
     """Digest of the natural identity: nulls equal, the timestamp as a UTC instant in ms."""
     millis = (ts - EPOCH) // timedelta(milliseconds=1)
-    text = json.dumps([system_type, user_id, session_id, millis], separators=(",", ":"))
+    parts = [system_type, user_id, session_id, millis]
+    if scope is not None:
+        parts.insert(0, scope)
+    text = json.dumps(parts, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def scoped_idempotency_key(user_id: str, key: str | None) -> str | None:
+def scoped_idempotency_key(user_id: str, key: str | None, scope: str | None = None) -> str | None:
     """The key as stored, scoped to its user: two browsers choosing one key never collide."""
     if key is None:
         return None
-    text = json.dumps([user_id, key], separators=(",", ":"))
+    parts = [user_id, key] if scope is None else [scope, user_id, key]
+    text = json.dumps(parts, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
@@ -133,16 +157,25 @@ def packet_user(data: dict[str, Any]) -> str:
     return data.get("user_id") or data["employee_id"]
 
 
-def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str | None) -> dict:
-    """Turn a validated packet into a table row (EMS ``employee_id`` becomes the user)."""
+def packet_row(
+    data: dict[str, Any],
+    received_at: datetime,
+    idempotency_key: str | None,
+    auth: PacketAuth | None = None,
+    stale_after: float | None = None,
+) -> dict:
+    """Turn a validated packet into a table row (EMS ``employee_id`` becomes the user), with
+    its authentication outcome (None: not checked) and whether it arrived stale."""
     user_id = packet_user(data)
     timestamp = data["timestamp"]
+    scope = None if auth is None or auth.outcome == VERIFIED else UNVERIFIED_SCOPE
+    stale = stale_after is not None and (received_at - timestamp).total_seconds() > stale_after
     return {
         "packet_id": new_packet_id(),
         "dedup_key": identity_key(
-            data.get("system_type"), user_id, data.get("session_id"), timestamp
+            data.get("system_type"), user_id, data.get("session_id"), timestamp, scope
         ),
-        "idempotency_key": scoped_idempotency_key(user_id, idempotency_key),
+        "idempotency_key": scoped_idempotency_key(user_id, idempotency_key, scope),
         "user_id": user_id,
         "employee_id": data.get("employee_id"),
         "session_id": data.get("session_id"),
@@ -160,6 +193,9 @@ def packet_row(data: dict[str, Any], received_at: datetime, idempotency_key: str
         "integrity_score": data.get("integrity_score"),
         "raw_signals": data["raw_signals"],
         "received_at": received_at,
+        "auth_outcome": auth.outcome if auth is not None else None,
+        "auth_subject": auth.subject if auth is not None else None,
+        "stale": stale,
     }
 
 
@@ -176,15 +212,23 @@ def delivery_row(row: dict) -> dict:
 
 
 def store_packets(
-    packets: list[dict[str, Any]], idempotency_key: str | None = None
+    packets: list[dict[str, Any]],
+    idempotency_key: str | None = None,
+    auths: list[PacketAuth] | None = None,
 ) -> list[IngestOutcome]:
-    """Store validated packets and commit; return one outcome per packet, in order.
+    """Store validated packets and commit; return one outcome per packet, in order (``auths``:
+    each packet's authentication outcome, when ingest checks tokens).
 
     Duplicates (of stored packets or of each other) are detected by the unique keys, so two
     copies racing on two workers still end as one row. Nothing is acknowledged before COMMIT.
     """
     received_at = utc_now()
-    rows = [packet_row(data, received_at, idempotency_key) for data in packets]
+    stale_after = current_app.config.get("BUCKET_STALE_AFTER")
+    judged = auths if auths is not None else [None] * len(packets)
+    rows = [
+        packet_row(data, received_at, idempotency_key, auth, stale_after)
+        for data, auth in zip(packets, judged, strict=True)
+    ]
     first_by_key: dict[str, dict] = {}
     for row in rows:
         first_by_key.setdefault(row["dedup_key"], row)

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from flask import current_app
 
 from bucket.extensions import queue
-from bucket.services import sql
+from bucket.services import activity, sql
 from bucket.timeutil import epoch_now, utc_now
 
 COUNT_CAP = 10_000
@@ -97,6 +97,8 @@ class QueueStats:
     quarantine_evicted: int
     quarantine_expired: int
     consumer_auth: bool
+    ingest_auth: str
+    auth_refused: dict[str, int]
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,4 +192,6 @@ def collect_stats() -> QueueStats:
         quarantine_evicted=figures.quarantine[2],
         quarantine_expired=figures.quarantine[3],
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
+        ingest_auth=current_app.config.get("BUCKET_INGEST_AUTH") or "off",
+        auth_refused=activity.refusals(),
     )

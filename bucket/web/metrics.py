@@ -51,6 +51,17 @@ PACKETS = Counter(
     'dead-letters, see bucket_queue_packets{state="dead"}).',
     ["outcome"],
 )
+AUTH_REFUSED = Counter(
+    "bucket_ingest_auth_refused",
+    "Packets refused by authenticated ingest (BUCKET_INGEST_AUTH=require), by reason: "
+    "missing, invalid or mismatch. Never quarantined.",
+    ["reason"],
+)
+AUTH_OUTCOMES = Counter(
+    "bucket_ingest_auth_packets",
+    "Packets stored with each authentication outcome (observe and require).",
+    ["outcome"],
+)
 PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
 # Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
 ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
@@ -71,6 +82,14 @@ def note_packets(**counts: int) -> None:
     for outcome, count in counts.items():
         if count:
             noted[outcome] = noted.get(outcome, 0) + count
+
+
+def note_auth(stored: Iterable[str], refused: Iterable[str]) -> None:
+    """Count packets stored by authentication outcome and packets refused by reason."""
+    for outcome in stored:
+        AUTH_OUTCOMES.labels(outcome).inc()
+    for reason in refused:
+        AUTH_REFUSED.labels(reason).inc()
 
 
 def note_acks(outcomes: Iterable[Any]) -> None:

@@ -35,6 +35,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from bucket.web.errors import error_response
+from bucket.web.ingest_auth import verified_subject
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ SCOPES: dict[str, Scope] = {
     "ip": Scope("BUCKET_RATE_LIMIT_INGEST_PER_IP", "packets from this address"),
     "ip_bytes": Scope("BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP", "bytes from this address"),
     "user": Scope("BUCKET_RATE_LIMIT_INGEST_PER_USER", "packets for this user"),
+    "subject": Scope("BUCKET_RATE_LIMIT_INGEST_PER_SUBJECT", "packets for this signed-in user"),
 }
 
 
@@ -241,12 +243,22 @@ def admit_ingest(packets: int, users: Mapping[str, int]) -> None:
     if limits is None:
         return
     address = client_address()
-    charges = [Charge("ip", address, packets), Charge("ip_bytes", address, body_bytes())]
+    charges = [sender_charge(address, packets), Charge("ip_bytes", address, body_bytes())]
     charges += [Charge("user", user, count) for user, count in users.items()]
     breached = limits.admit(charges)
     if breached is not None:
         message, headers = refusal(limits, *breached)
         abort(429, message=message, headers=headers)
+
+
+def sender_charge(address: str, packets: int) -> Charge:
+    """Who pays for the request's packets: a verified token's subject (authenticated ingest),
+    on its own allowance, so one classroom's NAT address is not one bucket for all; anyone
+    else, the client address. (Bytes stay charged to the address either way.)"""
+    subject = verified_subject()
+    if subject is not None:
+        return Charge("subject", subject, packets)
+    return Charge("ip", address, packets)
 
 
 def charge_unadmitted(response):

@@ -52,6 +52,10 @@ def _float8(value: float) -> bytes:
     return struct.pack(">d", value)
 
 
+def _bool(value: bool) -> bytes:
+    return b"\x01" if value else b"\x00"
+
+
 def _timestamp(value: datetime) -> bytes:
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
@@ -73,8 +77,10 @@ TEXT = FieldType(25, "text", _text)
 INT8 = FieldType(20, "int8", _int8)
 FLOAT8 = FieldType(701, "float8", _float8)
 TIMESTAMP = FieldType(1114, "timestamp", _timestamp)
+BOOL = FieldType(16, "bool", _bool)
 
-LEAF_COLUMNS: tuple[tuple[str, FieldType], ...] = (
+# Leaf formats 1 and 2 (seals made before migration 0010): the packet as first stored.
+LEAF_COLUMNS_V2: tuple[tuple[str, FieldType], ...] = (
     ("packet_id", TEXT),
     ("seq", INT8),
     ("dedup_key", TEXT),
@@ -97,9 +103,17 @@ LEAF_COLUMNS: tuple[tuple[str, FieldType], ...] = (
     ("raw_signals", TEXT),
     ("received_at", TIMESTAMP),
 )
+# Leaf format 3: the same, then who sent it and whether it arrived stale (README,
+# "Authenticated ingest"), so the outcome a consumer is shown is sealed with the packet.
+LEAF_COLUMNS: tuple[tuple[str, FieldType], ...] = (
+    *LEAF_COLUMNS_V2,
+    ("auth_outcome", TEXT),
+    ("auth_subject", TEXT),
+    ("stale", BOOL),
+)
 FIELDS = tuple(name for name, _ in LEAF_COLUMNS)
+FIELDS_V2 = tuple(name for name, _ in LEAF_COLUMNS_V2)
 JSON_FIELDS = frozenset(("raw_signals",))
-_COUNT = struct.pack(">i", len(LEAF_COLUMNS))
 _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL).
@@ -112,10 +126,11 @@ LEAF_SELECT = tuple(
 )
 
 
-def leaf_content(row: Any) -> bytes:
-    """The leaf bytes of one packet row (a mapping over ``LEAF_SELECT``)."""
-    parts = [_COUNT]
-    for name, kind in LEAF_COLUMNS:
+def leaf_content(row: Any, columns: tuple[tuple[str, FieldType], ...] = LEAF_COLUMNS) -> bytes:
+    """The leaf bytes of one packet row (a mapping over ``LEAF_SELECT``), in the current
+    format (or over ``columns``: ``LEAF_COLUMNS_V2`` for format 2)."""
+    parts = [struct.pack(">i", len(columns))]
+    for name, kind in columns:
         value = row[name]
         if value is None:
             parts.append(_NULLS[kind.oid])
@@ -129,18 +144,29 @@ def leaf_content(row: Any) -> bytes:
 def json_leaf_content(row: Any) -> bytes:
     """Leaf format 1, of the seals made before migration 0008: the same fields as sorted,
     compact JSON, datetimes in ISO 8601 UTC with microseconds, raw_signals parsed."""
-    content = {name: row[name] for name in FIELDS}
+    content = {name: row[name] for name in FIELDS_V2}
     for name in JSON_FIELDS:
         if content[name] is not None:
             content[name] = orjson.loads(content[name])
-    for name, kind in LEAF_COLUMNS:
+    for name, kind in LEAF_COLUMNS_V2:
         if kind is TIMESTAMP:
             content[name] = _plain(content[name])
     return orjson.dumps(content, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
 
 
-LEAF_FORMAT = 2  # what new seals use
-ENCODINGS: dict[int, Callable[[Any], bytes]] = {1: json_leaf_content, 2: leaf_content}
+def leaf_content_v2(row: Any) -> bytes:
+    """Leaf format 2, of the seals made between migrations 0008 and 0010."""
+    return leaf_content(row, LEAF_COLUMNS_V2)
+
+
+LEAF_FORMAT = 3  # what new seals use
+ENCODINGS: dict[int, Callable[[Any], bytes]] = {
+    1: json_leaf_content,
+    2: leaf_content_v2,
+    3: leaf_content,
+}
+# The fields each format's leaf states (and the artifact shows).
+FORMAT_FIELDS = {1: FIELDS_V2, 2: FIELDS_V2, 3: FIELDS}
 
 
 def packet_leaf(row: Any, leaf_format: int = LEAF_FORMAT) -> str:
@@ -148,9 +174,10 @@ def packet_leaf(row: Any, leaf_format: int = LEAF_FORMAT) -> str:
     return leaf_hash(ENCODINGS[leaf_format](row)).hex()
 
 
-def published(row: Any) -> dict[str, Any]:
-    """A packet's leaf fields as the artifact endpoint shows them: JSON parsed back."""
-    shown = {name: row[name] for name in FIELDS}
+def published(row: Any, leaf_format: int = LEAF_FORMAT) -> dict[str, Any]:
+    """A packet's leaf fields (those its leaf format seals) as the artifact endpoint shows
+    them: JSON parsed back."""
+    shown = {name: row[name] for name in FORMAT_FIELDS[leaf_format]}
     for name in JSON_FIELDS:
         if shown[name] is not None:
             shown[name] = orjson.loads(shown[name])

@@ -88,9 +88,13 @@ def artifact(packet_id: str) -> dict[str, Any] | None:
     current = leaf_hash(content).hex()
     answer: dict[str, Any] = {
         "artifact_id": packet_id,
-        "data": published(row),
+        "data": published(row, leaf_format),
         "canonical": encoded(content),
         "leaf_format": leaf_format,
+        # What consumers see beside every packet (sealed in leaf format 3, in ``data``).
+        "authenticated": row["auth_outcome"] == "verified",
+        "auth_subject": row["auth_subject"],
+        "stale": bool(row["stale"]),
     }
     if index is None or leaves.ids[index] != packet_id:
         db.session.commit()

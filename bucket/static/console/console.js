@@ -146,6 +146,31 @@ function mixChart(series) {
   };
 }
 
+const REFUSAL_COLOURS = { missing: "#b54708", invalid: "#b42318", mismatch: "#6941c6" };
+
+function authChart(series) {
+  const reasons = Object.keys(series.refused || {}).sort();
+  return {
+    data: {
+      labels: series.minutes.map((m) => minuteLabel(m, false)),
+      datasets: [
+        { type: "line", label: "verified %", yAxisID: "share", pointRadius: 0,
+          borderColor: "#067647", backgroundColor: "#067647", borderWidth: 1.5, spanGaps: false,
+          data: (series.verified_share || []).map((v) => (v === null ? null : v * 100)) },
+        ...reasons.map((reason) => ({
+          type: "bar", label: `refused: ${reason}`, yAxisID: "count", stack: "refused",
+          backgroundColor: REFUSAL_COLOURS[reason] || "#475467", data: series.refused[reason],
+        })),
+      ],
+    },
+    options: { animation: false, interaction: { mode: "index", intersect: false },
+               scales: { x: { stacked: true, ticks: { maxTicksLimit: 8 } },
+                         share: { position: "left", min: 0, max: 100 },
+                         count: { position: "right", stacked: true, beginAtZero: true,
+                                  grid: { drawOnChartArea: false } } } },
+  };
+}
+
 async function refreshCharts() {
   const [{ body: hour }, { body: day }] = await Promise.all([
     api(`${API}/stats/timeseries?window=1h`), api(`${API}/stats/timeseries?window=24h`),
@@ -153,6 +178,7 @@ async function refreshCharts() {
   drawOrUpdate("chart-1h", activityChart(hour, false));
   drawOrUpdate("chart-24h", activityChart(day, true));
   drawOrUpdate("chart-mix", mixChart(day));
+  drawOrUpdate("chart-auth", authChart(hour));
 }
 
 // --- dead letters ----------------------------------------------------------------------
