@@ -9,7 +9,9 @@ from pathlib import Path
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 _sequence = itertools.count()
-_base = datetime(2026, 11, 28, 10, 0, 0, tzinfo=UTC)
+# Each packet is 5 s after the one before and the suite makes hundreds of thousands, so the first
+# lies a year back: the last must still be in the past (BUCKET_MAX_CLOCK_SKEW refuses the future).
+_base = datetime(2025, 11, 28, 10, 0, 0, tzinfo=UTC)
 
 
 def fixture(name: str) -> dict:
