@@ -76,4 +76,9 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert drain["errors"] == 0 and drain["karma_calls_twice"] == 0
     for figure in ("deployed_1", "client_1", "client_4"):
         assert drain[f"{figure}_packets_per_s"] > 0, figure
+    # Authenticated ingest (bench/scenarios/auth.py): every mode measured on the run's database.
+    auth = results["auth_ingest"]
+    assert auth["database"] == "postgresql"
+    assert all(value > 0 for value in auth["median_us_per_request"].values())
+    assert set(auth["overhead_vs_off_percent"]) == {"hs256", "rs256"}
     assert "poll limit=10 p50" in run.stdout  # the table was printed
