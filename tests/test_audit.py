@@ -7,6 +7,7 @@ Every test runs on SQLite + memory and on PostgreSQL + Redis.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import struct
@@ -174,6 +175,41 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     bent = json.loads(json.dumps(answer))
     bent["provenance"]["inclusion_proof"][0] = "00" * 32
     assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
+
+
+def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the_chain(app, client):
+    """A forged seal (new packet bytes, new root, a header that hashes to its own hash) followed
+    by the real later seals up to a trusted head: the next real seal does not name the forged
+    one as its previous_hash, so the proof fails."""
+    ids = []
+    for _ in range(3):  # three seals of one packet each
+        ids += ingest_many(client, 1)
+        seal(app)
+    seals = client.get("/api/v1/bucket/audit/seals?from=1").json
+    assert [s["packet_count"] for s in seals] == [1, 1, 1]
+    head = seals[-1]["hash"]
+    verifier = load_verifier()
+    genuine = artifact(client, ids[1])
+    assert verifier.check(genuine, head, seals) == []
+
+    forged = json.loads(json.dumps(genuine))
+    content = base64.b64decode(forged["canonical"]).replace(
+        struct.pack(">d", 70.0), struct.pack(">d", 99.0)
+    )
+    forged["canonical"] = base64.b64encode(content).decode()
+    forged["data"]["focus_score"] = 99.0
+    leaf = hashlib.sha256(b"\x00" + content).hexdigest()
+    provenance = forged["provenance"]
+    provenance["current_hash"] = leaf
+    provenance["seal"]["root"] = leaf  # a tree of one leaf: the root is the leaf
+    provenance["seal"]["hash"] = verifier.seal_hash(provenance["seal"])
+    assert provenance["seal"]["hash"] != seals[1]["hash"]
+    # Everything but the link holds: bytes, leaf, proof and the forged header.
+    assert verifier.check(forged, provenance["seal"]["hash"], []) == []
+    assert verifier.check(forged, head, seals) == [
+        "seal 3 does not follow seal 2",
+        "the chain does not reach the seal hash you trust",
+    ]
 
 
 def test_verify_is_clean_on_an_untouched_log(app, client):

@@ -69,6 +69,23 @@ def test_old_minutes_leave_the_window_and_are_pruned(app, client):
         assert prune() == 1
 
 
+def test_the_cognitive_mix_leaves_out_minutes_older_than_the_window(app, client):
+    """The states mix counts only the window's minutes, as the totals do: packets booked 90
+    minutes ago are in the day's mix and not in the hour's."""
+    ingest_many(client, 2, cognitive_state="DISTRACTED")
+    book(app)
+    with app.app_context():
+        db.session.execute(text("UPDATE activity_minutes SET minute = minute - 90"))
+        db.session.commit()
+    ingest_many(client, 1, cognitive_state="DEEP_FOCUS")
+    book(app)
+    hour = client.get(f"{API}/stats/timeseries?window=1h").json
+    assert hour["totals"]["ingested"] == 1
+    assert hour["states"] == {"gurukul": {"DEEP_FOCUS": 1}}
+    day = client.get(f"{API}/stats/timeseries?window=24h").json
+    assert day["states"] == {"gurukul": {"DEEP_FOCUS": 1, "DISTRACTED": 2}}
+
+
 def test_dead_letters_newest_first_with_error_and_attempts_paged(make_app):
     app, client, ids = kill(make_app, 5)
     first = client.get(f"{API}/packets/dead?limit=3")
