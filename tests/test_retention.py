@@ -25,7 +25,9 @@ def process_all(client):
     """Poll and acknowledge everything ready, with success."""
     while packets := client.get(f"{API}/packets/pending?limit=100").json["packets"]:
         results = [{"packet_id": p["packet_id"], "success": True} for p in packets]
-        client.post(f"{API}/packets/mark-processed", json={"results": results})
+        answer = client.post(f"{API}/packets/mark-processed", json={"results": results})
+        assert answer.status_code == 200, answer.json
+        assert [r["status"] for r in answer.json["results"]] == ["processed"] * len(packets)
 
 
 def age(app, ids, days):
@@ -146,12 +148,12 @@ def test_purge_skips_rows_locked_by_others_and_never_waits(app, client, backend)
 
         worker = threading.Thread(target=run)
         worker.start()
-        assert ingest(client, 1)
+        (arrived,) = ingest(client, 1)
         worker.join(timeout=10)
         assert not worker.is_alive(), "purge waited on a locked row"
         other.rollback()
     assert outcome["report"].packets == 5
-    assert ids[0] in states(app)
+    assert states(app) == {ids[0]: DeliveryState.PROCESSED, arrived: DeliveryState.PENDING}
 
 
 def test_retention_days_default_to_thirty(monkeypatch):
