@@ -7,8 +7,10 @@ Every test runs on SQLite + memory and on PostgreSQL + Redis.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import struct
 import subprocess
@@ -43,7 +45,8 @@ def content_of(answer: dict) -> dict:
 
 
 def load_verifier():
-    spec = importlib.util.spec_from_file_location("verify_proof", VERIFIER)
+    # Named by its path, as mutation testing (tools/mutants.py) names its functions.
+    spec = importlib.util.spec_from_file_location("tools.verify_proof", VERIFIER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -80,6 +83,16 @@ def outside_check(tmp_path, answer: dict, *args: str) -> subprocess.CompletedPro
         text=True,
         timeout=30,
     )
+
+
+def check_here(tmp_path, answer: dict, *args: str) -> subprocess.CompletedProcess:
+    """The same verifier's main() in this process (so mutation testing sees what it runs)."""
+    path = tmp_path / "artifact.json"
+    path.write_text(json.dumps(answer))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = load_verifier().main([str(path), *args])
+    return subprocess.CompletedProcess(["verify_proof.py"], code, printed.getvalue(), "")
 
 
 def test_every_packet_lands_in_exactly_one_seal_and_late_ones_in_the_next(app, client):
@@ -140,9 +153,9 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     head = client.get("/api/v1/bucket/latest-hash").json["latest_hash"]
     seals_file = tmp_path / "seals.json"
     seals_file.write_text(json.dumps(client.get("/api/v1/bucket/audit/seals?from=1").json))
-    onward = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    onward = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert onward.returncode == 0, onward.stdout
-    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    unlinked = check_here(tmp_path, answer, "--seal-hash", head)
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
 
     forged = json.loads(json.dumps(answer))
@@ -152,11 +165,11 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
         content.replace(struct.pack(">d", 70.0), struct.pack(">d", 99.0))
     ).decode()
     forged["data"]["focus_score"] = 99.0
-    refused = outside_check(tmp_path, forged, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, forged, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "do not hash to its leaf" in refused.stdout
     told = json.loads(json.dumps(answer))
     told["data"]["focus_score"] = 99.0  # the answer's data, not its sealed bytes, changed
-    refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, told, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "data differs from its canonical bytes: focus_score" in (
         refused.stdout
     )
@@ -167,14 +180,14 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     ):
         told = json.loads(json.dumps(answer))
         told["data"].update(change)
-        refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+        refused = check_here(tmp_path, told, "--seal-hash", own_seal)
         assert refused.returncode == 1 and f"canonical bytes: {named}" in refused.stdout, change
     relabelled = dict(json.loads(json.dumps(answer)), artifact_id=ids[2])
-    refused = outside_check(tmp_path, relabelled, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, relabelled, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "artifact_id is not the sealed packet" in refused.stdout
     bent = json.loads(json.dumps(answer))
     bent["provenance"]["inclusion_proof"][0] = "00" * 32
-    assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
+    assert check_here(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
 
 
 def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the_chain(app, client):
