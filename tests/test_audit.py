@@ -415,11 +415,11 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     assert answer["leaf_format"] == 1 and answer["provenance"]["matches_stored_content"]
     assert json.loads(base64.b64decode(answer["canonical"]))["packet_id"] == old[1]
     head = chain[1]["hash"]
-    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    unlinked = check_here(tmp_path, answer, "--seal-hash", head)
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
     seals_file = tmp_path / "seals.json"
     seals_file.write_text(json.dumps(chain))
-    proven = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    proven = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert proven.returncode == 0, proven.stdout + proven.stderr
     assert artifact(client, new[0])["leaf_format"] == LEAF_FORMAT
 

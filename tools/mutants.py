@@ -29,7 +29,10 @@ MUTMUT = Path(sys.executable).parent / "mutmut"
 
 # name: (files to mutate, tests that cover them); smallest first.
 GROUPS: dict[str, tuple[list[str], list[str]]] = {
-    "verify_proof": (["tools/verify_proof.py"], ["tests/test_audit.py"]),
+    "verify_proof": (
+        ["tools/verify_proof.py"],
+        ["tests/test_verify_proof.py", "tests/test_audit.py"],
+    ),
     "counters": (
         ["bucket/services/counters.py"],
         ["tests/test_counters.py", "tests/test_retention.py", "tests/test_status.py"],
