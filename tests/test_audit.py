@@ -16,6 +16,7 @@ import struct
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,14 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     seals_file.write_text(json.dumps(client.get("/api/v1/bucket/audit/seals?from=1").json))
     onward = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert onward.returncode == 0, onward.stdout
+    received = datetime.fromisoformat(answer["data"]["received_at"]).replace(tzinfo=UTC)
+    assert onward.stdout.splitlines() == [
+        f"packet {ids[3]}: user disputed, received {received}, focus 70.0, state ON_TASK",
+        f"proven: included in seal 1 (hash {own_seal})",
+    ]
+    untrusted = check_here(tmp_path, answer)  # no kept hash: proven, with a reminder
+    assert untrusted.returncode == 0
+    assert untrusted.stdout.splitlines()[-1].startswith("note: compare that seal hash")
     unlinked = check_here(tmp_path, answer, "--seal-hash", head)
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
 
@@ -223,6 +232,17 @@ def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the
         "seal 3 does not follow seal 2",
         "the chain does not reach the seal hash you trust",
     ]
+
+
+def test_the_standalone_verifier_reads_the_artifact_from_stdin(app, client, monkeypatch, capsys):
+    """``verify_proof.py -`` reads the artifact answer from standard input."""
+    (packet_id,) = ingest_many(client, 1)
+    seal(app)
+    answer = artifact(client, packet_id)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(answer)))
+    own_seal = answer["provenance"]["seal"]["hash"]
+    assert load_verifier().main(["-", "--seal-hash", own_seal]) == 0
+    assert f"proven: included in seal 1 (hash {own_seal})" in capsys.readouterr().out
 
 
 def test_verify_is_clean_on_an_untouched_log(app, client):
