@@ -207,6 +207,25 @@ def test_recount_never_lowers_the_seq_counter_after_the_newest_packets_are_purge
         assert [made.packet_count for made in seal_everything()] == [1]
 
 
+# Only SQLite hands out seq from a counter (PostgreSQL has a sequence).
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_recount_sets_every_figure_from_the_rows_and_raises_the_seq_counter_only(backend, app):
+    """On an empty database every figure is 0; afterwards the seq counter is the highest stored
+    seq when it was lower or missing (rows written by hand), and is left alone when higher."""
+    with app.app_context():
+        assert recount() == {"processed": 0, "dead": 0, "stored": 0, "booked": 0, "allocated": 0}
+    ingest_many(app.test_client(), 3)
+    allocated = text("UPDATE packet_counters SET value = :v WHERE name = 'allocated'")
+    with app.app_context():
+        db.session.execute(allocated, {"v": 10})
+        db.session.commit()
+        assert recount()["allocated"] == 10
+        db.session.execute(text("DELETE FROM packet_counters WHERE name = 'allocated'"))
+        db.session.commit()
+        figures = recount()
+    assert figures == {"processed": 0, "dead": 0, "stored": 3, "booked": 3, "allocated": 3}
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_concurrent_acks_from_several_threads_count_each_packet_once(backend, app, client):
     """Six threads ack the same 240 packets in shuffled batches: processed ends at exactly 240."""
