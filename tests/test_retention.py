@@ -2,6 +2,7 @@
 
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -74,7 +75,7 @@ def test_purge_deletes_only_old_processed_packets_in_batches(app, client):
     age(app, old + dead + waiting, 40)
     with app.app_context():
         report = purge(30, batch_size=2)
-    assert report.packets == 5 and report.batches == 3 and not report.dry_run
+    assert report.packets == 5 and report.batches == 3 and report.dry_run is False
     left = states(app)
     assert set(left) == set(recent + waiting + dead)
     assert left[dead[0]] == DeliveryState.DEAD
@@ -98,7 +99,10 @@ def test_dry_run_counts_and_deletes_nothing(app, client):
     age(app, ids, 31)
     with app.app_context():
         report = purge(30, dry_run=True)
-    assert report.dry_run and report.packets == 3
+    assert report.dry_run and report.packets == 3 and report.batches == 0
+    assert report.states == (DeliveryState.PROCESSED,)
+    line = datetime.now(UTC) - timedelta(days=30)
+    assert abs((report.cutoff - line).total_seconds()) < 60
     assert len(states(app)) == 3
 
 
@@ -116,6 +120,25 @@ def test_retention_never_purges_packets_not_sealed_yet(app, client, monkeypatch)
         assert sealed_through() == second
         db.session.commit()
     assert set(states(app)) == set(ids[2:])
+
+
+def test_retention_never_purges_packets_not_booked_yet(app, client, monkeypatch):
+    """A packet the stored counter has not counted yet (its insert was still in flight when
+    the purge booked) stays, so the counter is never lowered for a packet it never counted."""
+    ids = ingest(client, 3)
+    process_all(client)
+    age(app, ids, 40)
+    monkeypatch.setattr(retention, "book_new_packets", lambda: None)  # the booking lags
+    with app.app_context():
+        assert purge(30).packets == 0
+    assert set(states(app)) == set(ids)
+
+
+def test_purge_refuses_a_negative_age_or_an_empty_batch(app):
+    with app.app_context():
+        for days, batch_size in ((-1, 10), (30, 0)):
+            with pytest.raises(ValueError, match="older_than_days must be >= 0 and batch_size"):
+                purge(days, batch_size=batch_size)
 
 
 def test_a_purged_packet_leaves_status_consistent(app, client):
