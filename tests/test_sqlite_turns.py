@@ -8,6 +8,7 @@ import gc
 import multiprocessing
 import os
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -192,6 +193,28 @@ def test_a_writer_held_up_by_another_process_gives_up_in_time_and_the_next_one_g
                 time.sleep(0.01)
     finally:
         os.close(other_process)
+
+
+def test_a_writer_waiting_for_another_process_gets_in_as_soon_as_it_lets_go(database):
+    """The keeper thread waits for the file in the kernel's queue on the writer's behalf: when
+    the other process lets go, the writer gets its turn at once, not at its deadline, and
+    again and again for the writers after it."""
+    turns = turns_for(database)
+    for _ in range(2):
+        other_process = os.open(turns.lock_path, os.O_RDWR)
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        release = threading.Timer(0.2, fcntl.flock, (other_process, fcntl.LOCK_UN))
+        release.start()
+        try:
+            started = time.monotonic()
+            assert turns.take(timeout=10) is True
+            assert time.monotonic() - started < 3, "the writer waited for its deadline"
+            assert turns._threads.locked()
+        finally:
+            release.join()
+            os.close(other_process)
+        turns.give_back(turns.generation)
+        assert not turns._threads.locked()
 
 
 def test_a_connection_collected_without_close_hands_the_turn_on(database):

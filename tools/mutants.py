@@ -133,27 +133,29 @@ def results(group: str) -> dict[str, str]:
 
 
 def summary(groups: list[str]) -> None:
-    """Per group: the mutants by status, the score, and the names of those not killed."""
-    print("| group | mutants | killed | survived | no tests | timeout | other | score |")
-    print("|---|---|---|---|---|---|---|---|")
+    """Per group: the mutants by status, the score (timeouts count as killed; mutants not
+    checked yet are left out), and the names of those not killed."""
+    columns = ["mutants", "not checked", "killed", "timeout", "survived", "no tests", "other"]
+    print("| group | " + " | ".join(columns) + " | score |")
+    print("|---" * (len(columns) + 2) + "|")
     lists = []
     for group in groups:
         found = results(group)
         if not found:
-            print(f"| {group} | not run | | | | | | |")
+            print(f"| {group} | not run | | | | | | | |")
             continue
         counts: dict[str, int] = {}
         for status in found.values():
             counts[status] = counts.get(status, 0) + 1
-        killed = sum(n for s, n in counts.items() if s.startswith("killed") or s == "timeout")
-        judged = sum(n for s, n in counts.items() if s not in ("not checked", "skipped"))
-        other = judged - killed - counts.get("survived", 0) - counts.get("no tests", 0)
-        other -= counts.get("timeout", 0)
-        score = f"{100 * killed / judged:.1f}%" if judged else "-"
+        killed, timeout = counts.get("killed", 0), counts.get("timeout", 0)
+        survived, untested = counts.get("survived", 0), counts.get("no tests", 0)
+        unchecked = counts.get("not checked", 0) + counts.get("skipped", 0)
+        judged = len(found) - unchecked
+        other = judged - killed - timeout - survived - untested
+        score = f"{100 * (killed + timeout) / judged:.1f}%" if judged else "-"
         print(
-            f"| {group} | {len(found)} | {killed - counts.get('timeout', 0)} | "
-            f"{counts.get('survived', 0)} | {counts.get('no tests', 0)} | "
-            f"{counts.get('timeout', 0)} | {other} | {score} |"
+            f"| {group} | {len(found)} | {unchecked} | {killed} | {timeout} | {survived} | "
+            f"{untested} | {other} | {score} |"
         )
         alive = [n for n, s in found.items() if s in ("survived", "no tests", "suspicious")]
         lists.append((group, alive, found))
