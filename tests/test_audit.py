@@ -441,6 +441,8 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     seals_file.write_text(json.dumps(chain))
     proven = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert proven.returncode == 0, proven.stdout + proven.stderr
+    # The report line reads the JSON leaf too.
+    assert proven.stdout.startswith(f"packet {old[1]}: user stu_test, received 20"), proven.stdout
     assert artifact(client, new[0])["leaf_format"] == LEAF_FORMAT
 
     sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])
