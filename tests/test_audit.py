@@ -213,6 +213,7 @@ def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the
     verifier = load_verifier()
     genuine = artifact(client, ids[1])
     assert verifier.check(genuine, head, seals) == []
+    assert verifier.check(artifact(client, ids[0]), head, seals) == []  # two seals on to head
 
     forged = json.loads(json.dumps(genuine))
     content = base64.b64decode(forged["canonical"]).replace(
@@ -232,6 +233,67 @@ def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the
         "seal 3 does not follow seal 2",
         "the chain does not reach the seal hash you trust",
     ]
+
+
+def test_the_standalone_verifier_names_each_failure(app, client):
+    """Each kind of tampering is named in words, and only it."""
+    ids = ingest_many(client, 3, user_id="named")
+    seal(app)
+    ingest_many(client, 1)
+    seal(app)
+    seals = client.get("/api/v1/bucket/audit/seals?from=1").json
+    head = seals[-1]["hash"]
+    check = load_verifier().check
+    genuine = artifact(client, ids[1])
+    assert check(genuine, head, seals) == []
+
+    def changed(change) -> dict:
+        copy = json.loads(json.dumps(genuine))
+        change(copy)
+        return copy
+
+    def bend(a):
+        a["provenance"]["inclusion_proof"][0] = "00" * 32
+
+    def resize(a):
+        a["provenance"]["tree_size"] = 4
+
+    def reseal(a):
+        a["provenance"]["seal"]["sealed_at"] = "2020-01-01T00:00:00"
+
+    def tell(a):
+        a["data"].update(focus_score=1.0, user_id="someone")
+
+    def relabel(a):
+        a["artifact_id"] = ids[0]
+
+    assert check(changed(bend), head, seals) == [
+        "the inclusion proof does not lead to the seal's root"
+    ]
+    # Index 1's path is the same in a tree of 3 and of 4: only the count gives it away.
+    assert check(changed(resize), head, seals) == [
+        "the proof's tree size is not the seal's packet count"
+    ]
+    assert check(changed(reseal), None, []) == [
+        "the seal's header does not hash to the seal's hash"
+    ]
+    assert check(changed(tell), head, seals) == [
+        "the answer's data differs from its canonical bytes: user_id, focus_score"
+    ]
+    assert check(changed(relabel), head, seals) == [
+        "the answer's artifact_id is not the sealed packet's id"
+    ]
+    broken = json.loads(json.dumps(seals))
+    broken[1]["packet_count"] += 1
+    assert check(genuine, head, broken) == [
+        "seal 2's header does not hash to its hash",
+        "the chain does not reach the seal hash you trust",
+    ]
+    junk = changed(lambda a: a.update(canonical=base64.b64encode(b"junk").decode()))
+    failures = check(junk, head, seals)
+    assert failures[0] == "the packet's canonical bytes do not hash to its leaf"
+    assert failures[1].startswith("the packet's canonical bytes are not a packet record: ")
+    assert failures[2:] == ["the inclusion proof does not lead to the seal's root"]
 
 
 def test_the_standalone_verifier_reads_the_artifact_from_stdin(app, client, monkeypatch, capsys):

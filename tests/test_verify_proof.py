@@ -3,12 +3,14 @@ sealed packet can hold, and the JSON leaf format of the seals made before the bi
 
 from __future__ import annotations
 
+import base64
 import json
 import struct
 from datetime import UTC, datetime
 
 import pytest
 
+from bucket.services.audit import merkle
 from tests.test_audit import load_verifier
 
 verifier = load_verifier()
@@ -94,3 +96,69 @@ def test_json_fields_compare_by_content_not_by_key_order():
     assert not verifier.same("raw_signals", sealed, {"a": [1, None], "b": 1})
     assert not verifier.same("raw_signals", None, {})
     assert verifier.same("raw_signals", None, None)
+
+
+def test_every_leaf_of_trees_of_one_to_twelve_proves_against_the_servers_root():
+    """The verifier's RFC 9162 walk agrees with the server's proofs at every index of every
+    tree shape up to 12 leaves; a wrong index, a size it cannot have or a cut path do not."""
+    for size in range(1, 13):
+        leaves = [merkle.leaf_hash(f"packet {n}".encode()) for n in range(size)]
+        root = merkle.root(leaves)
+        for index in range(size):
+            path = merkle.inclusion_proof(index, leaves)
+            assert verifier.proof_root(leaves[index], index, size, path) == root, (size, index)
+            assert verifier.proof_root(leaves[index], size, size, path) is None
+            if path:
+                assert verifier.proof_root(leaves[index], index, size, path[:-1]) is None
+                assert verifier.proof_root(leaves[index], index, size, [*path, root]) is None
+            if size > 1:
+                other = (index + 1) % size
+                assert verifier.proof_root(leaves[index], other, size, path) != root
+
+
+def test_timestamps_compare_as_instants_and_other_fields_by_type():
+    sealed = datetime(2026, 11, 28, 10, 0, 0, 1, tzinfo=UTC)
+    assert verifier.same("received_at", sealed, "2026-11-28T10:00:00.000001")  # naive: UTC
+    assert verifier.same("received_at", sealed, "2026-11-28T11:00:00.000001+01:00")
+    assert not verifier.same("received_at", sealed, "2026-11-28T10:00:00")
+    assert not verifier.same("received_at", sealed, "not a time")
+    assert not verifier.same("received_at", sealed, None)
+    assert not verifier.same("seq", 1, True)  # equal in Python, not the sealed value
+    assert verifier.same("seq", 1, 1) and not verifier.same("seq", 1, 2)
+
+
+def run_main(capsys, tmp_path, answer: dict) -> tuple[int, list[str]]:
+    path = tmp_path / "artifact.json"
+    path.write_text(json.dumps(answer))
+    code = verifier.main([str(path)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_an_unsealed_answer_whose_bytes_are_no_packet_is_reported_not_a_crash(capsys, tmp_path):
+    answer = {
+        "artifact_id": "p1",
+        "canonical": base64.b64encode(b"junk").decode(),
+        "provenance": {"sealed": False},
+    }
+    assert run_main(capsys, tmp_path, answer) == (
+        1,
+        [
+            "packet p1: user None, received None, focus None, state None",
+            "FAILED: the packet is not sealed yet: ask again in a few seconds",
+        ],
+    )
+
+
+def test_the_report_line_names_the_legacy_state_when_there_is_no_cognitive_state(capsys, tmp_path):
+    leaf = leaf_json(user_id="emp_1", state="FAKING", focus_score=12.5)
+    answer = {
+        "artifact_id": "p1",
+        "leaf_format": 1,
+        "canonical": base64.b64encode(json.dumps(leaf).encode()).decode(),
+        "provenance": {"sealed": False},
+    }
+    code, lines = run_main(capsys, tmp_path, answer)
+    assert code == 1
+    assert lines[0] == (
+        "packet p1: user emp_1, received 2026-11-28 10:00:00.000001+00:00, focus 12.5, state FAKING"
+    )
