@@ -158,7 +158,8 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     assert onward.returncode == 0, onward.stdout
     received = datetime.fromisoformat(answer["data"]["received_at"]).replace(tzinfo=UTC)
     assert onward.stdout.splitlines() == [
-        f"packet {ids[3]}: user disputed, received {received}, focus 70.0, state ON_TASK",
+        f"packet {ids[3]}: user disputed, received {received}, focus 70.0, state ON_TASK, "
+        "sender not checked",
         f"proven: included in seal 1 (hash {own_seal})",
     ]
     untrusted = check_here(tmp_path, answer)  # no kept hash: proven, with a reminder

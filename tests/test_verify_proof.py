@@ -58,7 +58,7 @@ def test_a_record_that_is_not_one_is_refused_saying_why(content, message):
 
 
 def leaf_json(**changes) -> dict:
-    stated = dict.fromkeys(verifier.LEAF_FIELDS)
+    stated = dict.fromkeys(verifier.LEAF_FIELDS_V2)  # the fields of formats 1 and 2
     stated.update(packet_id="p1", seq=1, received_at="2026-11-28T10:00:00.000001+00:00")
     return {**stated, **changes}
 
@@ -68,7 +68,7 @@ def test_the_json_leaf_format_reads_times_and_keeps_nulls():
     stated = verifier.fields_of(json.dumps(leaf_json(), sort_keys=True).encode(), 1)
     assert stated["received_at"] == datetime(2026, 11, 28, 10, 0, 0, 1, tzinfo=UTC)
     assert stated["client_timestamp"] is None
-    assert stated["packet_id"] == "p1" and set(stated) == set(verifier.LEAF_FIELDS)
+    assert stated["packet_id"] == "p1" and set(stated) == set(verifier.LEAF_FIELDS_V2)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,8 @@ def test_an_unsealed_answer_whose_bytes_are_no_packet_is_reported_not_a_crash(ca
     assert run_main(capsys, tmp_path, answer) == (
         1,
         [
-            "packet p1: user None, received None, focus None, state None",
+            "packet p1: user None, received None, focus None, state None, "
+            "sender not sealed (leaf format before 3)",
             "FAILED: the packet is not sealed yet: ask again in a few seconds",
         ],
     )
@@ -160,5 +161,6 @@ def test_the_report_line_names_the_legacy_state_when_there_is_no_cognitive_state
     code, lines = run_main(capsys, tmp_path, answer)
     assert code == 1
     assert lines[0] == (
-        "packet p1: user emp_1, received 2026-11-28 10:00:00.000001+00:00, focus 12.5, state FAKING"
+        "packet p1: user emp_1, received 2026-11-28 10:00:00.000001+00:00, focus 12.5, "
+        "state FAKING, sender not sealed (leaf format before 3)"
     )
