@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: run test lint install bench
+.PHONY: run test lint install bench mutants
 
 # client/pyproject.toml: the consumer client is installed editable (-e ./client); a change to its
 # metadata (version, dependencies, entry points) needs a reinstall.
@@ -34,3 +34,8 @@ lint: install
 # The benchmark suite (BENCHMARKS.md): `make bench`, or `make bench ARGS=--quick`.
 bench: install
 	$(BIN)/python -m bench $(ARGS)
+
+# Mutation testing (docs/mutation.md), not in CI: `make mutants`, or `make mutants GROUPS="counters
+# retention"`; MUTANTS_BACKENDS=sqlite runs the tests on SQLite alone (faster, less thorough).
+mutants: install
+	$(BIN)/python tools/mutants.py run $(GROUPS)

@@ -7,12 +7,16 @@ Every test runs on SQLite + memory and on PostgreSQL + Redis.
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import importlib.util
+import io
 import json
 import struct
 import subprocess
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -42,7 +46,8 @@ def content_of(answer: dict) -> dict:
 
 
 def load_verifier():
-    spec = importlib.util.spec_from_file_location("verify_proof", VERIFIER)
+    # Named by its path, as mutation testing (tools/mutants.py) names its functions.
+    spec = importlib.util.spec_from_file_location("tools.verify_proof", VERIFIER)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -79,6 +84,16 @@ def outside_check(tmp_path, answer: dict, *args: str) -> subprocess.CompletedPro
         text=True,
         timeout=30,
     )
+
+
+def check_here(tmp_path, answer: dict, *args: str) -> subprocess.CompletedProcess:
+    """The same verifier's main() in this process (so mutation testing sees what it runs)."""
+    path = tmp_path / "artifact.json"
+    path.write_text(json.dumps(answer))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = load_verifier().main([str(path), *args])
+    return subprocess.CompletedProcess(["verify_proof.py"], code, printed.getvalue(), "")
 
 
 def test_every_packet_lands_in_exactly_one_seal_and_late_ones_in_the_next(app, client):
@@ -139,9 +154,18 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     head = client.get("/api/v1/bucket/latest-hash").json["latest_hash"]
     seals_file = tmp_path / "seals.json"
     seals_file.write_text(json.dumps(client.get("/api/v1/bucket/audit/seals?from=1").json))
-    onward = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    onward = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert onward.returncode == 0, onward.stdout
-    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    received = datetime.fromisoformat(answer["data"]["received_at"]).replace(tzinfo=UTC)
+    assert onward.stdout.splitlines() == [
+        f"packet {ids[3]}: user disputed, received {received}, focus 70.0, state ON_TASK, "
+        "sender not checked",
+        f"proven: included in seal 1 (hash {own_seal})",
+    ]
+    untrusted = check_here(tmp_path, answer)  # no kept hash: proven, with a reminder
+    assert untrusted.returncode == 0
+    assert untrusted.stdout.splitlines()[-1].startswith("note: compare that seal hash")
+    unlinked = check_here(tmp_path, answer, "--seal-hash", head)
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
 
     forged = json.loads(json.dumps(answer))
@@ -151,11 +175,11 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
         content.replace(struct.pack(">d", 70.0), struct.pack(">d", 99.0))
     ).decode()
     forged["data"]["focus_score"] = 99.0
-    refused = outside_check(tmp_path, forged, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, forged, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "do not hash to its leaf" in refused.stdout
     told = json.loads(json.dumps(answer))
     told["data"]["focus_score"] = 99.0  # the answer's data, not its sealed bytes, changed
-    refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, told, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "data differs from its canonical bytes: focus_score" in (
         refused.stdout
     )
@@ -166,14 +190,122 @@ def test_an_inclusion_proof_checks_out_with_the_standalone_verifier(app, client,
     ):
         told = json.loads(json.dumps(answer))
         told["data"].update(change)
-        refused = outside_check(tmp_path, told, "--seal-hash", own_seal)
+        refused = check_here(tmp_path, told, "--seal-hash", own_seal)
         assert refused.returncode == 1 and f"canonical bytes: {named}" in refused.stdout, change
     relabelled = dict(json.loads(json.dumps(answer)), artifact_id=ids[2])
-    refused = outside_check(tmp_path, relabelled, "--seal-hash", own_seal)
+    refused = check_here(tmp_path, relabelled, "--seal-hash", own_seal)
     assert refused.returncode == 1 and "artifact_id is not the sealed packet" in refused.stdout
     bent = json.loads(json.dumps(answer))
     bent["provenance"]["inclusion_proof"][0] = "00" * 32
-    assert outside_check(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
+    assert check_here(tmp_path, bent, "--seal-hash", own_seal).returncode == 1
+
+
+def test_the_standalone_verifier_refuses_a_forged_seal_that_does_not_link_to_the_chain(app, client):
+    """A forged seal (new packet bytes, new root, a header that hashes to its own hash) followed
+    by the real later seals up to a trusted head: the next real seal does not name the forged
+    one as its previous_hash, so the proof fails."""
+    ids = []
+    for _ in range(3):  # three seals of one packet each
+        ids += ingest_many(client, 1)
+        seal(app)
+    seals = client.get("/api/v1/bucket/audit/seals?from=1").json
+    assert [s["packet_count"] for s in seals] == [1, 1, 1]
+    head = seals[-1]["hash"]
+    verifier = load_verifier()
+    genuine = artifact(client, ids[1])
+    assert verifier.check(genuine, head, seals) == []
+    assert verifier.check(artifact(client, ids[0]), head, seals) == []  # two seals on to head
+
+    forged = json.loads(json.dumps(genuine))
+    content = base64.b64decode(forged["canonical"]).replace(
+        struct.pack(">d", 70.0), struct.pack(">d", 99.0)
+    )
+    forged["canonical"] = base64.b64encode(content).decode()
+    forged["data"]["focus_score"] = 99.0
+    leaf = hashlib.sha256(b"\x00" + content).hexdigest()
+    provenance = forged["provenance"]
+    provenance["current_hash"] = leaf
+    provenance["seal"]["root"] = leaf  # a tree of one leaf: the root is the leaf
+    provenance["seal"]["hash"] = verifier.seal_hash(provenance["seal"])
+    assert provenance["seal"]["hash"] != seals[1]["hash"]
+    # Everything but the link holds: bytes, leaf, proof and the forged header.
+    assert verifier.check(forged, provenance["seal"]["hash"], []) == []
+    assert verifier.check(forged, head, seals) == [
+        "seal 3 does not follow seal 2",
+        "the chain does not reach the seal hash you trust",
+    ]
+
+
+def test_the_standalone_verifier_names_each_failure(app, client):
+    """Each kind of tampering is named in words, and only it."""
+    ids = ingest_many(client, 3, user_id="named")
+    seal(app)
+    ingest_many(client, 1)
+    seal(app)
+    seals = client.get("/api/v1/bucket/audit/seals?from=1").json
+    head = seals[-1]["hash"]
+    check = load_verifier().check
+    genuine = artifact(client, ids[1])
+    assert check(genuine, head, seals) == []
+
+    def changed(change) -> dict:
+        copy = json.loads(json.dumps(genuine))
+        change(copy)
+        return copy
+
+    def bend(a):
+        a["provenance"]["inclusion_proof"][0] = "00" * 32
+
+    def resize(a):
+        a["provenance"]["tree_size"] = 4
+
+    def reseal(a):
+        a["provenance"]["seal"]["sealed_at"] = "2020-01-01T00:00:00"
+
+    def tell(a):
+        a["data"].update(focus_score=1.0, user_id="someone")
+
+    def relabel(a):
+        a["artifact_id"] = ids[0]
+
+    assert check(changed(bend), head, seals) == [
+        "the inclusion proof does not lead to the seal's root"
+    ]
+    # Index 1's path is the same in a tree of 3 and of 4: only the count gives it away.
+    assert check(changed(resize), head, seals) == [
+        "the proof's tree size is not the seal's packet count"
+    ]
+    assert check(changed(reseal), None, []) == [
+        "the seal's header does not hash to the seal's hash"
+    ]
+    assert check(changed(tell), head, seals) == [
+        "the answer's data differs from its canonical bytes: user_id, focus_score"
+    ]
+    assert check(changed(relabel), head, seals) == [
+        "the answer's artifact_id is not the sealed packet's id"
+    ]
+    broken = json.loads(json.dumps(seals))
+    broken[1]["packet_count"] += 1
+    assert check(genuine, head, broken) == [
+        "seal 2's header does not hash to its hash",
+        "the chain does not reach the seal hash you trust",
+    ]
+    junk = changed(lambda a: a.update(canonical=base64.b64encode(b"junk").decode()))
+    failures = check(junk, head, seals)
+    assert failures[0] == "the packet's canonical bytes do not hash to its leaf"
+    assert failures[1].startswith("the packet's canonical bytes are not a packet record: ")
+    assert failures[2:] == ["the inclusion proof does not lead to the seal's root"]
+
+
+def test_the_standalone_verifier_reads_the_artifact_from_stdin(app, client, monkeypatch, capsys):
+    """``verify_proof.py -`` reads the artifact answer from standard input."""
+    (packet_id,) = ingest_many(client, 1)
+    seal(app)
+    answer = artifact(client, packet_id)
+    monkeypatch.setattr("sys.stdin", io.StringIO(json.dumps(answer)))
+    own_seal = answer["provenance"]["seal"]["hash"]
+    assert load_verifier().main(["-", "--seal-hash", own_seal]) == 0
+    assert f"proven: included in seal 1 (hash {own_seal})" in capsys.readouterr().out
 
 
 def test_verify_is_clean_on_an_untouched_log(app, client):
@@ -289,8 +421,10 @@ def test_verify_since_checks_only_later_seals_but_their_link(app, client):
     assert second > first
     later = verify(app.test_cli_runner(), "--since", second.isoformat())
     assert later.exit_code == 0 and "checked 1 seals and 2 packets" in later.output
+    with app.app_context():
+        assert Leaves.of(db.session.get(AuditSeal, 2)).ids == ids  # the 2 packets checked
+        db.session.commit()
     assert verify(app.test_cli_runner()).exit_code == 1
-    assert ids  # the later seal's packets are the ones checked
 
 
 def test_concurrent_sealers_make_one_chain(make_app, backend):
@@ -327,13 +461,13 @@ def test_concurrent_sealers_make_one_chain(make_app, backend):
 def test_the_seal_endpoints_need_the_token(make_app, backend):
     app = make_app(BUCKET_CONSUMER_TOKEN=["audit-token"])
     client = app.test_client()
-    for url in (
-        "/api/v1/bucket/latest-hash",
-        "/api/v1/bucket/audit/seals",
-        "/api/v1/audit/artifact/x",
+    for url, allowed in (
+        ("/api/v1/bucket/latest-hash", 200),
+        ("/api/v1/bucket/audit/seals", 200),
+        ("/api/v1/audit/artifact/x", 404),  # let in, and told there is no such packet
     ):
         assert client.get(url).status_code == 401
-        assert client.get(url, headers={"X-API-Key": "audit-token"}).status_code in (200, 404)
+        assert client.get(url, headers={"X-API-Key": "audit-token"}).status_code == allowed, url
 
 
 def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app, client, tmp_path):
@@ -364,12 +498,14 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     assert answer["leaf_format"] == 1 and answer["provenance"]["matches_stored_content"]
     assert json.loads(base64.b64decode(answer["canonical"]))["packet_id"] == old[1]
     head = chain[1]["hash"]
-    unlinked = outside_check(tmp_path, answer, "--seal-hash", head)
+    unlinked = check_here(tmp_path, answer, "--seal-hash", head)
     assert unlinked.returncode == 1 and "does not reach" in unlinked.stdout
     seals_file = tmp_path / "seals.json"
     seals_file.write_text(json.dumps(chain))
-    proven = outside_check(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
+    proven = check_here(tmp_path, answer, "--seal-hash", head, "--seals", str(seals_file))
     assert proven.returncode == 0, proven.stdout + proven.stderr
+    # The report line reads the JSON leaf too.
+    assert proven.stdout.startswith(f"packet {old[1]}: user stu_test, received 20"), proven.stdout
     assert artifact(client, new[0])["leaf_format"] == LEAF_FORMAT
 
     sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])

@@ -19,6 +19,7 @@ from bucket import create_app
 from bucket.extensions import db
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.schemas import PacketSchema
+from bucket.services.audit.sealing import seal_everything
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.ingest import delivery_row, packet_row
@@ -183,6 +184,46 @@ def test_recount_repairs_the_counter_after_rows_were_changed_by_hand(app, client
     assert assert_exact(app, client)["processed_packets"] == 4
     assert ack(client, ids[0]).json["outcome"] == "already_processed"
     assert assert_exact(app, client)["processed_packets"] == 4
+
+
+def test_recount_never_lowers_the_seq_counter_after_the_newest_packets_are_purged(app, client):
+    """Purging the highest-numbered packets, then recounting: the next packet still gets a
+    ``seq`` above every one handed out (a reused number would be one already sealed, and the
+    new packet would never be sealed), and the sealer takes it."""
+    ids = ingest_many(client, 3)
+    for packet_id in ids:
+        assert ack(client, packet_id).status_code == 200
+    with app.app_context():
+        highest = db.session.execute(select(func.max(P.c.seq))).scalar_one()
+        db.session.execute(update(T).values(visible_at=time.time() - 40 * DAY))
+        db.session.commit()
+        assert purge(30).packets == 3
+        recount()
+    (newer,) = ingest_many(client, 1)
+    with app.app_context():
+        seq = db.session.execute(select(P.c.seq).where(P.c.packet_id == newer)).scalar_one()
+        db.session.commit()
+        assert seq > highest
+        assert [made.packet_count for made in seal_everything()] == [1]
+
+
+# Only SQLite hands out seq from a counter (PostgreSQL has a sequence).
+@pytest.mark.parametrize("backend", ["sqlite"])
+def test_recount_sets_every_figure_from_the_rows_and_raises_the_seq_counter_only(backend, app):
+    """On an empty database every figure is 0; afterwards the seq counter is the highest stored
+    seq when it was lower or missing (rows written by hand), and is left alone when higher."""
+    with app.app_context():
+        assert recount() == {"processed": 0, "dead": 0, "stored": 0, "booked": 0, "allocated": 0}
+    ingest_many(app.test_client(), 3)
+    allocated = text("UPDATE packet_counters SET value = :v WHERE name = 'allocated'")
+    with app.app_context():
+        db.session.execute(allocated, {"v": 10})
+        db.session.commit()
+        assert recount()["allocated"] == 10
+        db.session.execute(text("DELETE FROM packet_counters WHERE name = 'allocated'"))
+        db.session.commit()
+        figures = recount()
+    assert figures == {"processed": 0, "dead": 0, "stored": 3, "booked": 3, "allocated": 3}
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -27,7 +27,8 @@ def kill(make_app, count: int, user_id: str = "doomed") -> tuple:
     ids = ingest_many(client, count, user_id=user_id)
     poll(client, limit=count)
     for packet_id in ids:
-        assert ack(client, packet_id, success=False, error_message=f"boom {packet_id}").status_code
+        answer = ack(client, packet_id, success=False, error_message=f"boom {packet_id}")
+        assert answer.status_code == 200 and answer.json["outcome"] == "dead", answer.json
     return app, client, ids
 
 
@@ -69,6 +70,23 @@ def test_old_minutes_leave_the_window_and_are_pruned(app, client):
         assert prune() == 1
 
 
+def test_the_cognitive_mix_leaves_out_minutes_older_than_the_window(app, client):
+    """The states mix counts only the window's minutes, as the totals do: packets booked 90
+    minutes ago are in the day's mix and not in the hour's."""
+    ingest_many(client, 2, cognitive_state="DISTRACTED")
+    book(app)
+    with app.app_context():
+        db.session.execute(text("UPDATE activity_minutes SET minute = minute - 90"))
+        db.session.commit()
+    ingest_many(client, 1, cognitive_state="DEEP_FOCUS")
+    book(app)
+    hour = client.get(f"{API}/stats/timeseries?window=1h").json
+    assert hour["totals"]["ingested"] == 1
+    assert hour["states"] == {"gurukul": {"DEEP_FOCUS": 1}}
+    day = client.get(f"{API}/stats/timeseries?window=24h").json
+    assert day["states"] == {"gurukul": {"DEEP_FOCUS": 1, "DISTRACTED": 2}}
+
+
 def test_dead_letters_newest_first_with_error_and_attempts_paged(make_app):
     app, client, ids = kill(make_app, 5)
     first = client.get(f"{API}/packets/dead?limit=3")
@@ -102,7 +120,7 @@ def test_requeue_one_packet_one_user_or_all(make_app):
 def test_replay_serves_a_users_packets_again(app, client):
     ids = ingest_many(client, 2, user_id="again")
     for packet in poll(client, limit=2)["packets"]:
-        ack(client, packet["packet_id"])
+        assert ack(client, packet["packet_id"]).json["outcome"] == "processed"
     answer = client.post(f"{API}/packets/replay", json={"user_id": "again"})
     assert answer.status_code == 200 and answer.json == {"requeued": 2}
     assert sorted(p["packet_id"] for p in poll(client)["packets"]) == sorted(ids)
@@ -114,7 +132,8 @@ def test_a_learners_timeline_over_a_period(client):
     base = datetime.now(UTC)
     ids = ingest_many(client, 3, user_id="timeline")
     packet_id = poll(client, limit=1)["packets"][0]["packet_id"]
-    ack(client, packet_id, karma_actions=[{"action": "focus_bonus", "points": 5}])
+    answer = ack(client, packet_id, karma_actions=[{"action": "focus_bonus", "points": 5}])
+    assert answer.status_code == 200 and answer.json["outcome"] == "processed", answer.json
     since = (base - timedelta(minutes=1)).isoformat()
     query = {"since": since, "limit": 500}
     listed = client.get(f"{API}/packets/user/timeline", query_string=query).json

@@ -7,13 +7,15 @@ the database.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from bucket.extensions import db
 from bucket.models import Packet, QuarantinedPacket
 from bucket.services import quarantine
+from bucket.timeutil import utc_now
 from tests.factories import make_packet
 from tests.queue_helpers import ack, poll, status
 from tests.statements import captured_statements
@@ -176,6 +178,25 @@ def test_entries_past_the_retention_period_expire(app, client):
     assert figures["quarantine_expired"] == 1 and figures["quarantined_packets"] == 1
 
 
+def test_purge_older_than_days_drops_only_entries_not_seen_for_that_long(app, client, runner):
+    """``flask bucket quarantine purge --older-than-days 7`` drops the entry last seen ten days
+    ago and keeps the ones seen two days ago and now."""
+    ids = [refused(client, make_packet(focus_score=-n))["quarantine_id"] for n in (1, 2, 3)]
+    old, recent, fresh = ids
+    with app.app_context():
+        for entry_id, days in ((old, 10), (recent, 2)):
+            db.session.execute(
+                update(QuarantinedPacket.__table__)
+                .where(QuarantinedPacket.__table__.c.id == entry_id)
+                .values(last_seen_at=utc_now() - timedelta(days=days))
+            )
+        db.session.commit()
+    purged = runner.invoke(args=["bucket", "quarantine", "purge", "--older-than-days", "7"])
+    assert purged.exit_code == 0 and "purged 1 quarantine entries" in purged.output
+    assert sorted(e["id"] for e in client.get(QUARANTINE).json) == sorted([recent, fresh])
+    assert status(client)["quarantined_packets"] == 2
+
+
 def test_listing_filters_and_pages_with_a_cursor(client):
     """Filters by user, origin and refused field; the Link header carries the next page."""
     for n in range(5):
@@ -207,7 +228,22 @@ def test_replay_refuses_ids_that_name_no_entry_by_their_shape(client):
         response = client.post(f"{QUARANTINE}/replay", data=body, content_type="application/json")
         assert response.status_code == 422, ids
         assert "ids" in response.json["errors"]["json"], response.json
-    assert client.get(f"{QUARANTINE}/{2**70}").status_code == 404
+
+
+def test_an_entry_id_of_2_to_the_63_the_first_out_of_range_is_a_404_not_a_500(client, runner):
+    """The first id a BIGINT cannot hold, and one far past it, name no entry: 404 from the API
+    and "no quarantine entry" from the CLI, never a 500 or a traceback."""
+    for entry_id in (2**63 - 1, 2**63, 2**70):
+        response = client.get(f"{QUARANTINE}/{entry_id}")
+        assert response.status_code == 404, (entry_id, response.json)
+        assert response.json["errors"] == {"entry_id": [f"No quarantine entry {entry_id}."]}
+        shown = runner.invoke(args=["bucket", "quarantine", "show", str(entry_id)])
+        assert shown.exit_code == 1 and f"no quarantine entry {entry_id}" in shown.output, (
+            entry_id,
+            shown.output,
+        )
+    replayed = runner.invoke(args=["bucket", "quarantine", "replay", str(2**63)])
+    assert replayed.exit_code == 0 and "replayed 0" in replayed.output, replayed.output
 
 
 def test_replay_goes_on_past_entries_that_still_fail(make_app):

@@ -136,6 +136,37 @@ def test_batch_ack_of_all_successes_answers_200(client, app):
     assert status(client)["processed_packets"] == 5
 
 
+def test_two_results_for_one_packet_in_one_request_the_first_wins(client, app):
+    """``[failure, success]`` for one packet in one ``results`` batch records the failure (and
+    ``[success, failure]`` the success); both answers report what was recorded."""
+    failed_first, succeeded_first = (ingest(client, user_id="twice") for _ in range(2))
+    poll(client, limit=10)
+    failure = {"success": False, "error_message": "first: failed"}
+    success = {"success": True, "karma_actions": [{"action": "second"}]}
+    results = [
+        {"packet_id": failed_first, **failure},
+        {"packet_id": failed_first, **success},
+        {"packet_id": succeeded_first, **success},
+        {"packet_id": succeeded_first, **failure},
+    ]
+    response = client.post(f"{API}/packets/mark-processed", json={"results": results})
+    assert response.status_code == 200, response.json
+    assert [(r["packet_id"], r["status"]) for r in response.json["results"]] == [
+        (failed_first, "retry_scheduled"),
+        (failed_first, "retry_scheduled"),
+        (succeeded_first, "processed"),
+        (succeeded_first, "processed"),
+    ]
+    stored = row(app, failed_first)
+    assert (stored.delivery_state, stored.last_error, stored.karma_actions) == (
+        "pending",
+        "first: failed",
+        None,
+    )
+    assert row(app, succeeded_first).delivery_state == "processed"
+    assert status(client)["processed_packets"] == 1
+
+
 def test_lease_can_be_extended_by_its_holder(client, app):
     """Extending a lease keeps the packet away from other consumers after the first would end."""
     packet_id = ingest(client, user_id="long-job")

@@ -103,18 +103,44 @@ def test_every_end_of_a_transaction_hands_the_turn_on(database, ending):
 
     # The next writer, in another thread, gets its turn at once.
     second = connect(database, busy_timeout=0.05)
-    started = threading.Event()
 
-    def begin_and_commit(_index: int) -> None:
+    def begin_write_and_commit(index: int) -> None:
         second.begin_immediate()
-        started.set()
+        second.execute("INSERT INTO writes VALUES (1, ?, 0, 0)", (index,))
         second.commit()
 
-    run_threads(1, begin_and_commit, timeout=5)
-    assert started.is_set()
+    run_threads(1, begin_write_and_commit, timeout=5)
+    assert second.execute("SELECT worker, thread FROM writes").fetchall() == [(1, 0)]
+    assert not turns._threads.locked()
     second.close()
     if ending != "close":
         first.close()
+
+
+def test_a_begin_refused_because_an_outside_connection_holds_the_lock_hands_the_turn_on(
+    database,
+):
+    """A connection outside the turns (a plain sqlite3 shell, say) holds SQLite's write lock:
+    the turn taker's ``BEGIN IMMEDIATE`` fails with "database is locked" after the busy timeout,
+    and the turn it took is handed on, not kept for a transaction that never began."""
+    turns = turns_for(database)
+    outsider = sqlite3.connect(database, isolation_level=None)
+    outsider.execute("BEGIN IMMEDIATE")
+    connection = connect(database, busy_timeout=0.05)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            connection.begin_immediate()
+        assert not connection.in_transaction
+        assert not turns._threads.locked(), "the failed BEGIN kept the turn"
+    finally:
+        outsider.rollback()
+        outsider.close()
+    # Once the outsider is gone, the next writer gets in at once.
+    connection.begin_immediate()
+    connection.execute("INSERT INTO writes VALUES (0, 0, 0, 0)")
+    connection.commit()
+    assert not turns._threads.locked()
+    connection.close()
 
 
 def test_a_begin_inside_a_transaction_fails_and_keeps_the_turn_until_the_end(database):
@@ -167,6 +193,28 @@ def test_a_writer_held_up_by_another_process_gives_up_in_time_and_the_next_one_g
                 time.sleep(0.01)
     finally:
         os.close(other_process)
+
+
+def test_a_writer_waiting_for_another_process_gets_in_as_soon_as_it_lets_go(database):
+    """The keeper thread waits for the file in the kernel's queue on the writer's behalf: when
+    the other process lets go, the writer gets its turn at once, not at its deadline, and
+    again and again for the writers after it."""
+    turns = turns_for(database)
+    for _ in range(2):
+        other_process = os.open(turns.lock_path, os.O_RDWR)
+        fcntl.flock(other_process, fcntl.LOCK_EX)
+        release = threading.Timer(0.2, fcntl.flock, (other_process, fcntl.LOCK_UN))
+        release.start()
+        try:
+            started = time.monotonic()
+            assert turns.take(timeout=10) is True
+            assert time.monotonic() - started < 3, "the writer waited for its deadline"
+            assert turns._threads.locked()
+        finally:
+            release.join()
+            os.close(other_process)
+        turns.give_back(turns.generation)
+        assert not turns._threads.locked()
 
 
 def test_a_connection_collected_without_close_hands_the_turn_on(database):

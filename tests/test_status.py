@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from bucket.services.stats import HEAD_ROWS
 from tests.factories import make_packet
 from tests.queue_helpers import expire
 
@@ -88,6 +89,18 @@ def test_oldest_pending_age_grows_and_clears_when_all_are_processed(client):
     body = client.get(STATUS).json
     assert body["oldest_pending_age_seconds"] is None
     assert (body["processed_packets"], body["pending_packets"], body["queue_size"]) == (2, 0, 0)
+
+
+def test_oldest_pending_age_is_exact_only_below_the_head_size(client):
+    """``oldest_pending_age_exact`` holds with HEAD_ROWS - 1 ready packets; at exactly HEAD_ROWS
+    the head read is full, a packet behind it cannot be ruled out, and it says so."""
+    batch = [make_packet() for _ in range(HEAD_ROWS - 1)]
+    assert client.post(f"{API}/ingest", json={"packets": batch}).status_code == 200
+    below = client.get(STATUS).json
+    assert below["queue_size"] == HEAD_ROWS - 1 and below["oldest_pending_age_exact"] is True
+    ingest(client, 1)
+    full = client.get(STATUS).json
+    assert full["queue_size"] == HEAD_ROWS and full["oldest_pending_age_exact"] is False
 
 
 def test_duplicates_and_rejections_do_not_count(client):

@@ -44,6 +44,8 @@ EVICTED, EXPIRED = "quarantine_evicted", "quarantine_expired"
 # Fields the bridge adds and changes on every resend; not part of the packet's content.
 TRANSPORT_FIELDS = frozenset({"queued_at", "retry_count", "sent_at", "attempt", "batch_id"})
 EVICTION_BATCH = 100
+# The highest id the BIGINT column can hold: a larger one names no entry (not a driver error).
+MAX_ID = 2**63 - 1
 
 
 @dataclass
@@ -311,7 +313,9 @@ def entries(filters: Filters, limit: int, cursor: str | None = None) -> tuple[li
 
 
 def entry(entry_id: int):
-    """One entry, or None."""
+    """One entry, or None (also for an id out of the column's range, which names none)."""
+    if not 0 < entry_id <= MAX_ID:
+        return None
     found = db.session.execute(select(Q).where(Q.c.id == entry_id)).first()
     db.session.commit()
     return found
@@ -350,7 +354,7 @@ def replay(
     """
     conditions = (filters or Filters()).conditions()
     if ids is not None:
-        conditions.append(Q.c.id.in_(ids))
+        conditions.append(Q.c.id.in_([i for i in ids if 0 < i <= MAX_ID]))
     if after is not None:
         conditions.append(Q.c.id > after)
     chosen = db.session.execute(select(Q).where(*conditions).order_by(Q.c.id).limit(limit)).all()
