@@ -238,14 +238,18 @@ def quarantine_replay_command(
     total, after = quarantine.Replay(), None
     while True:  # in chunks of --limit, until every matching entry was looked at
         report = quarantine.replay(list(entry_ids) or None, filters, limit, after)
-        for name in ("replayed", "ingested", "duplicates", "still_refused"):
+        for name in ("replayed", "ingested", "duplicates", "still_refused", "not_verified"):
             setattr(total, name, getattr(total, name) + getattr(report, name))
+        for item in report.results:
+            if item["status"] == "not_verified":
+                click.echo(f"kept {item['id']}: {item['reason']}")
         after = report.next_after
         if after is None:
             break
     click.echo(
         f"replayed {total.replayed}: ingested {total.ingested}, duplicates "
-        f"{total.duplicates}, still refused {total.still_refused}"
+        f"{total.duplicates}, still refused {total.still_refused}, not verified "
+        f"{total.not_verified}"
     )
 
 

@@ -170,6 +170,11 @@ class QuarantinedPacket(db.Model):
     seen_count: Mapped[int] = mapped_column(Integer, default=1)
     first_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The authentication outcome and subject the packet had when it was refused (never the
+    # token): a replay stores it with them. NULL: not checked (auth off), or kept before
+    # migration 0011.
+    auth_outcome: Mapped[str | None] = mapped_column(String(16))
+    auth_subject: Mapped[str | None] = mapped_column(String(256))
 
     __table_args__ = (
         # Oldest first when the bounds or the retention period drop entries.

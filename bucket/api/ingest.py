@@ -102,7 +102,7 @@ def ingest(headers: dict):
     auth = verifier().judge(token, body) if token is not None else None
     if require and auth.outcome == MISMATCH:
         refuse_mismatch(auth)
-    packet = load_or_quarantine(body, idempotency_key)
+    packet = load_or_quarantine(body, idempotency_key, auth)
     admit_ingest(1, {packet_user(packet): 1})
     (outcome,) = store_packets([packet], idempotency_key, [auth] if auth is not None else None)
     note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
@@ -179,9 +179,10 @@ def keep_too_deep(exc: BodyTooDeep) -> NoReturn:
     )
 
 
-def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
-    """The packet under the rules in force; otherwise it is quarantined, and the answer is a
-    422 naming each offending field and the quarantine entry."""
+def load_or_quarantine(body: dict, idempotency_key: str | None, auth: PacketAuth | None) -> dict:
+    """The packet under the rules in force; otherwise it is quarantined with its
+    authentication outcome (``auth``; never the token), and the answer is a 422 naming each
+    offending field and the quarantine entry."""
     try:
         return packet_rules().load(body)
     except ValidationError as exc:
@@ -190,7 +191,7 @@ def load_or_quarantine(body: dict, idempotency_key: str | None) -> dict:
         (entry_id,) = quarantine.keep_if_reachable(
             [
                 quarantine.Refused(
-                    body, errors, request.origin, "packet", idempotency_key, client_address()
+                    body, errors, request.origin, "packet", idempotency_key, client_address(), auth
                 )
             ]
         )
@@ -266,7 +267,9 @@ def ingest_batch(body: dict, batch_id: str | None, token: TokenCheck | None):
     sender = client_address()
     kept = quarantine.keep_if_reachable(
         [
-            quarantine.Refused(packets[i], errors[i], request.origin, "batch", None, sender)
+            quarantine.Refused(
+                packets[i], errors[i], request.origin, "batch", None, sender, auths.get(i)
+            )
             for i in refused
         ]
     )

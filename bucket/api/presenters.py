@@ -86,5 +86,7 @@ def quarantine_entry_out(row: Row) -> dict[str, Any]:
             "seen_count",
             "first_seen_at",
             "last_seen_at",
+            "auth_outcome",
+            "auth_subject",
         )
     }

@@ -47,6 +47,17 @@ class QuarantineEntrySchema(BaseSchema):
     seen_count = fields.Integer(metadata={"description": "Copies received (resends count)."})
     first_seen_at = fields.String()
     last_seen_at = fields.String()
+    auth_outcome = fields.String(
+        allow_none=True,
+        metadata={
+            "enum": ["verified", "missing", "invalid", "mismatch", None],
+            "description": "The token's outcome when the packet arrived (null: not checked, "
+            "or kept before it was recorded); a replay stores the packet with it.",
+        },
+    )
+    auth_subject = fields.String(
+        allow_none=True, metadata={"description": "The valid token's subject, if any."}
+    )
 
 
 ENTRY_IDS = validate.Range(min=1, max=2**63 - 1)
@@ -110,9 +121,12 @@ class QuarantineReplayItemSchema(BaseSchema):
     """What became of one replayed entry."""
 
     id = fields.Integer()
-    status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected"]})
+    status = fields.String(metadata={"enum": ["ingested", "duplicate", "rejected", "not_verified"]})
     packet_id = fields.String()
     errors = fields.Dict()
+    reason = fields.String(
+        metadata={"description": "not_verified: why the entry stays (BUCKET_INGEST_AUTH=require)."}
+    )
 
 
 class QuarantineReplayResultSchema(BaseSchema):
@@ -122,6 +136,12 @@ class QuarantineReplayResultSchema(BaseSchema):
     ingested = fields.Integer()
     duplicates = fields.Integer()
     still_refused = fields.Integer()
+    not_verified = fields.Integer(
+        metadata={
+            "description": "Valid entries kept in the quarantine because, under "
+            "BUCKET_INGEST_AUTH=require, only packets recorded as verified are stored."
+        }
+    )
     remaining = fields.Integer(
         metadata={"description": "Matching entries this replay did not reach."}
     )

@@ -10,7 +10,8 @@ one sender cannot push everyone else's entries out) and ``BUCKET_QUARANTINE_RETE
 since an entry was last seen; both kinds of drop are counted. Replay validates each entry
 again under the rules in force now and ingests those that pass exactly as if they had just
 arrived (so deduplication applies, and replaying twice stores nothing twice); the others stay,
-with their new errors.
+with their new errors. An entry keeps the authentication outcome its packet had (never the
+token), and is stored with it; under ``require`` only verified entries are.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import orjson
 from flask import current_app
 from marshmallow import ValidationError
-from sqlalchemy import delete, func, literal, select, update
+from sqlalchemy import case, delete, func, literal, or_, select, update
 from sqlalchemy.exc import OperationalError
 
 from bucket.extensions import db
@@ -34,6 +35,7 @@ from bucket.schemas import packet_rules
 from bucket.services import counters, cursors
 from bucket.services.dialect import upsert_insert
 from bucket.services.ingest import store_packets
+from bucket.services.tokens import REQUIRE, VERIFIED, PacketAuth, mode_of
 from bucket.timeutil import utc_now
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class Refused:
     source: str  # "packet" or "batch"
     idempotency_key: str | None = None
     sender: str | None = None  # the client address it came from
+    # Its authentication outcome when it arrived (None: not checked); never the token.
+    auth: PacketAuth | None = None
 
 
 @dataclass
@@ -144,6 +148,8 @@ def keep(refused: list[Refused]) -> list[int]:
             "source": item.source,
             "idempotency_key": storable(item.idempotency_key, 255),
             "size_bytes": size,
+            "auth_outcome": item.auth.outcome if item.auth is not None else None,
+            "auth_subject": storable(item.auth.subject, 256) if item.auth is not None else None,
             "seen_count": 1,
             "first_seen_at": now,
             "last_seen_at": now,
@@ -156,6 +162,16 @@ def keep(refused: list[Refused]) -> list[int]:
                 "last_seen_at": now,
                 "errors": statement.excluded.errors,
                 "error_fields": statement.excluded.error_fields,
+                # A verified copy wins (the genuine sender's resend makes the entry
+                # replayable under require); an unverified one never downgrades it.
+                "auth_outcome": case(
+                    (takes_new_outcome(statement), statement.excluded.auth_outcome),
+                    else_=Q.c.auth_outcome,
+                ),
+                "auth_subject": case(
+                    (takes_new_outcome(statement), statement.excluded.auth_subject),
+                    else_=Q.c.auth_subject,
+                ),
             },
         ).returning(Q.c.id, Q.c.seen_count)
         entry_id, seen = db.session.execute(statement).one()
@@ -171,6 +187,12 @@ def keep(refused: list[Refused]) -> list[int]:
     counters.bump(EVICTED, gone_rows)
     db.session.commit()
     return ids
+
+
+def takes_new_outcome(statement):
+    """Whether a copy seen again replaces the entry's recorded outcome: when it is verified,
+    or when the entry had none recorded."""
+    return or_(statement.excluded.auth_outcome == VERIFIED, Q.c.auth_outcome.is_(None))
 
 
 def keep_if_reachable(refused: list[Refused]) -> list[int | None]:
@@ -329,12 +351,25 @@ class Replay:
     ingested: int = 0
     duplicates: int = 0
     still_refused: int = 0
+    not_verified: int = 0  # valid, but kept back under require: not a verified packet
     remaining: int = 0
     next_after: int | None = None
     results: list[dict] = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def held_back(row, mode: str) -> str | None:
+    """Why a valid entry is not stored now, or None: under require only an entry recorded as
+    verified is (one kept with no outcome, before migration 0011 or with auth off, is not)."""
+    if mode != REQUIRE or row.auth_outcome == VERIFIED:
+        return None
+    if row.auth_outcome is None:
+        recorded = "no authentication outcome recorded (quarantined with auth off or before it was)"
+    else:
+        recorded = f"its token was {row.auth_outcome} when it arrived"
+    return f"not verified: {recorded}; BUCKET_INGEST_AUTH=require stores only verified packets"
 
 
 def replay(
@@ -350,7 +385,10 @@ def replay(
     many matching entries this replay did not reach, and ``next_after`` where the next one
     starts (entries that still fail stay where they are, so it never loops over them). Each
     entry ingested leaves the quarantine in the transaction that follows its ingest, so a
-    replay interrupted midway only ever repeats work that deduplication absorbs.
+    replay interrupted midway only ever repeats work that deduplication absorbs. Each packet
+    is stored with the authentication outcome recorded when it was quarantined; under
+    ``BUCKET_INGEST_AUTH=require`` an entry not recorded as verified is not stored: it stays,
+    counted in ``not_verified`` and named with the reason.
     """
     conditions = (filters or Filters()).conditions()
     if ids is not None:
@@ -359,7 +397,7 @@ def replay(
         conditions.append(Q.c.id > after)
     chosen = db.session.execute(select(Q).where(*conditions).order_by(Q.c.id).limit(limit)).all()
     db.session.commit()
-    rules, report = packet_rules(), Replay()
+    rules, report, mode = packet_rules(), Replay(), mode_of(current_app.config)
     for row in chosen:
         report.replayed += 1
         try:
@@ -375,7 +413,13 @@ def replay(
             report.still_refused += 1
             report.results.append({"id": row.id, "status": "rejected", "errors": errors})
             continue
-        (outcome,) = store_packets([packet], row.idempotency_key)
+        reason = held_back(row, mode)
+        if reason is not None:
+            report.not_verified += 1
+            report.results.append({"id": row.id, "status": "not_verified", "reason": reason})
+            continue
+        auth = PacketAuth(row.auth_outcome, row.auth_subject) if row.auth_outcome else None
+        (outcome,) = store_packets([packet], row.idempotency_key, [auth] if auth else None)
         drop(Q.c.id == row.id, None)
         db.session.commit()
         if outcome.duplicate:

@@ -58,6 +58,11 @@ class TokenCheck:
 NO_TOKEN = TokenCheck(MISSING, reason="no bearer token")
 
 
+def mode_of(config: Mapping[str, Any]) -> str:
+    """``BUCKET_INGEST_AUTH`` as the verifier reads it (``off`` when unset)."""
+    return (config.get("BUCKET_INGEST_AUTH") or OFF).strip().lower()
+
+
 @dataclass(frozen=True)
 class PacketAuth:
     """One packet's outcome, as stored with it."""
@@ -184,7 +189,7 @@ class TokenVerifier:
     def from_config(cls, config: Mapping[str, Any]) -> TokenVerifier:
         """The verifier the configuration describes; ``IngestAuthMisconfigured`` saying what
         is wrong otherwise (the service does not start)."""
-        mode = (config.get("BUCKET_INGEST_AUTH") or OFF).strip().lower()
+        mode = mode_of(config)
         if mode not in MODES:
             raise IngestAuthMisconfigured(
                 f"BUCKET_INGEST_AUTH must be one of {', '.join(MODES)}, not {mode!r}"
