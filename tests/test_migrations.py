@@ -105,3 +105,30 @@ def test_upgrade_is_idempotent(fresh_app):
     with fresh_app.app_context():
         versions = db.session.execute(text("SELECT version_num FROM alembic_version")).all()
     assert [v for (v,) in versions] == heads(fresh_app)
+
+
+def test_quarantine_entries_kept_before_0011_have_no_auth_outcome(fresh_app):
+    """An entry refused before migration 0011 survives it with no outcome recorded (NULL),
+    which a replay under require keeps back (tests/test_quarantine_auth.py); downgrading
+    drops the columns and keeps the entry."""
+    assert flask_db(fresh_app, "upgrade", "0010_packet_auth").exit_code == 0
+    with fresh_app.app_context():  # as the code of that time kept it
+        db.session.execute(
+            text(
+                "INSERT INTO quarantine (digest, body, errors, error_fields, source, size_bytes, "
+                "seen_count, first_seen_at, last_seen_at) VALUES ('d', '{}', '{}', ',x,', "
+                "'packet', 2, 1, '2026-12-01 00:00:00', '2026-12-01 00:00:00')"
+            )
+        )
+        db.session.commit()
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    with fresh_app.app_context():
+        rows = db.session.execute(text("SELECT auth_outcome, auth_subject FROM quarantine")).all()
+        db.session.commit()
+    assert [tuple(row) for row in rows] == [(None, None)]
+    assert flask_db(fresh_app, "downgrade", "0010_packet_auth").exit_code == 0
+    with fresh_app.app_context():
+        columns = {c["name"] for c in inspect(db.engine).get_columns("quarantine")}
+        count = db.session.execute(text("SELECT count(*) FROM quarantine")).scalar()
+        db.session.commit()
+    assert "auth_outcome" not in columns and count == 1

@@ -208,3 +208,24 @@ def test_entries_without_a_recorded_outcome_replay_as_not_checked_under_observe(
     assert replay(lenient.test_client(), all=True)["ingested"] == 1
     (row,) = stored(lenient)
     assert (row["auth_outcome"], row["auth_subject"]) == (None, None)
+
+
+def test_a_verified_resend_makes_the_entry_verified_and_an_unverified_one_never_undoes_it(
+    make_app,
+):
+    """Copies of one refused content share an entry: a forger's copy first records
+    ``missing``; the genuine sender's verified resend records ``verified`` (so the entry
+    replays under require); a later unverified copy does not take it back."""
+    app = make_app(**rsa_settings(BUCKET_INGEST_AUTH="observe"), **STRICT)
+    client = app.test_client()
+    body = packet(cognitive_state="THINKING")
+    first = refused(client, body)
+    assert refused(client, body, bearer(rsa_token())) == first
+    assert refused(client, body, bearer(rsa_token("stu_b"))) == first
+    assert refused(client, body) == first
+    row = entries(app)[first]
+    assert (row["auth_outcome"], row["auth_subject"], row["seen_count"]) == ("verified", "stu_a", 4)
+    lenient = make_app(**rsa_settings())
+    assert replay(lenient.test_client(), ids=[first])["ingested"] == 1
+    (packet_row,) = stored(lenient)
+    assert packet_row["auth_outcome"] == "verified"
