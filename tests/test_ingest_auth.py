@@ -260,6 +260,9 @@ def test_a_jwks_url_is_fetched_cached_and_refetched_for_a_new_kid(make_app, tmp_
         for n in range(3):  # tokens not seen before: each needs its key
             fresh = bearer(rs256(kid="k2", key=OTHER_RSA_KEY, jti=f"after-{n}"))
             assert client.post(INGEST, json=packet(), headers=fresh).status_code == 200
+        deadline = time.monotonic() + 5  # the expired cache is refreshed aside, in a thread
+        while (not tries or verifier.jwks._refreshing) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert len(tries) == 1
     finally:
         server.shutdown()

@@ -75,7 +75,7 @@ class PacketAuth:
 class JwksKeys:
     """The keys of a JWKS document (a file or a URL), by ``kid``: fetched with a timeout,
     cached for ``cache_seconds``, fetched again on an unknown ``kid`` (at most every
-    JWKS_MIN_REFRESH_SECONDS)."""
+    JWKS_MIN_REFRESH_SECONDS), never while holding up requests whose key is cached."""
 
     def __init__(self, location: str, timeout: float, cache_seconds: float) -> None:
         self.location = location
@@ -85,6 +85,8 @@ class JwksKeys:
         self._keys: dict[str | None, jwt.PyJWK] = {}
         self._fetched_at = self._tried_at = -1e18
         self._lock = threading.Lock()
+        self._refreshed = threading.Condition(self._lock)
+        self._refreshing = False  # one fetch at a time, outside the lock
         if not self.is_url:
             self._keys = self._load()  # a file must be readable now: fail at start, not later
             self._fetched_at = self._tried_at = time.monotonic()
@@ -115,25 +117,60 @@ class JwksKeys:
                 f"{exc.__class__.__name__}"
             ) from exc
 
+    def _find(self, kid: str | None) -> jwt.PyJWK | None:
+        """The cached key for ``kid`` (the only key, for a token naming none)."""
+        if kid is None and len(self._keys) == 1:
+            return next(iter(self._keys.values()))
+        return self._keys.get(kid)
+
     def key(self, kid: str | None) -> jwt.PyJWK | None:
-        """The key for ``kid``; None when the document (fetched again if allowed) has none."""
+        """The key for ``kid``; None when the document (fetched again if allowed) has none.
+
+        The document is fetched without holding the lock, by one thread at a time: a request
+        whose key is cached never waits for the provider (an expired cache is refreshed aside,
+        in a background thread, while the cached keys keep verifying); a request naming a
+        ``kid`` not cached fetches, or waits for the fetch under way, at most ``timeout``.
+        """
         now = time.monotonic()
         with self._lock:
+            found = self._find(kid)
             expired = now - self._fetched_at > self.cache_seconds
-            unknown = kid not in self._keys and not (kid is None and len(self._keys) == 1)
             # Tried at most every JWKS_MIN_REFRESH_SECONDS, whatever the outcome: neither
             # made-up kids nor an unreachable provider turn into a fetch per request.
-            if (expired or unknown) and now - self._tried_at > JWKS_MIN_REFRESH_SECONDS:
-                self._tried_at = now
-                try:
-                    self._keys = self._load()
-                    self._fetched_at = now
-                except IngestAuthMisconfigured as exc:
-                    # Unreachable: the keys fetched before stay in use until it answers again.
-                    log.warning("JWKS unavailable, keeping %d keys: %s", len(self._keys), exc)
-            if kid is None and len(self._keys) == 1:
-                return next(iter(self._keys.values()))
-            return self._keys.get(kid)
+            due = (
+                (expired or found is None)
+                and not self._refreshing
+                and now - self._tried_at > JWKS_MIN_REFRESH_SECONDS
+            )
+            if due:
+                self._refreshing, self._tried_at = True, now
+            elif found is None and self._refreshing:
+                self._refreshed.wait_for(lambda: not self._refreshing, timeout=self.timeout)
+                return self._find(kid)
+        if not due:
+            return found
+        if found is not None:
+            threading.Thread(target=self._refresh, name="jwks-refresh", daemon=True).start()
+            return found
+        self._refresh()
+        with self._lock:
+            return self._find(kid)
+
+    def _refresh(self) -> None:
+        """Fetch the document (no lock held) and publish its keys; wake the waiting requests."""
+        keys = None
+        try:
+            keys = self._load()
+        except IngestAuthMisconfigured as exc:
+            # Unreachable: the keys fetched before stay in use until it answers again.
+            log.warning("JWKS unavailable, keeping %d keys: %s", len(self._keys), exc)
+        except Exception:  # noqa: BLE001 - a refresh must never leave _refreshing set
+            log.exception("JWKS refresh failed, keeping %d keys", len(self._keys))
+        with self._lock:
+            if keys is not None:
+                self._keys, self._fetched_at = keys, time.monotonic()
+            self._refreshing = False
+            self._refreshed.notify_all()
 
 
 def read_public_key(value: str) -> str:
