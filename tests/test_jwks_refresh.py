@@ -26,8 +26,8 @@ from tests.test_ingest_auth import (
     stored,
 )
 
-SLOW = 2.0  # seconds the provider takes once it turns slow
-QUICK = 1.0  # a request that did not wait for the provider answers well within this
+SLOW = 3.0  # seconds the provider takes once it turns slow
+QUICK = 1.5  # a request that did not wait for the provider answers well within this
 
 
 class SlowJwks:
@@ -92,7 +92,7 @@ def expire(app) -> None:
 def test_cached_keys_keep_verifying_while_a_slow_provider_is_asked_for_a_new_kid(
     make_app, provider, tmp_path
 ):
-    """A token naming a rotated-in kid makes the bucket fetch from a provider now taking 2 s;
+    """A token naming a rotated-in kid makes the bucket fetch from a provider now taking 3 s;
     meanwhile tokens with the cached kid are answered at once. The new kid's request waits
     for the fetch, and verifies."""
     app = make_app(
@@ -126,7 +126,7 @@ def test_cached_keys_keep_verifying_while_a_slow_provider_is_asked_for_a_new_kid
 
 
 def test_an_expired_cache_is_refreshed_aside_not_on_the_request(make_app, provider):
-    """The cache's lifetime is over and the provider now takes 2 s: the request that notices
+    """The cache's lifetime is over and the provider now takes 3 s: the request that notices
     is answered with the cached key at once; the refresh happens once, in the background."""
     app = make_app(
         BUCKET_INGEST_AUTH="require",
