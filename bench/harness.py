@@ -378,8 +378,16 @@ def pending_count(database: Database) -> int:
         ).fetchone()[0]
 
 
-def wrk(port: int, script: str, seconds: float, connections: int, env: dict | None = None) -> dict:
-    """Run wrk with a Lua script against ingest; requests/s, latency percentiles, non-2xx."""
+def wrk(
+    port: int,
+    script: str,
+    seconds: float,
+    connections: int,
+    env: dict | None = None,
+    path: str = "/api/v1/bucket/prana/ingest",
+) -> dict:
+    """Run wrk with a Lua script against ``path`` (ingest); requests/s, latency percentiles,
+    non-2xx."""
     out = subprocess.run(
         [
             "wrk",
@@ -389,7 +397,7 @@ def wrk(port: int, script: str, seconds: float, connections: int, env: dict | No
             "--latency",
             "-s",
             str(ROOT / "bench" / script),
-            f"http://127.0.0.1:{port}/api/v1/bucket/prana/ingest",
+            f"http://127.0.0.1:{port}{path}",
         ],
         capture_output=True,
         text=True,

@@ -4,7 +4,9 @@ Both use Karma Tracker's default settings (``batch_size`` 10, ``poll_interval`` 
 karma API stub answering in 10 ms, with a backlog waiting, in 1 and 4 processes (the processes
 are ``bench/consumer_drain.py``). Figures: packets per second acknowledged by the consumer
 processes, and karma calls made twice for one packet (the stub counts calls per
-``Idempotency-Key``, which only the client sends).
+``Idempotency-Key``, which only the client sends). The stub (``bench/karma_server.py``, a process
+of its own, the same for both patterns) is part of the instrument: its own ceiling, measured with
+wrk after the drains, is reported beside them.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from bench import clients
 from bench.consumer_drain import KARMA_LATENCY, POLL_INTERVAL, client_drain, deployed_pattern
 from bench.context import Row, Run, Scenario, Section
 from bench.harness import TOKEN, median
+from bench.karma_server import karma_server
 
 
 def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tuple[float, int]:
@@ -28,8 +31,6 @@ def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tu
 
 def bench_consumer_drain(run: Run) -> None:
     """Deployed pattern vs client, 1 and 4 processes, karma stub at 10 ms, backlog waiting."""
-    from tests.karma_stub import karma_stub
-
     smoke = run.sizes.seconds < 2
     client_seconds = max(2.0, float(run.sizes.seconds))
     # Deployed cycles start until then and each is counted whole (5 s of sleep included).
@@ -41,7 +42,7 @@ def bench_consumer_drain(run: Run) -> None:
         "poll_interval_s": POLL_INTERVAL,
         "errors": 0,
     }
-    with karma_stub(latency=KARMA_LATENCY) as karma:
+    with karma_server(KARMA_LATENCY) as karma:
         for processes in (1,) if smoke else (1, 4):
             run.top_up(200)
             rate, errors = drain(deployed_pattern, port, karma.port, processes, deployed_seconds)
@@ -56,6 +57,10 @@ def bench_consumer_drain(run: Run) -> None:
                 results["errors"] += errors
             results[f"client_{processes}_packets_per_s"] = median(rates)
         keys = karma.keys()
+        # After the drains: its calls carry no Idempotency-Key, so they are not counted below.
+        ceiling = karma.ceiling(min(2.0, client_seconds), connections=64)
+    results["stub_ceiling_per_s"] = ceiling["rps"]
+    results["stub_cpu_us_per_call"] = ceiling["cpu_us_per_call"]
     results["karma_calls"] = sum(keys.values())
     results["karma_calls_twice"] = sum(1 for key, n in keys.items() if key and n > 1)
     run.results["consumer_drain"] = results
@@ -73,6 +78,12 @@ def consumer_rows(results: dict, row: Row) -> None:
             f"Karma Tracker drain, {processes} process(es), karma 10 ms",
             f"{shown}client {drain_[f'client_{processes}_packets_per_s']:.0f}/s",
             target,
+        )
+    if "stub_ceiling_per_s" in drain_:
+        row(
+            "karma stub's own ceiling (wrk, 64 connections, 10 ms), CPU per call",
+            f"{drain_['stub_ceiling_per_s']:.0f}/s, {drain_['stub_cpu_us_per_call']:.0f} µs",
+            "above the drains",
         )
     row(
         "client: karma calls twice for one packet, errors",
