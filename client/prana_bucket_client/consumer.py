@@ -201,8 +201,9 @@ class Consumer:
         self.shutdown_timeout = shutdown_timeout
         self.install_signal_handlers = install_signal_handlers
         self.log_interval = log_interval
+        # One connection per poller, the acknowledger and the lease keeper.
         self.transport = transport or BucketTransport(
-            self.base_url, token, pool_size=4, timeout=request_timeout
+            self.base_url, token, pool_size=self.pollers + 2, timeout=request_timeout
         )
         self._lock = threading.Condition()
         self._held: dict[str, _Held] = {}

@@ -13,10 +13,9 @@ import threading
 from typing import Any
 
 import requests
-from requests.adapters import HTTPAdapter
 
 from prana_bucket_client.consumer import Consumer, Outcome, Packet, idempotency_key
-from prana_bucket_client.transport import Refused, Unavailable
+from prana_bucket_client.transport import Refused, Unavailable, pooled_session
 
 log = logging.getLogger("prana_bucket_client")
 
@@ -68,10 +67,7 @@ class BucketConsumer:
         self.visibility_timeout = visibility_timeout
         self.max_in_flight = max_in_flight or concurrency
         self.karma_timeout = karma_timeout
-        self.karma_session = requests.Session()
-        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=concurrency)
-        self.karma_session.mount("http://", adapter)
-        self.karma_session.mount("https://", adapter)
+        self.karma_session = pooled_session(self.karma_tracker_url, concurrency)
         self.consumer = Consumer(
             self.bucket_url,
             self._handle,
