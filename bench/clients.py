@@ -50,6 +50,7 @@ class Tally:
     errors: int = 0
     packets: int = 0
     elapsed: float = 0.0
+    cpu: float = 0.0  # the process's CPU seconds over ``elapsed``, where measured
     latencies: dict[str, list[float]] = field(default_factory=dict)
     statuses: dict[int, int] = field(default_factory=dict)
 

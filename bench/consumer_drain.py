@@ -97,11 +97,13 @@ def client_drain(port: int, karma_port: int, token: str, seconds: float) -> clie
     )
     timer = threading.Timer(seconds, consumer.stop_consumer)
     started = time.perf_counter()
+    cpu = time.process_time()
     timer.start()
     consumer.start_consumer()  # returns after the stop: handlers finished, acks flushed
     counters = consumer.consumer.counters()
     tally = clients.Tally()
     tally.elapsed = time.perf_counter() - started
+    tally.cpu = time.process_time() - cpu
     tally.packets = counters.acknowledged
     tally.calls = counters.polls
     tally.errors = counters.failed + counters.crashed + counters.ack_refused + counters.unavailable

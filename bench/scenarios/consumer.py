@@ -16,17 +16,24 @@ from typing import Any
 from bench import clients
 from bench.consumer_drain import KARMA_LATENCY, POLL_INTERVAL, client_drain, deployed_pattern
 from bench.context import Row, Run, Scenario, Section
-from bench.harness import TOKEN, median
+from bench.harness import TOKEN, Accounting, median
 from bench.karma_server import karma_server
 
 
 def drain(job, port: int, karma_port: int, processes: int, seconds: float) -> tuple[float, int]:
     """``processes`` consumers at once: (packets/s over the slowest one's time, errors)."""
+    rate, errors, _ = drain_counted(job, port, karma_port, processes, seconds)
+    return rate, errors
+
+
+def drain_counted(
+    job, port: int, karma_port: int, processes: int, seconds: float
+) -> tuple[float, int, list[clients.Tally]]:
     tallies = clients.in_processes(
         [(job, port, karma_port, TOKEN, seconds) for _ in range(processes)]
     )
     elapsed = max(t.elapsed for t in tallies)
-    return sum(t.packets for t in tallies) / elapsed, sum(t.errors for t in tallies)
+    return sum(t.packets for t in tallies) / elapsed, sum(t.errors for t in tallies), tallies
 
 
 def bench_consumer_drain(run: Run) -> None:
@@ -50,12 +57,27 @@ def bench_consumer_drain(run: Run) -> None:
             results["errors"] += errors
         for processes in (1, 4):
             rates = []
+            cpu = {"client": 0.0, "bucket": 0.0, "postgres": 0.0, "stub": 0.0, "packets": 0}
             for _ in range(1 if smoke else run.sizes.rounds):
                 run.top_up(int(per_process * processes * client_seconds) + 1000)
-                rate, errors = drain(client_drain, port, karma.port, processes, client_seconds)
+                stub_cpu = karma.cpu_seconds()
+                with Accounting(run.database, run.service) as servers:
+                    rate, errors, tallies = drain_counted(
+                        client_drain, port, karma.port, processes, client_seconds
+                    )
                 rates.append(rate)
                 results["errors"] += errors
+                cpu["client"] += sum(t.cpu for t in tallies)
+                cpu["bucket"] += servers.app_cpu
+                cpu["postgres"] += servers.db_cpu
+                cpu["stub"] += karma.cpu_seconds() - stub_cpu
+                cpu["packets"] += sum(t.packets for t in tallies)
             results[f"client_{processes}_packets_per_s"] = median(rates)
+            # Where the CPU goes, per packet (µs): what two cores allow at most, all counted.
+            packets = max(1, cpu.pop("packets"))
+            results[f"client_{processes}_cpu_us_per_packet"] = {
+                part: seconds_ / packets * 1e6 for part, seconds_ in cpu.items()
+            }
         keys = karma.keys()
         # After the drains: its calls carry no Idempotency-Key, so they are not counted below.
         ceiling = karma.ceiling(min(2.0, client_seconds), connections=64)
@@ -79,6 +101,17 @@ def consumer_rows(results: dict, row: Row) -> None:
             f"{shown}client {drain_[f'client_{processes}_packets_per_s']:.0f}/s",
             target,
         )
+    for processes in (1, 4):
+        parts = drain_.get(f"client_{processes}_cpu_us_per_packet")
+        if parts:
+            total = sum(parts.values())
+            row(
+                f"client drain, {processes} process(es): CPU µs per packet "
+                "(client, bucket, PostgreSQL, stub)",
+                ", ".join(f"{parts[p]:.0f}" for p in ("client", "bucket", "postgres", "stub"))
+                + f" = {total:.0f}: 2 cores allow {2e6 / max(1.0, total):.0f}/s",
+                "",
+            )
     if "stub_ceiling_per_s" in drain_:
         row(
             "karma stub's own ceiling (wrk, 64 connections, 10 ms), CPU per call",
