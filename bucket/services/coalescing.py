@@ -58,6 +58,18 @@ class IngestCoalescer:
         self._queue: deque[Submission] = deque()
         self._writing = False
 
+    @property
+    def writing(self) -> bool:
+        """Whether a write is in flight."""
+        with self._lock:
+            return self._writing
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for the next write (not those of the write in flight)."""
+        with self._lock:
+            return len(self._queue)
+
     def store(self, packets: list[dict], idempotency_key: str | None, auths: list | None) -> list:
         """Store one request's packets in the next shared commit; its outcomes, in order."""
         own = Submission(packets, idempotency_key, auths)
