@@ -337,3 +337,18 @@ def test_a_waiting_client_that_disconnects_breaks_no_other_request():
             assert 'bucket_ingest_commits_total{kind="shared"}' in metrics
         finally:
             instance.stop()
+
+
+def test_coalescing_off_writes_each_request_on_its_own(make_app):
+    """BUCKET_INGEST_COALESCE=false: no queue, each request its own statement, as before."""
+    app = make_app(BUCKET_INGEST_COALESCE=False)
+    assert EXTENSION_KEY not in app.extensions
+    packet = make_packet(user_id="plain")
+    answers = run_threads(4, lambda index: post(app, packet).json)
+    assert len({answer["packet_id"] for answer in answers}) == 1
+    assert count_rows(app) == 1
+
+
+def test_a_shared_write_must_hold_at_least_one_packet():
+    with pytest.raises(ValueError, match="BUCKET_INGEST_COALESCE_MAX"):
+        create_app({"BUCKET_INGEST_COALESCE_MAX": 0, "REDIS_URL": None}, testing=True)
