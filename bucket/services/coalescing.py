@@ -16,6 +16,7 @@ whose client went away is answered like the others (gunicorn drops the answer).
 from __future__ import annotations
 
 import copy
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from flask import Flask, current_app
 from bucket.exceptions import is_outage
 
 EXTENSION_KEY = "bucket.ingest_coalescer"
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -105,7 +107,7 @@ class IngestCoalescer:
         batch = self._take()
         try:
             self._commit(batch)
-        except BaseException as exc:
+        except Exception as exc:
             if len(batch) == 1 or is_outage(exc):
                 for submission in batch:
                     submission.error = exc
@@ -113,9 +115,10 @@ class IngestCoalescer:
                 for submission in batch:
                     try:
                         self._commit([submission])
-                    except BaseException as alone:  # noqa: BLE001 - answered to its request
+                    except Exception as alone:  # noqa: BLE001 - answered to its request
                         submission.error = alone
         finally:
+            # Whatever happened (even an interruption), every request of the batch is answered.
             for submission in batch:
                 if submission.outcomes is None and submission.error is None:
                     submission.error = RuntimeError("the shared ingest write was interrupted")
@@ -127,7 +130,10 @@ class IngestCoalescer:
         for submission, outcomes in zip(batch, results, strict=True):
             submission.outcomes = outcomes
         if self.on_commit is not None:
-            self.on_commit(len(batch), sum(len(s.packets) for s in batch))
+            try:
+                self.on_commit(len(batch), sum(len(s.packets) for s in batch))
+            except Exception:  # noqa: BLE001 - committed: a failed count must not rewrite it
+                log.exception("counting a shared ingest write failed")
 
     def _hand_on(self) -> None:
         """Give the lead to the oldest waiting request, or note that no write is in flight."""

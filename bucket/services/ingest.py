@@ -226,9 +226,15 @@ def store_packets(
     requests of this worker writing at the same time (bucket/services/coalescing.py).
     """
     shared = coalescer()
-    if shared is not None and len(packets) <= shared.max_packets:
+    if shared is not None and len(packets) <= shared.max_packets and not holds_sqlite_turn():
         return shared.store(packets, idempotency_key, auths)
     return write_submissions([Submission(packets, idempotency_key, auths)])[0]
+
+
+def holds_sqlite_turn() -> bool:
+    """Whether this request already holds SQLite's writer turn (a transaction is open): it
+    must write on its own, since a shared write's leader would wait for that very turn."""
+    return dialect_name() != "postgresql" and db.session().in_transaction()
 
 
 def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]]:
