@@ -120,20 +120,10 @@ def browser():
         yield launched
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
-    """A fresh, empty database: a SQLite file, or a PostgreSQL database dropped afterwards."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'bucket.sqlite3'}"
-        return
-    reason = servers.postgres_reachable()
-    if reason:
-        servers.unavailable(reason)
-    name, url = servers.create_database()
-    try:
-        yield url
-    finally:
-        servers.drop_database(name)
+@pytest.fixture
+def database_url(empty_database):
+    """A fresh, empty database on each backend (conftest's ``empty_database``)."""
+    return empty_database
 
 
 @contextlib.contextmanager
