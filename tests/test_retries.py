@@ -8,7 +8,18 @@ import time
 from sqlalchemy import text
 
 from bucket.extensions import db
-from tests.queue_helpers import ack, expire, ingest, listing, poll, row, status
+from tests.concurrency import join_all
+from tests.queue_helpers import (
+    Waiter,
+    ack,
+    expire,
+    ingest,
+    listing,
+    poll,
+    row,
+    status,
+    wait_until_listening,
+)
 
 
 def fail_once(client, packet_id: str, message: str) -> tuple[dict, float]:
@@ -218,3 +229,29 @@ def test_requeue_command_selects_by_time_range_and_all(make_app):
     assert requeued(result.output) == 1
     assert status(client)["dead_packets"] == 0
     assert poll(client, limit=10)["count"] == 3
+
+
+def test_a_failure_that_makes_its_packet_ready_again_wakes_a_waiting_poll(make_app):
+    """With no back-off the failed packet is pending at once: a poll already waiting gets it
+    then, not when its wait or the long-poll interval ends."""
+    app = make_app(BUCKET_RETRY_BACKOFF=0, BUCKET_LONG_POLL_INTERVAL=30)
+    client = app.test_client()
+    packet_id = ingest(client, user_id="again")
+    assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
+    waiter = Waiter(app, 15)
+    started = time.monotonic()
+    waiter.start()
+    wait_until_listening(app)
+    assert ack(client, packet_id, success=False).json["outcome"] == "retry_scheduled"
+    join_all([waiter], 20, "long poll")
+    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
+    assert waiter.returned_at - started < 10, "the waiting poll was not woken"
+
+
+def test_a_failure_does_not_store_the_karma_actions_sent_with_it(client, app):
+    """Karma actions belong to a success: a failure that carries some leaves none stored."""
+    packet_id = ingest(client, user_id="no-karma")
+    poll(client)
+    failed = ack(client, packet_id, success=False, karma_actions=[{"action": "half-done"}])
+    assert failed.json["outcome"] == "retry_scheduled"
+    assert row(app, packet_id).karma_actions is None
