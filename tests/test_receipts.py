@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+import pytest
+
 from bucket.extensions import db
 from tests.queue_helpers import API, ack, advance, expire, ingest, poll, row, status
 from tests.statements import captured_statements
@@ -120,6 +124,101 @@ def test_batch_ack_answers_per_packet_outcomes_in_one_update(make_app):
     assert sum("UPDATE deliveries" in sql for sql in statements) == 1, statements
     assert row(app, done).karma_actions == [{"a": 1}]
     assert row(app, failed).last_error == "karma 500"
+
+
+def test_each_batch_outcome_names_its_packet_its_deliveries_and_why_it_was_refused(make_app):
+    """A consumer matches the answers to its results by ``packet_id`` and reads the count of
+    deliveries and, for a refusal, the reason: every field of every kind of outcome."""
+    app = make_app(BUCKET_MAX_ATTEMPTS=1, BUCKET_RETRY_BACKOFF=0)
+    client = app.test_client()
+    done, failed, stale, dead, finished = (ingest(client, user_id="whole") for _ in range(5))
+    served = {p["packet_id"]: p for p in poll(client, limit=10)["packets"]}
+    assert ack(client, dead, success=False).json["outcome"] == "dead"
+    assert ack(client, finished).json["outcome"] == "processed"
+    expire(app, [stale])
+    with app.app_context():  # served again to someone else (one attempt only: not re-polled)
+        db.session.execute(
+            db.text("UPDATE deliveries SET lease_id = 'someone-else' WHERE packet_id = :p"),
+            {"p": stale},
+        )
+        db.session.commit()
+    results = [
+        {"packet_id": done, "success": True},
+        {"packet_id": failed, "success": False, "error_message": "karma 500"},
+        {"packet_id": "no-such-packet", "success": True},
+        {"packet_id": stale, "success": True, "receipt": served[stale]["receipt"]},
+        {"packet_id": dead, "success": True},
+        {"packet_id": finished, "success": False},
+    ]
+    response = client.post(f"{API}/packets/mark-processed", json={"results": results})
+    assert response.status_code == 207
+    assert response.json["results"] == [
+        {"packet_id": done, "status": "processed", "code": 200, "delivery_count": 1},
+        {
+            "packet_id": failed,
+            "status": "dead",
+            "code": 200,
+            "delivery_count": 1,
+            "message": "failed on its last allowed delivery: dead-lettered",
+        },
+        {
+            "packet_id": "no-such-packet",
+            "status": "not_found",
+            "code": 404,
+            "message": "Unknown packet_id no-such-packet.",
+        },
+        {
+            "packet_id": stale,
+            "status": "stale_receipt",
+            "code": 409,
+            "delivery_count": 1,
+            "message": "The receipt is not the packet's current lease: it was redelivered.",
+        },
+        {
+            "packet_id": dead,
+            "status": "dead",
+            "code": 409,
+            "delivery_count": 1,
+            "message": "The packet is dead-lettered; requeue it before acknowledging.",
+        },
+        {"packet_id": finished, "status": "already_processed", "code": 200, "delivery_count": 1},
+    ]
+
+
+def test_a_single_ack_answers_the_original_shape_with_the_outcome_beside_it(client, app):
+    """``{"status": "ok", "message", "packet_id"}`` as the original bucket answered (deployed
+    pollers check it), the outcome and the count of deliveries beside."""
+    packet_id = ingest(client, user_id="single")
+    poll(client)
+    assert ack(client, packet_id).json == {
+        "status": "ok",
+        "packet_id": packet_id,
+        "outcome": "processed",
+        "code": 200,
+        "delivery_count": 1,
+        "message": "Packet marked as processed",
+    }
+    assert ack(client, packet_id).json == {
+        "status": "ok",
+        "packet_id": packet_id,
+        "outcome": "already_processed",
+        "code": 200,
+        "delivery_count": 1,
+        "message": "Packet was already processed; its stored outcome is unchanged",
+    }
+    retried = ingest(client, user_id="single")
+    poll(client)
+    answer = ack(client, retried, success=False, error_message="karma 500").json
+    served_again = datetime.fromisoformat(answer.pop("next_attempt_at"))
+    assert answer == {
+        "status": "ok",
+        "packet_id": retried,
+        "outcome": "retry_scheduled",
+        "code": 200,
+        "delivery_count": 1,
+        "message": "Failure recorded; the packet is served again after a back-off",
+    }
+    assert served_again.timestamp() == pytest.approx(row(app, retried).visible_at, abs=1e-3)
 
 
 def test_batch_ack_of_all_successes_answers_200(client, app):

@@ -4,11 +4,23 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import UTC
 
 from sqlalchemy import text
 
 from bucket.extensions import db
-from tests.queue_helpers import ack, expire, ingest, listing, poll, row, status
+from tests.concurrency import join_all
+from tests.queue_helpers import (
+    Waiter,
+    ack,
+    expire,
+    ingest,
+    listing,
+    poll,
+    row,
+    status,
+    wait_until_listening,
+)
 
 
 def fail_once(client, packet_id: str, message: str) -> tuple[dict, float]:
@@ -218,3 +230,56 @@ def test_requeue_command_selects_by_time_range_and_all(make_app):
     assert requeued(result.output) == 1
     assert status(client)["dead_packets"] == 0
     assert poll(client, limit=10)["count"] == 3
+
+
+def test_a_failure_that_makes_its_packet_ready_again_wakes_a_waiting_poll(make_app):
+    """With no back-off the failed packet is pending at once: a poll already waiting gets it
+    then, not when its wait or the long-poll interval ends."""
+    app = make_app(BUCKET_RETRY_BACKOFF=0, BUCKET_LONG_POLL_INTERVAL=30)
+    client = app.test_client()
+    packet_id = ingest(client, user_id="again")
+    assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
+    waiter = Waiter(app, 15)
+    started = time.monotonic()
+    waiter.start()
+    wait_until_listening(app)
+    assert ack(client, packet_id, success=False).json["outcome"] == "retry_scheduled"
+    join_all([waiter], 20, "long poll")
+    assert [p["packet_id"] for p in waiter.body["packets"]] == [packet_id]
+    assert waiter.returned_at - started < 10, "the waiting poll was not woken"
+
+
+def test_a_failure_does_not_store_the_karma_actions_sent_with_it(client, app):
+    """Karma actions belong to a success: a failure that carries some leaves none stored."""
+    packet_id = ingest(client, user_id="no-karma")
+    poll(client)
+    failed = ack(client, packet_id, success=False, karma_actions=[{"action": "half-done"}])
+    assert failed.json["outcome"] == "retry_scheduled"
+    assert row(app, packet_id).karma_actions is None
+
+
+def test_a_finished_packet_is_stamped_when_it_finished_not_after_a_back_off(make_app):
+    """Processed and dead packets keep the time they finished in ``visible_at`` (retention
+    counts their age from it), whatever the back-off a failure would have waited; only a
+    failure on the last allowed delivery is stamped ``dead_at`` (not a success on it, not a
+    failure with tries left); a failure without a message records the default one."""
+    backoff = {"BUCKET_RETRY_BACKOFF": 600, "BUCKET_RETRY_BACKOFF_MAX": 600}
+    app = make_app(BUCKET_MAX_ATTEMPTS=3, **backoff)
+    last_try = make_app(BUCKET_MAX_ATTEMPTS=1, **backoff).test_client()  # the same database
+    client = app.test_client()
+    done, dead, saved, retried = (ingest(client, user_id="stamped") for _ in range(4))
+    poll(client)
+    acked_at = time.time()
+    assert ack(client, done).json["outcome"] == "processed"
+    assert ack(last_try, dead, success=False).json["outcome"] == "dead"
+    assert ack(last_try, saved).json["outcome"] == "processed"
+    assert ack(client, retried, success=False).json["outcome"] == "retry_scheduled"
+    for packet_id in (done, dead, saved):
+        assert abs(row(app, packet_id).visible_at - acked_at) < 5, packet_id
+    assert row(app, retried).visible_at > acked_at + 200  # jitter: half to all of 600 s
+    assert row(app, dead).last_error == "consumer reported failure"
+    dead_at = row(app, dead).dead_at
+    assert (
+        abs((dead_at if dead_at.tzinfo else dead_at.replace(tzinfo=UTC)).timestamp() - acked_at) < 5
+    )
+    assert [row(app, p).dead_at for p in (done, saved, retried)] == [None] * 3
