@@ -102,6 +102,9 @@ def complete_packet_schemas(app: Flask, schemas: dict[str, Any]) -> None:
                     {"required": ["state"], "properties": {"state": {"type": "string"}}},
                 ]
             },
+            # A body with a ``packets`` key is read as a batch envelope (CONTRACT.md), so a
+            # single packet cannot carry a field of that name.
+            {"not": {"required": ["packets"]}},
         ]
         # The accepted states come from this app's BUCKET_COGNITIVE_STATES, not from the class.
         states = sorted(app.extensions["bucket.packet_rules"].cognitive_states)
