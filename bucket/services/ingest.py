@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -12,6 +13,7 @@ import orjson
 from flask import current_app
 from psycopg.types.json import Json
 from sqlalchemy import insert, or_, select, text
+from sqlalchemy.dialects import postgresql
 
 from bucket.exceptions import ConflictVanished
 from bucket.extensions import db, queue
@@ -28,32 +30,52 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # Every column but ``seq``, which PostgreSQL's identity fills (and SQLite's allocation below).
 PACKET_COLUMNS = tuple(column.name for column in PACKET_TABLE.c if column.name != "seq")
 JSON_COLUMNS = frozenset(("raw_signals",))
-# Each new packet and its pending delivery, in one statement. Columns are named on both sides,
-# so the statement does not depend on the physical column order.
-_NEW_DELIVERIES = (
-    "INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
+# PostgreSQL: the packets table is partitioned by day (services/partitions) and cannot hold a
+# unique key across days, so each packet claims its keys in ``packet_keys`` first and goes in
+# only if that row did (ON CONFLICT DO NOTHING on either key, as the packet table's own keys
+# did before): two copies racing on two workers, or a copy resent the next day, still end as
+# one row. The key row, the packet and its pending delivery go in one statement. Columns are
+# named on both sides, so the statement does not depend on the physical column order.
+_CLAIM_AND_STORE = (
+    "claimed AS (INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at) "
+    "SELECT dedup_key, idempotency_key, packet_id, received_at FROM incoming "
+    "ON CONFLICT DO NOTHING RETURNING packet_id), "
+    f"stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
+    f"SELECT {', '.join(PACKET_COLUMNS)} FROM incoming "
+    "WHERE packet_id IN (SELECT packet_id FROM claimed) "
+    "RETURNING packet_id, dedup_key, received_at), "
+    "delivered AS (INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
     "delivery_count, processed_by_karma) "
     "SELECT packet_id, received_at, 'pending', extract(epoch FROM received_at)::float8, 0, false "
-    "FROM stored"
+    "FROM stored) "
+    "SELECT dedup_key FROM stored"
 )
 BATCH_INSERT_SQL = (
-    f"WITH stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
-    f"SELECT {', '.join(PACKET_COLUMNS)} "
-    "FROM json_populate_recordset(NULL::packets, %(doc)s::json) "
-    "ON CONFLICT DO NOTHING RETURNING packet_id, dedup_key, received_at), "
-    f"delivered AS ({_NEW_DELIVERIES}) SELECT dedup_key FROM stored"
+    f"WITH incoming AS (SELECT {', '.join(PACKET_COLUMNS)} "
+    "FROM json_populate_recordset(NULL::packets, %(doc)s::json)), " + _CLAIM_AND_STORE
 )
+
+
+def _postgres_type(column) -> str:
+    """The column's type without a length: a value too long must fail the INSERT, as it did,
+    not be cut by the cast."""
+    return re.sub(r"\(\d+\)", "", column.type.compile(dialect=postgresql.dialect()))
+
+
+# A single packet's values as typed parameters (a NULL must still know its column's type).
 SINGLE_INSERT_SQL = (
-    f"WITH stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(PACKET_COLUMNS))}) "
-    "ON CONFLICT DO NOTHING RETURNING packet_id, dedup_key, received_at), "
-    f"delivered AS ({_NEW_DELIVERIES}) SELECT dedup_key FROM stored"
+    "WITH incoming AS (SELECT "
+    + ", ".join(
+        f"CAST(%s AS {_postgres_type(PACKET_TABLE.c[name])}) AS {name}" for name in PACKET_COLUMNS
+    )
+    + "), "
+    + _CLAIM_AND_STORE
 )
 # Two index lookups, not an OR (which would need a bitmap scan, off on this pool).
 EXISTING_SQL = (
-    "SELECT packet_id, dedup_key, idempotency_key, received_at FROM packets "
+    "SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
     "WHERE dedup_key = ANY(%(keys)s) "
-    "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packets "
+    "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
     "WHERE idempotency_key = %(idem)s"
 )
 
