@@ -89,6 +89,8 @@ class Config:
         self.BUCKET_LONG_POLL_INTERVAL = env_float("BUCKET_LONG_POLL_INTERVAL", 0.5)
         self.BUCKET_RETENTION_DAYS = env_int("BUCKET_RETENTION_DAYS", 30)
         self.BUCKET_PURGE_BATCH_SIZE = env_int("BUCKET_PURGE_BATCH_SIZE", 1000)
+        # PostgreSQL: day partitions of packets made this many days ahead (README, "Retention").
+        self.BUCKET_PARTITION_DAYS_AHEAD = env_int("BUCKET_PARTITION_DAYS_AHEAD", 7)
         self.BUCKET_BOOKKEEPING_INTERVAL = env_float("BUCKET_BOOKKEEPING_INTERVAL", 2.0)
         # The audit log (README, "The audit trail"): the workers seal new packets this often
         # (0: only `flask bucket seal` does), at most this many per seal.

@@ -101,7 +101,7 @@ def register_background_work(app: Flask) -> None:
     """The bookkeeper's periodic tasks, in the order each round runs them (gunicorn starts it)."""
     from bucket.bookkeeper import PeriodicTask
     from bucket.extensions import bookkeeper
-    from bucket.services import activity, quarantine
+    from bucket.services import activity, partitions, quarantine
     from bucket.services.audit.sealing import seal_backlog
     from bucket.services.bookkeeping import book_new_packets
 
@@ -114,6 +114,8 @@ def register_background_work(app: Flask) -> None:
             PeriodicTask("sealing", seal_backlog, seal_every if seal_every > 0 else -1),
             PeriodicTask("quarantine expiry", quarantine.expire, EXPIRY_INTERVAL),
             PeriodicTask("roll-up pruning", activity.prune, EXPIRY_INTERVAL),
+            # PostgreSQL: the day partitions ahead, and packets out of the default partition.
+            PeriodicTask("partitions", partitions.ensure_partitions, PARTITION_INTERVAL),
         ],
     )
 
@@ -121,6 +123,8 @@ def register_background_work(app: Flask) -> None:
 # Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS and old per-minute roll-ups are
 # dropped this often (seconds).
 EXPIRY_INTERVAL = 60.0
+# Day partitions are checked (and made ahead, and the default partition emptied) this often.
+PARTITION_INTERVAL = 300.0
 
 
 def register_blueprints(app: Flask) -> None:

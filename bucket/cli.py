@@ -1,5 +1,6 @@
 """Operator commands: ``flask bucket stats|requeue|replay|purge|rebuild-queue|recount|book``,
-``flask bucket seal|verify`` and ``flask bucket quarantine list|show|replay|purge``."""
+``flask bucket seal|verify``, ``flask bucket partitions list|ensure`` and
+``flask bucket quarantine list|show|replay|purge``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from flask import current_app
 from flask.cli import AppGroup
 
 from bucket.models import DeliveryState
-from bucket.services import delivery, quarantine
+from bucket.services import delivery, partitions, quarantine
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.audit.verification import verify
 from bucket.services.bookkeeping import book_new_packets
@@ -160,6 +161,55 @@ def book_command() -> None:
         click.echo("another bookkeeper is booking right now; nothing done")
     else:
         click.echo(f"booked {booking.packets} packets (seq {booking.after + 1}..{booking.through})")
+
+
+partitions_cli = AppGroup(
+    "partitions", help="The day partitions of the packets table (PostgreSQL)."
+)
+bucket_cli.add_command(partitions_cli)
+
+
+@partitions_cli.command("list")
+def partitions_list_command() -> None:
+    """List the partitions (oldest first, estimated rows) and the default partition's packets."""
+    if not partitions.partitioned():
+        click.echo("SQLite keeps one packets table: no partitions")
+        return
+    for part in partitions.partitions():
+        start = part.start.date().isoformat() if part.start else "-"
+        end = part.end.date().isoformat() if part.end else "-"
+        click.echo(f"{part.name}\t{start}\t{end}\t~{part.estimated_rows} rows")
+    click.echo(
+        f"default partition: {partitions.default_rows()} packets; "
+        f"days ahead: {partitions.days_ahead()}"
+    )
+
+
+@partitions_cli.command("ensure")
+@click.option(
+    "--days-ahead",
+    type=click.IntRange(min=0),
+    help="Days after today to cover (default BUCKET_PARTITION_DAYS_AHEAD).",
+)
+def partitions_ensure_command(days_ahead: int | None) -> None:
+    """Create the day partitions up to N days ahead and move any packets out of the default
+    partition into their own day's (the workers do it every few minutes)."""
+    if not partitions.partitioned():
+        click.echo("SQLite keeps one packets table: nothing to do")
+        return
+    done = partitions.ensure_partitions(days_ahead)
+    for name in done.created:
+        moved = done.moved.get(name)
+        click.echo(
+            f"created {name}" + (f" ({moved} packets moved from the default)" if moved else "")
+        )
+    if done.skipped:
+        click.echo(f"not finished: {done.skipped}; try again")
+        raise SystemExit(1)
+    click.echo(
+        f"{len(done.created)} partitions created; days ahead: {partitions.days_ahead()}; "
+        f"default partition: {partitions.default_rows()} packets"
+    )
 
 
 quarantine_cli = AppGroup("quarantine", help="See, replay and purge refused packets.")

@@ -9,7 +9,7 @@ def shell_context() -> dict[str, Any]:
     """db, the packet and delivery models, the queue service and the operator's functions."""
     from bucket.extensions import db, queue
     from bucket.models import Delivery, DeliveryState, Packet
-    from bucket.services import delivery
+    from bucket.services import delivery, partitions
     from bucket.services.bookkeeping import book_new_packets
     from bucket.services.ingest import store_packets
     from bucket.services.listing import user_packets
@@ -28,4 +28,6 @@ def shell_context() -> dict[str, Any]:
         "acknowledge": delivery.acknowledge,
         "requeue": delivery.requeue,
         "book": book_new_packets,
+        "ensure_partitions": partitions.ensure_partitions,
+        "partitions": partitions.partitions,
     }

@@ -121,6 +121,10 @@ CASES: dict[str, dict] = {
     "BUCKET_LONG_POLL_INTERVAL": {"value": "0.25", "config": ("BUCKET_LONG_POLL_INTERVAL", 0.25)},
     "BUCKET_RETENTION_DAYS": {"value": "9", "config": ("BUCKET_RETENTION_DAYS", 9)},
     "BUCKET_PURGE_BATCH_SIZE": {"value": "250", "config": ("BUCKET_PURGE_BATCH_SIZE", 250)},
+    "BUCKET_PARTITION_DAYS_AHEAD": {
+        "value": "3",
+        "config": ("BUCKET_PARTITION_DAYS_AHEAD", 3),
+    },
     "BUCKET_BOOKKEEPING_INTERVAL": {
         "value": "0.5",
         "config": ("BUCKET_BOOKKEEPING_INTERVAL", 0.5),

@@ -242,6 +242,21 @@ class StatusSchema(BaseSchema):
     quarantine_expired = fields.Integer(
         metadata={"description": "Entries dropped so far after the retention period."}
     )
+    default_partition_packets = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "PostgreSQL: packets in the default partition of the packets table, "
+            "which no day partition covered when they arrived (0 in normal operation; the "
+            "workers move them into their day's partition). Null on SQLite."
+        },
+    )
+    partition_days_ahead = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "PostgreSQL: days after today whose day partition exists already "
+            "(-1: not even today's). Null on SQLite."
+        },
+    )
     consumer_auth = fields.Boolean()
     ingest_auth = fields.String(
         metadata={"enum": ["off", "observe", "require"], "description": "BUCKET_INGEST_AUTH."}

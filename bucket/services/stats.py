@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from flask import current_app
 
 from bucket.extensions import queue
-from bucket.services import activity, sql
+from bucket.services import activity, partitions, sql
 from bucket.timeutil import epoch_now, utc_now
 
 COUNT_CAP = 10_000
@@ -96,6 +96,8 @@ class QueueStats:
     quarantine_bytes: int
     quarantine_evicted: int
     quarantine_expired: int
+    default_partition_packets: int | None
+    partition_days_ahead: int | None
     consumer_auth: bool
     ingest_auth: str
     auth_refused: dict[str, int]
@@ -191,6 +193,8 @@ def collect_stats() -> QueueStats:
         quarantine_bytes=figures.quarantine[1],
         quarantine_evicted=figures.quarantine[2],
         quarantine_expired=figures.quarantine[3],
+        default_partition_packets=partitions.default_rows(),
+        partition_days_ahead=partitions.days_ahead(),
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
         ingest_auth=current_app.config.get("BUCKET_INGEST_AUTH") or "off",
         auth_refused=activity.refusals(),

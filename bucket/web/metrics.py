@@ -195,6 +195,18 @@ class QueueCollector:
         dropped.add_metric(["evicted"], stats.quarantine_evicted)
         dropped.add_metric(["expired"], stats.quarantine_expired)
         yield dropped
+        if stats.default_partition_packets is not None:
+            yield GaugeMetricFamily(
+                "bucket_packets_default_partition",
+                "Packets in the default partition, which no day partition covered (PostgreSQL; "
+                "0 in normal operation).",
+                value=stats.default_partition_packets,
+            )
+            yield GaugeMetricFamily(
+                "bucket_partition_days_ahead",
+                "Days after today whose packet partition exists already (PostgreSQL).",
+                value=stats.partition_days_ahead,
+            )
         yield GaugeMetricFamily(
             "bucket_redis_connected",
             "1 when Redis answered a ping.",

@@ -1,0 +1,246 @@
+"""Day partitions of the packets table (PostgreSQL): made ahead, watched, and adopted from the
+default partition.
+
+``packets`` is partitioned by range of ``received_at``, one partition a UTC day, named
+``packets_pYYYYMMDD`` (migration 0012). The bookkeeper (every ``MAINTENANCE_INTERVAL``) and
+``flask bucket partitions ensure`` create the days from today to ``BUCKET_PARTITION_DAYS_AHEAD``
+ahead, so an insert always finds its day. ``packets_default`` takes whatever no day covers,
+as a safety net only: status and ``/metrics`` show how many packets sit in it, and the next
+maintenance moves them into a partition of their own day (created for them), keeping their
+``seq`` and content, so the audit log's leaves still match. ``packets_legacy``, present after
+an upgrade from the old layout, holds everything received before the upgrade's next day.
+
+Creating a partition takes a short exclusive lock on ``packets``; it waits at most
+``LOCK_TIMEOUT`` for queries in flight and otherwise tries again next time. One maintainer at
+a time across every worker and instance (a transaction-scoped advisory lock). SQLite keeps
+one table: every function here is a no-op there.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+
+from flask import current_app
+from sqlalchemy import text
+
+from bucket.extensions import db
+from bucket.services.dialect import dialect_name
+from bucket.timeutil import utc_now
+
+log = logging.getLogger(__name__)
+DEFAULT = "packets_default"
+LEGACY = "packets_legacy"
+DAY_NAME = re.compile(r"^packets_p(\d{8})$")
+# pg_advisory_xact_lock key of the partition maintainer: "prana-part" as an integer.
+MAINTAINER_LOCK = 0x7072616E61706172
+LOCK_TIMEOUT = "2s"
+# A watched count: beyond this many rows the default partition is not counted further.
+DEFAULT_COUNT_CAP = 1_000_000
+PARTITIONS_SQL = (
+    "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint "
+    "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+    "WHERE i.inhparent = 'packets'::regclass ORDER BY c.relname"
+)
+
+
+@dataclass
+class Partition:
+    """One partition of ``packets``: its name, the days it covers ([start, end) in UTC, None
+    where unbounded) and PostgreSQL's estimate of its rows."""
+
+    name: str
+    start: datetime | None
+    end: datetime | None
+    estimated_rows: int
+
+    @property
+    def is_day(self) -> bool:
+        return DAY_NAME.match(self.name) is not None
+
+
+@dataclass
+class Maintenance:
+    """What one maintenance did: the partitions created, and the packets moved out of the
+    default partition into their day's (by day)."""
+
+    created: list[str] = field(default_factory=list)
+    moved: dict[str, int] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+def partitioned() -> bool:
+    """Whether packets are partitioned here (PostgreSQL)."""
+    return dialect_name() == "postgresql"
+
+
+def day_name(day: date) -> str:
+    """The partition name of a UTC day."""
+    return f"packets_p{day:%Y%m%d}"
+
+
+def day_start(day: date) -> datetime:
+    return datetime.combine(day, time(), tzinfo=UTC)
+
+
+def bound_literal(day: date) -> str:
+    """A day's start as a partition bound literal (DDL takes no parameters)."""
+    return f"'{day:%Y-%m-%d} 00:00:00'"
+
+
+def _bound(expression: str, keyword: str) -> datetime | None:
+    found = re.search(rf"{keyword} \('([^']+)'\)", expression)
+    if found is None:
+        return None
+    return datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC)
+
+
+def partitions() -> list[Partition]:
+    """Every partition of ``packets``, oldest first, the default last (empty on SQLite)."""
+    if not partitioned():
+        return []
+    rows = db.session.execute(text(PARTITIONS_SQL)).all()
+    db.session.commit()
+    found = [
+        Partition(name, _bound(bound, "FROM"), _bound(bound, "TO"), max(0, estimate))
+        for name, bound, estimate in rows
+    ]
+    epoch = datetime.min.replace(tzinfo=UTC)
+    return sorted(found, key=lambda p: (p.name == DEFAULT, p.start or epoch))
+
+
+def default_rows() -> int | None:
+    """Packets in the default partition (up to ``DEFAULT_COUNT_CAP``); None on SQLite."""
+    if not partitioned():
+        return None
+    count = db.session.execute(
+        text(f"SELECT count(*) FROM (SELECT 1 FROM {DEFAULT} LIMIT :cap) AS held"),
+        {"cap": DEFAULT_COUNT_CAP},
+    ).scalar_one()
+    db.session.commit()
+    return count
+
+
+def days_ahead() -> int | None:
+    """Whole days after today covered by day partitions without a gap (-1: not even today);
+    None on SQLite."""
+    if not partitioned():
+        return None
+    found = partitions()
+    covered = {p.start.date() for p in found if p.is_day and p.start is not None}
+    legacy_end = next((p.end for p in found if p.name == LEGACY), None)
+    today = utc_now().date()
+    if legacy_end is not None and legacy_end.date() > today:
+        covered |= {today + timedelta(days=n) for n in range((legacy_end.date() - today).days)}
+    ahead = -1
+    while today + timedelta(days=ahead + 1) in covered:
+        ahead += 1
+    return ahead
+
+
+def ensure_partitions(days: int | None = None) -> Maintenance:
+    """Create the day partitions from today to ``days`` ahead (default
+    BUCKET_PARTITION_DAYS_AHEAD), and move any packets in the default partition into their
+    own day's partition, created for them. A no-op on SQLite."""
+    report = Maintenance()
+    if not partitioned():
+        return report
+    if days is None:
+        days = current_app.config["BUCKET_PARTITION_DAYS_AHEAD"]
+    if days < 0:
+        raise ValueError("days must be >= 0")
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        if not session.execute(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK}
+        ).scalar_one():
+            session.rollback()
+            report.skipped = "another maintainer is at work"
+            return report
+        existing = partitions_in(session)
+        stray = [
+            row[0].date()
+            for row in session.execute(
+                text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {DEFAULT}")
+            )
+        ]
+        session.commit()
+    except Exception:
+        session.rollback()
+        raise
+    today = utc_now().date()
+    wanted = {today + timedelta(days=n) for n in range(days + 1)}
+    for day in sorted(wanted | set(stray)):
+        if covered_by(existing, day):
+            continue
+        try:
+            moved = create_day(day, day in stray)
+        except Exception as exc:  # a lock not granted in time: the next maintenance retries
+            db.session.rollback()
+            if "lock timeout" not in str(exc):
+                raise
+            report.skipped = f"packets stayed locked for {LOCK_TIMEOUT}"
+            log.info("partition maintenance: %s", report.skipped)
+            return report
+        report.created.append(day_name(day))
+        if moved:
+            report.moved[day_name(day)] = moved
+            log.warning("moved %d packets from the default partition into %s", moved, day)
+    return report
+
+
+def partitions_in(session) -> list[tuple[datetime | None, datetime | None]]:
+    """The ranges of every bounded partition, read inside the caller's transaction."""
+    rows = session.execute(text(PARTITIONS_SQL)).all()
+    return [
+        (_bound(bound, "FROM"), _bound(bound, "TO")) for _, bound, _ in rows if bound != "DEFAULT"
+    ]
+
+
+def covered_by(ranges: list[tuple[datetime | None, datetime | None]], day: date) -> bool:
+    """Whether some partition's range overlaps this day."""
+    start, end = day_start(day), day_start(day + timedelta(days=1))
+    return any(
+        (lower is None or lower < end) and (upper is None or upper > start)
+        for lower, upper in ranges
+    )
+
+
+def create_day(day: date, adopt: bool) -> int:
+    """Create one day's partition in its own transaction; with ``adopt``, first move that
+    day's packets out of the default partition into it (else creating it would fail: the
+    default partition may not hold rows of a range another partition covers). Returns the
+    number of packets moved."""
+    name = day_name(day)
+    start, end = day_start(day), day_start(day + timedelta(days=1))
+    bounds = f"FOR VALUES FROM ({bound_literal(day)}) TO ({bound_literal(day + timedelta(days=1))})"
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK})
+        moved = 0
+        if not adopt:
+            session.execute(
+                text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF packets {bounds}")
+            )
+        else:
+            # Inserts routed to the default partition wait until the rows have moved.
+            session.execute(text(f"LOCK TABLE {DEFAULT} IN EXCLUSIVE MODE"))
+            session.execute(text(f"CREATE TABLE {name} (LIKE packets INCLUDING DEFAULTS)"))
+            moved = session.execute(
+                text(
+                    f"WITH moved AS (DELETE FROM {DEFAULT} WHERE received_at >= :start "
+                    f"AND received_at < :end RETURNING *) "
+                    f"INSERT INTO {name} SELECT * FROM moved"
+                ),
+                {"start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)},
+            ).rowcount
+            session.execute(text(f"ALTER TABLE packets ATTACH PARTITION {name} {bounds}"))
+        session.commit()
+        return moved
+    except Exception:
+        session.rollback()
+        raise
