@@ -17,7 +17,7 @@ from bucket.services.audit.sealing import seal_everything
 from bucket.services.audit.verification import verify
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
-from bucket.services.retention import purge
+from bucket.services.retention import DayPurgeReport, purge_days, purge_rows
 from bucket.services.stats import collect_stats
 
 bucket_cli = AppGroup("bucket", help="Inspect and repair the packet queue.")
@@ -91,31 +91,45 @@ def replay_command(user_id: str, since: str | None, until: str | None) -> None:
 @click.option(
     "--older-than-days",
     type=click.FloatRange(min=0),
-    help="Age in days after processing (default BUCKET_RETENTION_DAYS).",
+    help="Age in days (default BUCKET_RETENTION_DAYS): of the day received on PostgreSQL, "
+    "since processing by rows.",
 )
-@click.option("--include-dead", is_flag=True, help="Also delete dead packets past that age.")
+@click.option("--include-dead", is_flag=True, help="Also purge dead packets past that age.")
 @click.option(
     "--batch-size",
     type=click.IntRange(min=1),
     help="Rows deleted per transaction (default BUCKET_PURGE_BATCH_SIZE).",
 )
-@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.option("--dry-run", is_flag=True, help="Count what would be purged; purge nothing.")
+@click.option(
+    "--by-rows",
+    is_flag=True,
+    help="PostgreSQL: delete old processed packets in batches instead of dropping whole days "
+    "(e.g. the processed packets of a day kept for an unfinished one). SQLite always does.",
+)
 def purge_command(
-    older_than_days: float | None, include_dead: bool, batch_size: int | None, dry_run: bool
+    older_than_days: float | None,
+    include_dead: bool,
+    batch_size: int | None,
+    dry_run: bool,
+    by_rows: bool,
 ) -> None:
-    """Delete processed packets older than the retention period, in short batches.
+    """Purge packets older than the retention period.
 
-    Dead packets are kept unless --include-dead is given. Schedule this daily (a cron job
-    running ``flask --app wsgi bucket purge``); it is safe beside live traffic.
+    PostgreSQL drops whole days (their partitions) received more than that long ago, after
+    sealing them and recording their seq ranges in the audit log; a day still holding an
+    unfinished packet, or a dead one without --include-dead, is kept whole and named. SQLite
+    (and --by-rows) deletes packets processed that long ago in short batches. Dead packets are
+    kept unless --include-dead is given. Schedule this daily (a cron job running
+    ``flask --app wsgi bucket purge``); it is safe beside live traffic.
     """
     config = current_app.config
     days = config["BUCKET_RETENTION_DAYS"] if older_than_days is None else older_than_days
-    report = purge(
-        days,
-        include_dead=include_dead,
-        batch_size=batch_size or config["BUCKET_PURGE_BATCH_SIZE"],
-        dry_run=dry_run,
-    )
+    batch_size = batch_size or config["BUCKET_PURGE_BATCH_SIZE"]
+    if partitions.partitioned() and not by_rows:
+        echo_day_purge(purge_days(days, include_dead, batch_size, dry_run))
+        return
+    report = purge_rows(days, include_dead=include_dead, batch_size=batch_size, dry_run=dry_run)
     states = " and ".join(report.states)
     cutoff = report.cutoff.isoformat()
     if report.dry_run:
@@ -125,6 +139,23 @@ def purge_command(
             f"purged {report.packets} {states} packets older than {cutoff} "
             f"in {report.batches} batches"
         )
+
+
+def echo_day_purge(report: DayPurgeReport) -> None:
+    """One line per day dropped or kept, then the totals."""
+    verb = "would drop" if report.dry_run else "dropped"
+    for day in report.dropped:
+        click.echo(
+            f"{verb} {day.partition}: {day.packets} packets ({day.dead} dead), "
+            f"{day.ranges} seq ranges recorded in the audit log"
+        )
+    for day in report.kept:
+        click.echo(f"kept {day.partition}: {day.kept}")
+    verb = "would purge" if report.dry_run else "purged"
+    click.echo(
+        f"{verb} {report.packets} packets in {len(report.dropped)} days received before "
+        f"{report.cutoff.isoformat()}; {len(report.kept)} days kept"
+    )
 
 
 @bucket_cli.command("rebuild-queue")

@@ -393,7 +393,9 @@ def test_retention_keeps_the_proof_and_tells_a_purge_from_a_deletion(app, client
         assert (
             client.post("/api/v1/bucket/prana/packets/mark-processed", json=body).status_code == 200
         )
-    purged = app.test_cli_runner().invoke(args=["bucket", "purge", "--older-than-days", "0"])
+    purged = app.test_cli_runner().invoke(
+        args=["bucket", "purge", "--by-rows", "--older-than-days", "0"]
+    )
     assert purged.exit_code == 0 and "purged 2" in purged.output, purged.output
     result = verify(app.test_cli_runner())
     assert result.exit_code == 0, result.output

@@ -89,20 +89,23 @@ def test_stats_prints_the_status_figures(client, runner):
 
 
 def test_purge_with_dry_run_then_for_real(app, client, runner):
-    """purge --dry-run counts; purge deletes old processed packets in batches, keeps dead ones."""
+    """purge --dry-run counts; purge deletes old processed packets in batches, keeps dead ones
+    (by rows: SQLite's way, and PostgreSQL's with --by-rows)."""
     old = ingest(client, 3)
     process_all(client)
     dead = ingest(client, 1)
     set_rows(app, dead, delivery_state=DeliveryState.DEAD)
     set_rows(app, old + dead, visible_at=time.time() - 40 * DAY)
-    dry = runner.invoke(args=["bucket", "purge", "--dry-run"])
+    dry = runner.invoke(args=["bucket", "purge", "--by-rows", "--dry-run"])
     assert dry.exit_code == 0 and "would purge 3 processed packets" in dry.output
     assert len(row_states(app)) == 4
-    real = runner.invoke(args=["bucket", "purge", "--batch-size", "2"])
+    real = runner.invoke(args=["bucket", "purge", "--by-rows", "--batch-size", "2"])
     assert real.exit_code == 0 and "purged 3 processed packets" in real.output
     assert "in 2 batches" in real.output
     assert list(row_states(app)) == dead
-    gone = runner.invoke(args=["bucket", "purge", "--include-dead", "--older-than-days", "30"])
+    gone = runner.invoke(
+        args=["bucket", "purge", "--by-rows", "--include-dead", "--older-than-days", "30"]
+    )
     assert "purged 1 processed and dead packets" in gone.output
     assert row_states(app) == {}
 

@@ -23,7 +23,7 @@ from bucket.services.audit.sealing import seal_everything
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.ingest import delivery_row, packet_row
-from bucket.services.retention import purge
+from bucket.services.retention import purge_rows as purge
 from bucket.timeutil import utc_now
 from tests.concurrency import run_threads
 from tests.factories import make_packet

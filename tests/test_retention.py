@@ -13,7 +13,7 @@ from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import retention
 from bucket.services.audit.sealing import seal_new_packets, sealed_through
 from bucket.services.counters import recount
-from bucket.services.retention import purge
+from bucket.services.retention import purge_rows as purge
 from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"

@@ -85,6 +85,11 @@ def day_start(day: date) -> datetime:
     return datetime.combine(day, time(), tzinfo=UTC)
 
 
+def naive(moment: datetime) -> datetime:
+    """UTC, as the table stores it (timestamp without time zone)."""
+    return moment.astimezone(UTC).replace(tzinfo=None)
+
+
 def bound_literal(day: date) -> str:
     """A day's start as a partition bound literal (DDL takes no parameters)."""
     return f"'{day:%Y-%m-%d} 00:00:00'"

@@ -1,23 +1,47 @@
-"""Retention: delete processed (and, on request, dead) packets in short, bounded batches.
+"""Retention: drop whole days of packets (PostgreSQL), or delete processed (and, on request,
+dead) packets in short, bounded batches (SQLite, and PostgreSQL on request).
 
-Each batch is its own transaction deleting at most ``batch_size`` packets (and their
-deliveries) picked through the queue index (``delivery_state``, ``visible_at``, which holds the
-time a packet was processed or dead-lettered); on PostgreSQL the deliveries are picked with
-``FOR UPDATE SKIP LOCKED``, so a purge
-never waits on, or blocks, the rows that ingest, polls and acks are touching. Run it on a
-schedule (``flask bucket purge`` from a cron job) or on demand.
+By days (``purge_days``, PostgreSQL): every day partition (and the legacy partition of an
+upgraded deployment) whose end lies more than N days back goes whole. First everything stored
+is booked and sealed; a day holding a packet not sealed yet, or one still unfinished (pending
+or leased), or dead (unless ``include_dead``), is kept whole and reported with its counts:
+no packet that still matters is lost, and the next purge tries again. Otherwise, in one short
+transaction: the day's rows are locked against change, the audit log records the runs of
+``seq`` the day held (``audit_purged_ranges``: every sealed packet inside a run was in the day,
+computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
+and still calls any other missing packet deleted), the counters are lowered, the day's dead
+deliveries removed, and the partition detached. Then, in batches, its processed deliveries and
+its keys in ``packet_keys`` are removed, and the detached table is dropped (a run interrupted
+there is finished by the next purge). No packet row is deleted one by one, and no vacuum
+follows. Retention then counts from the day a packet was received, not processed.
+
+By rows (``purge_rows``): each batch is its own transaction deleting at most ``batch_size``
+packets (and their deliveries, and on PostgreSQL their keys) picked through the queue index
+(``delivery_state``, ``visible_at``, which holds the time a packet was processed or
+dead-lettered); on PostgreSQL the deliveries are picked with ``FOR UPDATE SKIP LOCKED``, so a
+purge never waits on, or blocks, the rows that ingest, polls and acks are touching. Run it on
+a schedule (``flask bucket purge`` from a cron job) or on demand.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, text
 
 from bucket.extensions import db
-from bucket.models import AuditPurge, Delivery, DeliveryState, Packet, PacketCounter
-from bucket.services import counters
+from bucket.models import (
+    AuditPurge,
+    AuditPurgedRange,
+    Delivery,
+    DeliveryState,
+    Packet,
+    PacketCounter,
+    PacketKey,
+)
+from bucket.services import counters, partitions
 from bucket.services.audit.sealing import seal_everything, sealed_through
 from bucket.services.bookkeeping import book_new_packets
 from bucket.timeutil import epoch_now, from_epoch, utc_now
@@ -25,7 +49,9 @@ from bucket.timeutil import epoch_now, from_epoch, utc_now
 T = Packet.__table__
 D = Delivery.__table__
 C = PacketCounter.__table__
+K = PacketKey.__table__
 SECONDS_PER_DAY = 86400.0
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,7 +65,7 @@ class PurgeReport:
     dry_run: bool
 
 
-def purge(
+def purge_rows(
     older_than_days: float,
     include_dead: bool = False,
     batch_size: int = 1000,
@@ -87,15 +113,22 @@ def purge(
             delete(D).where(D.c.packet_id.in_(victims)).returning(D.c.packet_id, D.c.delivery_state)
         ).all()
         if gone:
+            ids = [pid for pid, _ in gone]
             removed = db.session.execute(
                 delete(T)
-                .where(T.c.packet_id.in_([pid for pid, _ in gone]))
-                .returning(T.c.seq, T.c.packet_id)
+                .where(T.c.packet_id.in_(ids))
+                .returning(T.c.seq, T.c.packet_id, T.c.dedup_key)
             ).all()
+            if partitions.partitioned():  # the keys a resent copy would have been matched on
+                keys = [key for _, _, key in removed]
+                db.session.execute(delete(K).where(K.c.dedup_key.in_(keys)))
             now = utc_now()
             db.session.execute(
                 insert(AuditPurge.__table__),
-                [{"packet_seq": seq, "packet_id": pid, "purged_at": now} for seq, pid in removed],
+                [
+                    {"packet_seq": seq, "packet_id": pid, "purged_at": now}
+                    for seq, pid, _ in removed
+                ],
             )
         count = len(gone)
         states_gone = [state for _, state in gone]
@@ -107,3 +140,203 @@ def purge(
         deleted += count
         if count < batch_size:
             return PurgeReport(from_epoch(cutoff), states, deleted, batches, False)
+
+
+# The seqs of the sealed packets near one day's, each marked whether the day holds it; runs of
+# marked ones are the ranges recorded. Read from the seals' own leaves (8 bytes a seq, big
+# endian), so a range never spans a sealed packet the day did not hold, whether that packet
+# is stored elsewhere, was purged before, or was deleted behind the log's back.
+RANGES_SQL = """
+WITH bounds AS (SELECT min(seq) AS lo, max(seq) AS hi FROM {day}),
+leaves AS (
+  SELECT ('x' || encode(substring(s.leaf_seqs FROM i * 8 + 1 FOR 8), 'hex'))::bit(64)::bigint
+         AS seq
+  FROM audit_seals s, bounds b, generate_series(0, length(s.leaf_seqs) / 8 - 1) AS i
+  WHERE s.last_seq >= b.lo AND s.after_seq < b.hi
+),
+marked AS (
+  SELECT l.seq, d.seq IS NOT NULL AS held FROM leaves l
+  LEFT JOIN {day} d ON d.seq = l.seq, bounds b
+  WHERE l.seq BETWEEN b.lo AND b.hi
+),
+runs AS (
+  SELECT seq, held,
+         row_number() OVER (ORDER BY seq) - row_number() OVER (PARTITION BY held ORDER BY seq)
+         AS run
+  FROM marked
+)
+SELECT min(seq), max(seq), count(*) FROM runs WHERE held GROUP BY run ORDER BY 1
+"""
+LOCK_TIMEOUT = "1s"
+LEFTOVERS_SQL = (
+    "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
+    "AND relname ~ '^packets_(p[0-9]{8}|legacy)$' ORDER BY relname"
+)
+
+
+@dataclass
+class DayOutcome:
+    """One day partition a purge looked at: dropped (or would be), or kept and why."""
+
+    partition: str
+    packets: int
+    dead: int = 0
+    unfinished: int = 0
+    ranges: int = 0
+    kept: str | None = None
+
+
+@dataclass
+class DayPurgeReport:
+    """What a purge by days did: the days dropped and kept, and where it drew the line."""
+
+    cutoff: datetime
+    dry_run: bool
+    days: list[DayOutcome] = field(default_factory=list)
+
+    @property
+    def dropped(self) -> list[DayOutcome]:
+        return [day for day in self.days if day.kept is None]
+
+    @property
+    def kept(self) -> list[DayOutcome]:
+        return [day for day in self.days if day.kept is not None]
+
+    @property
+    def packets(self) -> int:
+        return sum(day.packets for day in self.dropped)
+
+
+def purge_days(
+    older_than_days: float,
+    include_dead: bool = False,
+    batch_size: int = 1000,
+    dry_run: bool = False,
+) -> DayPurgeReport:
+    """PostgreSQL: drop the day partitions that ended more than N days ago, keeping whole any
+    day with a packet unsealed, unfinished, or dead (unless ``include_dead``)."""
+    if older_than_days < 0 or batch_size < 1:
+        raise ValueError("older_than_days must be >= 0 and batch_size >= 1")
+    cutoff = utc_now() - timedelta(days=older_than_days)
+    report = DayPurgeReport(cutoff, dry_run)
+    if not dry_run:
+        for name in db.session.execute(text(LEFTOVERS_SQL)).scalars().all():
+            clear_detached(name, batch_size)  # an earlier purge stopped before dropping it
+        db.session.commit()
+    book_new_packets()
+    seal_everything()
+    booked = db.session.execute(
+        select(C.c.value).where(C.c.name == counters.BOOKED)
+    ).scalar_one_or_none()
+    horizon = min(sealed_through(), booked or 0)
+    db.session.commit()
+    for part in partitions.partitions():
+        if part.name == partitions.DEFAULT or part.end is None or part.end > cutoff:
+            continue
+        outcome = drop_day(part, horizon, include_dead, dry_run)
+        report.days.append(outcome)
+        if outcome.kept is not None:
+            log.warning("retention kept %s: %s", part.name, outcome.kept)
+        elif not dry_run:
+            clear_detached(part.name, batch_size)
+    return report
+
+
+def drop_day(
+    part: partitions.Partition, horizon: int, include_dead: bool, dry_run: bool
+) -> DayOutcome:
+    """Record, count out and detach one day partition in one transaction, unless it must be
+    kept (the outcome says why)."""
+    name = part.name
+    window = "received_at < :end" + (" AND received_at >= :start" if part.start else "")
+    bounds = {"end": partitions.naive(part.end)}
+    if part.start is not None:
+        bounds["start"] = partitions.naive(part.start)
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        # Nobody changes the day's rows from here on (nobody should: they are old).
+        session.execute(text(f"LOCK TABLE {name} IN SHARE MODE"))
+        count, distinct, highest = session.execute(
+            text(f"SELECT count(*), count(DISTINCT seq), coalesce(max(seq), 0) FROM {name}")
+        ).one()
+        outcome = DayOutcome(name, count)
+        held = session.execute(
+            text(
+                "SELECT packet_id, delivery_state FROM deliveries "
+                f"WHERE delivery_state IN ('pending', 'leased', 'dead') AND {window} FOR UPDATE"
+            ),
+            bounds,
+        ).all()
+        dead = [pid for pid, state in held if state == DeliveryState.DEAD]
+        outcome.dead, outcome.unfinished = len(dead), len(held) - len(dead)
+        if highest > horizon:
+            outcome.kept = "holds packets not sealed yet"
+        elif outcome.unfinished or (dead and not include_dead):
+            outcome.kept = (
+                f"holds {outcome.unfinished} unfinished and {outcome.dead} dead packets "
+                "(kept whole until they are processed"
+                + (")" if include_dead else ", or purged with --include-dead)")
+            )
+        ranges = [] if outcome.kept else session.execute(text(RANGES_SQL.format(day=name))).all()
+        if not outcome.kept and (distinct != count or sum(r[2] for r in ranges) != count):
+            outcome.kept = "its rows do not match the audit log's leaves (run flask bucket verify)"
+        outcome.ranges = len(ranges)
+        if outcome.kept or dry_run:
+            session.rollback()
+            return outcome
+        if dead:
+            session.execute(delete(D).where(D.c.packet_id.in_(dead)))
+        session.execute(text(f"ALTER TABLE packets DETACH PARTITION {name}"))
+        now = utc_now()
+        if ranges:
+            session.execute(
+                insert(AuditPurgedRange.__table__),
+                [
+                    {
+                        "first_seq": first,
+                        "last_seq": last,
+                        "packet_count": size,
+                        "partition": name,
+                        "purged_at": now,
+                    }
+                    for first, last, size in ranges
+                ],
+            )
+        counters.bump(counters.STORED, -count)
+        counters.bump(counters.DEAD, -len(dead))
+        counters.bump(counters.PROCESSED, -(count - len(dead)))
+        session.commit()
+        return outcome
+    except Exception as exc:
+        session.rollback()
+        if "lock timeout" not in str(exc):
+            raise
+        return DayOutcome(name, 0, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
+
+
+def clear_detached(name: str, batch_size: int) -> None:
+    """Remove a detached day's deliveries and keys in batches, then drop its table."""
+    after = 0
+    session = db.session
+    while True:
+        rows = session.execute(
+            text(
+                f"SELECT seq, packet_id, dedup_key FROM {name} "
+                "WHERE seq > :after ORDER BY seq LIMIT :n"
+            ),
+            {"after": after, "n": batch_size},
+        ).all()
+        if not rows:
+            break
+        session.execute(delete(D).where(D.c.packet_id.in_([pid for _, pid, _ in rows])))
+        session.execute(
+            delete(K).where(
+                K.c.dedup_key.in_([key for _, _, key in rows]),
+                K.c.packet_id.in_([pid for _, pid, _ in rows]),
+            )
+        )
+        session.commit()
+        after = rows[-1][0]
+    session.execute(text(f"DROP TABLE {name}"))
+    session.commit()

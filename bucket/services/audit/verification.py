@@ -2,24 +2,27 @@
 
 Names each packet altered (any stored field), deleted, or inserted behind the log's back, and
 each seal edited or missing from the chain. A packet the retention purge deleted is reported
-as purged, with the day, not as a problem: the purge records what it removes.
+as purged, with the day, not as a problem: the purge records what it removes, packet by
+packet (by rows) or as runs of seq that held only packets of the day it dropped (by days).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from sqlalchemy import func, select
 
 from bucket.extensions import db
-from bucket.models import AuditPurge, AuditSeal, Packet
+from bucket.models import AuditPurge, AuditPurgedRange, AuditSeal, Packet
 from bucket.services.audit.content import GENESIS, LEAF_SELECT, Leaves, packet_leaf, seal_hash
 from bucket.services.audit.merkle import root
 
 T = Packet.__table__
 S = AuditSeal.__table__
 P = AuditPurge.__table__
+R = AuditPurgedRange.__table__
 
 
 @dataclass
@@ -150,6 +153,22 @@ def check_seal(seal: AuditSeal, report: Verification) -> None:
             select(P).where(P.c.packet_seq > seal.after_seq, P.c.packet_seq <= seal.last_seq)
         )
     }
+    ranges = db.session.execute(
+        select(R.c.first_seq, R.c.last_seq, R.c.purged_at)
+        .where(R.c.first_seq <= seal.last_seq, R.c.last_seq > seal.after_seq)
+        .order_by(R.c.first_seq)
+    ).all()
+    starts = [first for first, _, _ in ranges]
+
+    def purged_at(packet_seq: int) -> datetime | None:
+        purge = purges.get(packet_seq)
+        if purge is not None:
+            return purge.purged_at
+        at = bisect_right(starts, packet_seq) - 1
+        if at >= 0 and packet_seq <= ranges[at].last_seq:
+            return ranges[at].purged_at
+        return None
+
     for packet_seq, packet_id, sealed in zip(leaves.seqs, leaves.ids, leaves.hashes, strict=True):
         candidates = rows.get(packet_seq, [])
         row = next((r for r in candidates if r["packet_id"] == packet_id), None)
@@ -158,10 +177,10 @@ def check_seal(seal: AuditSeal, report: Verification) -> None:
         if row is not None:
             candidates.remove(row)
         else:
-            purge = purges.get(packet_seq)
-            if purge is not None:
+            when = purged_at(packet_seq)
+            if when is not None:
                 report.purged.append(
-                    f"{packet_id} purged by retention on {purge.purged_at.date().isoformat()}"
+                    f"{packet_id} purged by retention on {when.date().isoformat()}"
                 )
             else:
                 report.problems.append(
