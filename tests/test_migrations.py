@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import time
+from datetime import UTC, datetime
+
 import pytest
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect, text
@@ -138,3 +142,119 @@ def test_quarantine_entries_kept_before_0011_have_no_auth_outcome(fresh_app):
         count = db.session.execute(text("SELECT count(*) FROM quarantine")).scalar()
         db.session.commit()
     assert "auth_outcome" not in columns and count == 1
+
+
+OLD_STATES = ("pending", "leased", "processed", "dead", "processed", "pending")
+
+
+def rows_of(app, statement: str) -> list[tuple]:
+    with app.app_context():
+        found = [tuple(row) for row in db.session.execute(text(statement))]
+        db.session.commit()
+    return found
+
+
+def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_app, backend):
+    """Migration 0012 with data in the old layout: every packet (seq and content), delivery
+    state and seal survives; the old packets still deduplicate; nothing finished is delivered
+    again; verify still checks them all; the seq goes on above them. On PostgreSQL the old
+    table is the legacy partition; on SQLite nothing moves. Downgrading keeps them too."""
+    from bucket.services.audit.sealing import seal_everything
+    from bucket.services.bookkeeping import book_new_packets
+    from bucket.services.counters import recount
+    from bucket.services.ingest import identity_key
+
+    assert flask_db(fresh_app, "upgrade", "0011_quarantine_auth").exit_code == 0
+    postgres = backend == "postgres"
+    bodies = [make_packet() for _ in OLD_STATES]
+    with fresh_app.app_context():  # rows as the code of that time wrote them
+        for n, (body, state) in enumerate(zip(bodies, OLD_STATES, strict=True), start=1):
+            timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+            received = datetime(2026, 12, 1, 10, 0, n)
+            db.session.execute(
+                text(
+                    "INSERT INTO packets (packet_id, dedup_key, idempotency_key, user_id, "
+                    "session_id, system_type, role, client_timestamp, cognitive_state, "
+                    "active_seconds, idle_seconds, away_seconds, focus_score, raw_signals, "
+                    "received_at, stale"
+                    + ("" if postgres else ", seq")
+                    + ") VALUES (:id, :dedup, :idem, :user, :session, 'gurukul', 'student', :ts, "
+                    "'ON_TASK', 4, 1, 0, 70, :raw, :received, false"
+                    + ("" if postgres else ", :n")
+                    + ")"
+                ),
+                {
+                    "id": f"old-{n}",
+                    "dedup": identity_key(
+                        "gurukul", body["user_id"], body["session_id"], timestamp
+                    ),
+                    "idem": None,
+                    "user": body["user_id"],
+                    "session": body["session_id"],
+                    "ts": timestamp.replace(tzinfo=None),
+                    "raw": json.dumps(body["raw_signals"]),
+                    "received": received,
+                    "n": n,
+                },
+            )
+            visible = received.replace(tzinfo=UTC).timestamp()
+            if state == "leased":
+                visible = time.time() + 3600  # its lease runs for another hour
+            db.session.execute(
+                text(
+                    "INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
+                    "delivery_count, processed_by_karma) VALUES (:id, :received, :state, "
+                    ":visible, :count, false)"
+                ),
+                {
+                    "id": f"old-{n}",
+                    "received": received,
+                    "state": state,
+                    "visible": visible,
+                    "count": 0 if state == "pending" else 1,
+                },
+            )
+        if not postgres:
+            db.session.execute(
+                text("UPDATE packet_counters SET value = 6 WHERE name = 'allocated'")
+            )
+        db.session.commit()
+        recount()
+        book_new_packets()
+        assert seal_everything()
+    packets_sql = "SELECT * FROM packets ORDER BY seq"
+    deliveries_sql = "SELECT * FROM deliveries ORDER BY packet_id"
+    seals_sql = "SELECT seq, last_seq, hash FROM audit_seals ORDER BY seq"
+    before = [rows_of(fresh_app, q) for q in (packets_sql, deliveries_sql, seals_sql)]
+    assert len(before[0]) == 6
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    after = [rows_of(fresh_app, q) for q in (packets_sql, deliveries_sql, seals_sql)]
+    assert after == before
+    if postgres:
+        where = rows_of(fresh_app, "SELECT DISTINCT tableoid::regclass::text FROM packets")
+        assert where == [("packets_legacy",)]
+        assert rows_of(fresh_app, "SELECT count(*) FROM packet_keys") == [(6,)]
+    verified = fresh_app.test_cli_runner().invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "checked 1 seals and 6 packets" in verified.output
+
+    client = fresh_app.test_client()
+    again = client.post("/api/v1/bucket/prana/ingest", json=bodies[2]).json
+    assert again["packet_id"] == "old-3" and again["duplicate"] is True
+    fresh = client.post("/api/v1/bucket/prana/ingest", json=make_packet()).json["packet_id"]
+    served = client.get("/api/v1/bucket/prana/packets/pending?limit=10").json["packets"]
+    assert sorted(p["packet_id"] for p in served) == sorted(["old-1", "old-6", fresh])
+    ((new_seq,),) = rows_of(fresh_app, f"SELECT seq FROM packets WHERE packet_id = '{fresh}'")
+    assert new_seq > 6
+    status = client.get("/api/v1/bucket/prana/status").json
+    assert status["total_packets"] == 7 and status["dead_packets"] == 1
+
+    assert flask_db(fresh_app, "downgrade", "0011_quarantine_auth").exit_code == 0
+    downgraded = rows_of(fresh_app, packets_sql)
+    assert len(downgraded) == 7 and downgraded[:6] == before[0]
+    with fresh_app.app_context():
+        uniques = {
+            tuple(u["column_names"]) for u in inspect(db.engine).get_unique_constraints("packets")
+        }
+    assert ("dedup_key",) in uniques

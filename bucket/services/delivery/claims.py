@@ -76,7 +76,9 @@ FROM c
 # packets. ``visible_at`` alone orders them: the (delivery_state, visible_at) index yields that
 # order, so the scan stops after ``limit`` rows however long the backlog. The chosen keys go
 # to the UPDATE as an array (``= ANY(ARRAY(…))``), which leaves the planner no join to get
-# wrong: as ``IN (subquery)`` it hashed every delivery once it could not see the LIMIT.
+# wrong: as ``IN (subquery)`` it hashed every delivery once it could not see the LIMIT. The
+# packet is found by its whole primary key, (packet_id, received_at): packets are partitioned
+# by day on received_at (services/partitions), so each lookup probes one day's index, not all.
 PG_LEASE = f"""
 WITH leased AS (
   UPDATE deliveries SET delivery_state = 'leased', lease_id = %(receipt)s,
@@ -86,11 +88,11 @@ WITH leased AS (
     WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
     ORDER BY visible_at LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED))
-  RETURNING packet_id, {", ".join(DELIVERY_COLUMN_NAMES)}
+  RETURNING packet_id, received_at, {", ".join(DELIVERY_COLUMN_NAMES)}
 )
 SELECT {", ".join(f"p.{c.name}" for c in CONTENT_COLUMNS)},
   {", ".join(f"leased.{name}" for name in DELIVERY_COLUMN_NAMES)}
-FROM leased JOIN packets p ON p.packet_id = leased.packet_id
+FROM leased JOIN packets p ON p.packet_id = leased.packet_id AND p.received_at = leased.received_at
 """
 
 

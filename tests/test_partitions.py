@@ -1,0 +1,295 @@
+"""Day partitions (PostgreSQL): made ahead, the default partition watched and emptied, whole days
+dropped by retention without losing an unfinished or dead packet, and verify after it. SQLite
+keeps one table and the batched delete; the same scenarios run there too."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, timedelta
+
+import psycopg
+import pytest
+from sqlalchemy import select, text, update
+
+from bucket.extensions import db
+from bucket.models import Delivery, DeliveryState, Packet, PacketKey
+from bucket.services import partitions
+from bucket.services.audit.sealing import seal_everything
+from bucket.services.counters import recount
+from bucket.timeutil import utc_now
+from tests.factories import make_packet
+from tests.queue_helpers import API, ack, ingest_many, poll, status
+
+P = Packet.__table__
+D = Delivery.__table__
+K = PacketKey.__table__
+
+
+def today() -> date:
+    return utc_now().date()
+
+
+def sql(app, statement: str, **params):
+    with app.app_context():
+        rows = db.session.execute(text(statement), params)
+        found = rows.all() if rows.returns_rows else None
+        db.session.commit()
+        return found
+
+
+def drop_partition(app, day: date) -> None:
+    """Remove an (empty) day partition a test needs absent."""
+    sql(app, f"DROP TABLE IF EXISTS {partitions.day_name(day)}")
+
+
+def partition_of(app, packet_id: str) -> str:
+    ((name,),) = sql(
+        app, "SELECT tableoid::regclass::text FROM packets WHERE packet_id = :p", p=packet_id
+    )
+    return name
+
+
+def move_to_day(app, ids: list[str], day: date) -> None:
+    """Pretend these packets were received on ``day`` (and, for the batched delete, reached
+    their state then): the packet, its delivery and its key move together."""
+    start = datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+    with app.app_context():
+        for offset, packet_id in enumerate(ids):
+            moment = start + timedelta(minutes=offset)
+            db.session.execute(
+                update(P).where(P.c.packet_id == packet_id).values(received_at=moment)
+            )
+            db.session.execute(
+                update(D)
+                .where(D.c.packet_id == packet_id)
+                .values(received_at=moment, visible_at=min(moment, utc_now()).timestamp())
+            )
+            if partitions.partitioned():
+                db.session.execute(
+                    update(K).where(K.c.packet_id == packet_id).values(received_at=moment)
+                )
+        db.session.commit()
+
+
+def states(app) -> dict[str, str]:
+    with app.app_context():
+        found = dict(db.session.execute(select(D.c.packet_id, D.c.delivery_state)).all())
+        db.session.commit()
+        return found
+
+
+def stored(app) -> set[str]:
+    with app.app_context():
+        found = set(db.session.execute(select(P.c.packet_id)).scalars())
+        db.session.commit()
+        return found
+
+
+def bookkeeper_task(app, name: str):
+    (task,) = [t for t in app.extensions["bucket.bookkeeper"].tasks if t.name == name]
+    return task
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_partitions_are_made_ahead_by_the_workers_and_by_the_command(make_app, backend):
+    """The bookkeeper's task creates the days up to BUCKET_PARTITION_DAYS_AHEAD; the command
+    goes further on request; status and /metrics tell how far ahead the days exist."""
+    app = make_app(BUCKET_PARTITION_DAYS_AHEAD=13)
+    far, farther = today() + timedelta(days=13), today() + timedelta(days=14)
+    for day in (far, farther):
+        drop_partition(app, day)
+    assert status(app.test_client())["partition_days_ahead"] < 13
+    with app.app_context():
+        bookkeeper_task(app, "partitions").run()
+    runner = app.test_cli_runner()
+    listed = runner.invoke(args=["bucket", "partitions", "list"])
+    assert partitions.day_name(far) in listed.output
+    assert partitions.day_name(farther) not in listed.output
+    made = runner.invoke(args=["bucket", "partitions", "ensure", "--days-ahead", "14"])
+    assert made.exit_code == 0, made.output
+    assert f"created {partitions.day_name(farther)}" in made.output
+    assert status(app.test_client())["partition_days_ahead"] >= 14
+    metrics = app.test_client().get("/metrics").get_data(as_text=True)
+    (ahead,) = re.findall(r"^bucket_partition_days_ahead (\S+)$", metrics, re.MULTILINE)
+    assert float(ahead) >= 14
+    # A packet received today lands in today's partition, not the default.
+    (packet_id,) = ingest_many(app.test_client(), 1)
+    assert partition_of(app, packet_id) == partitions.day_name(today())
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_the_maintenance_waits_for_no_long_query(app, backend):
+    """A query holding the packets table makes the maintenance give up after its lock timeout
+    (and say so) instead of queueing every insert behind it."""
+    far = today() + timedelta(days=20)
+    drop_partition(app, far)
+    url = app.config["SQLALCHEMY_DATABASE_URI"].replace("postgresql+psycopg", "postgresql")
+    with psycopg.connect(url) as other:
+        other.execute("SELECT count(*) FROM packets")  # its lock lasts until the rollback
+        result = app.test_cli_runner().invoke(
+            args=["bucket", "partitions", "ensure", "--days-ahead", "20"]
+        )
+        other.rollback()
+    assert result.exit_code == 1 and "not finished" in result.output, result.output
+    again = app.test_cli_runner().invoke(
+        args=["bucket", "partitions", "ensure", "--days-ahead", "20"]
+    )
+    assert again.exit_code == 0 and partitions.day_name(far) in again.output
+
+
+def test_a_packet_for_a_day_without_partition_is_kept_watched_and_moved(app, client, backend):
+    """PostgreSQL: a packet whose day has no partition lands in the default one; status and
+    /metrics show it; the maintenance creates its day and moves it there, seq and content
+    unchanged (verify agrees). SQLite: one table, nothing to watch."""
+    (packet_id,) = ingest_many(client, 1)
+    far = today() + timedelta(days=400)
+    if backend == "postgres":
+        drop_partition(app, far)
+    move_to_day(app, [packet_id], far)
+    figures = status(client)
+    metrics = client.get("/metrics").get_data(as_text=True)
+    ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
+    assert ensured.exit_code == 0, ensured.output
+    if backend == "sqlite":
+        assert figures["default_partition_packets"] is None
+        assert figures["partition_days_ahead"] is None
+        assert "bucket_packets_default_partition" not in metrics
+        assert "nothing to do" in ensured.output
+    else:
+        assert figures["default_partition_packets"] == 1
+        assert "bucket_packets_default_partition 1.0" in metrics
+        name = partitions.day_name(far)
+        assert f"created {name} (1 packets moved from the default)" in ensured.output
+        assert partition_of(app, packet_id) == name
+        assert status(client)["default_partition_packets"] == 0
+    assert stored(app) == {packet_id}
+    assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
+    with app.app_context():
+        seal_everything()
+    verified = app.test_cli_runner().invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "checked 1 seals and 1 packets" in verified.output
+    if backend == "postgres":
+        sql(app, "TRUNCATE packets, packet_keys, deliveries")
+        drop_partition(app, far)
+
+
+def test_retention_keeps_every_unfinished_and_dead_packet_and_verify_tells_purged(
+    app, client, backend
+):
+    """Old days: one of processed packets only, one also holding a leased packet, one also a
+    dead one. PostgreSQL drops the first whole, keeps the others whole and says why, and the
+    dead one's day goes only with --include-dead; SQLite deletes the old processed rows. No
+    unfinished or dead packet is lost on either, and verify reports exactly the purged ones
+    as purged: a packet deleted by hand between two purged ones is still called deleted."""
+    first, second, third = (today() - timedelta(days=n) for n in (40, 41, 42))
+    if backend == "postgres":
+        for day in (first, second, third):
+            drop_partition(app, day)
+            with app.app_context():
+                partitions.create_day(day, adopt=False)
+    bodies = [make_packet() for _ in range(6)]
+    a, b, c, d, e, f = (
+        client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies
+    )
+    served = [p["packet_id"] for p in poll(client, limit=6)["packets"]]
+    assert sorted(served) == sorted([a, b, c, d, e, f])
+    for packet_id in (a, b, c, e):
+        assert ack(client, packet_id).status_code == 200
+    with app.app_context():  # f dead-lettered by hand, then recounted (README)
+        db.session.execute(
+            update(D).where(D.c.packet_id == f).values(delivery_state=DeliveryState.DEAD)
+        )
+        db.session.commit()
+        recount()
+    # The first day holds a and c, whose seqs lie on either side of b's (the second day).
+    move_to_day(app, [a, c], first)
+    move_to_day(app, [b, d], second)
+    move_to_day(app, [e, f], third)
+    runner = app.test_cli_runner()
+    purged = runner.invoke(args=["bucket", "purge"])
+    assert purged.exit_code == 0, purged.output
+    if backend == "postgres":
+        names = [partitions.day_name(day) for day in (first, second, third)]
+        assert f"dropped {names[0]}: 2 packets (0 dead), 2 seq ranges" in purged.output
+        assert f"kept {names[1]}: holds 1 unfinished and 0 dead packets" in purged.output
+        assert f"kept {names[2]}: holds 0 unfinished and 1 dead packets" in purged.output
+        assert "--include-dead" in purged.output
+        assert stored(app) == {b, d, e, f}
+        assert names[0] not in runner.invoke(args=["bucket", "partitions", "list"]).output
+        purged_count = 2
+    else:
+        assert "purged 4 processed packets" in purged.output
+        assert stored(app) == {d, f}
+        purged_count = 4
+    left = states(app)
+    assert left[d] == DeliveryState.LEASED and left[f] == DeliveryState.DEAD
+    figures = status(client)
+    assert figures["total_packets"] == 6 - purged_count
+    assert figures["dead_packets"] == 1 and figures["pending_packets"] == 1
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0, verified.output
+    assert verified.output.count("purged by retention on") == purged_count
+    if backend == "sqlite":
+        assert_resent_is_new(client, bodies[0], a)
+        return
+    sql(app, "DELETE FROM packets WHERE packet_id = :p", p=b)
+    sql(app, "DELETE FROM deliveries WHERE packet_id = :p", p=b)
+    deleted = runner.invoke(args=["bucket", "verify"])
+    assert deleted.exit_code == 1 and f"packet {b}: sealed, gone" in deleted.output
+    assert deleted.output.count("purged by retention on") == 2
+    with_dead = runner.invoke(args=["bucket", "purge", "--include-dead"])
+    assert f"dropped {names[2]}: 2 packets (1 dead)" in with_dead.output, with_dead.output
+    assert f"kept {names[1]}" in with_dead.output
+    assert stored(app) == {d}
+    assert states(app) == {d: DeliveryState.LEASED}
+    assert status(client)["dead_packets"] == 0
+    again = runner.invoke(args=["bucket", "verify"])
+    assert again.output.count("purged by retention on") == 4
+    assert "1 problems" in again.output  # b, deleted by hand, and nothing else
+    assert_resent_is_new(client, bodies[0], a)
+
+
+def assert_resent_is_new(client, body: dict, purged_id: str) -> None:
+    """A purged packet's keys went with it: the same packet sent again is stored anew, as
+    after any purge."""
+    answer = client.post(f"{API}/ingest", json=body).json
+    assert answer["packet_id"] != purged_id and not answer.get("duplicate")
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_dry_run_names_the_days_and_drops_nothing(app, client, backend):
+    """purge --dry-run tells which days would go and which stay, and changes nothing."""
+    old = today() - timedelta(days=50)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    ids = ingest_many(client, 2)
+    for packet in poll(client, limit=2)["packets"]:
+        ack(client, packet["packet_id"])
+    move_to_day(app, ids, old)
+    result = app.test_cli_runner().invoke(args=["bucket", "purge", "--dry-run"])
+    assert f"would drop {partitions.day_name(old)}: 2 packets" in result.output, result.output
+    assert stored(app) == set(ids)
+    assert status(client)["total_packets"] == 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_resent_copy_is_a_duplicate_across_days(app, client, backend):
+    """The bridge resends a packet the next day: its key, held across days, still matches, and
+    the copy is answered as a duplicate of the original on its own day."""
+    packet = make_packet()
+    first = client.post(f"{API}/ingest", json=packet, headers={"Idempotency-Key": "k-1"}).json
+    yesterday = today() - timedelta(days=1)
+    with app.app_context():
+        partitions.ensure_partitions()
+        if partitions.day_name(yesterday) not in {p.name for p in partitions.partitions()}:
+            partitions.create_day(yesterday, adopt=False)
+    move_to_day(app, [first["packet_id"]], yesterday)
+    assert partition_of(app, first["packet_id"]) == partitions.day_name(yesterday)
+    again = client.post(f"{API}/ingest", json=packet).json
+    keyed = client.post(
+        f"{API}/ingest", json=make_packet(), headers={"Idempotency-Key": "k-1"}
+    ).json
+    assert again["packet_id"] == first["packet_id"] and again["duplicate"] is True
+    assert keyed["packet_id"] == first["packet_id"] and keyed["duplicate"] is True
+    assert stored(app) == {first["packet_id"]}
