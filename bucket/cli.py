@@ -243,6 +243,18 @@ def partitions_ensure_command(days_ahead: int | None) -> None:
     )
 
 
+@partitions_cli.command("backfill-keys")
+@click.option("--since", required=True, help="Packets received at or after this ISO-8601 time.")
+def partitions_backfill_keys_command(since: str) -> None:
+    """Add the missing key rows of packets stored by the previous version while migration
+    0012 rolled out, so a copy of one of them sent later is a duplicate again."""
+    added = partitions.backfill_keys(parse_moment(since))
+    if added is None:
+        click.echo("SQLite keeps the keys on the packets table: nothing to do")
+    else:
+        click.echo(f"added {added} missing packet keys")
+
+
 quarantine_cli = AppGroup("quarantine", help="See, replay and purge refused packets.")
 bucket_cli.add_command(quarantine_cli)
 

@@ -16,6 +16,7 @@ from bucket.models import Delivery, DeliveryState, Packet, PacketKey
 from bucket.services import partitions
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.counters import recount
+from bucket.services.ingest import identity_key
 from bucket.timeutil import utc_now
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, ingest_many, poll, status
@@ -293,3 +294,49 @@ def test_a_resent_copy_is_a_duplicate_across_days(app, client, backend):
     assert again["packet_id"] == first["packet_id"] and again["duplicate"] is True
     assert keyed["packet_id"] == first["packet_id"] and keyed["duplicate"] is True
     assert stored(app) == {first["packet_id"]}
+
+
+def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend):
+    """A packet stored without its key row (by an instance of the version before migration
+    0012 while the upgrade rolled out) gets it from `partitions backfill-keys`; a copy sent
+    afterwards is then a duplicate of it. SQLite: nothing to do."""
+    body = make_packet()
+    timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+    received = utc_now()
+    with app.app_context():  # what the previous version's ingest wrote: packet and delivery
+        db.session.execute(
+            P.insert().values(
+                packet_id="from-old-version",
+                dedup_key=identity_key("gurukul", body["user_id"], body["session_id"], timestamp),
+                user_id=body["user_id"],
+                session_id=body["session_id"],
+                system_type="gurukul",
+                client_timestamp=timestamp,
+                active_seconds=4.0,
+                idle_seconds=1.0,
+                away_seconds=0.0,
+                raw_signals=body["raw_signals"],
+                received_at=received,
+                **({} if backend == "postgres" else {"seq": 10_000}),
+            )
+        )
+        db.session.execute(
+            D.insert().values(
+                packet_id="from-old-version",
+                received_at=received,
+                delivery_state=DeliveryState.PENDING,
+                visible_at=received.timestamp(),
+            )
+        )
+        db.session.commit()
+    since = (received - timedelta(hours=1)).isoformat()
+    result = app.test_cli_runner().invoke(
+        args=["bucket", "partitions", "backfill-keys", "--since", since]
+    )
+    assert result.exit_code == 0, result.output
+    if backend == "sqlite":
+        assert "nothing to do" in result.output
+    else:
+        assert "added 1 missing packet keys" in result.output
+    again = client.post(f"{API}/ingest", json=body).json
+    assert again["packet_id"] == "from-old-version" and again["duplicate"] is True

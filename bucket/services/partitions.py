@@ -249,3 +249,23 @@ def create_day(day: date, adopt: bool) -> int:
     except Exception:
         session.rollback()
         raise
+
+
+def backfill_keys(since: datetime) -> int | None:
+    """Give every packet received at or after ``since`` that has none its key row, and return
+    how many were added (None on SQLite). For the packets that instances of the version before
+    migration 0012 stored while the upgrade rolled out (they wrote no key): a copy of one of
+    them sent afterwards is then a duplicate again. Where such a copy was stored already, both
+    rows stay; the first keeps the key."""
+    if not partitioned():
+        return None
+    added = db.session.execute(
+        text(
+            "INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at) "
+            "SELECT dedup_key, idempotency_key, packet_id, received_at FROM packets "
+            "WHERE received_at >= :since ORDER BY seq ON CONFLICT DO NOTHING"
+        ),
+        {"since": naive(since)},
+    ).rowcount
+    db.session.commit()
+    return added
