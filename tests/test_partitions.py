@@ -138,15 +138,19 @@ def test_the_maintenance_waits_for_no_long_query(app, backend):
     assert again.exit_code == 0 and partitions.day_name(far) in again.output
 
 
-def test_a_packet_for_a_day_without_partition_is_kept_watched_and_moved(app, client, backend):
-    """PostgreSQL: a packet whose day has no partition lands in the default one; status and
-    /metrics show it; the maintenance creates its day and moves it there, seq and content
-    unchanged (verify agrees). SQLite: one table, nothing to watch."""
-    (packet_id,) = ingest_many(client, 1)
+def test_an_insert_for_a_day_without_partition_is_kept_watched_and_moved(app, client, backend):
+    """PostgreSQL: with today's partition missing (the thread and the command both stopped),
+    ingest still stores the packet, in the default partition; status and /metrics show it;
+    the maintenance creates the day and moves it there, seq and content unchanged (verify
+    agrees), and the packet is served. A packet arriving for a later day with no partition
+    goes the same way. SQLite: one table, nothing to watch."""
     far = today() + timedelta(days=400)
     if backend == "postgres":
+        drop_partition(app, today())
         drop_partition(app, far)
-    move_to_day(app, [packet_id], far)
+    (packet_id,) = ingest_many(client, 1)
+    (later,) = ingest_many(client, 1)
+    move_to_day(app, [later], far)
     figures = status(client)
     metrics = client.get("/metrics").get_data(as_text=True)
     ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
@@ -157,18 +161,21 @@ def test_a_packet_for_a_day_without_partition_is_kept_watched_and_moved(app, cli
         assert "bucket_packets_default_partition" not in metrics
         assert "nothing to do" in ensured.output
     else:
-        assert figures["default_partition_packets"] == 1
-        assert "bucket_packets_default_partition 1.0" in metrics
-        name = partitions.day_name(far)
-        assert f"created {name} (1 packets moved from the default)" in ensured.output
-        assert partition_of(app, packet_id) == name
+        assert partition_of(app, packet_id) == partitions.day_name(today())
+        assert figures["default_partition_packets"] == 2
+        assert figures["partition_days_ahead"] == -1
+        assert "bucket_packets_default_partition 2.0" in metrics
+        for day in (today(), far):
+            name = partitions.day_name(day)
+            assert f"created {name} (1 packets moved from the default)" in ensured.output
+        assert partition_of(app, later) == partitions.day_name(far)
         assert status(client)["default_partition_packets"] == 0
-    assert stored(app) == {packet_id}
-    assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
+    assert stored(app) == {packet_id, later}
+    assert sorted(p["packet_id"] for p in poll(client)["packets"]) == sorted([packet_id, later])
     with app.app_context():
         seal_everything()
     verified = app.test_cli_runner().invoke(args=["bucket", "verify"])
-    assert verified.exit_code == 0 and "checked 1 seals and 1 packets" in verified.output
+    assert verified.exit_code == 0 and "checked 1 seals and 2 packets" in verified.output
     if backend == "postgres":
         sql(app, "TRUNCATE packets, packet_keys, deliveries")
         drop_partition(app, far)

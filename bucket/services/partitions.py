@@ -25,6 +25,7 @@ from datetime import UTC, date, datetime, time, timedelta
 
 from flask import current_app
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 
 from bucket.extensions import db
 from bucket.services.dialect import dialect_name
@@ -182,7 +183,10 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
         if covered_by(existing, day):
             continue
         try:
-            moved = create_day(day, day in stray)
+            try:
+                moved = create_day(day, day in stray)
+            except IntegrityError:  # the day's first packets reached the default meanwhile
+                moved = create_day(day, True)
         except Exception as exc:  # a lock not granted in time: the next maintenance retries
             db.session.rollback()
             if "lock timeout" not in str(exc):
