@@ -24,6 +24,7 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     register_request_hooks(app)
     register_extensions(app)
     register_background_work(app)
+    register_ingest_coalescing(app)
     register_ingest_auth(app)
     register_rate_limits(app)
     register_blueprints(app)
@@ -116,6 +117,17 @@ def register_background_work(app: Flask) -> None:
             PeriodicTask("roll-up pruning", activity.prune, EXPIRY_INTERVAL),
         ],
     )
+
+
+def register_ingest_coalescing(app: Flask) -> None:
+    """Concurrent ingests of this worker share writes (BUCKET_INGEST_COALESCE), counted."""
+    from bucket.services.coalescing import init_coalescer
+    from bucket.services.ingest import write_submissions
+    from bucket.web.metrics import note_ingest_commit
+
+    if app.config["BUCKET_INGEST_COALESCE_MAX"] < 1:
+        raise ValueError("BUCKET_INGEST_COALESCE_MAX must be at least 1.")
+    init_coalescer(app, write_submissions, note_ingest_commit)
 
 
 # Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS and old per-minute roll-ups are

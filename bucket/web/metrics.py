@@ -62,6 +62,22 @@ AUTH_OUTCOMES = Counter(
     "Packets stored with each authentication outcome (observe and require).",
     ["outcome"],
 )
+INGEST_COMMITS = Counter(
+    "bucket_ingest_commits",
+    "Ingest writes (one statement, one commit) by the coalescer, alone (one request) or "
+    "shared by several requests of a worker (BUCKET_INGEST_COALESCE).",
+    ["kind"],
+)
+INGEST_COMMIT_REQUESTS = Counter(
+    "bucket_ingest_commit_requests",
+    "Requests answered from those writes; divided by bucket_ingest_commits, requests per commit.",
+    ["kind"],
+)
+INGEST_COMMIT_PACKETS = Counter(
+    "bucket_ingest_commit_packets",
+    "Packets written by those writes.",
+    ["kind"],
+)
 PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
 # Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
 ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
@@ -90,6 +106,14 @@ def note_auth(stored: Iterable[str], refused: Iterable[str]) -> None:
         AUTH_OUTCOMES.labels(outcome).inc()
     for reason in refused:
         AUTH_REFUSED.labels(reason).inc()
+
+
+def note_ingest_commit(requests: int, packets: int) -> None:
+    """Count one coalescer write and the requests and packets it carried."""
+    kind = "shared" if requests > 1 else "alone"
+    INGEST_COMMITS.labels(kind).inc()
+    INGEST_COMMIT_REQUESTS.labels(kind).inc(requests)
+    INGEST_COMMIT_PACKETS.labels(kind).inc(packets)
 
 
 def note_acks(outcomes: Iterable[Any]) -> None:
