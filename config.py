@@ -70,7 +70,7 @@ class Config:
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
         # Ingest coalescing: concurrent requests of one worker share one statement and commit,
         # at most this many packets per shared write (a larger batch is written on its own).
-        self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", True)
+        self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", False)
         self.BUCKET_INGEST_COALESCE_MAX = env_int("BUCKET_INGEST_COALESCE_MAX", 64)
         # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
         self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)

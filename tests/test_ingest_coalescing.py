@@ -30,6 +30,12 @@ from tests.test_resilience import assert_unavailable, count_rows
 INGEST = "/api/v1/bucket/prana/ingest"
 
 
+@pytest.fixture
+def app_config() -> dict:
+    """Coalescing is off by default (README, "How delivery works"): these tests switch it on."""
+    return {"BUCKET_INGEST_COALESCE": True}
+
+
 def commits(app) -> dict[str, float]:
     """The coalescer's counters from /metrics (process-wide: compare before and after)."""
     text = app.test_client().get("/metrics").get_data(as_text=True)
@@ -249,7 +255,12 @@ def test_database_stopped_under_a_shared_write_answers_each_request_503(private_
     """The database stops while a shared write is in flight: every request of it is
     answered 503 with Retry-After, none a false "ingested", and nothing of it is stored."""
     app = create_app(
-        {"SQLALCHEMY_DATABASE_URI": private_postgres.url, "REDIS_URL": None}, testing=True
+        {
+            "SQLALCHEMY_DATABASE_URI": private_postgres.url,
+            "REDIS_URL": None,
+            "BUCKET_INGEST_COALESCE": True,
+        },
+        testing=True,
     )
     try:
         with app.app_context():
@@ -299,6 +310,7 @@ def test_a_waiting_client_that_disconnects_breaks_no_other_request():
     """Under gunicorn: the client of the write in flight and one queued client hang up; the
     other queued requests are answered as usual and every packet is stored once."""
     with fresh_database_env("coalesce") as (url, env):
+        env = {**env, "BUCKET_INGEST_COALESCE": "true"}
         instance = Instance(env, workers=1, threads=8).start()
         try:
             dsn = url.replace("postgresql+psycopg://", "postgresql://")
