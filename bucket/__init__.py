@@ -123,11 +123,11 @@ def register_ingest_coalescing(app: Flask) -> None:
     """Concurrent ingests of this worker share writes (BUCKET_INGEST_COALESCE), counted."""
     from bucket.services.coalescing import init_coalescer
     from bucket.services.ingest import write_submissions
-    from bucket.web.metrics import note_ingest_commit
+    from bucket.web.metrics import note_ingest_commit, note_ingest_waiting
 
     if app.config["BUCKET_INGEST_COALESCE_MAX"] < 1:
         raise ValueError("BUCKET_INGEST_COALESCE_MAX must be at least 1.")
-    init_coalescer(app, write_submissions, note_ingest_commit)
+    init_coalescer(app, write_submissions, note_ingest_commit, note_ingest_waiting)
 
 
 # Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS and old per-minute roll-ups are

@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import socket
 import threading
-import time
 from collections import defaultdict
 
 import psycopg
@@ -56,8 +55,18 @@ def postgres_dsn(app) -> str:
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def blocked_by(dsn: str, pid: int) -> int:
+    """How many PostgreSQL sessions wait for a lock that session ``pid`` holds."""
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        (count,) = watcher.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))", (pid,)
+        ).fetchone()
+    return count
+
+
 class WriteHold:
-    """Hold the database's writes from outside the app until ``release()``."""
+    """Hold the database's writes from outside the app until ``release()`` (also a context
+    manager: its connection is closed however the test ends)."""
 
     def __init__(self, app) -> None:
         with app.app_context():
@@ -66,10 +75,18 @@ class WriteHold:
         self.connection = None
         if url.get_backend_name() == "postgresql":
             self.connection = psycopg.connect(postgres_dsn(app))
-            self.connection.execute("LOCK TABLE packets IN SHARE ROW EXCLUSIVE MODE")
+            try:
+                self.connection.execute("LOCK TABLE packets IN SHARE ROW EXCLUSIVE MODE")
+            except BaseException:
+                self.connection.close()
+                raise
         else:
             self.turns = sqlite_turns.turns_for(url.database)
             assert self.turns is not None and self.turns.take()
+
+    def blocked(self) -> int:
+        """PostgreSQL: how many other sessions wait for this hold's lock."""
+        return blocked_by(self.connection.info.dsn, self.connection.info.backend_pid)
 
     def release(self) -> None:
         if self.connection is not None:
@@ -83,16 +100,21 @@ class WriteHold:
             self.turns.give_back(self.turns.generation)
             self.turns = None
 
+    def __enter__(self) -> WriteHold:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
 
 def post(app, body, headers=None):
     return app.test_client().post(INGEST, json=body, headers=headers or {})
 
 
-def queued_together(app, first: dict, rest: list, hold: WriteHold | None = None, before=None):
+def queued_together(app, first: dict, rest: list):
     """Post ``first`` and let its write hang, queue ``rest`` (bodies, or (body, headers))
     behind it, then let go: ``rest`` shares one write. Every answer, ``first``'s first."""
     coalescer = app.extensions[EXTENSION_KEY]
-    hold = hold or WriteHold(app)
     answers: list = [None] * (len(rest) + 1)
 
     def send(index: int, item) -> None:
@@ -101,18 +123,18 @@ def queued_together(app, first: dict, rest: list, hold: WriteHold | None = None,
 
     threads = [threading.Thread(target=send, args=(0, first), daemon=True)]
     try:
-        threads[0].start()
-        wait_until(lambda: coalescer.writing and coalescer.waiting == 0, 10, "first write")
-        for index, item in enumerate(rest, start=1):
-            thread = threading.Thread(target=send, args=(index, item), daemon=True)
-            threads.append(thread)
-            thread.start()
-        wait_until(lambda: coalescer.waiting == len(rest), 10, "the others queued")
-        if before is not None:
-            before()
+        with WriteHold(app):
+            threads[0].start()
+            wait_until(lambda: coalescer.writing and coalescer.waiting == 0, 10, "first write")
+            for index, item in enumerate(rest, start=1):
+                thread = threading.Thread(target=send, args=(index, item), daemon=True)
+                threads.append(thread)
+                thread.start()
+            wait_until(lambda: coalescer.waiting == len(rest), 10, "the others queued")
     finally:
-        hold.release()
-    join_all(threads, 60, "ingest")
+        # Released on any failure too, and no request outlives the test (its app's engines
+        # are disposed at teardown; a late request would open a connection nobody closes).
+        join_all(threads, 60, "ingest")
     return answers
 
 
@@ -251,9 +273,41 @@ def private_postgres():
         database.destroy()
 
 
+class PausedAfterFirstWrite:
+    """The coalescer's first write, once committed, waits for ``resume()`` before its leader
+    answers and hands on: the requests that arrive meanwhile queue for the next write."""
+
+    def __init__(self, coalescer) -> None:
+        self.coalescer = coalescer
+        self.real_write = coalescer.write
+        self.committed = threading.Event()
+        self.resumed = threading.Event()
+        self.calls = 0
+        coalescer.write = self.write
+
+    def write(self, batch):
+        self.calls += 1
+        results = self.real_write(batch)
+        if self.calls == 1:
+            self.committed.set()
+            assert self.resumed.wait(60), "the test never resumed the first write"
+        return results
+
+    def resume(self) -> None:
+        self.resumed.set()
+
+    def undo(self) -> None:
+        self.resumed.set()
+        self.coalescer.write = self.real_write
+
+
 def test_database_stopped_under_a_shared_write_answers_each_request_503(private_postgres):
     """The database stops while a shared write is in flight: every request of it is
-    answered 503 with Retry-After, none a false "ingested", and nothing of it is stored."""
+    answered 503 with Retry-After, none a false "ingested", and nothing of it is stored.
+
+    No timing is guessed: the first write commits and pauses; the others queue behind it; a
+    table lock is taken; the first write's leader goes on, so the shared write starts and
+    waits for that lock inside the server; the server is stopped under it."""
     app = create_app(
         {
             "SQLALCHEMY_DATABASE_URI": private_postgres.url,
@@ -262,47 +316,48 @@ def test_database_stopped_under_a_shared_write_answers_each_request_503(private_
         },
         testing=True,
     )
+    coalescer = app.extensions[EXTENSION_KEY]
+    pause = PausedAfterFirstWrite(coalescer)
+    rest = [make_packet(user_id=f"down-{n}") for n in range(8)]
+    answers: list = [None] * (len(rest) + 1)
+
+    def send(index: int, body: dict) -> None:
+        answers[index] = post(app, body)
+
+    bodies = [make_packet(user_id="up"), *rest]
+    threads = [
+        threading.Thread(target=send, args=(index, body), daemon=True)
+        for index, body in enumerate(bodies)
+    ]
     try:
         with app.app_context():
             upgrade()
-        coalescer = app.extensions[EXTENSION_KEY]
-        hold = WriteHold(app)
-        admin = psycopg.connect(private_postgres.dsn, autocommit=True)
-
-        def backends(like: str) -> list[int]:
-            return [
-                pid
-                for (pid,) in admin.execute(
-                    "SELECT pid FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE %s",
-                    (like,),
-                )
-            ]
-
-        def stop_under_the_shared_write() -> None:
-            # The first (lone) write is waiting for the lock: end it, so the shared write of
-            # the queued requests starts and waits for the lock in turn; then stop the server.
-            (lone,) = backends("%VALUES%")
-            admin.execute("SELECT pg_terminate_backend(%s)", (lone,))
+        threads[0].start()
+        assert pause.committed.wait(30), "the first write did not commit"
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: coalescer.waiting == len(rest), 30, "the others queued")
+        with WriteHold(app) as hold:
+            pause.resume()
             wait_until(
-                lambda: backends("%json_populate_recordset%") and coalescer.waiting == 0,
-                10,
-                "shared write in flight",
+                lambda: coalescer.waiting == 0 and hold.blocked() == 1,
+                30,
+                "the shared write waiting for the lock in the server",
             )
-            admin.close()
             private_postgres.stop("fast")
-
-        rest = [make_packet(user_id=f"down-{n}") for n in range(8)]
-        first, *answers = queued_together(
-            app, make_packet(user_id="down"), rest, hold, stop_under_the_shared_write
-        )
-        for answer in [first, *answers]:
+        join_all(threads, 60, "ingest")
+        assert answers[0].status_code == 200 and not answers[0].json.get("duplicate")
+        for answer in answers[1:]:
             assert_unavailable(answer)
+        assert pause.calls == 2  # the first write, then one shared by all the others
         private_postgres.start()
         servers.dispose_engines(app)
-        assert count_rows(app) == 0
-        assert app.test_client().post(INGEST, json=rest[0]).status_code == 200
+        assert count_rows(app) == 1
+        assert count_rows(app, "user_id LIKE 'down-%'") == 0
+        assert post(app, rest[0]).status_code == 200
     finally:
+        pause.undo()
+        join_all([t for t in threads if t.ident is not None], 60, "ingest")
         servers.dispose_engines(app)
 
 
@@ -312,42 +367,54 @@ def test_a_waiting_client_that_disconnects_breaks_no_other_request():
     with fresh_database_env("coalesce") as (url, env):
         env = {**env, "BUCKET_INGEST_COALESCE": "true"}
         instance = Instance(env, workers=1, threads=8).start()
+        threads: list[threading.Thread] = []
         try:
             dsn = url.replace("postgresql+psycopg://", "postgresql://")
-            lock = psycopg.connect(dsn)
-            lock.execute("LOCK TABLE packets IN SHARE ROW EXCLUSIVE MODE")
             packets = [make_packet(user_id=f"gone-{n}") for n in range(6)]
+            answers: dict[int, requests.Response] = {}
 
             def hang_up(packet: dict) -> None:
+                """Send the whole request, then close the connection without reading."""
                 body = requests.Request("POST", instance.url + INGEST, json=packet).prepare()
                 head = f"POST {INGEST} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 head += f"Content-Length: {len(body.body)}\r\n\r\n"
                 with socket.create_connection(("127.0.0.1", instance.port)) as sock:
                     sock.sendall(head.encode() + body.body)
-                    time.sleep(0.3)
-
-            answers: dict[int, requests.Response] = {}
 
             def send(index: int) -> None:
                 answers[index] = requests.post(instance.url + INGEST, json=packets[index])
 
-            hang_up(packets[0])  # the lone write, now waiting for the lock, has no client
-            threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 4, 5)]
-            for thread in threads:
-                thread.start()
-            hang_up(packets[3])
-            time.sleep(0.5)
-            lock.rollback()
-            lock.close()
+            def waiting() -> float:
+                text = requests.get(instance.url + "/metrics").text
+                found = re.search(r'^bucket_coalesce_waiting\{kind="ingest"\} (\S+)$', text, re.M)
+                return float(found.group(1)) if found else 0.0
+
+            with psycopg.connect(dsn) as lock:
+                lock.execute("LOCK TABLE packets IN SHARE ROW EXCLUSIVE MODE")
+                pid = lock.info.backend_pid
+
+                hang_up(packets[0])  # the lone write, waiting for the lock, has no client
+                wait_until(
+                    lambda: blocked_by(dsn, pid) == 1, 30, "the first write waiting for the lock"
+                )
+                threads = [threading.Thread(target=send, args=(n,)) for n in (1, 2, 4, 5)]
+                for thread in threads:
+                    thread.start()
+                hang_up(packets[3])  # queued behind it, then gone
+                wait_until(lambda: waiting() == 5, 30, "five requests queued")
+                lock.rollback()
             join_all(threads, 30, "ingest")
             assert all(answers[n].status_code == 200 for n in answers), answers
+            # The five queued requests shared one write, so packet 3 is stored by now.
             assert requests.post(instance.url + INGEST, json=packets[3]).json()["duplicate"]
             with psycopg.connect(dsn) as connection:
                 listed = connection.execute("SELECT user_id, count(*) FROM packets GROUP BY 1")
                 assert dict(listed.fetchall()) == {f"gone-{n}": 1 for n in range(6)}
             metrics = requests.get(instance.url + "/metrics").text
-            assert 'bucket_ingest_commits_total{kind="shared"}' in metrics
+            assert 'bucket_ingest_commit_requests_total{kind="shared"} 5.0' in metrics, metrics
+            assert waiting() == 0
         finally:
+            join_all(threads, 30, "ingest")
             instance.stop()
 
 

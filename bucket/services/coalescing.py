@@ -52,10 +52,12 @@ class IngestCoalescer:
         write: Callable[[list[Submission]], list[list]],
         max_packets: int,
         on_commit: Callable[[int, int], None] | None = None,
+        on_waiting: Callable[[int], None] | None = None,
     ) -> None:
         self.write = write
         self.max_packets = max_packets
         self.on_commit = on_commit
+        self.on_waiting = on_waiting
         self._lock = threading.Lock()
         self._queue: deque[Submission] = deque()
         self._writing = False
@@ -79,6 +81,8 @@ class IngestCoalescer:
             self._queue.append(own)
             own.lead = not self._writing
             self._writing = True
+            if not own.lead:
+                self._note_waiting()
         if not own.lead:
             # No deadline: the write in flight ends (the database's timeouts bound it) and its
             # leader always wakes the batch and the next leader; giving up here could leave
@@ -101,7 +105,16 @@ class IngestCoalescer:
             while self._queue and total + len(self._queue[0].packets) <= self.max_packets:
                 total += len(self._queue[0].packets)
                 batch.append(self._queue.popleft())
+            self._note_waiting()
         return batch
+
+    def _note_waiting(self) -> None:
+        """Report how many requests wait for the next write (called under the lock)."""
+        if self.on_waiting is not None:
+            try:
+                self.on_waiting(len(self._queue))
+            except Exception:  # noqa: BLE001 - a gauge must not fail a request
+                log.exception("reporting the ingest queue failed")
 
     def _write_next(self) -> None:
         batch = self._take()
@@ -159,11 +172,12 @@ def init_coalescer(
     app: Flask,
     write: Callable[[list[Submission]], list[list]],
     on_commit: Callable[[int, int], None] | None = None,
+    on_waiting: Callable[[int], None] | None = None,
 ) -> None:
     """Give the app its coalescer when ``BUCKET_INGEST_COALESCE`` is on."""
-    if app.config.get("BUCKET_INGEST_COALESCE", True):
+    if app.config.get("BUCKET_INGEST_COALESCE", False):
         app.extensions[EXTENSION_KEY] = IngestCoalescer(
-            write, app.config["BUCKET_INGEST_COALESCE_MAX"], on_commit
+            write, app.config["BUCKET_INGEST_COALESCE_MAX"], on_commit, on_waiting
         )
 
 

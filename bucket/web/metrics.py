@@ -20,6 +20,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -78,6 +79,13 @@ INGEST_COMMIT_PACKETS = Counter(
     "Packets written by those writes.",
     ["kind"],
 )
+COALESCE_WAITING = Gauge(
+    "bucket_coalesce_waiting",
+    "Requests waiting for the next shared write (not those of the write in flight), summed "
+    "over live workers; kind=ingest (BUCKET_INGEST_COALESCE).",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
 PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
 # Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
 ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
@@ -114,6 +122,11 @@ def note_ingest_commit(requests: int, packets: int) -> None:
     INGEST_COMMITS.labels(kind).inc()
     INGEST_COMMIT_REQUESTS.labels(kind).inc(requests)
     INGEST_COMMIT_PACKETS.labels(kind).inc(packets)
+
+
+def note_ingest_waiting(waiting: int) -> None:
+    """How many ingest requests of this worker wait for the next shared write now."""
+    COALESCE_WAITING.labels("ingest").set(waiting)
 
 
 def note_acks(outcomes: Iterable[Any]) -> None:
