@@ -30,6 +30,11 @@ def is_service_variable(name: str) -> bool:
 for _name in [name for name in os.environ if is_service_variable(name)]:
     del os.environ[_name]
 
+# BUCKET_TEST_INGEST_COALESCE=true runs the tests with ingest coalescing on (every app a test
+# creates, and the gunicorn instances of tests/cluster.py): what they assert must hold either way.
+if os.environ.get("BUCKET_TEST_INGEST_COALESCE", "").strip().lower() in {"1", "true", "yes"}:
+    os.environ["BUCKET_INGEST_COALESCE"] = "true"
+
 import shutil  # noqa: E402 - after the scrub: nothing may read the environment before it
 import uuid  # noqa: E402
 
