@@ -72,6 +72,10 @@ class Config:
         # at most this many packets per shared write (a larger batch is written on its own).
         self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", False)
         self.BUCKET_INGEST_COALESCE_MAX = env_int("BUCKET_INGEST_COALESCE_MAX", 64)
+        # Acknowledgement coalescing: concurrent mark-processed requests of one worker naming
+        # different packets share one statement and commit, at most this many results per write.
+        self.BUCKET_ACK_COALESCE = env_bool("BUCKET_ACK_COALESCE", False)
+        self.BUCKET_ACK_COALESCE_MAX = env_int("BUCKET_ACK_COALESCE_MAX", 500)
         # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
         self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)
         # Levels a packet's field may nest (raw_signals itself is level 1); deeper is a 422 and

@@ -120,14 +120,25 @@ def register_background_work(app: Flask) -> None:
 
 
 def register_ingest_coalescing(app: Flask) -> None:
-    """Concurrent ingests of this worker share writes (BUCKET_INGEST_COALESCE), counted."""
-    from bucket.services.coalescing import init_coalescer
+    """Concurrent ingests (BUCKET_INGEST_COALESCE) and acknowledgements (BUCKET_ACK_COALESCE)
+    of this worker share writes, counted."""
+    from bucket.services.coalescing import ACK_EXTENSION_KEY, init_coalescer
+    from bucket.services.delivery.acks import write_acks
     from bucket.services.ingest import write_submissions
-    from bucket.web.metrics import note_ingest_commit, note_ingest_waiting
+    from bucket.web import metrics
 
-    if app.config["BUCKET_INGEST_COALESCE_MAX"] < 1:
-        raise ValueError("BUCKET_INGEST_COALESCE_MAX must be at least 1.")
-    init_coalescer(app, write_submissions, note_ingest_commit, note_ingest_waiting)
+    for setting in ("BUCKET_INGEST_COALESCE_MAX", "BUCKET_ACK_COALESCE_MAX"):
+        if app.config[setting] < 1:
+            raise ValueError(f"{setting} must be at least 1.")
+    init_coalescer(app, write_submissions, metrics.note_ingest_commit, metrics.note_ingest_waiting)
+    init_coalescer(
+        app,
+        write_acks,
+        metrics.note_ack_commit,
+        metrics.note_ack_waiting,
+        setting="BUCKET_ACK_COALESCE",
+        key=ACK_EXTENSION_KEY,
+    )
 
 
 # Quarantine entries past BUCKET_QUARANTINE_RETENTION_DAYS and old per-minute roll-ups are

@@ -1,9 +1,14 @@
-"""Ingest coalescing: concurrent requests of one worker share one statement and one commit.
+"""Coalescing: concurrent requests of one worker share one statement and one commit.
+
+Ingests (``BUCKET_INGEST_COALESCE``) and acknowledgements (``BUCKET_ACK_COALESCE``) each have
+a coalescer of their own per app.
 
 Smart batching without a timer: a request that finds no write in flight writes at once (it
 leads); requests that arrive while a write is in flight queue, and when the write commits the
 leader answers its batch and hands the lead to the oldest waiting request, which writes
-everything queued (up to ``max_packets``) in one ``store_packets`` call. Every request is
+everything queued (up to ``max_items`` packets or results) in one ``write`` call. A request
+that names a key (a packet being acknowledged) already in the write being gathered starts the
+next write instead, so each write is what the requests would do one after another. Every request is
 answered only after the commit that stored its packets, with its own outcomes.
 
 A shared write that fails because the database is unavailable fails every request in it (each
@@ -28,34 +33,37 @@ from flask import Flask, current_app
 from bucket.exceptions import is_outage
 
 EXTENSION_KEY = "bucket.ingest_coalescer"
+ACK_EXTENSION_KEY = "bucket.ack_coalescer"
 log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
 class Submission:
-    """One request's valid packets, waiting for (or being written in) a shared commit."""
+    """One request's items (valid packets to store, or acknowledgement results), waiting for
+    (or being written in) a shared commit. ``keys`` may not meet another request's in one write."""
 
-    packets: list[dict[str, Any]]
-    idempotency_key: str | None
-    auths: list[Any] | None
+    items: list[dict[str, Any]]
+    idempotency_key: str | None = None
+    auths: list[Any] | None = None
+    keys: frozenset[str] = frozenset()
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     outcomes: list | None = None
     error: BaseException | None = None
 
 
-class IngestCoalescer:
-    """The queue of one app in one process (gunicorn worker)."""
+class Coalescer:
+    """The queue of one kind of write of one app in one process (gunicorn worker)."""
 
     def __init__(
         self,
         write: Callable[[list[Submission]], list[list]],
-        max_packets: int,
+        max_items: int,
         on_commit: Callable[[int, int], None] | None = None,
         on_waiting: Callable[[int], None] | None = None,
     ) -> None:
         self.write = write
-        self.max_packets = max_packets
+        self.max_items = max_items
         self.on_commit = on_commit
         self.on_waiting = on_waiting
         self._lock = threading.Lock()
@@ -76,7 +84,10 @@ class IngestCoalescer:
 
     def store(self, packets: list[dict], idempotency_key: str | None, auths: list | None) -> list:
         """Store one request's packets in the next shared commit; its outcomes, in order."""
-        own = Submission(packets, idempotency_key, auths)
+        return self.submit(Submission(packets, idempotency_key, auths))
+
+    def submit(self, own: Submission) -> list:
+        """Write one request's items in the next shared commit; its outcomes, in order."""
         with self._lock:
             self._queue.append(own)
             own.lead = not self._writing
@@ -98,12 +109,18 @@ class IngestCoalescer:
         return own.outcomes
 
     def _take(self) -> list[Submission]:
-        """The oldest waiting requests (this leader first), up to ``max_packets`` packets."""
+        """The oldest waiting requests (this leader first), up to ``max_items`` items, up to
+        the first whose keys meet the batch's."""
         with self._lock:
             batch = [self._queue.popleft()]
-            total = len(batch[0].packets)
-            while self._queue and total + len(self._queue[0].packets) <= self.max_packets:
-                total += len(self._queue[0].packets)
+            total = len(batch[0].items)
+            keys = set(batch[0].keys)
+            while self._queue and total + len(self._queue[0].items) <= self.max_items:
+                following = self._queue[0]
+                if not keys.isdisjoint(following.keys):
+                    break
+                total += len(following.items)
+                keys.update(following.keys)
                 batch.append(self._queue.popleft())
             self._note_waiting()
         return batch
@@ -114,7 +131,7 @@ class IngestCoalescer:
             try:
                 self.on_waiting(len(self._queue))
             except Exception:  # noqa: BLE001 - a gauge must not fail a request
-                log.exception("reporting the ingest queue failed")
+                log.exception("reporting a coalescer's queue failed")
 
     def _write_next(self) -> None:
         batch = self._take()
@@ -134,7 +151,7 @@ class IngestCoalescer:
             # Whatever happened (even an interruption), every request of the batch is answered.
             for submission in batch:
                 if submission.outcomes is None and submission.error is None:
-                    submission.error = RuntimeError("the shared ingest write was interrupted")
+                    submission.error = RuntimeError("the shared write was interrupted")
                 if not submission.lead:
                     submission.woken.set()
 
@@ -144,9 +161,9 @@ class IngestCoalescer:
             submission.outcomes = outcomes
         if self.on_commit is not None:
             try:
-                self.on_commit(len(batch), sum(len(s.packets) for s in batch))
+                self.on_commit(len(batch), sum(len(s.items) for s in batch))
             except Exception:  # noqa: BLE001 - committed: a failed count must not rewrite it
-                log.exception("counting a shared ingest write failed")
+                log.exception("counting a shared write failed")
 
     def _hand_on(self) -> None:
         """Give the lead to the oldest waiting request, or note that no write is in flight."""
@@ -173,14 +190,16 @@ def init_coalescer(
     write: Callable[[list[Submission]], list[list]],
     on_commit: Callable[[int, int], None] | None = None,
     on_waiting: Callable[[int], None] | None = None,
+    *,
+    setting: str = "BUCKET_INGEST_COALESCE",
+    key: str = EXTENSION_KEY,
 ) -> None:
-    """Give the app its coalescer when ``BUCKET_INGEST_COALESCE`` is on."""
-    if app.config.get("BUCKET_INGEST_COALESCE", False):
-        app.extensions[EXTENSION_KEY] = IngestCoalescer(
-            write, app.config["BUCKET_INGEST_COALESCE_MAX"], on_commit, on_waiting
-        )
+    """Give the app a coalescer under ``key`` when ``setting`` is on (its maximum of items
+    per write is ``<setting>_MAX``)."""
+    if app.config.get(setting, False):
+        app.extensions[key] = Coalescer(write, app.config[f"{setting}_MAX"], on_commit, on_waiting)
 
 
-def coalescer() -> IngestCoalescer | None:
-    """The current app's coalescer (None: off, or outside an app)."""
-    return current_app.extensions.get(EXTENSION_KEY)
+def coalescer(key: str = EXTENSION_KEY) -> Coalescer | None:
+    """The current app's coalescer of that kind (None: off, or outside an app)."""
+    return current_app.extensions.get(key)

@@ -19,7 +19,7 @@ from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.coalescing import Submission, coalescer
-from bucket.services.dialect import dialect_name, upsert_insert
+from bucket.services.dialect import dialect_name, holds_sqlite_turn, upsert_insert
 from bucket.services.tokens import VERIFIED, PacketAuth
 from bucket.timeutil import new_packet_id, utc_now
 
@@ -226,15 +226,9 @@ def store_packets(
     requests of this worker writing at the same time (bucket/services/coalescing.py).
     """
     shared = coalescer()
-    if shared is not None and len(packets) <= shared.max_packets and not holds_sqlite_turn():
+    if shared is not None and len(packets) <= shared.max_items and not holds_sqlite_turn():
         return shared.store(packets, idempotency_key, auths)
     return write_submissions([Submission(packets, idempotency_key, auths)])[0]
-
-
-def holds_sqlite_turn() -> bool:
-    """Whether this request already holds SQLite's writer turn (a transaction is open): it
-    must write on its own, since a shared write's leader would wait for that very turn."""
-    return dialect_name() != "postgresql" and db.session().in_transaction()
 
 
 def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]]:
@@ -247,11 +241,11 @@ def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]
     stale_after = current_app.config.get("BUCKET_STALE_AFTER")
     rows_by_request = []
     for submission in submissions:
-        judged = submission.auths or [None] * len(submission.packets)
+        judged = submission.auths or [None] * len(submission.items)
         rows_by_request.append(
             [
                 packet_row(data, received_at, submission.idempotency_key, auth, stale_after)
-                for data, auth in zip(submission.packets, judged, strict=True)
+                for data, auth in zip(submission.items, judged, strict=True)
             ]
         )
     first_by_key: dict[str, dict] = {}

@@ -79,10 +79,21 @@ INGEST_COMMIT_PACKETS = Counter(
     "Packets written by those writes.",
     ["kind"],
 )
+ACK_COMMITS = Counter(
+    "bucket_ack_commits",
+    "Acknowledgement writes (one statement, one commit) by the coalescer, alone (one request) "
+    "or shared by several requests of a worker (BUCKET_ACK_COALESCE).",
+    ["kind"],
+)
+ACK_COMMIT_REQUESTS = Counter(
+    "bucket_ack_commit_requests",
+    "Requests answered from those writes; divided by bucket_ack_commits, requests per commit.",
+    ["kind"],
+)
 COALESCE_WAITING = Gauge(
     "bucket_coalesce_waiting",
     "Requests waiting for the next shared write (not those of the write in flight), summed "
-    "over live workers; kind=ingest (BUCKET_INGEST_COALESCE).",
+    "over live workers; kind=ingest (BUCKET_INGEST_COALESCE) or ack (BUCKET_ACK_COALESCE).",
     ["kind"],
     multiprocess_mode="livesum",
 )
@@ -127,6 +138,18 @@ def note_ingest_commit(requests: int, packets: int) -> None:
 def note_ingest_waiting(waiting: int) -> None:
     """How many ingest requests of this worker wait for the next shared write now."""
     COALESCE_WAITING.labels("ingest").set(waiting)
+
+
+def note_ack_commit(requests: int, results: int) -> None:
+    """Count one acknowledgement coalescer write and the requests it carried."""
+    kind = "shared" if requests > 1 else "alone"
+    ACK_COMMITS.labels(kind).inc()
+    ACK_COMMIT_REQUESTS.labels(kind).inc(requests)
+
+
+def note_ack_waiting(waiting: int) -> None:
+    """How many acknowledgement requests of this worker wait for the next shared write now."""
+    COALESCE_WAITING.labels("ack").set(waiting)
 
 
 def note_acks(outcomes: Iterable[Any]) -> None:
