@@ -68,6 +68,14 @@ class Config:
         self.BUCKET_RETRY_BACKOFF_MAX = env_float("BUCKET_RETRY_BACKOFF_MAX", 3600.0)
         self.BUCKET_MAX_BODY_BYTES = env_int("BUCKET_MAX_BODY_BYTES", 1024 * 1024)
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
+        # Ingest coalescing: concurrent requests of one worker share one statement and commit,
+        # at most this many packets per shared write (a larger batch is written on its own).
+        self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", False)
+        self.BUCKET_INGEST_COALESCE_MAX = env_int("BUCKET_INGEST_COALESCE_MAX", 64)
+        # Acknowledgement coalescing: concurrent mark-processed requests of one worker naming
+        # different packets share one statement and commit, at most this many results per write.
+        self.BUCKET_ACK_COALESCE = env_bool("BUCKET_ACK_COALESCE", False)
+        self.BUCKET_ACK_COALESCE_MAX = env_int("BUCKET_ACK_COALESCE_MAX", 500)
         # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
         self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)
         # Levels a packet's field may nest (raw_signals itself is level 1); deeper is a 422 and

@@ -24,6 +24,7 @@ def create_app(overrides: dict[str, Any] | None = None, testing: bool = False) -
     register_request_hooks(app)
     register_extensions(app)
     register_background_work(app)
+    register_ingest_coalescing(app)
     register_ingest_auth(app)
     register_rate_limits(app)
     register_blueprints(app)
@@ -117,6 +118,28 @@ def register_background_work(app: Flask) -> None:
             # PostgreSQL: the day partitions ahead, and packets out of the default partition.
             PeriodicTask("partitions", partitions.ensure_partitions, PARTITION_INTERVAL),
         ],
+    )
+
+
+def register_ingest_coalescing(app: Flask) -> None:
+    """Concurrent ingests (BUCKET_INGEST_COALESCE) and acknowledgements (BUCKET_ACK_COALESCE)
+    of this worker share writes, counted."""
+    from bucket.services.coalescing import ACK_EXTENSION_KEY, init_coalescer
+    from bucket.services.delivery.acks import write_acks
+    from bucket.services.ingest import write_submissions
+    from bucket.web import metrics
+
+    for setting in ("BUCKET_INGEST_COALESCE_MAX", "BUCKET_ACK_COALESCE_MAX"):
+        if app.config[setting] < 1:
+            raise ValueError(f"{setting} must be at least 1.")
+    init_coalescer(app, write_submissions, metrics.note_ingest_commit, metrics.note_ingest_waiting)
+    init_coalescer(
+        app,
+        write_acks,
+        metrics.note_ack_commit,
+        metrics.note_ack_waiting,
+        setting="BUCKET_ACK_COALESCE",
+        key=ACK_EXTENSION_KEY,
     )
 
 

@@ -25,6 +25,9 @@ BIN = Path(sys.executable).parent
 def service_env(database_url: str, redis_url: str, prefix: str, **extra: str) -> dict[str, str]:
     """The environment of one instance: shared database and Redis, no rate limits."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
+    for setting in ("BUCKET_INGEST_COALESCE", "BUCKET_ACK_COALESCE"):  # conftest's switches
+        if setting in os.environ:
+            env[setting] = os.environ[setting]
     for name in ("WEB_CONCURRENCY", "PORT", "DATABASE_URL", "REDIS_URL"):
         env.pop(name, None)
     env.update(

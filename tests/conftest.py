@@ -30,6 +30,17 @@ def is_service_variable(name: str) -> bool:
 for _name in [name for name in os.environ if is_service_variable(name)]:
     del os.environ[_name]
 
+# BUCKET_TEST_INGEST_COALESCE=true (BUCKET_TEST_ACK_COALESCE=true) runs the tests with ingest
+# (acknowledgement) coalescing on: every app a test creates, and the gunicorn instances of
+# tests/cluster.py. What the tests assert must hold either way.
+COALESCING_SWITCHES = {
+    "BUCKET_TEST_INGEST_COALESCE": "BUCKET_INGEST_COALESCE",
+    "BUCKET_TEST_ACK_COALESCE": "BUCKET_ACK_COALESCE",
+}
+for _switch, _setting in COALESCING_SWITCHES.items():
+    if os.environ.get(_switch, "").strip().lower() in {"1", "true", "yes"}:
+        os.environ[_setting] = "true"
+
 import shutil  # noqa: E402 - after the scrub: nothing may read the environment before it
 import uuid  # noqa: E402
 
@@ -165,6 +176,18 @@ def empty_database(backend, tmp_path, request):
         yield url
     finally:
         servers.drop_database(name)
+
+
+@pytest.fixture
+def private_postgres():
+    """A started PostgreSQL server of this test's own (it may stop it), destroyed afterwards."""
+    if servers.postgres_binary("initdb") is None:
+        servers.unavailable("PostgreSQL's initdb and pg_ctl are not installed")
+    database = servers.PrivatePostgres()
+    try:
+        yield database.start()
+    finally:
+        database.destroy()
 
 
 @pytest.fixture

@@ -12,6 +12,12 @@ def dialect_name() -> str:
     return db.engine.dialect.name
 
 
+def holds_sqlite_turn() -> bool:
+    """Whether this request already holds SQLite's writer turn (a transaction is open): it
+    must write on its own, since a shared write's leader would wait for that very turn."""
+    return dialect_name() != "postgresql" and db.session().in_transaction()
+
+
 def upsert_insert(table):
     """An INSERT that supports ``on_conflict_do_nothing`` on the current backend."""
     module = postgresql if dialect_name() == "postgresql" else sqlite

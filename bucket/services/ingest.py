@@ -1,4 +1,4 @@
-"""Storing packets: validated rows in, one INSERT per request, duplicates recognised by key."""
+"""Storing packets: validated rows in, one INSERT per write (a request, or several sharing it)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from bucket.extensions import db, queue
 from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
-from bucket.services.dialect import dialect_name, upsert_insert
+from bucket.services.coalescing import Submission, coalescer
+from bucket.services.dialect import dialect_name, holds_sqlite_turn, upsert_insert
 from bucket.services.tokens import VERIFIED, PacketAuth
 from bucket.timeutil import new_packet_id, utc_now
 
@@ -76,7 +77,7 @@ EXISTING_SQL = (
     "SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
     "WHERE dedup_key = ANY(%(keys)s) "
     "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
-    "WHERE idempotency_key = %(idem)s"
+    "WHERE idempotency_key = ANY(%(idems)s)"
 )
 
 
@@ -243,34 +244,62 @@ def store_packets(
 
     Duplicates (of stored packets or of each other) are detected by the unique keys, so two
     copies racing on two workers still end as one row. Nothing is acknowledged before COMMIT.
+    With ``BUCKET_INGEST_COALESCE`` the packets share the statement and commit of other
+    requests of this worker writing at the same time (bucket/services/coalescing.py).
+    """
+    shared = coalescer()
+    if shared is not None and len(packets) <= shared.max_items and not holds_sqlite_turn():
+        return shared.store(packets, idempotency_key, auths)
+    return write_submissions([Submission(packets, idempotency_key, auths)])[0]
+
+
+def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]]:
+    """Store several requests' packets in one statement and commit; each request's outcomes.
+
+    The packets are written as one batch envelope would be, each with its own request's
+    ``Idempotency-Key``; a packet equal to an earlier one of the same write is its duplicate.
     """
     received_at = utc_now()
     stale_after = current_app.config.get("BUCKET_STALE_AFTER")
-    judged = auths if auths is not None else [None] * len(packets)
-    rows = [
-        packet_row(data, received_at, idempotency_key, auth, stale_after)
-        for data, auth in zip(packets, judged, strict=True)
-    ]
+    rows_by_request = []
+    for submission in submissions:
+        judged = submission.auths or [None] * len(submission.items)
+        rows_by_request.append(
+            [
+                packet_row(data, received_at, submission.idempotency_key, auth, stale_after)
+                for data, auth in zip(submission.items, judged, strict=True)
+            ]
+        )
     first_by_key: dict[str, dict] = {}
-    for row in rows:
-        first_by_key.setdefault(row["dedup_key"], row)
+    for rows in rows_by_request:
+        for row in rows:
+            first_by_key.setdefault(row["dedup_key"], row)
     fresh = list(first_by_key.values())
     store = _store_postgres if dialect_name() == "postgresql" else _store_sqlite
     inserted, existing = store(fresh)
     if inserted:
         queue.publish_ready()
+    return [
+        [outcome_of(row, first_by_key, inserted, existing, received_at) for row in rows]
+        for rows in rows_by_request
+    ]
 
-    outcomes = []
-    for row in rows:
-        first = first_by_key[row["dedup_key"]]
-        if row is first and row["dedup_key"] in inserted:
-            outcomes.append(IngestOutcome(row["packet_id"], received_at, False))
-        elif first["dedup_key"] in inserted:
-            outcomes.append(IngestOutcome(first["packet_id"], received_at, True))
-        else:
-            packet_id, original_received_at = existing[row["dedup_key"]]
-            outcomes.append(IngestOutcome(packet_id, original_received_at, True))
-    return outcomes
+
+def outcome_of(
+    row: dict,
+    first_by_key: dict[str, dict],
+    inserted: set[str],
+    existing: Existing,
+    received_at: datetime,
+) -> IngestOutcome:
+    """What became of one row of a write: stored, or the duplicate of which packet."""
+    first = first_by_key[row["dedup_key"]]
+    if row is first and row["dedup_key"] in inserted:
+        return IngestOutcome(row["packet_id"], received_at, False)
+    if first["dedup_key"] in inserted:
+        return IngestOutcome(first["packet_id"], received_at, True)
+    packet_id, original_received_at = existing[row["dedup_key"]]
+    return IngestOutcome(packet_id, original_received_at, True)
 
 
 Existing = dict[str, tuple[str, datetime]]
@@ -293,7 +322,7 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
         return inserted, {}
     found = sql.run_postgres(
         EXISTING_SQL,
-        {"keys": [row["dedup_key"] for row in missing], "idem": missing[0]["idempotency_key"]},
+        {"keys": [row["dedup_key"] for row in missing], "idems": idempotency_keys(missing)},
     )
     return inserted, match_existing(missing, found)
 
@@ -317,9 +346,11 @@ def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:
         if missing:
             keys = [row["dedup_key"] for row in missing]
             condition = PACKET_TABLE.c.dedup_key.in_(keys)
-            idempotency_key = missing[0]["idempotency_key"]
-            if idempotency_key is not None:
-                condition = or_(condition, PACKET_TABLE.c.idempotency_key == idempotency_key)
+            idempotency_keys_of_missing = idempotency_keys(missing)
+            if idempotency_keys_of_missing:
+                condition = or_(
+                    condition, PACKET_TABLE.c.idempotency_key.in_(idempotency_keys_of_missing)
+                )
             found = session.execute(
                 select(
                     PACKET_TABLE.c.packet_id,
@@ -334,6 +365,11 @@ def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:
     except BaseException:
         session.rollback()
         raise
+
+
+def idempotency_keys(rows: list[dict]) -> list[str]:
+    """The distinct idempotency keys of rows (each request of a shared write has its own)."""
+    return sorted({row["idempotency_key"] for row in rows if row["idempotency_key"]})
 
 
 def allocate_seq(session: Any, rows: list[dict]) -> None:

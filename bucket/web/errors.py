@@ -7,11 +7,11 @@ import traceback
 from http import HTTPStatus
 
 from flask import Flask, g, has_request_context, jsonify, request
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from werkzeug.exceptions import HTTPException, InternalServerError
 
-from bucket.exceptions import BodyTooDeep, DatabaseUnavailable
+from bucket.exceptions import BodyTooDeep, DatabaseUnavailable, is_outage
 from bucket.extensions import db
 
 log = logging.getLogger(__name__)
@@ -50,22 +50,6 @@ def database_unavailable(exc: Exception):
         "The database is unavailable; nothing was stored. Retry later.",
         {"Retry-After": DATABASE_RETRY_AFTER},
     )
-
-
-# SQLite's primary result codes that mean "the database cannot serve now", not "bad SQL":
-# BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN. SQLite reports its own SQL errors as
-# OperationalError too (SQLITE_ERROR), and those are bugs.
-SQLITE_UNAVAILABLE_CODES = frozenset({5, 6, 8, 10, 13, 14})
-
-
-def is_outage(exc: DBAPIError) -> bool:
-    """Whether a DBAPI error means the database is unreachable or busy (not a bug of ours)."""
-    if exc.connection_invalidated:
-        return True
-    code = getattr(exc.orig, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF in SQLITE_UNAVAILABLE_CODES
-    return isinstance(exc, OperationalError)
 
 
 def database_error(exc: DBAPIError):

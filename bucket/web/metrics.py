@@ -20,6 +20,7 @@ from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     disable_created_metrics,
     generate_latest,
@@ -62,6 +63,40 @@ AUTH_OUTCOMES = Counter(
     "Packets stored with each authentication outcome (observe and require).",
     ["outcome"],
 )
+INGEST_COMMITS = Counter(
+    "bucket_ingest_commits",
+    "Ingest writes (one statement, one commit) by the coalescer, alone (one request) or "
+    "shared by several requests of a worker (BUCKET_INGEST_COALESCE).",
+    ["kind"],
+)
+INGEST_COMMIT_REQUESTS = Counter(
+    "bucket_ingest_commit_requests",
+    "Requests answered from those writes; divided by bucket_ingest_commits, requests per commit.",
+    ["kind"],
+)
+INGEST_COMMIT_PACKETS = Counter(
+    "bucket_ingest_commit_packets",
+    "Packets written by those writes.",
+    ["kind"],
+)
+ACK_COMMITS = Counter(
+    "bucket_ack_commits",
+    "Acknowledgement writes (one statement, one commit) by the coalescer, alone (one request) "
+    "or shared by several requests of a worker (BUCKET_ACK_COALESCE).",
+    ["kind"],
+)
+ACK_COMMIT_REQUESTS = Counter(
+    "bucket_ack_commit_requests",
+    "Requests answered from those writes; divided by bucket_ack_commits, requests per commit.",
+    ["kind"],
+)
+COALESCE_WAITING = Gauge(
+    "bucket_coalesce_waiting",
+    "Requests waiting for the next shared write (not those of the write in flight), summed "
+    "over live workers; kind=ingest (BUCKET_INGEST_COALESCE) or ack (BUCKET_ACK_COALESCE).",
+    ["kind"],
+    multiprocess_mode="livesum",
+)
 PACKET_OUTCOMES = ("ingested", "duplicate", "rejected", "processed", "failed", "dead")
 # Acknowledgement statuses (bucket.services.delivery.AckOutcome.status) to packet outcomes.
 ACK_OUTCOMES = {"processed": "processed", "retry_scheduled": "failed", "dead": "dead"}
@@ -90,6 +125,31 @@ def note_auth(stored: Iterable[str], refused: Iterable[str]) -> None:
         AUTH_OUTCOMES.labels(outcome).inc()
     for reason in refused:
         AUTH_REFUSED.labels(reason).inc()
+
+
+def note_ingest_commit(requests: int, packets: int) -> None:
+    """Count one coalescer write and the requests and packets it carried."""
+    kind = "shared" if requests > 1 else "alone"
+    INGEST_COMMITS.labels(kind).inc()
+    INGEST_COMMIT_REQUESTS.labels(kind).inc(requests)
+    INGEST_COMMIT_PACKETS.labels(kind).inc(packets)
+
+
+def note_ingest_waiting(waiting: int) -> None:
+    """How many ingest requests of this worker wait for the next shared write now."""
+    COALESCE_WAITING.labels("ingest").set(waiting)
+
+
+def note_ack_commit(requests: int, results: int) -> None:
+    """Count one acknowledgement coalescer write and the requests it carried."""
+    kind = "shared" if requests > 1 else "alone"
+    ACK_COMMITS.labels(kind).inc()
+    ACK_COMMIT_REQUESTS.labels(kind).inc(requests)
+
+
+def note_ack_waiting(waiting: int) -> None:
+    """How many acknowledgement requests of this worker wait for the next shared write now."""
+    COALESCE_WAITING.labels("ack").set(waiting)
 
 
 def note_acks(outcomes: Iterable[Any]) -> None:

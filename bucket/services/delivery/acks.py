@@ -5,6 +5,8 @@ jittered back-off, or dead-letters it on its last allowed delivery. A result nam
 other than the packet's current lease is stale and changes nothing (409); one without a receipt
 (the unchanged Karma Tracker poller) is accepted whoever holds the lease. All results of one
 request are recorded by one statement, with the processed and dead counters, and committed.
+With ``BUCKET_ACK_COALESCE`` concurrent requests of a worker that name different packets share
+that statement and commit (bucket/services/coalescing.py); each gets its own outcomes.
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from bucket.extensions import db, queue
 from bucket.models import DeliveryState
 from bucket.services import activity, counters, sql
 from bucket.services.activity import PG_PROCESSED
+from bucket.services.coalescing import ACK_EXTENSION_KEY, Submission, coalescer
 from bucket.services.counters import PG_BUMP
 from bucket.services.delivery.settings import D, DeliverySettings
-from bucket.services.dialect import dialect_name
+from bucket.services.dialect import dialect_name, holds_sqlite_turn
 from bucket.timeutil import epoch_now, from_epoch
 
 FAILURE_MESSAGE = "consumer reported failure"
@@ -133,11 +136,26 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
 
     A packet named twice in one request is recorded once, by its first result.
     """
+    keys = frozenset(item["packet_id"] for item in results)
+    submission = Submission(results, keys=keys)
+    shared = coalescer(ACK_EXTENSION_KEY)
+    if shared is not None and len(results) <= shared.max_items and not holds_sqlite_turn():
+        return shared.submit(submission)
+    return write_acks([submission])[0]
+
+
+def write_acks(submissions: list[Submission]) -> list[list[AckOutcome]]:
+    """Record several requests' results in one statement and commit; each request's outcomes.
+
+    The requests name different packets (the coalescer keeps a request that names a packet of
+    another one for the next write), so the result is theirs one after another.
+    """
     settings = DeliverySettings.from_app()
     unique: dict[str, dict] = {}
-    for item in results:
-        if item["packet_id"] not in unique:
-            unique[item["packet_id"]] = ack_item(item)
+    for submission in submissions:
+        for item in submission.items:
+            if item["packet_id"] not in unique:
+                unique[item["packet_id"]] = ack_item(item)
     record = _record_postgres if dialect_name() == "postgresql" else _record_sqlite
     updated, current = record(list(unique.values()), settings)
     if any(row[1] == DeliveryState.PENDING for row in updated.values()):
@@ -148,7 +166,7 @@ def acknowledge(results: list[dict]) -> list[AckOutcome]:
             by_id[pid] = updated_outcome(*updated[pid])
         else:
             by_id[pid] = refused_outcome(pid, current.get(pid))
-    return [by_id[item["packet_id"]] for item in results]
+    return [[by_id[item["packet_id"]] for item in submission.items] for submission in submissions]
 
 
 def ack_item(result: dict) -> dict:
@@ -209,7 +227,16 @@ def _results_table(items: list[dict]) -> Subquery:
 
 
 def _record_sqlite(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
-    """SQLite: the same transition as one UPDATE … FROM, counters after it, one transaction."""
+    """SQLite: the same transition as one UPDATE … FROM, counters after it, one transaction
+    (rolled back on failure, so a coalescer's retry of each request alone starts clean)."""
+    try:
+        return _record_sqlite_once(items, settings)
+    except Exception:
+        db.session.rollback()
+        raise
+
+
+def _record_sqlite_once(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
     now = epoch_now()
     now_dt = from_epoch(now)
     r = _results_table(items)
