@@ -254,6 +254,58 @@ ALTERNATIVES = (
     ),
 )
 
+# Row layouts that could replace today's, measured on a sample of the filled rows copied into
+# a table of each shape (and dropped): bytes per row of the copy as it is against the copy
+# reshaped. (name, what it stands for, source table, SELECT list.)
+SAMPLE_ROWS = 200_000
+HEAP_ALTERNATIVES = (
+    (
+        "packets_compact",
+        "packets with packet_id and dedup_key as uuid, the five low-cardinality strings "
+        "(system_type, role, cognitive_state, state, auth_outcome) as one-byte codes, "
+        "employee_id NULL when it repeats user_id, 8-byte columns first",
+        "packets",
+        "seq, client_timestamp, received_at, active_seconds, idle_seconds, away_seconds, "
+        "focus_score, integrity_score, packet_id::uuid AS packet_id, "
+        'dedup_key::uuid AS dedup_key, stale, left(system_type, 1)::"char" AS system_type, '
+        'left(role, 1)::"char" AS role, left(cognitive_state, 1)::"char" AS cs, '
+        'left(state, 1)::"char" AS state, left(auth_outcome, 1)::"char" AS auth_outcome, '
+        "idempotency_key, user_id, nullif(employee_id, user_id) AS employee_id, session_id, "
+        "lesson_id, task_id, auth_subject, raw_signals",
+    ),
+    (
+        "packets_uuid_only",
+        "packets as they are, but packet_id and dedup_key as uuid",
+        "packets",
+        "packet_id::uuid AS packet_id, seq, dedup_key::uuid AS dedup_key, idempotency_key, "
+        "user_id, employee_id, session_id, lesson_id, task_id, system_type, role, "
+        "client_timestamp, cognitive_state, state, active_seconds, idle_seconds, away_seconds, "
+        "focus_score, integrity_score, raw_signals, received_at, auth_outcome, auth_subject, "
+        "stale",
+    ),
+    (
+        "deliveries_compact",
+        "deliveries with packet_id as uuid, the state as a one-byte code, delivery_count as "
+        "smallint, without processed_by_karma (= processed) and processed_at (= visible_at "
+        "once processed), karma_actions without the packet's own id",
+        "deliveries",
+        "received_at, visible_at, last_delivered_at, dead_at, packet_id::uuid AS packet_id, "
+        "delivery_count::smallint AS delivery_count, "
+        'left(delivery_state, 1)::"char" AS delivery_state, lease_id, last_error, '
+        "replace(karma_actions::text, '\"packet_id\":\"' || packet_id || '\",', '')::json "
+        "AS karma_actions",
+    ),
+    (
+        "finished_record",
+        "what a finished packet needs once it leaves the hot table (processed time, attempts, "
+        "karma actions without the packet's own id, last error), keyed by packet_id as uuid",
+        "deliveries",
+        "processed_at, packet_id::uuid AS packet_id, delivery_count::smallint AS attempts, "
+        "last_error, replace(karma_actions::text, '\"packet_id\":\"' || packet_id || '\",', '')"
+        "::json AS karma_actions",
+    ),
+)
+
 
 def columns(conn: psycopg.Connection, table: str) -> list[tuple[str, str, bool, bool, str]]:
     """(name, type, NOT NULL, has a default or is identity/generated, type category) of each
@@ -390,6 +442,46 @@ def column_widths(conn: psycopg.Connection, table: str) -> dict[str, dict]:
     }
 
 
+def index_bytes(conn: psycopg.Connection, index: str) -> int:
+    """An index's bytes over its partitions."""
+    return int(
+        conn.execute(
+            "SELECT coalesce(sum(pg_relation_size(leaf.relid)), 0) FROM "
+            + LEAVES.format("%(i)s::regclass")
+            + " AS leaf(relid)",
+            {"i": index},
+        ).fetchone()[0]
+    )
+
+
+def rebuilt(conn: psycopg.Connection, tables: tuple[str, ...]) -> dict[str, int]:
+    """Each index of ``tables`` built afresh beside itself (its definition, another name) and
+    dropped: its size packed by one build, against its size grown by the fill's inserts in
+    time order (as a deployment grows it). The alternatives are built the same way, so they
+    compare with these figures."""
+    sizes = {}
+    for table in tables:
+        indexes = conn.execute(
+            "SELECT i.relname, pg_get_indexdef(i.oid) FROM pg_index x "
+            "JOIN pg_class i ON i.oid = x.indexrelid WHERE x.indrelid = %s::regclass "
+            "ORDER BY i.relname",
+            (table,),
+        ).fetchall()
+        for name, definition in indexes:
+            copy = "bench_copy"
+            statement = (
+                definition.replace("CREATE UNIQUE INDEX", "CREATE INDEX", 1)
+                .replace(f"INDEX {name} ON ", f"INDEX {copy} ON ", 1)
+                .replace(" ON ONLY ", " ON ", 1)
+            )
+            try:
+                conn.execute(statement)
+                sizes[name] = index_bytes(conn, copy)
+            finally:
+                conn.execute(f"DROP INDEX IF EXISTS {copy}")
+    return sizes
+
+
 def alternatives(conn: psycopg.Connection) -> dict[str, dict]:
     """Build each alternative index on the filled tables, measure it, and drop it."""
     measured = {}
@@ -397,17 +489,36 @@ def alternatives(conn: psycopg.Connection) -> dict[str, dict]:
         index = f"bench_alt_{name}"
         try:
             conn.execute(f"CREATE INDEX {index} ON {body}")
-            size = conn.execute(
-                "SELECT coalesce(sum(pg_relation_size(leaf.relid)), 0) FROM "
-                + LEAVES.format("%(i)s::regclass")
-                + " AS leaf(relid)",
-                {"i": index},
-            ).fetchone()[0]
-            measured[name] = {"meaning": meaning, "bytes": int(size)}
+            measured[name] = {"meaning": meaning, "bytes": index_bytes(conn, index)}
         except psycopg.Error as exc:
             measured[name] = {"meaning": meaning, "error": str(exc).splitlines()[0]}
         finally:
             conn.execute(f"DROP INDEX IF EXISTS {index}")
+    return measured
+
+
+def heap_alternatives(conn: psycopg.Connection) -> dict[str, dict]:
+    """Copy a sample of each source table as it is and reshaped; bytes per row of each."""
+    measured = {}
+    for name, meaning, source, select in HEAP_ALTERNATIVES:
+        try:
+            conn.execute(f"CREATE TABLE bench_as_is AS SELECT * FROM {source} LIMIT {SAMPLE_ROWS}")
+            conn.execute(f"CREATE TABLE bench_reshaped AS SELECT {select} FROM bench_as_is")
+            conn.execute("VACUUM bench_as_is, bench_reshaped")
+            rows, as_is, reshaped = conn.execute(
+                "SELECT (SELECT count(*) FROM bench_as_is), "
+                "pg_table_size('bench_as_is'), pg_table_size('bench_reshaped')"
+            ).fetchone()
+            measured[name] = {
+                "meaning": meaning,
+                "rows": rows,
+                "as_is_bytes_per_row": as_is / max(rows, 1),
+                "reshaped_bytes_per_row": reshaped / max(rows, 1),
+            }
+        except psycopg.Error as exc:
+            measured[name] = {"meaning": meaning, "error": str(exc).splitlines()[0]}
+        finally:
+            conn.execute("DROP TABLE IF EXISTS bench_as_is, bench_reshaped")
     return measured
 
 
@@ -520,7 +631,9 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
         }
         figures["hot_bytes_at_stored"] = hot_bytes(figures["relations"])
         began = time.monotonic()
+        figures["rebuilt_indexes"] = rebuilt(conn, ("packets", "deliveries"))
         figures["alternatives"] = alternatives(conn)
+        figures["heap_alternatives"] = heap_alternatives(conn)
         figures["alternatives_seconds"] = round(time.monotonic() - began, 1)
     figures.update(derived(figures))
     return figures
@@ -607,10 +720,19 @@ def table(figures: dict) -> str:
         if size["other_indexes"]:
             parts.append(("other indexes", size["other_indexes"]))
         for part, value in parts:
-            lines.append(f"  {part:<32} {'':>12} {value:>14,} {value / stored:>9.1f}")
+            packed = figures["rebuilt_indexes"].get(part)
+            note = f"  (built afresh: {packed / stored:.1f})" if packed is not None else ""
+            lines.append(f"  {part:<32} {'':>12} {value:>14,} {value / stored:>9.1f}{note}")
     for name, alt in figures["alternatives"].items():
         value = f"{alt['bytes'] / stored:.1f} B/packet" if "bytes" in alt else alt["error"]
-        lines.append(f"alternative {name}: {value} ({alt['meaning']})")
+        lines.append(f"alternative {name}, built afresh: {value} ({alt['meaning']})")
+    for name, alt in figures["heap_alternatives"].items():
+        value = (
+            f"{alt['as_is_bytes_per_row']:.1f} -> {alt['reshaped_bytes_per_row']:.1f} B/row"
+            if "rows" in alt
+            else alt["error"]
+        )
+        lines.append(f"heap alternative {name}: {value} ({alt['meaning']})")
     return "\n".join(lines)
 
 
