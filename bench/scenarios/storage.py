@@ -31,7 +31,7 @@ def storage_rows(results: dict, row: Row) -> None:
         "<= 500",
     )
     row(
-        "disk per day per 1,000 learners, 5,000 / 17,280 packets each",
+        "disk per day per 1,000 learners (5,000 / 17,280 packets)",
         f"{fill['disk_gb_per_day_per_1000_learners_at_5000']:.2f} / "
         f"{fill['disk_gb_per_day_per_1000_learners']:.2f} GB",
         "<= 2.5 GB (5,000)",
