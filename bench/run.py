@@ -1,7 +1,8 @@
 """The benchmark suite: every figure of BENCHMARKS.md, each beside its ceiling in the same run.
 
-    .venv/bin/python -m bench            # the full run (about 25 minutes on 2 cores)
-    .venv/bin/python -m bench --quick    # every figure at smaller sizes, under 3 minutes
+    .venv/bin/python -m bench            # the full run (about 25 minutes on 2 cores, and an
+                                         # estimated 20 more for the storage scenario's fill)
+    .venv/bin/python -m bench --quick    # every figure at smaller sizes, under 4 minutes
     .venv/bin/python -m bench --smoke    # seconds: proves the suite still runs (CI)
 
 It starts a private PostgreSQL (with pg_stat_statements) and Redis, runs the service exactly as
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="smaller sizes, under 3 minutes")
+    mode.add_argument("--quick", action="store_true", help="smaller sizes, under 4 minutes")
     mode.add_argument("--smoke", action="store_true", help="seconds; checks the suite runs")
     parser.add_argument(
         "--only",

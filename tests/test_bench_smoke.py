@@ -81,4 +81,13 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert auth["database"] == "postgresql"
     assert all(value > 0 for value in auth["median_us_per_request"].values())
     assert set(auth["overhead_vs_off_percent"]) == {"hs256", "rs256"}
+    # Storage (bench/scenarios/storage.py): a database of its own filled with every column the
+    # fill knows, measured relation by relation, the hot table at the backlog and at all stored.
+    fill = results["storage_fill"]
+    assert fill["stored"] == fill["packets"] and fill["unfilled_columns"] == []
+    assert fill["states"]["processed"] > fill["states"]["pending"] > 0
+    assert {"packets", "deliveries", "audit_seals", "audit_purges"} <= set(fill["relations"])
+    assert fill["bytes_per_packet"] > fill["core_bytes_per_packet"] > 0
+    assert fill["hot_bytes_at_stored"] > fill["hot_bytes_at_backlog"] > 0
+    assert all("bytes" in alternative for alternative in fill["alternatives"].values())
     assert "poll limit=10 p50" in run.stdout  # the table was printed
