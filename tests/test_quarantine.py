@@ -740,3 +740,26 @@ def test_a_replayed_packet_keeps_the_idempotency_key_it_was_sent_with(make_app):
     assert again.status_code == 200 and again.json["duplicate"] is True, again.json
     assert again.json["packet_id"] == report["results"][0]["packet_id"]
     assert stored(lenient) == 1
+
+
+def test_packets_nested_deeper_than_the_encoders_go_are_told_apart_by_content(app, client):
+    """Two refused packets too deep for the canonical encoder, differing in one field, are
+    two entries; the same one sent again is the same entry."""
+
+    def deep(user: str) -> str:
+        return json.dumps(
+            make_packet(
+                user_id=user, focus_score=-1, timestamp="2025-11-28T08:00:00Z", raw_signals={"n": 1}
+            )
+        )[:-1] + (', "extra": ' + "[" * 300 + "]" * 300 + "}")
+
+    answers = [
+        client.post(INGEST, data=body, content_type="application/json")
+        for body in (deep("deep_a"), deep("deep_b"))
+    ]
+    assert [a.status_code for a in answers] == [422, 422], answers[0].json
+    first, second = (a.json["quarantine_id"] for a in answers)
+    assert first != second
+    again = client.post(INGEST, data=deep("deep_a"), content_type="application/json")
+    assert again.json["quarantine_id"] == first
+    assert {e["user_id"] for e in client.get(QUARANTINE).json} == {"deep_a", "deep_b"}
