@@ -763,3 +763,37 @@ def test_packets_nested_deeper_than_the_encoders_go_are_told_apart_by_content(ap
     again = client.post(INGEST, data=deep("deep_a"), content_type="application/json")
     assert again.json["quarantine_id"] == first
     assert {e["user_id"] for e in client.get(QUARANTINE).json} == {"deep_a", "deep_b"}
+
+
+def test_a_lowered_row_bound_is_met_at_the_next_newcomer_across_every_sender(make_app):
+    """Four senders hold one entry each; the operator lowers the bound to one entry: the
+    next refused packet brings the quarantine down to one, one sender after another, and
+    the figures say so."""
+    app = make_app()
+    client = app.test_client()
+    for n in range(1, 4):
+        response = client.post(
+            INGEST,
+            json=make_packet(focus_score=-n),
+            environ_base={"REMOTE_ADDR": f"192.0.2.{n}"},
+        )
+        assert response.status_code == 422
+    lowered = make_app(BUCKET_QUARANTINE_MAX_ROWS=1)
+    client = lowered.test_client()
+    response = client.post(
+        INGEST, json=make_packet(focus_score=-9), environ_base={"REMOTE_ADDR": "192.0.2.9"}
+    )
+    assert response.status_code == 422
+    assert len(rows_of(lowered)) == 1
+    figures = status(client)
+    assert figures["quarantined_packets"] == 1 and figures["quarantine_evicted"] == 3
+
+
+def test_replay_takes_the_entries_in_id_order_even_after_they_changed(app, client):
+    """An entry seen again (its row rewritten) is still replayed in its place by id."""
+    ids = [refused(client, make_packet(focus_score=-n))["quarantine_id"] for n in (1, 2, 3)]
+    first = entry(client, ids[0])["body"]
+    refused(client, {**first, "retry_count": 5})  # rewrites the first row
+    report = replay(client, all=True, limit=1)
+    assert [r["id"] for r in report["results"]] == [ids[0]]
+    assert (report["remaining"], report["next_after"]) == (2, ids[0])
