@@ -399,9 +399,12 @@ def set_entry(app, entry_id: int, **values) -> None:
         db.session.commit()
 
 
-def same_size(n: int, **overrides) -> dict:
-    """A refused packet whose body has the same size as every other one made here."""
-    return make_packet(focus_score=1000 + n, raw_signals={"n": 1}, **overrides)
+def sized(size: int, **overrides) -> dict:
+    """A refused packet whose body is exactly ``size`` bytes as the quarantine counts them."""
+    packet = make_packet(**{"focus_score": -1, "raw_signals": {"pad": ""}, **overrides})
+    pad = size - len(json.dumps(packet, separators=(",", ":")).encode())
+    packet["raw_signals"]["pad"] = "p" * pad
+    return packet
 
 
 def test_the_byte_figure_is_the_sum_of_the_bodies_kept_and_a_resend_adds_nothing(app, client):
@@ -419,46 +422,46 @@ def test_the_byte_figure_is_the_sum_of_the_bodies_kept_and_a_resend_adds_nothing
     assert figures["quarantine_bytes"] == sum(sizes)
 
 
-def test_a_quarantine_filled_exactly_to_its_bounds_evicts_nothing(make_app):
-    """A bound is a most, not a less-than: one entry under a bound of one entry, or of its
-    own size in bytes, is kept, and nothing is counted as evicted."""
-    one_row = make_app(BUCKET_QUARANTINE_MAX_ROWS=1)
-    packet = make_packet(focus_score=-1)
-    kept = refused(one_row.test_client(), packet)["quarantine_id"]
-    assert list(rows_of(one_row)) == [kept]
-    assert status(one_row.test_client())["quarantine_evicted"] == 0
-    size = rows_of(one_row)[kept]["size_bytes"]
-    with one_row.app_context():
-        assert quarantine.purge() == 1
-    exact = make_app(BUCKET_QUARANTINE_MAX_BYTES=size)
-    client = exact.test_client()
-    kept = refused(client, packet)["quarantine_id"]
-    assert list(rows_of(exact)) == [kept]
-    assert status(client)["quarantine_evicted"] == 0
+def test_one_entry_under_a_bound_of_one_entry_is_kept(make_app):
+    """A bound is a most, not a less-than, from the very first entry (no figure yet)."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=1)
+    kept = refused(app.test_client(), make_packet(focus_score=-1))["quarantine_id"]
+    assert list(rows_of(app)) == [kept]
+    assert status(app.test_client())["quarantine_evicted"] == 0
+
+
+def test_one_body_of_exactly_the_byte_bound_is_kept(make_app):
+    """The byte bound is a most too, from the very first entry (no figure yet)."""
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=3000)
+    kept = refused(app.test_client(), sized(3000))["quarantine_id"]
+    assert rows_of(app)[kept]["size_bytes"] == 3000
+    figures = status(app.test_client())
+    assert figures["quarantine_evicted"] == 0 and figures["quarantine_bytes"] == 3000
 
 
 def test_eviction_goes_one_percent_below_the_row_bound(make_app):
-    """Over a bound of 100 entries, eviction goes down to 99, so the search for the biggest
-    sender runs once per many newcomers; the oldest entries go."""
+    """Exactly 100 entries under a bound of 100 evict nothing; the 101st takes the quarantine
+    down to 99, so the search for the biggest sender runs once per many newcomers; the oldest
+    entries go."""
     app = make_app(BUCKET_QUARANTINE_MAX_ROWS=100)
     client = app.test_client()
-    ids = [refused(client, make_packet(focus_score=1000 + n))["quarantine_id"] for n in range(101)]
+    ids = [refused(client, make_packet(focus_score=1000 + n))["quarantine_id"] for n in range(100)]
+    assert status(client)["quarantine_evicted"] == 0 and len(rows_of(app)) == 100
+    ids.append(refused(client, make_packet(focus_score=1100))["quarantine_id"])
     assert sorted(rows_of(app)) == ids[2:]
     figures = status(client)
     assert figures["quarantined_packets"] == 99 and figures["quarantine_evicted"] == 2
 
 
 def test_eviction_goes_one_percent_below_the_byte_bound_and_no_further(make_app):
-    """Bodies of equal size under a byte bound of 100 of them: the 101st leaves 99, the two
-    least recently seen evicted; never fewer."""
-    probe = make_app()
-    probed = refused(probe.test_client(), same_size(0))["quarantine_id"]
-    size = rows_of(probe)[probed]["size_bytes"]
-    with probe.app_context():
-        quarantine.purge()
+    """Bodies of equal size under a byte bound of 100 of them: 100 evict nothing; the 101st
+    leaves 99, the two least recently seen evicted; never fewer."""
+    size = 500
     app = make_app(BUCKET_QUARANTINE_MAX_BYTES=100 * size)
     client = app.test_client()
-    ids = [refused(client, same_size(n))["quarantine_id"] for n in range(101)]
+    ids = [refused(client, sized(size, focus_score=-1 - n))["quarantine_id"] for n in range(100)]
+    assert status(client)["quarantine_evicted"] == 0 and len(rows_of(app)) == 100
+    ids.append(refused(client, sized(size, focus_score=-101))["quarantine_id"])
     kept = rows_of(app)
     assert {row["size_bytes"] for row in kept.values()} == {size}
     assert sorted(kept) == ids[2:]
@@ -509,14 +512,6 @@ def test_the_byte_bound_evicts_the_sender_holding_most_bytes_not_most_entries(ma
     kept = set(rows_of(app))
     assert many <= kept and newcomer in kept
     assert heavy[0] not in kept
-
-
-def sized(size: int, **overrides) -> dict:
-    """A refused packet whose body is exactly ``size`` bytes as the quarantine counts them."""
-    packet = make_packet(focus_score=-1, raw_signals={"pad": ""}, **overrides)
-    pad = size - len(json.dumps(packet, separators=(",", ":")).encode())
-    packet["raw_signals"]["pad"] = "p" * pad
-    return packet
 
 
 def test_when_the_biggest_sender_cannot_cover_the_excess_the_next_gives_way_too(make_app):
