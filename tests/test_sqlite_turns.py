@@ -158,6 +158,7 @@ def test_a_begin_inside_a_transaction_fails_and_keeps_the_turn_until_the_end(dat
 def test_an_in_memory_database_has_no_turns():
     assert turns_for(":memory:") is None
     assert turns_for("") is None
+    assert turns_for("file::memory:?cache=shared") is None  # a shared in-memory URI
 
 
 def test_a_writer_held_up_by_another_process_gives_up_in_time_and_the_next_one_gets_in(database):
