@@ -40,12 +40,15 @@ class WriterTurns:
     def _open(self) -> None:
         self.generation = getattr(self, "generation", 0) + 1
         self._threads = threading.Lock()
-        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         self._keeper: threading.Thread | None = None
         self._handover = threading.Condition(threading.Lock())
         self._wanted = False  # the holder of the thread lock waits for the keeper
         self._granted = False  # the keeper took the file for it
         self._keeper_waiting = False  # the keeper is in (or about to enter) its flock
+        # Last, so that a file that cannot be opened leaves fresh locks and no descriptor
+        # (a flock on -1 fails, and take() then answers False), never a closed one's number.
+        self._fd = -1
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def reopen_after_fork(self) -> None:
         """A forked worker must share neither the parent's open file (a flock belongs to the
@@ -149,8 +152,13 @@ def turns_for(database_path: str) -> WriterTurns | None:
 def _reopen_all_after_fork() -> None:
     global _turns_guard
     _turns_guard = threading.Lock()
-    for turns in _turns_by_path.values():
-        turns.reopen_after_fork()
+    for path, turns in list(_turns_by_path.items()):
+        try:
+            turns.reopen_after_fork()
+        except OSError:
+            # Its directory is gone (a deleted temporary database): forget it, and go on, or
+            # the turns after it would keep the parent's open file and locks in this child.
+            del _turns_by_path[path]
 
 
 os.register_at_fork(after_in_child=_reopen_all_after_fork)

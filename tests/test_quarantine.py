@@ -14,7 +14,7 @@ from sqlalchemy import func, select, text, update
 
 from bucket.extensions import db
 from bucket.models import Packet, QuarantinedPacket
-from bucket.services import quarantine
+from bucket.services import cursors, quarantine
 from bucket.timeutil import utc_now
 from tests.factories import make_packet
 from tests.queue_helpers import ack, poll, status
@@ -377,3 +377,418 @@ def test_operators_list_show_replay_and_purge_from_the_cli(make_app):
     assert held(lenient) == 0
     assert status(lenient.test_client())["quarantine_bytes"] == 0
     assert broken["quarantine_id"] != fixable["quarantine_id"]
+
+
+# --- what the mutation run (docs/mutation.md, quarantine) found untested ----------------------
+
+Q = QuarantinedPacket.__table__
+MAX_ID = 2**63 - 1
+
+
+def rows_of(app) -> dict[int, dict]:
+    """Every entry as stored, by id."""
+    with app.app_context():
+        found = {row["id"]: dict(row) for row in db.session.execute(select(Q)).mappings()}
+        db.session.commit()
+        return found
+
+
+def set_entry(app, entry_id: int, **values) -> None:
+    with app.app_context():
+        db.session.execute(update(Q).where(Q.c.id == entry_id).values(**values))
+        db.session.commit()
+
+
+def sized(size: int, **overrides) -> dict:
+    """A refused packet whose body is exactly ``size`` bytes as the quarantine counts them."""
+    packet = make_packet(**{"focus_score": -1, "raw_signals": {"pad": ""}, **overrides})
+    pad = size - len(json.dumps(packet, separators=(",", ":")).encode())
+    packet["raw_signals"]["pad"] = "p" * pad
+    return packet
+
+
+def test_the_byte_figure_is_the_sum_of_the_bodies_kept_and_a_resend_adds_nothing(app, client):
+    """Two entries kept by one batch add both their sizes; a resent copy changes no figure."""
+    batch = client.post(
+        INGEST, json={"packets": [make_packet(focus_score=-1), make_packet(role="x")]}
+    )
+    assert batch.status_code == 422, batch.json
+    first = make_packet(focus_score=-2)
+    refused(client, first)
+    refused(client, {**first, "retry_count": 1})
+    sizes = [row["size_bytes"] for row in rows_of(app).values()]
+    figures = status(client)
+    assert figures["quarantined_packets"] == len(sizes) == 3
+    assert figures["quarantine_bytes"] == sum(sizes)
+
+
+def test_one_entry_under_a_bound_of_one_entry_is_kept(make_app):
+    """A bound is a most, not a less-than, from the very first entry (no figure yet)."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=1)
+    kept = refused(app.test_client(), make_packet(focus_score=-1))["quarantine_id"]
+    assert list(rows_of(app)) == [kept]
+    assert status(app.test_client())["quarantine_evicted"] == 0
+
+
+def test_one_body_of_exactly_the_byte_bound_is_kept(make_app):
+    """The byte bound is a most too, from the very first entry (no figure yet)."""
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=3000)
+    kept = refused(app.test_client(), sized(3000))["quarantine_id"]
+    assert rows_of(app)[kept]["size_bytes"] == 3000
+    figures = status(app.test_client())
+    assert figures["quarantine_evicted"] == 0 and figures["quarantine_bytes"] == 3000
+
+
+def test_eviction_goes_one_percent_below_the_row_bound(make_app):
+    """Exactly 100 entries under a bound of 100 evict nothing; the 101st takes the quarantine
+    down to 99, so the search for the biggest sender runs once per many newcomers; the oldest
+    entries go."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=100)
+    client = app.test_client()
+    ids = [refused(client, make_packet(focus_score=1000 + n))["quarantine_id"] for n in range(100)]
+    assert status(client)["quarantine_evicted"] == 0 and len(rows_of(app)) == 100
+    ids.append(refused(client, make_packet(focus_score=1100))["quarantine_id"])
+    assert sorted(rows_of(app)) == ids[2:]
+    figures = status(client)
+    assert figures["quarantined_packets"] == 99 and figures["quarantine_evicted"] == 2
+
+
+def test_eviction_goes_one_percent_below_the_byte_bound_and_no_further(make_app):
+    """Bodies of equal size under a byte bound of 100 of them: 100 evict nothing; the 101st
+    leaves 99, the two least recently seen evicted; never fewer."""
+    size = 500
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=100 * size)
+    client = app.test_client()
+    ids = [refused(client, sized(size, focus_score=-1 - n))["quarantine_id"] for n in range(100)]
+    assert status(client)["quarantine_evicted"] == 0 and len(rows_of(app)) == 100
+    ids.append(refused(client, sized(size, focus_score=-101))["quarantine_id"])
+    kept = rows_of(app)
+    assert {row["size_bytes"] for row in kept.values()} == {size}
+    assert sorted(kept) == ids[2:]
+    figures = status(client)
+    assert figures["quarantine_bytes"] == 99 * size and figures["quarantine_evicted"] == 2
+
+
+def test_the_row_bound_evicts_the_sender_holding_most_entries_not_most_bytes(make_app):
+    """Under the row bound, the address with the most entries gives way, even when another
+    holds more bytes in fewer entries."""
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=8)
+    client = app.test_client()
+
+    def post(packet, address):
+        response = client.post(INGEST, json=packet, environ_base={"REMOTE_ADDR": address})
+        assert response.status_code == 422, response.json
+        return response.json["quarantine_id"]
+
+    heavy = {
+        post(make_packet(focus_score=-n, raw_signals={"pad": "h" * 3000}), "192.0.2.9")
+        for n in range(1, 4)
+    }
+    many = [post(make_packet(focus_score=-n), "192.0.2.1") for n in range(10, 15)]
+    newcomer = post(make_packet(focus_score=-99), "192.0.2.5")
+    kept = set(rows_of(app))
+    assert heavy <= kept and newcomer in kept
+    assert many[0] not in kept and set(many[1:]) <= kept
+
+
+def test_the_byte_bound_evicts_the_sender_holding_most_bytes_not_most_entries(make_app):
+    """Under the byte bound, the address holding the most bytes gives way, even when another
+    (sorting before it) has more entries."""
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=12_000)
+    client = app.test_client()
+
+    def post(packet, address):
+        response = client.post(INGEST, json=packet, environ_base={"REMOTE_ADDR": address})
+        assert response.status_code == 422, response.json
+        return response.json["quarantine_id"]
+
+    many = {post(make_packet(focus_score=-n), "192.0.2.1") for n in range(1, 7)}
+    heavy = [
+        post(make_packet(focus_score=-n, raw_signals={"pad": "h" * 2500}), "192.0.2.9")
+        for n in range(10, 13)
+    ]
+    assert status(client)["quarantine_evicted"] == 0
+    newcomer = post(make_packet(focus_score=-99, raw_signals={"pad": "h" * 2500}), "192.0.2.5")
+    kept = set(rows_of(app))
+    assert many <= kept and newcomer in kept
+    assert heavy[0] not in kept
+
+
+def test_when_the_biggest_sender_cannot_cover_the_excess_the_next_gives_way_too(make_app):
+    """A newcomer over the byte bound by more than the biggest sender's one entry: that entry
+    goes, then the next biggest sender's; the figures match the table after."""
+    app = make_app(BUCKET_QUARANTINE_MAX_BYTES=10_000)  # eviction goes down to 9 900
+    client = app.test_client()
+
+    def post(packet, address):
+        response = client.post(INGEST, json=packet, environ_base={"REMOTE_ADDR": address})
+        assert response.status_code == 422, response.json
+        return response.json["quarantine_id"]
+
+    big = post(sized(5000, user_id="big"), "192.0.2.9")
+    middle = post(sized(4970, user_id="middle"), "192.0.2.1")
+    assert status(client)["quarantine_evicted"] == 0  # 9 970 bytes held
+    newcomer = post(sized(4960, user_id="new"), "192.0.2.5")  # 14 930: 5 030 too many
+    kept = rows_of(app)
+    assert list(kept) == [newcomer] and kept[newcomer]["size_bytes"] == 4960
+    figures = status(client)
+    assert figures["quarantine_evicted"] == 2 and big != middle
+    assert figures["quarantined_packets"] == 1 and figures["quarantine_bytes"] == 4960
+
+
+def test_a_field_filter_is_matched_literally_not_as_a_pattern(client):
+    """``field=%`` or ``field=_`` names no field: LIKE's wildcards are escaped."""
+    refused(client, make_packet(focus_score=-1))
+    for pattern in ("%", "focus%", "focus_scor_"):
+        assert client.get(QUARANTINE, query_string={"field": pattern}).json == [], pattern
+    assert len(client.get(QUARANTINE, query_string={"field": "focus_score"}).json) == 1
+
+
+def test_since_includes_and_until_excludes_the_moment_last_seen(app, client):
+    """``since`` is "at or after", ``until`` "before", on the moment an entry was last seen."""
+    early, on, late = (
+        refused(client, make_packet(focus_score=-n))["quarantine_id"] for n in (1, 2, 3)
+    )
+    moment = utc_now().replace(microsecond=0) - timedelta(days=1)
+    for entry_id, offset in ((early, -60), (on, 0), (late, 60)):
+        set_entry(app, entry_id, last_seen_at=moment + timedelta(seconds=offset))
+    at = moment.isoformat()
+    since = {e["id"] for e in client.get(QUARANTINE, query_string={"since": at}).json}
+    until = {e["id"] for e in client.get(QUARANTINE, query_string={"until": at}).json}
+    assert since == {on, late} and until == {early}
+
+
+def test_an_entry_refused_for_several_fields_is_found_by_each(client):
+    """Every refused field is one the filter finds the entry by."""
+    entry_id = refused(client, make_packet(focus_score=-1, role="x"))["quarantine_id"]
+    for name in ("focus_score", "role"):
+        found = client.get(QUARANTINE, query_string={"field": name}).json
+        assert [e["id"] for e in found] == [entry_id], name
+
+
+def test_an_entry_naming_its_user_by_employee_id_is_found_by_that_user(client):
+    """An EMS packet names its user in ``employee_id``; the user filter finds it."""
+    packet = make_packet(focus_score=-1)
+    del packet["user_id"]
+    entry_id = refused(client, {**packet, "employee_id": "emp_7"})["quarantine_id"]
+    assert entry(client, entry_id)["user_id"] == "emp_7"
+    found = client.get(QUARANTINE, query_string={"user_id": "emp_7"}).json
+    assert [e["id"] for e in found] == [entry_id]
+
+
+def test_a_user_id_that_is_not_text_is_kept_without_a_user(client):
+    """A refused packet whose user_id is a number is kept; it names no user."""
+    entry_id = refused(client, make_packet(user_id=42))["quarantine_id"]
+    assert entry(client, entry_id)["user_id"] is None
+
+
+def test_long_text_fields_are_kept_cut_to_their_columns_and_nul_shown_as_replacement(app, client):
+    """The user, Origin and sender address are cut to 256, 512 and 64 characters (the
+    columns' sizes); a NUL (which PostgreSQL text cannot hold) is kept as U+FFFD."""
+    origin = "https://" + "o" * 600 + ".example"
+    response = client.post(
+        INGEST,
+        json=make_packet(user_id="u\x00" + "u" * 300),
+        headers={"Origin": origin},
+        environ_base={"REMOTE_ADDR": "s\x00" + "s" * 100},
+    )
+    assert response.status_code == 422, response.json
+    row = rows_of(app)[response.json["quarantine_id"]]
+    assert row["user_id"] == "u\ufffd" + "u" * 254
+    assert row["origin"] == origin[:512]
+    assert row["sender"] == "s\ufffd" + "s" * 62
+
+
+def test_the_same_content_with_its_keys_in_another_order_is_one_entry(client):
+    """The digest is of canonical JSON: key order does not make a new entry."""
+    packet = make_packet(focus_score=-1)
+    backwards = dict(reversed(list(packet.items())))
+    first = client.post(INGEST, data=json.dumps(packet), content_type="application/json")
+    second = client.post(INGEST, data=json.dumps(backwards), content_type="application/json")
+    assert first.status_code == second.status_code == 422
+    assert first.json["quarantine_id"] == second.json["quarantine_id"]
+    assert entry(client, first.json["quarantine_id"])["seen_count"] == 2
+
+
+def test_each_page_cursor_points_past_the_last_entry_and_a_full_last_page_has_no_link(client):
+    """Pages of three, newest first, every entry once: six entries are two pages with no
+    link after the second; a seventh makes a third page."""
+
+    def every_page() -> list[list[int]]:
+        pages, url = [], f"{QUARANTINE}?limit=3"
+        while url:
+            page = client.get(url)
+            assert page.status_code == 200, page.json
+            pages.append([e["id"] for e in page.json])
+            link = page.headers.get("Link")
+            url = link[link.index("<") + 1 : link.index(">")] if link else None
+        return pages
+
+    ids = [refused(client, make_packet(focus_score=-n))["quarantine_id"] for n in range(1, 7)]
+    assert every_page() == [ids[:2:-1], ids[2::-1]]
+    ids.append(refused(client, make_packet(focus_score=-7))["quarantine_id"])
+    assert every_page() == [ids[:3:-1], ids[3:0:-1], ids[:1]]
+
+
+def test_the_largest_id_a_bigint_holds_names_its_entry_and_cursors_beyond_are_refused(app, client):
+    """An entry at id 2^63 - 1 is shown, listed past with a cursor and replayed; a cursor
+    of 0, of 2^63 or of ``true`` is a 422."""
+    low = refused(client, make_packet(focus_score=-1))["quarantine_id"]
+    top = refused(client, make_packet(focus_score=-2))["quarantine_id"]
+    set_entry(app, top, id=MAX_ID)
+    assert entry(client, MAX_ID)["body"]["focus_score"] == -2
+    first = client.get(f"{QUARANTINE}?limit=1")
+    assert [e["id"] for e in first.json] == [MAX_ID]
+    link = first.headers["Link"]
+    second = client.get(link[link.index("<") + 1 : link.index(">")])
+    assert second.status_code == 200 and [e["id"] for e in second.json] == [low]
+    report = replay(client, ids=[MAX_ID])
+    assert report["replayed"] == 1 and report["results"][0]["id"] == MAX_ID
+    for value in (0, 2**63, True):
+        bad = client.get(QUARANTINE, query_string={"cursor": cursors.encode(value)})
+        assert bad.status_code == 422 and "cursor" in bad.json["errors"]["query"], value
+
+
+def test_replay_and_purge_with_filters_touch_only_the_matching_entries(app, client, runner):
+    """A filtered replay takes only the matching entries, and ``remaining`` counts only
+    those it did not reach; a filtered purge deletes only them."""
+    mine = [
+        refused(client, make_packet(user_id="mine", focus_score=-n))["quarantine_id"]
+        for n in (1, 2)
+    ]
+    other = refused(client, make_packet(user_id="other", focus_score=-3))["quarantine_id"]
+    report = replay(client, user_id="mine", limit=1)
+    assert [r["id"] for r in report["results"]] == [mine[0]]
+    assert (report["remaining"], report["next_after"]) == (1, mine[0])
+    report = replay(client, user_id="mine", after=mine[0])
+    assert [r["id"] for r in report["results"]] == [mine[1]]
+    assert (report["remaining"], report["next_after"]) == (0, None)
+    purged = runner.invoke(args=["bucket", "quarantine", "purge", "--yes", "--user", "mine"])
+    assert purged.exit_code == 0 and "purged 2" in purged.output, purged.output
+    assert list(rows_of(app)) == [other]
+
+
+def test_a_replay_that_still_fails_records_the_errors_of_the_rules_in_force(make_app):
+    """An entry refused for two fields, replayed when one of them is allowed, keeps only the
+    other's error (and is found by that field only); other entries are untouched."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    client = strict.test_client()
+    both = refused(client, make_packet(cognitive_state="THINKING", focus_score=-1))["quarantine_id"]
+    bystander = refused(client, make_packet(cognitive_state="THINKING"))["quarantine_id"]
+    lenient = make_app()
+    client = lenient.test_client()
+    report = replay(client, ids=[both])
+    assert report["results"] == [
+        {
+            "id": both,
+            "status": "rejected",
+            "errors": {"focus_score": report["results"][0]["errors"]["focus_score"]},
+        }
+    ]
+    rows = rows_of(lenient)
+    assert set(rows[both]["errors"]) == {"focus_score"}
+    assert rows[both]["error_fields"] == ",focus_score,"
+    assert set(rows[bystander]["errors"]) == {"cognitive_state"}
+    found = client.get(QUARANTINE, query_string={"field": "cognitive_state"}).json
+    assert [e["id"] for e in found] == [bystander]
+
+
+def test_replay_reports_each_entry_with_its_status_and_stored_packet(make_app):
+    """``results`` names each entry, ``ingested`` or ``duplicate``, and the packet stored
+    for it; two duplicates count two."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    client = strict.test_client()
+    packets = [make_packet(cognitive_state="THINKING") for _ in range(3)]
+    ids = [refused(client, p)["quarantine_id"] for p in packets]
+    lenient = make_app()
+    client = lenient.test_client()
+    stored_ids = [client.post(INGEST, json=p).json["packet_id"] for p in packets[:2]]
+    report = replay(client, all=True)
+    assert (report["ingested"], report["duplicates"]) == (1, 2)
+    with lenient.app_context():
+        newest = db.session.execute(
+            select(Packet.packet_id).where(Packet.packet_id.not_in(stored_ids))
+        ).scalar_one()
+        db.session.commit()
+    assert report["results"] == [
+        {"id": ids[0], "status": "duplicate", "packet_id": stored_ids[0]},
+        {"id": ids[1], "status": "duplicate", "packet_id": stored_ids[1]},
+        {"id": ids[2], "status": "ingested", "packet_id": newest},
+    ]
+
+
+def test_a_replayed_packet_keeps_the_idempotency_key_it_was_sent_with(make_app):
+    """The bridge's Idempotency-Key travels with the entry: once replayed, a resend under
+    that key (even with a new timestamp) is the same packet."""
+    strict = make_app(BUCKET_COGNITIVE_STATES=["ON_TASK"])
+    packet = make_packet(cognitive_state="THINKING")
+    headers = {"Idempotency-Key": "bridge-key-1"}
+    response = strict.test_client().post(INGEST, json=packet, headers=headers)
+    assert response.status_code == 422
+    lenient = make_app()
+    client = lenient.test_client()
+    report = replay(client, all=True)
+    assert report["ingested"] == 1
+    again = client.post(
+        INGEST, json={**packet, "timestamp": "2025-11-28T09:00:00Z"}, headers=headers
+    )
+    assert again.status_code == 200 and again.json["duplicate"] is True, again.json
+    assert again.json["packet_id"] == report["results"][0]["packet_id"]
+    assert stored(lenient) == 1
+
+
+def test_packets_nested_deeper_than_the_encoders_go_are_told_apart_by_content(app, client):
+    """Two refused packets too deep for the canonical encoder, differing in one field, are
+    two entries; the same one sent again is the same entry."""
+
+    def deep(user: str) -> str:
+        return json.dumps(
+            make_packet(
+                user_id=user, focus_score=-1, timestamp="2025-11-28T08:00:00Z", raw_signals={"n": 1}
+            )
+        )[:-1] + (', "extra": ' + "[" * 300 + "]" * 300 + "}")
+
+    answers = [
+        client.post(INGEST, data=body, content_type="application/json")
+        for body in (deep("deep_a"), deep("deep_b"))
+    ]
+    assert [a.status_code for a in answers] == [422, 422], answers[0].json
+    first, second = (a.json["quarantine_id"] for a in answers)
+    assert first != second
+    again = client.post(INGEST, data=deep("deep_a"), content_type="application/json")
+    assert again.json["quarantine_id"] == first
+    assert {e["user_id"] for e in client.get(QUARANTINE).json} == {"deep_a", "deep_b"}
+
+
+def test_a_lowered_row_bound_is_met_at_the_next_newcomer_across_every_sender(make_app):
+    """Four senders hold one entry each; the operator lowers the bound to one entry: the
+    next refused packet brings the quarantine down to one, one sender after another, and
+    the figures say so."""
+    app = make_app()
+    client = app.test_client()
+    for n in range(1, 4):
+        response = client.post(
+            INGEST,
+            json=make_packet(focus_score=-n),
+            environ_base={"REMOTE_ADDR": f"192.0.2.{n}"},
+        )
+        assert response.status_code == 422
+    lowered = make_app(BUCKET_QUARANTINE_MAX_ROWS=1)
+    client = lowered.test_client()
+    response = client.post(
+        INGEST, json=make_packet(focus_score=-9), environ_base={"REMOTE_ADDR": "192.0.2.9"}
+    )
+    assert response.status_code == 422
+    assert len(rows_of(lowered)) == 1
+    figures = status(client)
+    assert figures["quarantined_packets"] == 1 and figures["quarantine_evicted"] == 3
+
+
+def test_replay_takes_the_entries_in_id_order_even_after_they_changed(app, client):
+    """An entry seen again (its row rewritten) is still replayed in its place by id."""
+    ids = [refused(client, make_packet(focus_score=-n))["quarantine_id"] for n in (1, 2, 3)]
+    first = entry(client, ids[0])["body"]
+    refused(client, {**first, "retry_count": 5})  # rewrites the first row
+    report = replay(client, all=True, limit=1)
+    assert [r["id"] for r in report["results"]] == [ids[0]]
+    assert (report["remaining"], report["next_after"]) == (2, ids[0])

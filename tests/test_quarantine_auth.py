@@ -229,3 +229,27 @@ def test_a_verified_resend_makes_the_entry_verified_and_an_unverified_one_never_
     assert replay(lenient.test_client(), ids=[first])["ingested"] == 1
     (packet_row,) = stored(lenient)
     assert packet_row["auth_outcome"] == "verified"
+
+
+def test_an_entry_kept_without_an_outcome_takes_the_outcome_of_the_next_copy(make_app):
+    """Kept with auth off (no outcome), then seen again under observe: the entry records the
+    new copy's outcome, whatever it is; the copy after that (verified or not) is judged as
+    usual."""
+    body = packet(cognitive_state="THINKING")
+    entry_id = refused(make_app(**STRICT).test_client(), body)
+    observe = make_app(**rsa_settings(BUCKET_INGEST_AUTH="observe"), **STRICT)
+    assert refused(observe.test_client(), body, bearer(rsa_token("stu_b"))) == entry_id
+    row = entries(observe)[entry_id]
+    assert (row["auth_outcome"], row["auth_subject"]) == ("mismatch", "stu_b")
+
+
+def test_a_subject_longer_than_its_column_is_kept_cut_to_256_characters(make_app):
+    """A token's subject is the sender's to choose: a mismatch naming a 300-character
+    subject keeps its first 256."""
+    app = make_app(**rsa_settings(BUCKET_INGEST_AUTH="observe"), **STRICT)
+    long_subject = "s" * 300
+    entry_id = refused(
+        app.test_client(), packet(cognitive_state="THINKING"), bearer(rsa_token(long_subject))
+    )
+    row = entries(app)[entry_id]
+    assert (row["auth_outcome"], row["auth_subject"]) == ("mismatch", "s" * 256)

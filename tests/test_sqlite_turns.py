@@ -158,6 +158,7 @@ def test_a_begin_inside_a_transaction_fails_and_keeps_the_turn_until_the_end(dat
 def test_an_in_memory_database_has_no_turns():
     assert turns_for(":memory:") is None
     assert turns_for("") is None
+    assert turns_for("file::memory:?cache=shared") is None  # a shared in-memory URI
 
 
 def test_a_writer_held_up_by_another_process_gives_up_in_time_and_the_next_one_gets_in(database):
@@ -270,3 +271,36 @@ def _end_inherited_transaction(connection, turns) -> None:
     assert not turns._threads.locked()
     assert turns.take(timeout=0.2) is False  # the parent still holds the file
     assert not turns._threads.locked()
+
+
+def test_a_forked_child_reopens_every_turn_even_after_one_whose_directory_is_gone(
+    database, tmp_path
+):
+    """A turn registered for a database whose directory has since been deleted (a temporary
+    one, say) cannot be reopened in a forked child; the turns registered after it still must
+    be, or the child would share the parent's lock file and both would hold it at once."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    turns_for(str(gone / "old.sqlite3"))
+    os.remove(gone / "old.sqlite3-turn.lock")
+    gone.rmdir()
+    later = str(tmp_path / "later.sqlite3")
+    turns = turns_for(later)
+    assert turns.take(timeout=1)
+    try:
+        context = multiprocessing.get_context("fork")
+        child = context.Process(target=_end_inherited_then_take, args=(later, turns.generation))
+        child.start()
+        child.join(30)
+        assert child.exitcode == 0  # the child could not take the file the parent holds
+    finally:
+        turns.give_back(turns.generation)
+
+
+def _end_inherited_then_take(path: str, generation: int) -> None:
+    """In the child: end the transaction inherited from the parent, then try for a turn."""
+    turns = turns_for(path)
+    turns.give_back(generation)  # not this process's turn: must release nothing
+    if turns.take(timeout=0.2):
+        os._exit(3)
+    os._exit(0)
