@@ -162,8 +162,8 @@ WITH src AS (
   ) AS numbered
 ), stored AS (
   INSERT INTO packets ({packet_columns}) SELECT {packet_values} FROM src
-  RETURNING packet_id, received_at
-), d AS (
+  RETURNING packet_id, received_at, dedup_key, idempotency_key
+){keys}, d AS (
   SELECT packet_id, received_at, extract(epoch FROM received_at)::float8 AS e,
     abs(hashtext(packet_id::text)::bigint) AS hh,
     CASE WHEN %(backlog)s THEN
@@ -175,6 +175,11 @@ WITH src AS (
 )
 INSERT INTO deliveries ({delivery_columns}) SELECT {delivery_values} FROM d
 """
+
+KEYS_CTE = """, keyed AS (
+  INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at)
+  SELECT dedup_key, idempotency_key, packet_id, received_at FROM stored
+)"""
 
 SEALS_SQL = """
 INSERT INTO audit_seals (seq, sealed_at, after_seq, last_seq, packet_count, packets_total,
@@ -559,7 +564,10 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     packet_columns, packet_values = insert_parts(conn, "packets", PACKET_VALUES, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.
+    # PostgreSQL keeps the unique keys in a table of their own (migration 0012): filled too.
+    keys = conn.execute("SELECT to_regclass('packet_keys') IS NOT NULL").fetchone()[0]
     return FILL_SQL.format(
+        keys=KEYS_CTE if keys else "",
         packet_columns=packet_columns,
         packet_values=packet_values.replace("%", "%%"),
         delivery_columns=delivery_columns,
