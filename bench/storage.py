@@ -228,14 +228,9 @@ ALTERNATIVES = (
         "packets ((dedup_key::uuid))",
     ),
     (
-        "user_without_packet_id",
-        "ix_packets_user without packet_id (user_id, received_at)",
-        "packets (user_id, received_at)",
-    ),
-    (
-        "user_with_uuid",
-        "ix_packets_user with packet_id as uuid",
-        "packets (user_id, received_at, (packet_id::uuid))",
+        "user_with_packet_id",
+        "ix_packets_user as before migration 0013, with packet_id",
+        "packets (user_id, received_at, packet_id)",
     ),
     (
         "seq_brin",
@@ -243,9 +238,9 @@ ALTERNATIVES = (
         "packets USING brin (seq)",
     ),
     (
-        "employee_partial",
-        "ix_packets_employee only where employee_id IS NOT NULL",
-        "packets (employee_id, received_at, packet_id) WHERE employee_id IS NOT NULL",
+        "employee_everywhere",
+        "ix_packets_employee as before migration 0013, over every packet with packet_id",
+        "packets (employee_id, received_at, packet_id)",
     ),
     (
         "deliveries_pkey_as_uuid",

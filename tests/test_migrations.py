@@ -16,8 +16,8 @@ from tests import servers
 from tests.factories import make_packet
 
 EXPECTED_INDEXES = {
-    "ix_packets_user": ["user_id", "received_at", "packet_id"],
-    "ix_packets_employee": ["employee_id", "received_at", "packet_id"],
+    "ix_packets_user": ["user_id", "received_at"],
+    "ix_packets_employee": ["employee_id", "received_at"],
     "ix_packets_seq": ["seq"],
 }
 

@@ -214,3 +214,32 @@ def test_user_ids_with_a_slash_are_listed(client):
     response = client.get(f"{API}/packets/user/team%2Fa")
     assert response.status_code == 200
     assert sorted(ids_of(response)) == sorted(stored)
+
+
+def test_packets_received_in_the_same_microsecond_page_in_packet_id_order(app, client):
+    """The user indexes stop at received_at (migration 0013): packets received in one
+    microsecond, by user_id and by employee_id, are still paged once each, newest first and
+    then by packet_id descending, with no gap at a page boundary inside the tie."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import update
+
+    from bucket.extensions import db
+    from bucket.models import Packet
+
+    own = ingest(client, 4, user_id="emp_tie")
+    via_employee = ingest(client, 3, user_id="desk_tie", employee_id="emp_tie")
+    older = ingest(client, 2, user_id="emp_tie")
+    tied = own + via_employee
+    with app.app_context():
+        for ids, moment in (
+            (tied, datetime(2030, 1, 1, 0, 0, 0, 1, tzinfo=UTC)),
+            (older, datetime(2020, 1, 1, tzinfo=UTC)),
+        ):
+            db.session.execute(
+                update(Packet).where(Packet.packet_id.in_(ids)).values(received_at=moment)
+            )
+        db.session.commit()
+    seen, pages = walk(client, f"{API}/packets/user/emp_tie?limit=2")
+    assert seen == sorted(tied, reverse=True) + sorted(older, reverse=True)
+    assert pages == 5
