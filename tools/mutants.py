@@ -52,6 +52,16 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
         ],
         ["tests/test_audit.py", "tests/test_audit_content.py"],
     ),
+    "audit_seal": (
+        ["bucket/services/audit/content.py", "bucket/services/audit/sealing.py"],
+        [
+            "tests/test_audit.py",  # seal_backlog called directly (the periodic thread is not seen)
+            "tests/test_audit_content.py",
+            # leaf format 2 (leaf_content_v2): seals made between migrations 0008 and 0010
+            "tests/test_verify_proof.py::test_an_answer_that_does_not_state_its_leaf_format_is_read_as_format_2",
+            "tests/test_ingest_auth.py::test_verify_is_clean_across_the_leaf_format_change",
+        ],
+    ),
     "acks": (
         ["bucket/services/delivery/acks.py"],
         [
