@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,7 +22,13 @@ from sqlalchemy import select, text
 
 from bucket.extensions import db
 from bucket.models import Packet
-from bucket.services.audit.content import FIELDS, LEAF_SELECT, LEAF_SQL, leaf_content
+from bucket.services.audit.content import (
+    FIELDS,
+    LEAF_SELECT,
+    LEAF_SQL,
+    json_leaf_content,
+    leaf_content,
+)
 from bucket.services.audit.sealing import seal_everything
 from tests.factories import make_packet
 
@@ -184,3 +191,39 @@ def test_a_server_with_other_encoding_and_float_defaults_seals_what_verify_reads
     assert answer["provenance"]["matches_stored_content"] is True
     assert answer["data"]["user_id"] == "José"
     assert answer["data"]["focus_score"] == 70.12345678901234
+
+
+def test_the_json_leaf_format_keeps_its_bytes_in_any_host_time_zone(monkeypatch):
+    """Leaf format 1 is frozen: seals made before migration 0008 hold the SHA-256 of exactly
+    these bytes. Keys sorted (raw_signals' too), times in UTC with microseconds and ``+00:00``
+    whether the row's datetime is naive UTC or aware, on a host whose zone is not UTC."""
+    row = {name: None for name in FIELDS}
+    row.update(
+        packet_id="p-1",
+        seq=7,
+        dedup_key="d",
+        user_id="u",
+        system_type="gurukul",
+        client_timestamp=datetime(2026, 3, 1, 12, 0, 0),  # naive UTC, as raw SQL hands it back
+        received_at=datetime(2026, 3, 1, 12, 0, 5, 250, tzinfo=UTC),
+        active_seconds=1.5,
+        idle_seconds=0.0,
+        away_seconds=-0.0,
+        raw_signals='{"zeta":1,"alpha":{"b":2,"a":1}}',
+    )
+    expected = (
+        b'{"active_seconds":1.5,"away_seconds":-0.0,"client_timestamp":'
+        b'"2026-03-01T12:00:00.000000+00:00","cognitive_state":null,"dedup_key":"d",'
+        b'"employee_id":null,"focus_score":null,"idempotency_key":null,"idle_seconds":0.0,'
+        b'"integrity_score":null,"lesson_id":null,"packet_id":"p-1","raw_signals":'
+        b'{"alpha":{"a":1,"b":2},"zeta":1},"received_at":"2026-03-01T12:00:05.000250+00:00",'
+        b'"role":null,"seq":7,"session_id":null,"state":null,"system_type":"gurukul",'
+        b'"task_id":null,"user_id":"u"}'
+    )
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert json_leaf_content(row) == expected
+    finally:
+        monkeypatch.undo()
+        time.tzset()
