@@ -32,7 +32,12 @@ from bucket.services.audit.content import (
     json_leaf_content,
     seal_hash,
 )
-from bucket.services.audit.sealing import seal_everything, seal_new_packets
+from bucket.services.audit.sealing import (
+    seal_backlog,
+    seal_everything,
+    seal_new_packets,
+    sealed_through,
+)
 from tests.concurrency import join_all
 from tests.queue_helpers import ingest_many
 
@@ -513,3 +518,94 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])
     result = verify(app.test_cli_runner())
     assert result.exit_code == 1 and f"altered: seal 1 packet {old[0]}" in result.output
+
+
+def test_the_background_round_seals_a_backlog_in_full_seals_up_to_its_rounds(make_app, backend):
+    """``seal_backlog`` (the workers' periodic round): a backlog goes out in full seals of
+    BUCKET_AUDIT_SEAL_MAX_PACKETS, one after another, at most ``rounds`` of them; it answers the
+    packets sealed, and 0 when there is nothing to seal."""
+    app = make_app(BUCKET_AUDIT_SEAL_MAX_PACKETS=2)
+    client = app.test_client()
+    with app.app_context():
+        assert seal_backlog() == 0
+        db.session.remove()
+    ids = ingest_many(client, 9)
+    with app.app_context():
+        assert seal_backlog(rounds=2) == 4  # two full seals, then the round ends
+        db.session.remove()
+        assert seal_backlog() == 5  # 2 + 2 + 1: goes on while the seals come out full
+        db.session.remove()
+        seals = db.session.execute(select(AuditSeal).order_by(AuditSeal.seq)).scalars().all()
+        assert [s.packet_count for s in seals] == [2, 2, 2, 2, 1]
+        assert [i for s in seals for i in Leaves.of(s).ids] == ids
+        db.session.commit()
+    more = ingest_many(client, 4)  # exactly two full seals, then nothing left
+    with app.app_context():
+        assert seal_backlog() == 4
+        db.session.remove()
+        assert seal_backlog() == 0
+        db.session.remove()
+        seals = db.session.execute(select(AuditSeal).order_by(AuditSeal.seq)).scalars().all()
+        assert [s.packet_count for s in seals] == [2, 2, 2, 2, 1, 2, 2]
+        assert [i for s in seals for i in Leaves.of(s).ids] == ids + more
+        db.session.commit()
+
+
+def test_a_seal_takes_at_most_the_packets_asked_for_else_the_configured_maximum(make_app, backend):
+    """``seal_new_packets(n)`` seals at most n packets; without n, at most
+    BUCKET_AUDIT_SEAL_MAX_PACKETS."""
+    app = make_app(BUCKET_AUDIT_SEAL_MAX_PACKETS=5)
+    ingest_many(app.test_client(), 12)
+    with app.app_context():
+        assert seal_new_packets(3).packet_count == 3
+        db.session.remove()
+        assert seal_new_packets().packet_count == 5
+        db.session.remove()
+        assert seal_new_packets(100).packet_count == 4
+
+
+def test_the_seal_command_names_each_seal_its_packets_and_hash(make_app, backend):
+    """``flask bucket seal`` reports each seal made with its number, size and hash, as the
+    chain endpoint shows them; nothing to seal says so."""
+    app = make_app(BUCKET_AUDIT_SEAL_MAX_PACKETS=2)
+    client = app.test_client()
+    ingest_many(client, 3)
+    made = app.test_cli_runner().invoke(args=["bucket", "seal"])
+    assert made.exit_code == 0, made.output
+    chain = client.get("/api/v1/bucket/audit/seals?from=1").json
+    assert [(s["seq"], s["packet_count"]) for s in chain] == [(1, 2), (2, 1)]
+    assert made.output.splitlines() == [
+        f"seal {s['seq']}: {s['packet_count']} packets, hash {s['hash']}" for s in chain
+    ]
+    again = app.test_cli_runner().invoke(args=["bucket", "seal"])
+    assert again.output.startswith("nothing to seal")
+
+
+def test_sealed_through_is_the_newest_seals_end_and_0_before_any_seal(app, client):
+    """What retention may purge up to: 0 before the first seal, then the newest seal's
+    ``last_seq`` (not an older one's)."""
+    with app.app_context():
+        assert sealed_through() == 0
+        db.session.commit()
+    ingest_many(client, 2)
+    seal(app)
+    ingest_many(client, 3)
+    seal(app)
+    with app.app_context():
+        newest = db.session.get(AuditSeal, 2).last_seq
+        assert newest > db.session.get(AuditSeal, 1).last_seq
+        assert sealed_through() == newest
+        db.session.commit()
+
+
+def test_an_artifact_under_a_seal_whose_range_was_stretched_is_not_proven(app, client):
+    """A seal whose ``last_seq`` was raised behind the log's back covers the range of the next
+    packet without a leaf for it: that packet's artifact says it is not sealed (no error, no
+    proof), and verify names the seal."""
+    ingest_many(client, 2)
+    seal(app)
+    sql(app, "UPDATE audit_seals SET last_seq = last_seq + 1000 WHERE seq = 1")
+    (later,) = ingest_many(client, 1)
+    answer = artifact(client, later)
+    assert answer["provenance"]["sealed"] is False
+    assert verify(app.test_cli_runner()).exit_code == 1
