@@ -50,7 +50,8 @@ ACK_MESSAGES = {
 # (which would call an ack that lost a race "stale").
 #
 # Deliveries are partitioned by state on PostgreSQL (migration 0013): the lock and the UPDATE
-# name the hot states, so they prune to the hot partition, and a success moves its row into
+# exclude 'processed' (``<>``, which prunes to the hot partition without matching the queue
+# index, so the planner keeps to the primary key), and a success moves its row into
 # its day's partition of processed deliveries. The packets not found hot (already processed,
 # or unknown) are looked up there, by packet_id in each day's index; an ack naming only hot
 # packets passes an empty array there, which no index descends. An ack racing another for
@@ -66,7 +67,7 @@ WITH r AS (
     receipt text, jitter float8, error_message text, karma_actions json)
 ), locked AS (
   SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM deliveries
-  WHERE packet_id = ANY(%(ids)s) AND delivery_state IN ('pending', 'leased', 'dead')
+  WHERE packet_id = ANY(%(ids)s) AND delivery_state <> 'processed'
   ORDER BY packet_id FOR UPDATE
 ), finished AS (
   SELECT packet_id, delivery_state, delivery_count, visible_at FROM deliveries
@@ -92,7 +93,7 @@ WITH r AS (
     karma_actions = CASE WHEN r.success THEN r.karma_actions END,
     dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END
   FROM accepted r
-  WHERE p.packet_id = r.packet_id AND p.delivery_state IN ('pending', 'leased', 'dead')
+  WHERE p.packet_id = r.packet_id AND p.delivery_state <> 'processed'
   RETURNING p.packet_id, p.delivery_state, p.delivery_count, p.visible_at
 ), minutes AS ({
     PG_PROCESSED.format(source="SELECT count(*) FROM u WHERE delivery_state = 'processed'")
