@@ -223,6 +223,22 @@ def test_a_lease_change_racing_an_ack_is_refused_not_failed(app, client, backend
     assert answer.status_code == 409 and "live lease" in answer.json["message"], answer.json
 
 
+def test_a_replay_racing_an_ack_is_answered_and_serves_the_packet_again(app, client, backend):
+    """An operator replays a learner's packets while one of them (waiting, never leased) is
+    being acknowledged: the replay's UPDATE waits on the row the ack moves out of the hot
+    partition, is refused for it and runs again, replaying the now processed packet: 200,
+    and the packet is served again."""
+    (packet_id,) = ingest_many(client, 1, user_id="replayed")
+
+    def replay():
+        return app.test_client().post(f"{API}/packets/replay", json={"user_id": "replayed"})
+
+    answer = race_with_a_moving_ack(app, packet_id, replay)
+    assert answer.status_code == 200 and answer.json["requeued"] == 1, answer.json
+    assert placement(app) == {"deliveries_hot": 1}
+    assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
+
+
 def test_racing_duplicate_acks_all_answer_and_count_once(app, client, backend):
     """Eight threads ack the same ten packets at once, over and over: every answer is 200
     (processed once per packet, already processed otherwise), nothing stays hot, and the
