@@ -60,11 +60,11 @@ LEARNER_PACKETS_PER_ACTIVE_DAY = 5_000
 # Learners sending at once, round-robin: how many places of the user indexes take inserts.
 LEARNERS = 1_000
 # The tables polls and acks touch: their size should follow the backlog, not the history.
-# Since migration 0013 that is the hot partition of deliveries (pending, leased and dead),
+# Since migration 0014 that is the hot partition of deliveries (pending, leased and dead),
 # measured on its own; a layout without it measures the whole of deliveries.
 HOT_TABLES = ("deliveries",)
 HOT_PARTITION = "deliveries_hot"
-# Processed deliveries, partitioned by day like the packets (migration 0013).
+# Processed deliveries, partitioned by day like the packets (migration 0014).
 PROCESSED_TABLE = "deliveries_processed"
 # Tables whose size does not grow with the packets stored (bounded, or growing with purges).
 NOT_PER_PACKET = ("alembic_version", "packet_counters", "quarantine", "activity_minutes")

@@ -49,7 +49,7 @@ def get_metadata():
 # PostgreSQL's layout of packets differs from the models on purpose (migration 0012): its
 # partitions are tables of their own, its unique keys live in packet_keys (PostgreSQL only),
 # and deliveries has no foreign key to it. Deliveries are partitioned by state (migration
-# 0013): the queue index lives on the hot partition only. The drift check compares the rest.
+# 0014): the queue index lives on the hot partition only. The drift check compares the rest.
 PARTITION = re.compile(
     r"^(packets_(legacy|default|p\d{8})|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
 )

@@ -1,4 +1,4 @@
-"""PostgreSQL: the hot table follows the backlog (migration 0013). Deliveries are partitioned
+"""PostgreSQL: the hot table follows the backlog (migration 0014). Deliveries are partitioned
 by state: pending, leased and dead ones in ``deliveries_hot``, processed ones in day partitions
 beside the packets'. Polls and acks touch the hot partition only; a processed packet's row
 moves out of it, and back when it is replayed; an ack racing another for one packet (or a

@@ -73,7 +73,7 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
     assert primary == (["packet_id", "received_at"] if postgres else ["packet_id"])
     with fresh_app.app_context():
         inspector = inspect(db.engine)
-        # PostgreSQL: the queue index lives on the hot partition only (migration 0013).
+        # PostgreSQL: the queue index lives on the hot partition only (migration 0014).
         hot = "deliveries_hot" if postgres else "deliveries"
         deliveries = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes(hot)}
         delivery_key = inspector.get_pk_constraint(hot)["constrained_columns"]
@@ -240,7 +240,7 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
         where = rows_of(fresh_app, "SELECT DISTINCT tableoid::regclass::text FROM packets")
         assert where == [("packets_legacy",)]
         assert rows_of(fresh_app, "SELECT count(*) FROM packet_keys") == [(6,)]
-        # Migration 0013: processed deliveries beside their packets' (legacy) partition.
+        # Migration 0014: processed deliveries beside their packets' (legacy) partition.
         held = rows_of(
             fresh_app,
             "SELECT tableoid::regclass::text, count(*) FROM deliveries GROUP BY 1 ORDER BY 1",
@@ -271,7 +271,7 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
 
 
 def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend):
-    """Migration 0013 with deliveries in the 0012 layout (one table): processed, pending,
+    """Migration 0014 with deliveries in the 0012 layout (one table): processed, pending,
     leased (its lease running), retrying and dead packets. Every delivery row survives
     unchanged; on PostgreSQL the unfinished and dead ones sit in the hot partition and the
     processed ones in their day's partition (the default one for a day without partition);
@@ -279,7 +279,7 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
     and downgrading puts every row back in one table."""
     from tests.queue_helpers import ack, ingest_many, poll
 
-    assert flask_db(fresh_app, "upgrade", "0012_day_partitions").exit_code == 0
+    assert flask_db(fresh_app, "upgrade", "0013_lean_user_indexes").exit_code == 0
     postgres = backend == "postgres"
     client = fresh_app.test_client()
     # The service's statements work on both layouts; the old rows are written by them.
@@ -327,7 +327,7 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
     assert ack(client, ids[1]).json["outcome"] == "already_processed"
     assert ack(client, ids[5]).json["outcome"] == "processed"
 
-    assert flask_db(fresh_app, "downgrade", "0012_day_partitions").exit_code == 0
+    assert flask_db(fresh_app, "downgrade", "0013_lean_user_indexes").exit_code == 0
     after = rows_of(fresh_app, deliveries_sql)
     assert len(after) == 8 and [row[0] for row in after] == [row[0] for row in before]
     if postgres:

@@ -50,7 +50,7 @@ def user_packets(
     order = (T.c.received_at.desc(), T.c.packet_id.desc())
     # Two index-ordered lookups merged here beat one OR that the planner must sort; each
     # packet's delivery is joined on its primary key, and on received_at, which PostgreSQL's
-    # processed deliveries are partitioned by (migration 0013): one day's index, not every.
+    # processed deliveries are partitioned by (migration 0014): one day's index, not every.
     packets = select(T, *DELIVERY_COLUMNS).select_from(
         T.join(D, and_(D.c.packet_id == T.c.packet_id, D.c.received_at == T.c.received_at))
     )

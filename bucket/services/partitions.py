@@ -10,7 +10,7 @@ maintenance moves them into a partition of their own day (created for them), kee
 ``seq`` and content, so the audit log's leaves still match. ``packets_legacy``, present after
 an upgrade from the old layout, holds everything received before the upgrade's next day.
 
-Processed deliveries are partitioned the same way (migration 0013): ``deliveries_processed``
+Processed deliveries are partitioned the same way (migration 0014): ``deliveries_processed``
 has one partition per partition of ``packets``, same bounds, named after it
 (``deliveries_processed_pYYYYMMDD``, ``…_legacy``, ``…_default``). Each day is created with
 the packets' day, and retention drops both together (``services/retention``). Processed

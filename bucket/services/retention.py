@@ -11,7 +11,7 @@ transaction: the day's rows are locked against change, the audit log records the
 computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
 and still calls any other missing packet deleted), the counters are lowered, the day's dead
 deliveries removed, and the partition detached with its partition of processed deliveries
-(``deliveries_processed_pYYYYMMDD``, migration 0013). Then, in batches, its keys in
+(``deliveries_processed_pYYYYMMDD``, migration 0014). Then, in batches, its keys in
 ``packet_keys`` are removed, and both detached tables are dropped (a run interrupted there is
 finished by the next purge). No packet or processed delivery is deleted one by one, and no
 vacuum follows. Retention then counts from the day a packet was received, not processed.
@@ -341,7 +341,7 @@ def drop_day(
 def clear_detached(name: str, batch_size: int) -> None:
     """Remove a detached day's keys in batches, then drop its table and its processed
     deliveries' (detached with it, or still attached when a purge of the version before
-    migration 0013 stopped here: every row in it is of that day)."""
+    migration 0014 stopped here: every row in it is of that day)."""
     after = 0
     session = db.session
     processed = partitions.processed_name(name)

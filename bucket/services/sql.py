@@ -49,7 +49,7 @@ def finish() -> None:
 
 # Times a statement is run again after PostgreSQL refused it for a row that a concurrent
 # statement moved to another partition (SQLSTATE 40001: deliveries are partitioned by state,
-# and an acknowledgement moves its row; migration 0013). The refused statement changed
+# and an acknowledgement moves its row; migration 0014). The refused statement changed
 # nothing, and the next run sees the move in its snapshot, so a race ends on the second.
 MOVED_ROW_RETRIES = 5
 SERIALIZATION_FAILURE = "40001"

@@ -49,7 +49,7 @@ ACK_MESSAGES = {
 # results are answered from the lock's read too, not from the statement's older snapshot
 # (which would call an ack that lost a race "stale").
 #
-# Deliveries are partitioned by state on PostgreSQL (migration 0013): the lock and the UPDATE
+# Deliveries are partitioned by state on PostgreSQL (migration 0014): the lock and the UPDATE
 # exclude 'processed' (``<>``, which prunes to the hot partition without matching the queue
 # index, so the planner keeps to the primary key), and a success moves its row into
 # its day's partition of processed deliveries. The packets not found hot (already processed,

@@ -80,7 +80,7 @@ FROM c
 # packet is found by its whole primary key, (packet_id, received_at): packets are partitioned
 # by day on received_at (services/partitions), so each lookup probes one day's index, not all.
 # Every reference to deliveries names its states literally, so the plan holds only the hot
-# partition (migration 0013: processed deliveries live in partitions of their own). The
+# partition (migration 0014: processed deliveries live in partitions of their own). The
 # UPDATEs say so with ``<> 'processed'``, which prunes but matches no index: as ``IN`` it led
 # the planner, on stale statistics, to walk the queue index filtering on packet_id.
 PG_LEASE = f"""

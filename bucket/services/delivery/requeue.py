@@ -59,7 +59,7 @@ def requeue(
 def _requeue(states: tuple[str, ...], conditions: list, values: dict[str, Any]) -> int:
     """The requeue's statements in one transaction, committed; how many rows moved. On
     PostgreSQL each names its state, so it reaches that state's partition only; a processed
-    row goes back to the hot partition (migration 0013)."""
+    row goes back to the hot partition (migration 0014)."""
     count = 0
     # Pending ones first: rows moved to pending by a later statement must not match again.
     for state in sorted(set(states), key=lambda state: state != DeliveryState.PENDING):

@@ -23,8 +23,8 @@ version's writers: the only work here that grows with the table (about what a VA
 deliveries costs). Nothing changes state, so no packet is lost or delivered again. SQLite
 keeps its one table.
 
-Revision ID: 0013_hot_deliveries
-Revises: 0012_day_partitions
+Revision ID: 0014_hot_deliveries
+Revises: 0013_lean_user_indexes
 Create Date: 2026-12-06 02:30:00.000000
 
 """
@@ -34,8 +34,8 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0013_hot_deliveries'
-down_revision = '0012_day_partitions'
+revision = '0014_hot_deliveries'
+down_revision = '0013_lean_user_indexes'
 branch_labels = None
 depends_on = None
 
