@@ -60,7 +60,12 @@ LEARNER_PACKETS_PER_ACTIVE_DAY = 5_000
 # Learners sending at once, round-robin: how many places of the user indexes take inserts.
 LEARNERS = 1_000
 # The tables polls and acks touch: their size should follow the backlog, not the history.
+# Since migration 0014 that is the hot partition of deliveries (pending, leased and dead),
+# measured on its own; a layout without it measures the whole of deliveries.
 HOT_TABLES = ("deliveries",)
+HOT_PARTITION = "deliveries_hot"
+# Processed deliveries, partitioned by day like the packets (migration 0014).
+PROCESSED_TABLE = "deliveries_processed"
 # Tables whose size does not grow with the packets stored (bounded, or growing with purges).
 NOT_PER_PACKET = ("alembic_version", "packet_counters", "quarantine", "activity_minutes")
 PURGE_TABLE = "audit_purges"  # grows with every packet ever purged (reported per purged packet)
@@ -570,9 +575,26 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     )
 
 
-def hot_bytes(sizes: dict[str, dict]) -> int:
-    """The hot tables' total bytes, from ``relation_sizes``."""
+def exists(conn: psycopg.Connection, relation: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,)).fetchone()[0]
+
+
+def hot_bytes(conn: psycopg.Connection, sizes: dict[str, dict]) -> int:
+    """The hot table's total bytes (heap, TOAST, indexes): the hot partition of deliveries
+    where there is one, else the hot tables' from ``relation_sizes``."""
+    if exists(conn, HOT_PARTITION):
+        return conn.execute("SELECT pg_total_relation_size(%s)", (HOT_PARTITION,)).fetchone()[0]
     return sum(sizes[table]["total"] for table in HOT_TABLES if table in sizes)
+
+
+def hot_name(conn: psycopg.Connection) -> str:
+    return HOT_PARTITION if exists(conn, HOT_PARTITION) else "+".join(HOT_TABLES)
+
+
+def delivery_tables(conn: psycopg.Connection) -> tuple[str, ...]:
+    """The tables holding deliveries' own indexes: the parent, or its partitions by state."""
+    parts = tuple(t for t in (HOT_PARTITION, PROCESSED_TABLE) if exists(conn, t))
+    return parts or ("deliveries",)
 
 
 def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
@@ -590,11 +612,14 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
         figures["unfilled_columns"] = sorted(set(unfilled))
         figures["partitions_created"] = day_partitions(conn, "packets", first, days)
         figures["partitions_created"] += day_partitions(conn, "deliveries", first, days)
+        if exists(conn, PROCESSED_TABLE):
+            figures["partitions_created"] += day_partitions(conn, PROCESSED_TABLE, first, days)
+        figures["hot_table"] = hot_name(conn)
         # The hot table with only the backlog stored, in a first pass emptied again.
         fill_range(conn, sql, packets - backlog, packets, first, step, True, learners, run)
         conn.execute("VACUUM (ANALYZE)")
         sizes = relation_sizes(conn)
-        figures["hot_bytes_at_backlog"] = hot_bytes(sizes)
+        figures["hot_bytes_at_backlog"] = hot_bytes(conn, sizes)
         tables = ", ".join(name for name in sizes if name != "alembic_version")
         conn.execute(f"TRUNCATE {tables} RESTART IDENTITY")
         # A day of purged packets in the audit log, below the stored packets' seqs.
@@ -632,9 +657,9 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
         figures["columns"] = {
             table: column_widths(conn, table) for table in ("packets", "deliveries")
         }
-        figures["hot_bytes_at_stored"] = hot_bytes(figures["relations"])
+        figures["hot_bytes_at_stored"] = hot_bytes(conn, figures["relations"])
         began = time.monotonic()
-        figures["rebuilt_indexes"] = rebuilt(conn, ("packets", "deliveries"))
+        figures["rebuilt_indexes"] = rebuilt(conn, ("packets", *delivery_tables(conn)))
         figures["alternatives"] = alternatives(conn)
         figures["heap_alternatives"] = heap_alternatives(conn)
         figures["alternatives_seconds"] = round(time.monotonic() - began, 1)
@@ -707,7 +732,8 @@ def table(figures: dict) -> str:
         f"at {LEARNER_PACKETS_PER_DAY:,} packets a learner-day, "
         f"{figures['disk_gb_per_day_per_1000_learners_at_5000']:.2f} GB at "
         f"{LEARNER_PACKETS_PER_ACTIVE_DAY:,} (the 5.4 GB basis; target <= 2.5 GB)",
-        f"hot table {'+'.join(HOT_TABLES)}: {figures['hot_bytes_at_backlog']:,} bytes at "
+        f"hot table {figures.get('hot_table', '+'.join(HOT_TABLES))}: "
+        f"{figures['hot_bytes_at_backlog']:,} bytes at "
         f"{figures['backlog']:,} stored, {figures['hot_bytes_at_stored']:,} at "
         f"{figures['stored']:,} (x{figures['hot_ratio']:.1f}; target <= 2x)",
         f"WAL of the fill per packet: {figures['fill_wal_bytes_per_packet']:,.0f} bytes "

@@ -156,7 +156,14 @@ class PacketKey(db.Model):
 
 
 class Delivery(db.Model):
-    """Where one packet stands with its consumers: its state, lease, attempts and outcome."""
+    """Where one packet stands with its consumers: its state, lease, attempts and outcome.
+
+    On PostgreSQL the table is partitioned by ``delivery_state`` (migration 0014): pending,
+    leased and dead rows in ``deliveries_hot`` (primary key and queue index here), processed
+    ones in ``deliveries_processed``, partitioned by day on ``received_at`` like the packets
+    and indexed by ``packet_id`` only. An acknowledgement moves its row out of the hot
+    partition, so the table polls and acks touch follows the backlog. SQLite keeps one table.
+    """
 
     __tablename__ = "deliveries"
 

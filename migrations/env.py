@@ -13,27 +13,26 @@ config = context.config
 # Interpret the config file for Python logging.
 # This line sets up loggers basically.
 fileConfig(config.config_file_name, disable_existing_loggers=False)
-logger = logging.getLogger('alembic.env')
+logger = logging.getLogger("alembic.env")
 
 
 def get_engine():
-    return current_app.extensions['migrate'].db.engine
+    return current_app.extensions["migrate"].db.engine
 
 
 def get_engine_url():
     try:
-        return get_engine().url.render_as_string(hide_password=False).replace(
-            '%', '%%')
+        return get_engine().url.render_as_string(hide_password=False).replace("%", "%%")
     except AttributeError:
-        return str(get_engine().url).replace('%', '%%')
+        return str(get_engine().url).replace("%", "%%")
 
 
 # add your model's MetaData object here
 # for 'autogenerate' support
 # from myapp import mymodel
 # target_metadata = mymodel.Base.metadata
-config.set_main_option('sqlalchemy.url', get_engine_url())
-target_db = current_app.extensions['migrate'].db
+config.set_main_option("sqlalchemy.url", get_engine_url())
+target_db = current_app.extensions["migrate"].db
 
 # other values from the config, defined by the needs of env.py,
 # can be acquired:
@@ -42,15 +41,19 @@ target_db = current_app.extensions['migrate'].db
 
 
 def get_metadata():
-    if hasattr(target_db, 'metadatas'):
+    if hasattr(target_db, "metadatas"):
         return target_db.metadatas[None]
     return target_db.metadata
 
 
 # PostgreSQL's layout of packets differs from the models on purpose (migration 0012): its
 # partitions are tables of their own, its unique keys live in packet_keys (PostgreSQL only),
-# and deliveries has no foreign key to it. The drift check compares everything else.
-PARTITION = re.compile(r"^packets_(legacy|default|p\d{8})$")
+# and deliveries has no foreign key to it. Deliveries are partitioned by state (migration
+# 0014): the queue index lives on the hot partition only. The drift check compares the rest.
+PARTITION = re.compile(
+    r"^(packets_(legacy|default|p\d{8})|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
+)
+POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue"}
 POSTGRES_ONLY_TABLES = {"packet_keys"}
 SQLITE_ONLY = {"uq_packets_dedup_key", "uq_packets_idempotency_key"}
 
@@ -61,6 +64,8 @@ def include_object(obj, name, type_, reflected, compare_to):
         if PARTITION.match(name or ""):
             return False
         return postgres or name not in POSTGRES_ONLY_TABLES
+    if postgres and type_ == "index" and name in POSTGRES_PARTITION_INDEXES:
+        return False
     if postgres and type_ in ("index", "unique_constraint") and name in SQLITE_ONLY:
         return False
     if postgres and type_ == "foreign_key_constraint" and obj.table.name == "deliveries":
@@ -81,9 +86,7 @@ def run_migrations_offline():
 
     """
     url = config.get_main_option("sqlalchemy.url")
-    context.configure(
-        url=url, target_metadata=get_metadata(), literal_binds=True
-    )
+    context.configure(url=url, target_metadata=get_metadata(), literal_binds=True)
 
     with context.begin_transaction():
         context.run_migrations()
@@ -101,13 +104,13 @@ def run_migrations_online():
     # when there are no changes to the schema
     # reference: http://alembic.zzzcomputing.com/en/latest/cookbook.html
     def process_revision_directives(context, revision, directives):
-        if getattr(config.cmd_opts, 'autogenerate', False):
+        if getattr(config.cmd_opts, "autogenerate", False):
             script = directives[0]
             if script.upgrade_ops.is_empty():
                 directives[:] = []
-                logger.info('No changes in schema detected.')
+                logger.info("No changes in schema detected.")
 
-    conf_args = current_app.extensions['migrate'].configure_args
+    conf_args = current_app.extensions["migrate"].configure_args
     if conf_args.get("process_revision_directives") is None:
         conf_args["process_revision_directives"] = process_revision_directives
 
@@ -118,7 +121,7 @@ def run_migrations_online():
             connection=connection,
             target_metadata=get_metadata(),
             include_object=include_object,
-            **conf_args
+            **conf_args,
         )
 
         with context.begin_transaction():

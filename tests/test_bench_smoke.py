@@ -88,6 +88,8 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert fill["states"]["processed"] > fill["states"]["pending"] > 0
     assert {"packets", "deliveries", "audit_seals", "audit_purges"} <= set(fill["relations"])
     assert fill["bytes_per_packet"] > fill["core_bytes_per_packet"] > 0
-    assert fill["hot_bytes_at_stored"] > fill["hot_bytes_at_backlog"] > 0
+    # The hot partition of deliveries (migration 0014) follows the backlog, not the history.
+    assert fill["hot_table"] == "deliveries_hot"
+    assert 0 < fill["hot_bytes_at_stored"] <= 2 * fill["hot_bytes_at_backlog"]
     assert all("bytes" in alternative for alternative in fill["alternatives"].values())
     assert "poll limit=10 p50" in run.stdout  # the table was printed

@@ -73,9 +73,13 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
     assert primary == (["packet_id", "received_at"] if postgres else ["packet_id"])
     with fresh_app.app_context():
         inspector = inspect(db.engine)
-        deliveries = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("deliveries")}
+        # PostgreSQL: the queue index lives on the hot partition only (migration 0014).
+        hot = "deliveries_hot" if postgres else "deliveries"
+        deliveries = {ix["name"]: ix["column_names"] for ix in inspector.get_indexes(hot)}
+        delivery_key = inspector.get_pk_constraint(hot)["constrained_columns"]
         keys = inspector.get_foreign_keys("deliveries")
     assert deliveries["ix_deliveries_queue"] == ["delivery_state", "visible_at"]
+    assert delivery_key == ["packet_id"]
     # PostgreSQL: a key to a partitioned table would be re-checked at every detach of a day.
     expected = [] if postgres else [(["packet_id"], "packets")]
     assert [(k["constrained_columns"], k["referred_table"]) for k in keys] == expected
@@ -236,6 +240,12 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
         where = rows_of(fresh_app, "SELECT DISTINCT tableoid::regclass::text FROM packets")
         assert where == [("packets_legacy",)]
         assert rows_of(fresh_app, "SELECT count(*) FROM packet_keys") == [(6,)]
+        # Migration 0014: processed deliveries beside their packets' (legacy) partition.
+        held = rows_of(
+            fresh_app,
+            "SELECT tableoid::regclass::text, count(*) FROM deliveries GROUP BY 1 ORDER BY 1",
+        )
+        assert held == [("deliveries_hot", 4), ("deliveries_processed_legacy", 2)]
     verified = fresh_app.test_cli_runner().invoke(args=["bucket", "verify"])
     assert verified.exit_code == 0 and "checked 1 seals and 6 packets" in verified.output
 
@@ -258,3 +268,77 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
             tuple(u["column_names"]) for u in inspect(db.engine).get_unique_constraints("packets")
         }
     assert ("dedup_key",) in uniques
+
+
+def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend):
+    """Migration 0014 with deliveries in the 0012 layout (one table): processed, pending,
+    leased (its lease running), retrying and dead packets. Every delivery row survives
+    unchanged; on PostgreSQL the unfinished and dead ones sit in the hot partition and the
+    processed ones in their day's partition (the default one for a day without partition);
+    nothing finished or leased is served again, the processed stay answered as such,
+    and downgrading puts every row back in one table."""
+    from tests.queue_helpers import ack, ingest_many, poll
+
+    assert flask_db(fresh_app, "upgrade", "0013_lean_user_indexes").exit_code == 0
+    postgres = backend == "postgres"
+    client = fresh_app.test_client()
+    # The service's statements work on both layouts; the old rows are written by them.
+    ids = ingest_many(client, 8)
+    served = [p["packet_id"] for p in poll(client, limit=6)["packets"]]
+    assert sorted(served) == sorted(ids[:6])
+    for packet_id in ids[:3]:
+        assert ack(client, packet_id).status_code == 200
+    assert ack(client, ids[3], success=False).status_code == 200  # retrying
+    with fresh_app.app_context():
+        db.session.execute(
+            text("UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p"),
+            {"p": ids[4]},
+        )
+        if postgres:  # a processed packet of a day without partition
+            db.session.execute(
+                text("UPDATE deliveries SET received_at = '2026-01-01' WHERE packet_id = :p"),
+                {"p": ids[0]},
+            )
+        db.session.commit()
+    deliveries_sql = "SELECT * FROM deliveries ORDER BY packet_id"
+    before = rows_of(fresh_app, deliveries_sql)
+    assert len(before) == 8
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, deliveries_sql) == before
+    if postgres:
+        where = dict(
+            rows_of(
+                fresh_app,
+                "SELECT packet_id, tableoid::regclass::text FROM deliveries ORDER BY packet_id",
+            )
+        )
+        today = partitions_today(fresh_app)
+        assert where == {
+            ids[0]: "deliveries_processed_default",
+            ids[1]: f"deliveries_processed_{today}",
+            ids[2]: f"deliveries_processed_{today}",
+            **{packet_id: "deliveries_hot" for packet_id in ids[3:]},
+        }
+    # ids[3] retries later, ids[5] is leased: only the two never served are served.
+    again = [p["packet_id"] for p in poll(client, limit=10)["packets"]]
+    assert sorted(again) == sorted(ids[6:])
+    assert ack(client, ids[1]).json["outcome"] == "already_processed"
+    assert ack(client, ids[5]).json["outcome"] == "processed"
+
+    assert flask_db(fresh_app, "downgrade", "0013_lean_user_indexes").exit_code == 0
+    after = rows_of(fresh_app, deliveries_sql)
+    assert len(after) == 8 and [row[0] for row in after] == [row[0] for row in before]
+    if postgres:
+        assert rows_of(fresh_app, "SELECT relkind FROM pg_class WHERE relname = 'deliveries'") == [
+            ("r",)
+        ]
+
+
+def partitions_today(app) -> str:
+    """The suffix of today's day partitions (pYYYYMMDD), as the service names them."""
+    from bucket.services import partitions
+    from bucket.timeutil import utc_now
+
+    return partitions.day_name(utc_now().date()).removeprefix("packets_")

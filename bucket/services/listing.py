@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import and_, select, tuple_
 
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet
@@ -49,8 +49,11 @@ def user_packets(
         filters.append(tuple_(T.c.received_at, T.c.packet_id) < tuple_(received_at, packet_id))
     order = (T.c.received_at.desc(), T.c.packet_id.desc())
     # Two index-ordered lookups merged here beat one OR that the planner must sort; each
-    # packet's delivery is joined on its primary key.
-    packets = select(T, *DELIVERY_COLUMNS).select_from(T.join(D, D.c.packet_id == T.c.packet_id))
+    # packet's delivery is joined on its primary key, and on received_at, which PostgreSQL's
+    # processed deliveries are partitioned by (migration 0014): one day's index, not every.
+    packets = select(T, *DELIVERY_COLUMNS).select_from(
+        T.join(D, and_(D.c.packet_id == T.c.packet_id, D.c.received_at == T.c.received_at))
+    )
     by_user = packets.where(T.c.user_id == user_id, *filters).order_by(*order).limit(limit + 1)
     by_employee = (
         packets.where(T.c.employee_id == user_id, T.c.user_id != user_id, *filters)

@@ -10,6 +10,12 @@ maintenance moves them into a partition of their own day (created for them), kee
 ``seq`` and content, so the audit log's leaves still match. ``packets_legacy``, present after
 an upgrade from the old layout, holds everything received before the upgrade's next day.
 
+Processed deliveries are partitioned the same way (migration 0014): ``deliveries_processed``
+has one partition per partition of ``packets``, same bounds, named after it
+(``deliveries_processed_pYYYYMMDD``, ``…_legacy``, ``…_default``). Each day is created with
+the packets' day, and retention drops both together (``services/retention``). Processed
+deliveries that reached the default (their day had no partition yet) move with the packets.
+
 Creating a partition takes a short exclusive lock on ``packets``; it waits at most
 ``LOCK_TIMEOUT`` for queries in flight and otherwise tries again next time. One maintainer at
 a time across every worker and instance (a transaction-scoped advisory lock). SQLite keeps
@@ -34,17 +40,21 @@ from bucket.timeutil import utc_now
 log = logging.getLogger(__name__)
 DEFAULT = "packets_default"
 LEGACY = "packets_legacy"
+PROCESSED = "deliveries_processed"
+PROCESSED_DEFAULT = "deliveries_processed_default"
 DAY_NAME = re.compile(r"^packets_p(\d{8})$")
 # pg_advisory_xact_lock key of the partition maintainer: "prana-part" as an integer.
 MAINTAINER_LOCK = 0x7072616E61706172
 LOCK_TIMEOUT = "2s"
 # A watched count: beyond this many rows the default partition is not counted further.
 DEFAULT_COUNT_CAP = 1_000_000
-PARTITIONS_SQL = (
+PARTITIONS_OF_SQL = (
     "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint "
     "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
-    "WHERE i.inhparent = 'packets'::regclass ORDER BY c.relname"
+    "WHERE i.inhparent = '{parent}'::regclass ORDER BY c.relname"
 )
+PARTITIONS_SQL = PARTITIONS_OF_SQL.format(parent="packets")
+PROCESSED_PARTITIONS_SQL = PARTITIONS_OF_SQL.format(parent=PROCESSED)
 
 
 @dataclass
@@ -80,6 +90,11 @@ def partitioned() -> bool:
 def day_name(day: date) -> str:
     """The partition name of a UTC day."""
     return f"packets_p{day:%Y%m%d}"
+
+
+def processed_name(packets_partition: str) -> str:
+    """The partition of processed deliveries beside a partition of packets."""
+    return f"{PROCESSED}_{packets_partition.removeprefix('packets_')}"
 
 
 def day_start(day: date) -> datetime:
@@ -167,10 +182,17 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
             report.skipped = "another maintainer is at work"
             return report
         existing = partitions_in(session)
+        processed = partitions_in(session, PROCESSED_PARTITIONS_SQL)
         stray = [
             row[0].date()
             for row in session.execute(
                 text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {DEFAULT}")
+            )
+        ]
+        stray_processed = [
+            row[0].date()
+            for row in session.execute(
+                text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {PROCESSED_DEFAULT}")
             )
         ]
         session.commit()
@@ -179,14 +201,15 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
         raise
     today = utc_now().date()
     wanted = {today + timedelta(days=n) for n in range(days + 1)}
-    for day in sorted(wanted | set(stray)):
-        if covered_by(existing, day):
+    for day in sorted(wanted | set(stray) | set(stray_processed)):
+        packets_missing = not covered_by(existing, day)
+        if not packets_missing and covered_by(processed, day):
             continue
         try:
             try:
-                moved = create_day(day, day in stray)
+                moved = create_day(day, day in stray, packets=packets_missing)
             except IntegrityError:  # the day's first packets reached the default meanwhile
-                moved = create_day(day, True)
+                moved = create_day(day, True, packets=packets_missing)
         except Exception as exc:  # a lock not granted in time: the next maintenance retries
             db.session.rollback()
             if "lock timeout" not in str(exc):
@@ -194,16 +217,19 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
             report.skipped = f"packets stayed locked for {LOCK_TIMEOUT}"
             log.info("partition maintenance: %s", report.skipped)
             return report
-        report.created.append(day_name(day))
+        report.created.append(day_name(day) if packets_missing else processed_name(day_name(day)))
         if moved:
             report.moved[day_name(day)] = moved
             log.warning("moved %d packets from the default partition into %s", moved, day)
     return report
 
 
-def partitions_in(session) -> list[tuple[datetime | None, datetime | None]]:
-    """The ranges of every bounded partition, read inside the caller's transaction."""
-    rows = session.execute(text(PARTITIONS_SQL)).all()
+def partitions_in(
+    session, statement: str = PARTITIONS_SQL
+) -> list[tuple[datetime | None, datetime | None]]:
+    """The ranges of every bounded partition (of packets, or of what ``statement`` lists),
+    read inside the caller's transaction."""
+    rows = session.execute(text(statement)).all()
     return [
         (_bound(bound, "FROM"), _bound(bound, "TO")) for _, bound, _ in rows if bound != "DEFAULT"
     ]
@@ -218,11 +244,12 @@ def covered_by(ranges: list[tuple[datetime | None, datetime | None]], day: date)
     )
 
 
-def create_day(day: date, adopt: bool) -> int:
-    """Create one day's partition in its own transaction; with ``adopt``, first move that
-    day's packets out of the default partition into it (else creating it would fail: the
-    default partition may not hold rows of a range another partition covers). Returns the
-    number of packets moved."""
+def create_day(day: date, adopt: bool, packets: bool = True) -> int:
+    """Create one day's partitions, of packets (unless ``packets`` is false) and of processed
+    deliveries (unless it exists), in one transaction; with ``adopt``, first move that day's
+    packets out of the default partition into it (else creating it would fail: the default
+    partition may not hold rows of a range another partition covers). The day's processed
+    deliveries in their default partition always move. Returns the number of packets moved."""
     name = day_name(day)
     start, end = day_start(day), day_start(day + timedelta(days=1))
     bounds = f"FOR VALUES FROM ({bound_literal(day)}) TO ({bound_literal(day + timedelta(days=1))})"
@@ -231,6 +258,10 @@ def create_day(day: date, adopt: bool) -> int:
         session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK})
         moved = 0
+        create_processed_day(session, day, bounds)
+        if not packets:
+            session.commit()
+            return 0
         if not adopt:
             session.execute(
                 text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF packets {bounds}")
@@ -253,6 +284,28 @@ def create_day(day: date, adopt: bool) -> int:
     except Exception:
         session.rollback()
         raise
+
+
+def create_processed_day(session, day: date, bounds: str) -> None:
+    """Create one day's partition of processed deliveries, inside the caller's transaction,
+    unless it exists; the day's rows in the default partition move into it first (an ack
+    of a packet whose day had no partition yet put them there). The default stays locked
+    against such acks until the commit, so none can slip in between."""
+    name = processed_name(day_name(day))
+    if session.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar() is not None:
+        return
+    session.execute(text(f"LOCK TABLE {PROCESSED_DEFAULT} IN EXCLUSIVE MODE"))
+    session.execute(text(f"CREATE TABLE {name} (LIKE {PROCESSED} INCLUDING DEFAULTS)"))
+    start, end = day_start(day), day_start(day + timedelta(days=1))
+    session.execute(
+        text(
+            f"WITH moved AS (DELETE FROM {PROCESSED_DEFAULT} WHERE received_at >= :start "
+            f"AND received_at < :end RETURNING *) INSERT INTO {name} SELECT * FROM moved"
+        ),
+        {"start": naive(start), "end": naive(end)},
+    )
+    # Attaching builds the partitioned index (packet_id) on it.
+    session.execute(text(f"ALTER TABLE {PROCESSED} ATTACH PARTITION {name} {bounds}"))
 
 
 def backfill_keys(since: datetime) -> int | None:

@@ -10,10 +10,11 @@ transaction: the day's rows are locked against change, the audit log records the
 ``seq`` the day held (``audit_purged_ranges``: every sealed packet inside a run was in the day,
 computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
 and still calls any other missing packet deleted), the counters are lowered, the day's dead
-deliveries removed, and the partition detached. Then, in batches, its processed deliveries and
-its keys in ``packet_keys`` are removed, and the detached table is dropped (a run interrupted
-there is finished by the next purge). No packet row is deleted one by one, and no vacuum
-follows. Retention then counts from the day a packet was received, not processed.
+deliveries removed, and the partition detached with its partition of processed deliveries
+(``deliveries_processed_pYYYYMMDD``, migration 0014). Then, in batches, its keys in
+``packet_keys`` are removed, and both detached tables are dropped (a run interrupted there is
+finished by the next purge). No packet or processed delivery is deleted one by one, and no
+vacuum follows. Retention then counts from the day a packet was received, not processed.
 
 By rows (``purge_rows``): each batch is its own transaction deleting at most ``batch_size``
 packets (and their deliveries, and on PostgreSQL their keys) picked through the queue index
@@ -172,6 +173,13 @@ LEFTOVERS_SQL = (
     "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
     "AND relname ~ '^packets_(p[0-9]{8}|legacy)$' ORDER BY relname"
 )
+PROCESSED_LEFTOVERS_SQL = (
+    "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
+    "AND relname ~ '^deliveries_processed_(p[0-9]{8}|legacy)$' ORDER BY relname"
+)
+ATTACHED_SQL = (
+    "SELECT c.relispartition FROM pg_class c WHERE c.oid = to_regclass(:name) AND c.relkind = 'r'"
+)
 
 
 @dataclass
@@ -222,6 +230,8 @@ def purge_days(
     if not dry_run:
         for name in db.session.execute(text(LEFTOVERS_SQL)).scalars().all():
             clear_detached(name, batch_size)  # an earlier purge stopped before dropping it
+        for name in db.session.execute(text(PROCESSED_LEFTOVERS_SQL)).scalars().all():
+            db.session.execute(text(f"DROP TABLE {name}"))
         db.session.commit()
     book_new_packets()
     seal_everything()
@@ -257,6 +267,10 @@ def drop_day(
         session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         # Nobody changes the day's rows from here on (nobody should: they are old).
         session.execute(text(f"LOCK TABLE {name} IN SHARE MODE"))
+        processed = partitions.processed_name(name)
+        processed_attached = session.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
+        if processed_attached:
+            session.execute(text(f"LOCK TABLE {processed} IN SHARE MODE"))
         count, distinct, highest = session.execute(
             text(f"SELECT count(*), count(DISTINCT seq), coalesce(max(seq), 0) FROM {name}")
         ).one()
@@ -285,9 +299,18 @@ def drop_day(
         if outcome.kept or dry_run:
             session.rollback()
             return outcome
-        if dead:
-            session.execute(delete(D).where(D.c.packet_id.in_(dead)))
+        if dead:  # the state prunes the statement to the hot partition
+            session.execute(
+                delete(D).where(D.c.delivery_state == DeliveryState.DEAD, D.c.packet_id.in_(dead))
+            )
+        # Processed deliveries of the day that sat in the default partition (their day had no
+        # partition when they were acknowledged): few, and normally none.
+        session.execute(text(f"DELETE FROM {partitions.PROCESSED_DEFAULT} WHERE {window}"), bounds)
         session.execute(text(f"ALTER TABLE packets DETACH PARTITION {name}"))
+        if processed_attached:
+            session.execute(
+                text(f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {processed}")
+            )
         now = utc_now()
         if ranges:
             session.execute(
@@ -316,9 +339,19 @@ def drop_day(
 
 
 def clear_detached(name: str, batch_size: int) -> None:
-    """Remove a detached day's deliveries and keys in batches, then drop its table."""
+    """Remove a detached day's keys in batches, then drop its table and its processed
+    deliveries' (detached with it, or still attached when a purge of the version before
+    migration 0014 stopped here: every row in it is of that day)."""
     after = 0
     session = db.session
+    processed = partitions.processed_name(name)
+    attached = session.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
+    if attached:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        session.execute(text(f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {processed}"))
+    if attached is not None:
+        session.execute(text(f"DROP TABLE {processed}"))
+    session.commit()
     while True:
         rows = session.execute(
             text(
@@ -329,7 +362,6 @@ def clear_detached(name: str, batch_size: int) -> None:
         ).all()
         if not rows:
             break
-        session.execute(delete(D).where(D.c.packet_id.in_([pid for _, pid, _ in rows])))
         session.execute(
             delete(K).where(
                 K.c.dedup_key.in_([key for _, _, key in rows]),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import text
@@ -26,6 +26,7 @@ from bucket.database import AUTOCOMMIT_BIND
 from bucket.extensions import db
 from bucket.services.dialect import dialect_name
 
+T = TypeVar("T")
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
 # LOG_LEVEL=DEBUG shows every hand-written statement sent to PostgreSQL (SQLAlchemy's own are
 # logged by its engine loggers).
@@ -46,7 +47,49 @@ def finish() -> None:
         db.session.commit()
 
 
+# Times a statement is run again after PostgreSQL refused it for a row that a concurrent
+# statement moved to another partition (SQLSTATE 40001: deliveries are partitioned by state,
+# and an acknowledgement moves its row; migration 0014). The refused statement changed
+# nothing, and the next run sees the move in its snapshot, so a race ends on the second.
+MOVED_ROW_RETRIES = 5
+SERIALIZATION_FAILURE = "40001"
+
+
+def moved_row(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a statement because a row it meant to lock or change was
+    moved away (or otherwise changed) by a concurrent transaction: running it again is safe."""
+    orig = getattr(exc, "orig", exc)
+    return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
+
+
+def retrying(work: Callable[[], T]) -> T:
+    """Run ``work`` (statements in the session's transaction, committed by it), again after a
+    rollback when PostgreSQL refused it for a moved row; at most ``MOVED_ROW_RETRIES`` more
+    times, then the refusal is raised."""
+    for attempt in range(MOVED_ROW_RETRIES + 1):
+        try:
+            return work()
+        except DBAPIError as exc:
+            db.session.rollback()
+            if not moved_row(exc) or attempt == MOVED_ROW_RETRIES:
+                raise
+    raise AssertionError("unreachable")
+
+
 def run_postgres(sql: str, params: Mapping[str, Any] | Sequence[Any]) -> list[tuple]:
+    """One prepared statement on a pooled autocommit connection (committed when it returns),
+    run again when it was refused for a row a concurrent statement moved (``moved_row``)."""
+    for attempt in range(MOVED_ROW_RETRIES + 1):
+        try:
+            return _run_postgres_once(sql, params)
+        except DBAPIError as exc:
+            if not moved_row(exc) or attempt == MOVED_ROW_RETRIES:
+                raise
+            log.info("statement refused for a moved row; running it again")
+    raise AssertionError("unreachable")
+
+
+def _run_postgres_once(sql: str, params: Mapping[str, Any] | Sequence[Any]) -> list[tuple]:
     """One prepared statement on a pooled autocommit connection (committed when it returns).
 
     A broken connection is dropped with every other connection of the pool, which a restarted

@@ -48,6 +48,15 @@ ACK_MESSAGES = {
 # delivery on stale statistics (measured: 6,800 pages for one ack with 30,000 waiting). Refused
 # results are answered from the lock's read too, not from the statement's older snapshot
 # (which would call an ack that lost a race "stale").
+#
+# Deliveries are partitioned by state on PostgreSQL (migration 0014): the lock and the UPDATE
+# exclude 'processed' (``<>``, which prunes to the hot partition without matching the queue
+# index, so the planner keeps to the primary key), and a success moves its row into
+# its day's partition of processed deliveries. The packets not found hot (already processed,
+# or unknown) are looked up there, by packet_id in each day's index; an ack naming only hot
+# packets passes an empty array there, which no index descends. An ack racing another for
+# the same packet can find its row moved away under its lock: PostgreSQL then refuses the
+# statement (40001), and ``sql.run`` runs it again, when it finds the packet processed.
 _ATTEMPTS = (
     "CASE WHEN p.delivery_state = 'leased' THEN p.delivery_count ELSE p.delivery_count + 1 END"
 )
@@ -58,7 +67,12 @@ WITH r AS (
     receipt text, jitter float8, error_message text, karma_actions json)
 ), locked AS (
   SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM deliveries
-  WHERE packet_id = ANY(%(ids)s) ORDER BY packet_id FOR UPDATE
+  WHERE packet_id = ANY(%(ids)s) AND delivery_state <> 'processed'
+  ORDER BY packet_id FOR UPDATE
+), finished AS (
+  SELECT packet_id, delivery_state, delivery_count, visible_at FROM deliveries
+  WHERE delivery_state = 'processed' AND packet_id = ANY(ARRAY(
+    SELECT unnest(%(ids)s::text[]) EXCEPT SELECT packet_id FROM locked))
 ), accepted AS (
   SELECT r.* FROM r JOIN locked USING (packet_id)
   WHERE locked.delivery_state IN ('pending', 'leased')
@@ -79,7 +93,7 @@ WITH r AS (
     karma_actions = CASE WHEN r.success THEN r.karma_actions END,
     dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END
   FROM accepted r
-  WHERE p.packet_id = r.packet_id
+  WHERE p.packet_id = r.packet_id AND p.delivery_state <> 'processed'
   RETURNING p.packet_id, p.delivery_state, p.delivery_count, p.visible_at
 ), minutes AS ({
     PG_PROCESSED.format(source="SELECT count(*) FROM u WHERE delivery_state = 'processed'")
@@ -93,6 +107,8 @@ SELECT packet_id, delivery_state, delivery_count, visible_at, true FROM u
 UNION ALL
 SELECT packet_id, delivery_state, delivery_count, visible_at, false FROM locked
 WHERE packet_id NOT IN (SELECT packet_id FROM u)
+UNION ALL
+SELECT packet_id, delivery_state, delivery_count, visible_at, false FROM finished
 """
 
 

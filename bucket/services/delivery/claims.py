@@ -55,7 +55,7 @@ PG_HEADS = f"""
 WITH reaped AS (
   UPDATE deliveries SET delivery_state = 'dead', visible_at = %(now)s, lease_id = NULL,
     dead_at = %(now_ts)s, last_error = %(exhausted_error)s
-  WHERE packet_id = ANY(ARRAY(
+  WHERE delivery_state <> 'processed' AND packet_id = ANY(ARRAY(
     SELECT packet_id FROM deliveries
     WHERE delivery_state = 'leased' AND visible_at <= %(now)s AND delivery_count >= %(max)s
     FOR UPDATE SKIP LOCKED))
@@ -79,13 +79,18 @@ FROM c
 # wrong: as ``IN (subquery)`` it hashed every delivery once it could not see the LIMIT. The
 # packet is found by its whole primary key, (packet_id, received_at): packets are partitioned
 # by day on received_at (services/partitions), so each lookup probes one day's index, not all.
+# Every reference to deliveries names its states literally, so the plan holds only the hot
+# partition (migration 0014: processed deliveries live in partitions of their own). The
+# UPDATEs say so with ``<> 'processed'``, which prunes but matches no index: as ``IN`` it led
+# the planner, on stale statistics, to walk the queue index filtering on packet_id.
 PG_LEASE = f"""
 WITH leased AS (
   UPDATE deliveries SET delivery_state = 'leased', lease_id = %(receipt)s,
     visible_at = %(until)s, delivery_count = delivery_count + 1, last_delivered_at = %(now_ts)s
-  WHERE packet_id = ANY(ARRAY(
+  WHERE delivery_state <> 'processed' AND packet_id = ANY(ARRAY(
     SELECT packet_id FROM deliveries
-    WHERE delivery_state = %(source)s AND visible_at <= %(now)s AND delivery_count < %(max)s
+    WHERE delivery_state = %(source)s AND delivery_state IN ('pending', 'leased')
+      AND visible_at <= %(now)s AND delivery_count < %(max)s
     ORDER BY visible_at LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED))
   RETURNING packet_id, received_at, {", ".join(DELIVERY_COLUMN_NAMES)}

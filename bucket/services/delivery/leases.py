@@ -8,7 +8,7 @@ from sqlalchemy import case, select, update
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
-from bucket.services import counters
+from bucket.services import counters, sql
 from bucket.services.delivery.acks import AckOutcome, refused_outcome
 from bucket.services.delivery.settings import RELEASED_LAST_ERROR, D, DeliverySettings
 from bucket.timeutil import epoch_now, from_epoch
@@ -22,6 +22,30 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
     new_values = (
         release_values(now, settings) if release else {"visible_at": now + visibility_timeout}
     )
+    row, current = sql.retrying(lambda: _change(packet_id, receipt, now, new_values))
+    if row is None:
+        outcome = refused_outcome(packet_id, None if current is None else tuple(current))
+        if outcome.code == 200 or outcome.status == "stale_receipt":
+            # Processed packets have no lease; an expired or replaced lease cannot be changed.
+            outcome = AckOutcome(
+                packet_id,
+                409,
+                "not_leased",
+                outcome.delivery_count,
+                message="The receipt does not name a live lease of this packet.",
+            )
+        return outcome
+    if row.delivery_state == DeliveryState.DEAD:
+        return AckOutcome(packet_id, 200, "dead", row.delivery_count, message=RELEASED_LAST_ERROR)
+    if release:
+        queue.publish_ready()
+        return AckOutcome(packet_id, 200, "released", row.delivery_count)
+    return AckOutcome(packet_id, 200, "extended", row.delivery_count, row.visible_at)
+
+
+def _change(packet_id: str, receipt: str, now: float, new_values: dict[str, Any]):
+    """The lease change in one transaction, committed: the row changed (or None) and, when
+    none was, the packet's delivery as it stands."""
     row = db.session.execute(
         update(D)
         .where(
@@ -43,24 +67,7 @@ def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> 
     elif row.delivery_state == DeliveryState.DEAD:
         counters.bump(counters.DEAD, 1)
     db.session.commit()
-    if row is None:
-        outcome = refused_outcome(packet_id, None if current is None else tuple(current))
-        if outcome.code == 200 or outcome.status == "stale_receipt":
-            # Processed packets have no lease; an expired or replaced lease cannot be changed.
-            outcome = AckOutcome(
-                packet_id,
-                409,
-                "not_leased",
-                outcome.delivery_count,
-                message="The receipt does not name a live lease of this packet.",
-            )
-        return outcome
-    if row.delivery_state == DeliveryState.DEAD:
-        return AckOutcome(packet_id, 200, "dead", row.delivery_count, message=RELEASED_LAST_ERROR)
-    if release:
-        queue.publish_ready()
-        return AckOutcome(packet_id, 200, "released", row.delivery_count)
-    return AckOutcome(packet_id, 200, "extended", row.delivery_count, row.visible_at)
+    return row, current
 
 
 def release_values(now: float, settings: DeliverySettings) -> dict[str, Any]:

@@ -35,7 +35,8 @@ def reap_exhausted(
     )
     result = db.session.execute(
         update(D)
-        .where(D.c.packet_id.in_(victims))
+        # On PostgreSQL this keeps the UPDATE on the hot partition (and off the queue index).
+        .where(D.c.delivery_state != DeliveryState.PROCESSED, D.c.packet_id.in_(victims))
         .values(
             delivery_state=DeliveryState.DEAD,
             visible_at=now,

@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
-from bucket.services import counters
+from bucket.services import counters, sql
 from bucket.services.delivery.settings import D, T
 from bucket.timeutil import epoch_now
 
@@ -50,6 +50,16 @@ def requeue(
     }
     if reset_attempts:
         values["delivery_count"] = 0
+    count = sql.retrying(lambda: _requeue(states, conditions, values))
+    if count:
+        queue.publish_ready()
+    return count
+
+
+def _requeue(states: tuple[str, ...], conditions: list, values: dict[str, Any]) -> int:
+    """The requeue's statements in one transaction, committed; how many rows moved. On
+    PostgreSQL each names its state, so it reaches that state's partition only; a processed
+    row goes back to the hot partition (migration 0014)."""
     count = 0
     # Pending ones first: rows moved to pending by a later statement must not match again.
     for state in sorted(set(states), key=lambda state: state != DeliveryState.PENDING):
@@ -61,6 +71,4 @@ def requeue(
             counters.bump(COUNTED_STATES[state], -moved)
         count += moved
     db.session.commit()
-    if count:
-        queue.publish_ready()
     return count
