@@ -128,11 +128,18 @@ def register_ingest_coalescing(app: Flask) -> None:
     from bucket.services.delivery.acks import write_acks
     from bucket.services.ingest import write_submissions
     from bucket.web import metrics
+    from bucket.web.ratelimit import admit_submissions
 
     for setting in ("BUCKET_INGEST_COALESCE_MAX", "BUCKET_ACK_COALESCE_MAX"):
         if app.config[setting] < 1:
             raise ValueError(f"{setting} must be at least 1.")
-    init_coalescer(app, write_submissions, metrics.note_ingest_commit, metrics.note_ingest_waiting)
+    init_coalescer(
+        app,
+        write_submissions,
+        metrics.note_ingest_commit,
+        metrics.note_ingest_waiting,
+        admit=admit_submissions,
+    )
     init_coalescer(
         app,
         write_acks,

@@ -22,7 +22,7 @@ from bucket.schemas import (
     packet_rules,
 )
 from bucket.services import activity, quarantine
-from bucket.services.ingest import packet_user, store_batch, store_packets
+from bucket.services.ingest import packet_user, shares_write, store_batch, store_packets
 from bucket.services.tokens import MISMATCH, REQUIRE, VERIFIED, PacketAuth, TokenCheck
 from bucket.web.body import load_or_abort, read_json_object
 from bucket.web.ingest_auth import challenge, request_token, verifier
@@ -103,8 +103,10 @@ def ingest(headers: dict):
     if require and auth.outcome == MISMATCH:
         refuse_mismatch(auth)
     packet = load_or_quarantine(body, idempotency_key, auth)
-    admit_ingest(1, {packet_user(packet): 1})
-    (outcome,) = store_packets([packet], idempotency_key, [auth] if auth is not None else None)
+    charges = admit_ingest(1, {packet_user(packet): 1}, shared=shares_write(1))
+    (outcome,) = store_packets(
+        [packet], idempotency_key, [auth] if auth is not None else None, charges
+    )
     note_packets(**{"duplicate" if outcome.duplicate else "ingested": 1})
     if auth is not None and not outcome.duplicate:
         note_auth([auth.outcome], [])
@@ -252,8 +254,16 @@ def ingest_batch(body: dict, batch_id: str | None, token: TokenCheck | None):
                 errors={"headers": {"Authorization": [MISMATCH]}},
             )
     # Each accepted packet is charged to its own user; the address pays for every packet.
-    admit_ingest(len(packets), Counter(packet_user(packet) for _, packet in valid))
-    summary = store_batch(len(packets), valid, errors, auths if judge is not None else None)
+    # With coalescing, the limits are decided with the shared write's (a batch that stores
+    # nothing has no write to share, and is decided at once).
+    charges = admit_ingest(
+        len(packets),
+        Counter(packet_user(packet) for _, packet in valid),
+        shared=bool(valid) and shares_write(len(valid)),
+    )
+    summary = store_batch(
+        len(packets), valid, errors, auths if judge is not None else None, charges
+    )
     if judge is not None:
         stored = [
             auths[item["index"]].outcome for item in summary.results if item["status"] == "ingested"

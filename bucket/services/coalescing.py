@@ -16,6 +16,11 @@ answers 503; the statement is atomic, so nothing of it is stored). Any other fai
 the database refuses) is retried one request at a time, so only the request that carries the
 bad row fails. The writes run on the leader's own thread and app context; a waiting request
 whose client went away is answered like the others (gunicorn drops the answer).
+
+A coalescer may be given an ``admit`` step (ingest: the rate limits). Requests that carry
+``charges`` are then admitted by the leader, all of a write's together, just before it
+writes them; a request ``admit`` refuses (by setting its ``error``) is answered at once and
+left out of the write.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class Submission:
     idempotency_key: str | None = None
     auths: list[Any] | None = None
     keys: frozenset[str] = frozenset()
+    charges: Any = None
     woken: threading.Event = field(default_factory=threading.Event)
     lead: bool = False
     outcomes: list | None = None
@@ -61,8 +67,10 @@ class Coalescer:
         max_items: int,
         on_commit: Callable[[int, int], None] | None = None,
         on_waiting: Callable[[int], None] | None = None,
+        admit: Callable[[list[Submission]], None] | None = None,
     ) -> None:
         self.write = write
+        self.admit = admit
         self.max_items = max_items
         self.on_commit = on_commit
         self.on_waiting = on_waiting
@@ -82,9 +90,16 @@ class Coalescer:
         with self._lock:
             return len(self._queue)
 
-    def store(self, packets: list[dict], idempotency_key: str | None, auths: list | None) -> list:
-        """Store one request's packets in the next shared commit; its outcomes, in order."""
-        return self.submit(Submission(packets, idempotency_key, auths))
+    def store(
+        self,
+        packets: list[dict],
+        idempotency_key: str | None,
+        auths: list | None,
+        charges: Any = None,
+    ) -> list:
+        """Store one request's packets in the next shared commit, once admitted with its
+        ``charges`` (if any); its outcomes, in order."""
+        return self.submit(Submission(packets, idempotency_key, auths, charges=charges))
 
     def submit(self, own: Submission) -> list:
         """Write one request's items in the next shared commit; its outcomes, in order."""
@@ -134,7 +149,32 @@ class Coalescer:
                 log.exception("reporting a coalescer's queue failed")
 
     def _write_next(self) -> None:
-        batch = self._take()
+        taken = self._take()
+        try:
+            batch = self._admitted(taken)
+            if batch:
+                self._write(batch)
+        finally:
+            # Whatever happened (even an interruption), every request of the batch is answered.
+            for submission in taken:
+                if submission.outcomes is None and submission.error is None:
+                    submission.error = RuntimeError("the shared write was interrupted")
+                if not submission.lead:
+                    submission.woken.set()
+
+    def _admitted(self, taken: list[Submission]) -> list[Submission]:
+        """The requests ``admit`` lets into the write (all of them without an ``admit``)."""
+        if self.admit is None:
+            return taken
+        try:
+            self.admit(taken)
+        except Exception as exc:  # noqa: BLE001 - answered to every request of the batch
+            for submission in taken:
+                submission.error = exc
+            return []
+        return [submission for submission in taken if submission.error is None]
+
+    def _write(self, batch: list[Submission]) -> None:
         try:
             self._commit(batch)
         except Exception as exc:
@@ -147,13 +187,6 @@ class Coalescer:
                         self._commit([submission])
                     except Exception as alone:  # noqa: BLE001 - answered to its request
                         submission.error = alone
-        finally:
-            # Whatever happened (even an interruption), every request of the batch is answered.
-            for submission in batch:
-                if submission.outcomes is None and submission.error is None:
-                    submission.error = RuntimeError("the shared write was interrupted")
-                if not submission.lead:
-                    submission.woken.set()
 
     def _commit(self, batch: list[Submission]) -> None:
         results = self.write(batch)
@@ -193,11 +226,14 @@ def init_coalescer(
     *,
     setting: str = "BUCKET_INGEST_COALESCE",
     key: str = EXTENSION_KEY,
+    admit: Callable[[list[Submission]], None] | None = None,
 ) -> None:
     """Give the app a coalescer under ``key`` when ``setting`` is on (its maximum of items
     per write is ``<setting>_MAX``)."""
     if app.config.get(setting, False):
-        app.extensions[key] = Coalescer(write, app.config[f"{setting}_MAX"], on_commit, on_waiting)
+        app.extensions[key] = Coalescer(
+            write, app.config[f"{setting}_MAX"], on_commit, on_waiting, admit
+        )
 
 
 def coalescer(key: str = EXTENSION_KEY) -> Coalescer | None:

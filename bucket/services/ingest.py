@@ -118,9 +118,11 @@ def store_batch(
     valid: list[tuple[int, dict[str, Any]]],
     errors: dict[int, dict],
     auths: dict[int, PacketAuth] | None = None,
+    charges: Any = None,
 ) -> BatchSummary:
     """Store a batch's valid packets (by request index) in one statement and report each packet
-    (``auths``: each valid packet's authentication outcome, when ingest checks tokens)."""
+    (``auths``: each valid packet's authentication outcome, when ingest checks tokens;
+    ``charges``: its rate limits, when its packets share a write, see ``store_packets``)."""
     results: list[dict] = [
         {"index": index, "status": "rejected", "errors": errors[index]}
         for index in range(size)
@@ -131,6 +133,7 @@ def store_batch(
         outcomes = store_packets(
             [packet for _, packet in valid],
             auths=[auths[index] for index, _ in valid] if auths is not None else None,
+            charges=charges,
         )
         for (index, _), outcome in zip(valid, outcomes, strict=True):
             by_index[index] = {
@@ -234,10 +237,18 @@ def delivery_row(row: dict) -> dict:
     }
 
 
+def shares_write(count: int) -> bool:
+    """Whether ``count`` packets stored now go to a write shared with other requests
+    (``BUCKET_INGEST_COALESCE``), where the coalescer admits them (their rate limits)."""
+    shared = coalescer()
+    return shared is not None and count <= shared.max_items and not holds_sqlite_turn()
+
+
 def store_packets(
     packets: list[dict[str, Any]],
     idempotency_key: str | None = None,
     auths: list[PacketAuth] | None = None,
+    charges: Any = None,
 ) -> list[IngestOutcome]:
     """Store validated packets and commit; return one outcome per packet, in order (``auths``:
     each packet's authentication outcome, when ingest checks tokens).
@@ -245,11 +256,12 @@ def store_packets(
     Duplicates (of stored packets or of each other) are detected by the unique keys, so two
     copies racing on two workers still end as one row. Nothing is acknowledged before COMMIT.
     With ``BUCKET_INGEST_COALESCE`` the packets share the statement and commit of other
-    requests of this worker writing at the same time (bucket/services/coalescing.py).
+    requests of this worker writing at the same time (bucket/services/coalescing.py), and the
+    request's rate-limit ``charges`` (when ``shares_write`` said so) are decided with theirs
+    just before the write: a request over a limit raises its 429 and stores nothing.
     """
-    shared = coalescer()
-    if shared is not None and len(packets) <= shared.max_items and not holds_sqlite_turn():
-        return shared.store(packets, idempotency_key, auths)
+    if charges is not None or shares_write(len(packets)):
+        return coalescer().store(packets, idempotency_key, auths, charges)
     return write_submissions([Submission(packets, idempotency_key, auths)])[0]
 
 

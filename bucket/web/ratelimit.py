@@ -11,7 +11,10 @@ A request is admitted once, by the view, when it knows what each packet is: the 
 for every packet and every byte it sent, stored or refused; a user pays only for the packets
 accepted in their name, each packet to its own user, so nobody can spend a victim's
 allowance with packets that are refused. A request that never reaches that point (a body
-that is not JSON, an empty or oversized batch) is charged to its address afterwards.
+that is not JSON, an empty or oversized batch) is charged to its address afterwards. With
+ingest coalescing, the requests of one shared write are admitted together, in turn, by one
+script (one round trip for them all) before the write; each request over a limit is
+answered its own 429 and left out of the write, as if it had been refused alone.
 """
 
 from __future__ import annotations
@@ -98,53 +101,84 @@ def body_bytes() -> int:
         return 0
 
 
-# Every limit of one request in one round trip, all or nothing: each (previous, current) key
-# pair is a sliding window counter exactly as the ``limits`` library keeps it (its own script
-# acquires one window per call), so the library still reads these windows for Retry-After.
-# ARGV holds (amount, limit, expiry) for each pair: each key is charged its own amount.
-ACQUIRE_ALL = """
-for i = 1, #KEYS / 2 do
-  local previous, current = KEYS[2 * i - 1], KEYS[2 * i]
-  local amount, limit = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1])
-  local expiry = tonumber(ARGV[3 * i]) * 1000
-  if amount > limit then return i end
-  local current_ttl = tonumber(redis.call('pttl', current))
-  if current_ttl > 0 and current_ttl < expiry then
-    redis.call('rename', current, previous)
-    redis.call('set', current, 0, 'PX', current_ttl + expiry)
+# Every limit of several requests in one round trip: the requests in turn, each all or nothing.
+# Each (previous, current) key pair is a sliding window counter exactly as the ``limits``
+# library keeps it (its own script acquires one window per call), so the library still reads
+# these windows. ARGV holds the number of requests, then for each request its number of limits
+# followed by (amount, limit, expiry) for each of them: each key is charged its own amount. A
+# request's answer is 0 when it was admitted (and charged), otherwise the number of the limit
+# (within the request) it would exceed and that window as ``get_sliding_window`` reads it
+# (previous count and TTL, current count and TTL, in ms), for its Retry-After.
+ACQUIRE_EACH = """
+local requests = tonumber(ARGV[1])
+local answers = {}
+local pair, arg = 0, 2
+for r = 1, requests do
+  local limits = tonumber(ARGV[arg])
+  arg = arg + 1
+  local answer = 0
+  for i = 1, limits do
+    local previous, current = KEYS[2 * (pair + i) - 1], KEYS[2 * (pair + i)]
+    local at = arg + 3 * (i - 1)
+    local amount, limit = tonumber(ARGV[at]), tonumber(ARGV[at + 1])
+    local expiry = tonumber(ARGV[at + 2]) * 1000
+    local current_ttl = tonumber(redis.call('pttl', current))
+    if current_ttl > 0 and current_ttl < expiry then
+      redis.call('rename', current, previous)
+      redis.call('set', current, 0, 'PX', current_ttl + expiry)
+    end
+    local previous_count = tonumber(redis.call('get', previous)) or 0
+    local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
+    local current_count = tonumber(redis.call('get', current)) or 0
+    if amount > limit
+      or math.floor(previous_count * previous_ttl / expiry) + current_count + amount > limit then
+      answer = {i, previous_count, previous_ttl, current_count,
+                math.max(tonumber(redis.call('pttl', current)) or 0, 0)}
+      break
+    end
   end
-  local previous_count = tonumber(redis.call('get', previous)) or 0
-  local previous_ttl = math.max(tonumber(redis.call('pttl', previous)) or 0, 0)
-  local current_count = tonumber(redis.call('get', current)) or 0
-  if math.floor(previous_count * previous_ttl / expiry) + current_count + amount > limit then
-    return i
+  if answer == 0 then
+    for i = 1, limits do
+      local current = KEYS[2 * (pair + i)]
+      local at = arg + 3 * (i - 1)
+      local amount, expiry = tonumber(ARGV[at]), tonumber(ARGV[at + 2]) * 1000
+      if redis.call('exists', current) == 1 then
+        redis.call('incrby', current, amount)
+      else
+        redis.call('set', current, amount, 'PX', expiry * 2)
+      end
+    end
   end
+  answers[r] = answer
+  pair, arg = pair + limits, arg + 3 * limits
 end
-for i = 1, #KEYS / 2 do
-  local current = KEYS[2 * i]
-  local amount, expiry = tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i]) * 1000
-  if redis.call('exists', current) == 1 then
-    redis.call('incrby', current, amount)
-  else
-    redis.call('set', current, amount, 'PX', expiry * 2)
-  end
-end
-return 0
+return answers
 """
 
 Check = tuple[RateLimitItem, str, str, int]  # the limit, its scope, the key, the cost
-Breach = tuple[RateLimitItem, str, str]  # the limit a request would exceed, its scope and key
+
+
+@dataclass(frozen=True)
+class Breach:
+    """The limit a request would exceed, its scope and key, and whole seconds until its
+    window lets a request through."""
+
+    item: RateLimitItem
+    scope: str
+    key: str
+    retry_after: int
 
 
 class IngestLimits:
     """One application's ingest limits and where their counters live.
 
     The ``limits`` library provides the storage (Redis or memory) and the strategies. With
-    Redis and the sliding window counter (the default), all of a request's limits are checked
-    and counted by one script in one round trip; two round trips per request were a third of
-    an ingest's CPU. Otherwise each limit is tested, then all are counted, under a lock (all
-    or nothing within this process). While Redis fails, counting goes on in this process's
-    memory and Redis is tried again after ``retry_after`` seconds.
+    Redis and the sliding window counter (the default), all the limits of a request, or of
+    every request of a shared write (``admit_each``), are checked and counted by one script in
+    one round trip, which also answers the Retry-After of each refusal. Otherwise each limit
+    is tested, then all are counted, under a lock (all or nothing within this process). While
+    Redis fails, counting goes on in this process's memory and Redis is tried again after
+    ``retry_after`` seconds.
     """
 
     def __init__(
@@ -162,7 +196,7 @@ class IngestLimits:
             self.primary, SlidingWindowCounterRateLimiter
         )
         self.script = (
-            self.storage.get_connection().register_script(ACQUIRE_ALL)
+            self.storage.get_connection().register_script(ACQUIRE_EACH)
             if self.one_round_trip
             else None
         )
@@ -187,68 +221,128 @@ class IngestLimits:
     def admit(self, charges: Iterable[Charge]) -> Breach | None:
         """Count every charge against its limits; return the first limit one would exceed
         (then nothing is counted), or None."""
-        checks = self.checks(charges)
-        if not checks:
-            return None
+        return self.admit_each([charges])[0]
+
+    def admit_each(self, requests: Iterable[Iterable[Charge]]) -> list[Breach | None]:
+        """``admit`` for several requests in turn (in one round trip on Redis): each request
+        is counted, or refused with the first limit it would exceed, as if alone."""
+        checks = [self.checks(charges) for charges in requests]
+        if not any(checks):
+            return [None] * len(checks)
         if self.strategy() is self.primary:
             try:
                 if self.one_round_trip:
                     return self._admit_in_one_script(checks)
-                return self._admit_in_turn(self.primary, checks)
+                return [self._admit_in_turn(self.primary, each) for each in checks]
             except Exception as exc:  # noqa: BLE001 - each storage raises its own errors
                 log.warning("rate limit storage unavailable, counting in memory: %s", exc)
                 self._down_until = time.monotonic() + self.retry_after
-        return self._admit_in_turn(self.fallback, checks)
+        return [self._admit_in_turn(self.fallback, each) for each in checks]
 
     def _admit_in_turn(self, strategy, checks: list[Check]) -> Breach | None:
         with self._lock:
             for item, scope, key, cost in checks:
                 if not strategy.test(item, INGEST_ENDPOINT, scope, key, cost=cost):
-                    return item, scope, key
+                    return Breach(item, scope, key, self._retry_after(strategy, item, scope, key))
             for item, scope, key, cost in checks:
                 strategy.hit(item, INGEST_ENDPOINT, scope, key, cost=cost)
         return None
 
-    def _admit_in_one_script(self, checks: list[Check]) -> Breach | None:
+    def _admit_in_one_script(self, requests: list[list[Check]]) -> list[Breach | None]:
         keys: list[str] = []
-        args: list[int] = []
+        args: list[int] = [len(requests)]
         storage = self.storage
-        for item, scope, key, cost in checks:
-            counted = item.key_for(INGEST_ENDPOINT, scope, key)
-            keys += [
-                storage.prefixed_key(storage._previous_window_key(counted)),
-                storage.prefixed_key(storage._current_window_key(counted)),
-            ]
-            args += [cost, item.amount, item.get_expiry()]
-        breached = int(self.script(keys=keys, args=args))
-        return checks[breached - 1][:3] if breached else None
+        for checks in requests:
+            args.append(len(checks))
+            for item, scope, key, cost in checks:
+                counted = item.key_for(INGEST_ENDPOINT, scope, key)
+                keys += [
+                    storage.prefixed_key(storage._previous_window_key(counted)),
+                    storage.prefixed_key(storage._current_window_key(counted)),
+                ]
+                args += [cost, item.amount, item.get_expiry()]
+        answers = self.script(keys=keys, args=args)
+        breaches: list[Breach | None] = []
+        for checks, answer in zip(requests, answers, strict=True):
+            if not answer:
+                breaches.append(None)
+                continue
+            number, previous, previous_ms, current, current_ms = (int(v) for v in answer)
+            item, scope, key, _ = checks[number - 1]
+            stats = (previous, previous_ms / 1000, current, current_ms / 1000)
+            breaches.append(Breach(item, scope, key, window_retry_after(item, *stats)))
+        return breaches
 
-    def retry_after_seconds(self, item: RateLimitItem, scope: str, key: str) -> int:
+    @staticmethod
+    def _retry_after(strategy, item: RateLimitItem, scope: str, key: str) -> int:
         """Whole seconds until the breached window lets a request through."""
         try:
-            stats = self.strategy().get_window_stats(item, INGEST_ENDPOINT, scope, key)
+            stats = strategy.get_window_stats(item, INGEST_ENDPOINT, scope, key)
             return max(1, math.ceil(stats.reset_time - time.time()))
-        except Exception:  # noqa: BLE001 - storage gone between hit and answer
+        except Exception:  # noqa: BLE001 - storage gone between test and answer
             return 1
 
 
-def admit_ingest(packets: int, users: Mapping[str, int]) -> None:
+def window_retry_after(
+    item: RateLimitItem, previous: int, previous_in: float, current: int, current_in: float
+) -> int:
+    """Whole seconds until a sliding window counter lets a request through, from the window
+    as the script read it (the ``limits`` library's ``get_window_stats``, without its round
+    trip): the sooner of the previous window's next count falling out and the current one
+    ending."""
+    expiry = item.get_expiry()
+    soonest = math.inf
+    if previous:
+        soonest = previous_in % (expiry / previous)
+    if current:
+        soonest = min(soonest, current_in % expiry)
+    return max(1, math.ceil(soonest)) if soonest != math.inf else 1
+
+
+def admit_ingest(packets: int, users: Mapping[str, int], shared: bool = False) -> list | None:
     """Charge this ingest request, or refuse it with a 429 (then nothing is charged).
 
     The client address pays ``packets`` and the body's bytes; each user the packets accepted
-    in their name. Called once per request, before anything is stored or quarantined.
+    in their name. Called once per request, before anything is stored or quarantined. A
+    request whose packets go to a shared write (``shared``: ingest coalescing) is not charged
+    here: its charges are returned, to be decided with the other requests of that write in
+    one round trip (``admit_submissions``), before anything of the write is stored.
     """
     g.ingest_admitted = True
     limits: IngestLimits | None = current_app.extensions.get(EXTENSION_KEY)
     if limits is None:
-        return
+        return None
     address = client_address()
     charges = [sender_charge(address, packets), Charge("ip_bytes", address, body_bytes())]
     charges += [Charge("user", user, count) for user, count in users.items()]
+    if shared:
+        return charges
     breached = limits.admit(charges)
     if breached is not None:
-        message, headers = refusal(limits, *breached)
-        abort(429, message=message, headers=headers)
+        abort(429, **refusal(breached))
+    return None
+
+
+def admit_submissions(submissions: list) -> None:
+    """The coalescer's admission: decide the limits of every request of a shared write that
+    carries charges, in turn and in one round trip; each one over a limit gets its own 429
+    (as ``error``) and is left out of the write."""
+    limits: IngestLimits | None = current_app.extensions.get(EXTENSION_KEY)
+    charged = [submission for submission in submissions if submission.charges is not None]
+    if limits is None or not charged:
+        return
+    breaches = limits.admit_each(submission.charges for submission in charged)
+    for submission, breached in zip(charged, breaches, strict=True):
+        if breached is not None:
+            submission.error = too_many(breached)
+
+
+def too_many(breached: Breach) -> HTTPException:
+    """The 429 a request gets for a breached limit, to raise on its own thread."""
+    try:
+        abort(429, **refusal(breached))
+    except HTTPException as exc:
+        return exc
 
 
 def sender_charge(address: str, packets: int) -> Charge:
@@ -276,16 +370,16 @@ def charge_unadmitted(response):
     breached = limits.admit([Charge("ip", address, 1), Charge("ip_bytes", address, body_bytes())])
     if breached is None:
         return response
-    return error_response(429, *refusal(limits, *breached))
+    answer = refusal(breached)
+    return error_response(429, answer["message"], answer["headers"])
 
 
-def refusal(
-    limits: IngestLimits, item: RateLimitItem, scope: str, key: str
-) -> tuple[str, dict[str, str]]:
+def refusal(breached: Breach) -> dict[str, Any]:
     """A 429's message and its ``Retry-After``, from the breached window."""
-    retry_after = limits.retry_after_seconds(item, scope, key)
-    message = f"Too many {SCOPES[scope].what}: the limit is {item}. Retry after {retry_after} s."
-    return message, {"Retry-After": str(retry_after)}
+    item, seconds = breached.item, breached.retry_after
+    what = SCOPES[breached.scope].what
+    message = f"Too many {what}: the limit is {item}. Retry after {seconds} s."
+    return {"message": message, "headers": {"Retry-After": str(seconds)}}
 
 
 def storage_settings(app: Flask) -> tuple[str, dict[str, Any]]:
