@@ -9,13 +9,17 @@ sent, apart from those a script ran.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 import uuid
 
 import pytest
 import redis
 
 from bucket.services.coalescing import EXTENSION_KEY
+from bucket.web.ratelimit import EXTENSION_KEY as EXTENSION_KEY_LIMITS
+from bucket.web.ratelimit import INGEST_ENDPOINT
 from tests import servers
 from tests.concurrency import join_all, wait_until
 from tests.factories import make_packet
@@ -216,9 +220,18 @@ def test_a_request_alone_costs_one_round_trip_admitted_or_refused(
     with Commands(private_redis.url) as admitted:
         assert client.post(INGEST, json=make_packet(user_id="lone")).status_code == 200
     with Commands(private_redis.url) as refused:
-        assert_too_many(client.post(INGEST, json=make_packet(user_id="lone")))
+        answer = client.post(INGEST, json=make_packet(user_id="lone"))
     assert admitted.round_trips() == ["EVALSHA"]
     assert refused.round_trips() == ["EVALSHA"]
+    assert_too_many(answer)
+    # The script's Retry-After is the library's reading of the window (same second or the
+    # next), and within the minute.
+    limits = app.extensions[EXTENSION_KEY_LIMITS]
+    (item,) = limits.items["user"]
+    stats = limits.primary.get_window_stats(item, INGEST_ENDPOINT, "user", "lone")
+    library = max(1, math.ceil(stats.reset_time - time.time()))
+    assert int(answer.headers["Retry-After"]) in {library, library + 1}
+    assert 1 <= int(answer.headers["Retry-After"]) <= 60
 
 
 def test_a_shared_admission_falls_back_to_memory_when_redis_is_gone(make_app, private_redis):
