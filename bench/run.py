@@ -10,6 +10,10 @@ the Procfile's web line does, and runs a trivial Flask app under the same comman
 ceiling. Load comes from separate processes: wrk with Lua for ingest, lean keep-alive clients
 for the consumer side. Service and ceiling runs alternate and medians are reported, because one
 run on a shared machine swings by ±20 %. It prints a table and one JSON line (``BENCH_JSON``).
+
+BENCH_SERVICE_ENV="NAME=value ..." runs the service with settings under trial (the ceilings as
+always), e.g. ``BENCH_SERVICE_ENV="BUCKET_INGEST_COALESCE=true" .venv/bin/python -m bench
+--only ingest``; the JSON line records it as ``service_env``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         database.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     run.results["mode"] = name
+    run.results["service_env"] = os.environ.get("BENCH_SERVICE_ENV", "")
     run.results["cores"] = os.cpu_count()
     run.results["seconds"] = round(time.monotonic() - started, 1)
     print(table(run.results))
