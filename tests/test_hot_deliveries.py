@@ -305,6 +305,10 @@ def test_processed_deliveries_of_a_day_without_partition_are_adopted(app, client
     poll(client)
     assert ack(client, packet_id).status_code == 200
     assert placement(app) == {partitions.PROCESSED_DEFAULT: 1}
+    assert status(client)["default_partition_deliveries"] == 1
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "bucket_deliveries_default_partition 1.0" in metrics
     ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
     assert ensured.exit_code == 0 and f"created {name}" in ensured.output, ensured.output
     assert placement(app) == {name: 1}
+    assert status(client)["default_partition_deliveries"] == 0

@@ -157,6 +157,7 @@ def test_an_insert_for_a_day_without_partition_is_kept_watched_and_moved(app, cl
     assert ensured.exit_code == 0, ensured.output
     if backend == "sqlite":
         assert figures["default_partition_packets"] is None
+        assert figures["default_partition_deliveries"] is None
         assert figures["partition_days_ahead"] is None
         assert "bucket_packets_default_partition" not in metrics
         assert "nothing to do" in ensured.output

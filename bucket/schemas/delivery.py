@@ -242,6 +242,15 @@ class StatusSchema(BaseSchema):
     quarantine_expired = fields.Integer(
         metadata={"description": "Entries dropped so far after the retention period."}
     )
+    default_partition_deliveries = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "PostgreSQL: processed deliveries in the default partition of the "
+            "processed deliveries, which no day partition covered when they finished (0 in "
+            "normal operation; the workers move them into their day's partition). Null on "
+            "SQLite."
+        },
+    )
     default_partition_packets = fields.Integer(
         allow_none=True,
         metadata={

@@ -132,12 +132,13 @@ def partitions() -> list[Partition]:
     return sorted(found, key=lambda p: (p.name == DEFAULT, p.start or epoch))
 
 
-def default_rows() -> int | None:
-    """Packets in the default partition (up to ``DEFAULT_COUNT_CAP``); None on SQLite."""
+def default_rows(table: str = DEFAULT) -> int | None:
+    """Rows in a default partition (``DEFAULT`` of packets, or ``PROCESSED_DEFAULT`` of the
+    processed deliveries), up to ``DEFAULT_COUNT_CAP``; None on SQLite."""
     if not partitioned():
         return None
     count = db.session.execute(
-        text(f"SELECT count(*) FROM (SELECT 1 FROM {DEFAULT} LIMIT :cap) AS held"),
+        text(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT :cap) AS held"),
         {"cap": DEFAULT_COUNT_CAP},
     ).scalar_one()
     db.session.commit()

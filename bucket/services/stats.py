@@ -97,6 +97,7 @@ class QueueStats:
     quarantine_evicted: int
     quarantine_expired: int
     default_partition_packets: int | None
+    default_partition_deliveries: int | None
     partition_days_ahead: int | None
     consumer_auth: bool
     ingest_auth: str
@@ -194,6 +195,7 @@ def collect_stats() -> QueueStats:
         quarantine_evicted=figures.quarantine[2],
         quarantine_expired=figures.quarantine[3],
         default_partition_packets=partitions.default_rows(),
+        default_partition_deliveries=partitions.default_rows(partitions.PROCESSED_DEFAULT),
         partition_days_ahead=partitions.days_ahead(),
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
         ingest_auth=current_app.config.get("BUCKET_INGEST_AUTH") or "off",

@@ -263,6 +263,12 @@ class QueueCollector:
                 value=stats.default_partition_packets,
             )
             yield GaugeMetricFamily(
+                "bucket_deliveries_default_partition",
+                "Processed deliveries in the default partition of processed deliveries, which "
+                "no day partition covered (PostgreSQL; 0 in normal operation).",
+                value=stats.default_partition_deliveries,
+            )
+            yield GaugeMetricFamily(
                 "bucket_partition_days_ahead",
                 "Days after today whose packet partition exists already (PostgreSQL).",
                 value=stats.partition_days_ahead,
