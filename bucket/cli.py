@@ -202,16 +202,19 @@ bucket_cli.add_command(partitions_cli)
 
 @partitions_cli.command("list")
 def partitions_list_command() -> None:
-    """List the partitions (oldest first, estimated rows) and the default partition's packets."""
+    """List the partitions of packets, then of processed deliveries (oldest first, estimated
+    rows), and the rows in each default partition."""
     if not partitions.partitioned():
         click.echo("SQLite keeps one packets table: no partitions")
         return
-    for part in partitions.partitions():
-        start = part.start.date().isoformat() if part.start else "-"
-        end = part.end.date().isoformat() if part.end else "-"
-        click.echo(f"{part.name}\t{start}\t{end}\t~{part.estimated_rows} rows")
+    for parent in ("packets", partitions.PROCESSED):
+        for part in partitions.partitions(parent):
+            start = part.start.date().isoformat() if part.start else "-"
+            end = part.end.date().isoformat() if part.end else "-"
+            click.echo(f"{part.name}\t{start}\t{end}\t~{part.estimated_rows} rows")
     click.echo(
-        f"default partition: {partitions.default_rows()} packets; "
+        f"default partitions: {partitions.default_rows()} packets, "
+        f"{partitions.default_rows(partitions.PROCESSED_DEFAULT)} processed deliveries; "
         f"days ahead: {partitions.days_ahead()}"
     )
 

@@ -105,6 +105,7 @@ def test_partitions_are_made_ahead_by_the_workers_and_by_the_command(make_app, b
     runner = app.test_cli_runner()
     listed = runner.invoke(args=["bucket", "partitions", "list"])
     assert partitions.day_name(far) in listed.output
+    assert partitions.processed_name(partitions.day_name(far)) in listed.output
     assert partitions.day_name(farther) not in listed.output
     made = runner.invoke(args=["bucket", "partitions", "ensure", "--days-ahead", "14"])
     assert made.exit_code == 0, made.output
@@ -224,7 +225,10 @@ def test_retention_keeps_every_unfinished_and_dead_packet_and_verify_tells_purge
         assert f"kept {names[2]}: holds 0 unfinished and 1 dead packets" in purged.output
         assert "--include-dead" in purged.output
         assert stored(app) == {b, d, e, f}
-        assert names[0] not in runner.invoke(args=["bucket", "partitions", "list"]).output
+        listed = runner.invoke(args=["bucket", "partitions", "list"]).output
+        assert names[0] not in listed
+        assert partitions.processed_name(names[0]) not in listed
+        assert partitions.processed_name(names[1]) in listed
         purged_count = 2
     else:
         assert "purged 4 processed packets" in purged.output

@@ -118,18 +118,19 @@ def _bound(expression: str, keyword: str) -> datetime | None:
     return datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC)
 
 
-def partitions() -> list[Partition]:
-    """Every partition of ``packets``, oldest first, the default last (empty on SQLite)."""
+def partitions(parent: str = "packets") -> list[Partition]:
+    """Every partition of ``packets`` (or of ``PROCESSED``, the processed deliveries), oldest
+    first, the default last (empty on SQLite)."""
     if not partitioned():
         return []
-    rows = db.session.execute(text(PARTITIONS_SQL)).all()
+    rows = db.session.execute(text(PARTITIONS_OF_SQL.format(parent=parent))).all()
     db.session.commit()
     found = [
         Partition(name, _bound(bound, "FROM"), _bound(bound, "TO"), max(0, estimate))
         for name, bound, estimate in rows
     ]
     epoch = datetime.min.replace(tzinfo=UTC)
-    return sorted(found, key=lambda p: (p.name == DEFAULT, p.start or epoch))
+    return sorted(found, key=lambda p: (p.name.endswith("_default"), p.start or epoch))
 
 
 def default_rows(table: str = DEFAULT) -> int | None:
