@@ -13,8 +13,9 @@ import time
 
 import pytest
 
+from bucket import sqlite_turns
 from bucket.sqlite_turns import TurnTakingConnection, turns_for
-from tests.concurrency import run_threads
+from tests.concurrency import run_threads, wait_until
 
 WORKERS = 2
 THREADS = 8
@@ -304,3 +305,183 @@ def _end_inherited_then_take(path: str, generation: int) -> None:
     if turns.take(timeout=0.2):
         os._exit(3)
     os._exit(0)
+
+
+# The keeper's handover, step by step. A test holds the keeper at a gate right after its
+# blocking flock returns (the file is then this process's, the keeper's flags not yet updated),
+# so that a writer can arrive in exactly that window; every wait below has a deadline and fails
+# with a message instead of hanging.
+
+
+class KeeperGate:
+    """Stands in for the module's ``fcntl``: every lock operation is the real one, but the
+    keeper's blocking wait for the file (the only ``LOCK_EX`` without ``LOCK_NB``), once it has
+    the file, waits until the test opens the gate."""
+
+    LOCK_EX, LOCK_NB, LOCK_UN = fcntl.LOCK_EX, fcntl.LOCK_NB, fcntl.LOCK_UN
+
+    def __init__(self) -> None:
+        self.keeper_has_file = threading.Event()
+        self.opened = threading.Event()
+
+    def flock(self, fd: int, operation: int) -> None:
+        fcntl.flock(fd, operation)
+        if operation == fcntl.LOCK_EX:
+            self.keeper_has_file.set()
+            assert self.opened.wait(30), "the test never opened the gate"
+
+
+def held_by_another_process(path: str):
+    """An open file of its own on the lock file, holding it (as another worker would)."""
+    fd = os.open(path, os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def let_go(fd: int) -> None:
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
+def free_for_another_process(path: str) -> bool:
+    """Whether another process could take the file at once (taken and given back if so)."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # closing the open file lets go of a lock taken on it
+    return True
+
+
+def keeper_idle(turns) -> bool:
+    """The keeper is back waiting for a writer to want the file (or has died, which the
+    caller's next assertion then shows)."""
+    if not turns._keeper.is_alive():
+        return True
+    with turns._handover:
+        # Inside Condition.wait the keeper is one of the condition's waiters; no writer waits
+        # for it when this is asked.
+        return bool(turns._handover._waiters) and not turns._wanted
+
+
+def test_a_writer_that_gave_up_leaves_the_file_free_once_the_other_process_lets_go(database):
+    """The keeper gets the file on behalf of a writer that stopped waiting: it must let go of
+    it, or every other process would wait for this one forever."""
+    turns = turns_for(database)
+    other_process = held_by_another_process(turns.lock_path)
+    try:
+        assert turns.take(timeout=0.1) is False
+    finally:
+        let_go(other_process)
+    wait_until(lambda: keeper_idle(turns), 10, "the keeper never came back to wait")
+    assert turns._keeper.is_alive(), "the keeper died"
+    assert free_for_another_process(turns.lock_path), "the keeper kept the file for no one"
+    assert turns.take(timeout=0) is True
+    turns.give_back(turns.generation)
+
+
+def test_a_writer_arriving_while_the_keeper_waits_for_one_who_gave_up_gets_the_file_from_it(
+    database, monkeypatch
+):
+    """A flock belongs to the open file: a writer that took it while the keeper was still
+    waiting for it (or had just got it) would take the keeper's lock, which the keeper, finding
+    no one waiting, then lets go of under the writer. The writer must wait for the keeper's
+    handover instead, and then hold the file against other processes."""
+    turns = turns_for(database)
+    gate = KeeperGate()
+    monkeypatch.setattr(sqlite_turns, "fcntl", gate)
+    other_process = held_by_another_process(turns.lock_path)
+    try:
+        assert turns.take(timeout=0.1) is False  # gave up; the keeper still waits for it
+    finally:
+        let_go(other_process)
+    assert gate.keeper_has_file.wait(10), "the keeper never got the file"
+
+    taken: list[bool] = []
+    writer = threading.Thread(target=lambda: taken.append(turns.take(timeout=30)), daemon=True)
+    writer.start()
+    wait_until(
+        lambda: turns._wanted or taken, 10, "the writer neither waited for the keeper nor went on"
+    )
+    gate.opened.set()
+    writer.join(30)
+    assert taken == [True]
+    wait_until(lambda: keeper_idle(turns), 10, "the keeper never came back to wait")
+    assert not free_for_another_process(turns.lock_path), "the writer's turn holds no file"
+    turns.give_back(turns.generation)
+    assert free_for_another_process(turns.lock_path)
+
+
+def test_a_free_turn_is_taken_at_once_with_no_time_to_wait_also_after_a_handover(database):
+    """A free file is taken without the keeper, so even a writer with no time left gets it;
+    the keeper's handover must not leave it believed to be waiting."""
+    turns = turns_for(database)
+    assert turns.take(timeout=0) is True
+    turns.give_back(turns.generation)
+
+    other_process = held_by_another_process(turns.lock_path)
+    taken: list[bool] = []
+    writer = threading.Thread(target=lambda: taken.append(turns.take(timeout=30)), daemon=True)
+    try:
+        writer.start()
+        wait_until(lambda: turns._wanted, 10, "the writer never asked the keeper")
+    finally:
+        let_go(other_process)
+    writer.join(30)
+    assert taken == [True]
+    turns.give_back(turns.generation)
+    wait_until(lambda: keeper_idle(turns), 10, "the keeper never came back to wait")
+
+    assert turns.take(timeout=0) is True
+    turns.give_back(turns.generation)
+
+
+def test_a_writer_that_waits_out_another_threads_turn_gets_none(database):
+    turns = turns_for(database)
+    assert turns.take(timeout=1) is True
+    try:
+        answers = run_threads(1, lambda index: turns.take(timeout=0.05), timeout=10)
+        assert answers == [False]
+    finally:
+        turns.give_back(turns.generation)
+    assert not turns._threads.locked()
+    assert free_for_another_process(turns.lock_path)
+
+
+def test_a_process_whose_writer_gave_up_can_exit_while_another_holds_the_file(database):
+    """The keeper may wait for the file for ever; it must not keep its process from exiting
+    (a worker being stopped while a ``flask shell`` holds a transaction, say)."""
+    turns = turns_for(database)
+    assert turns.take(timeout=1) is True  # this process holds the file
+    try:
+        context = multiprocessing.get_context("fork")
+        child = context.Process(target=_give_up_then_exit, args=(database,))
+        child.start()
+        child.join(30)
+        still_running = child.is_alive()
+        if still_running:
+            child.kill()
+            child.join(10)
+        assert not still_running, "the child could not exit while its keeper waited"
+        assert child.exitcode == 0
+    finally:
+        turns.give_back(turns.generation)
+
+
+def _give_up_then_exit(path: str) -> None:
+    """In the child: wait for the file the parent holds, give up, and return (the process then
+    exits as any other, joining its non-daemon threads)."""
+    turns = turns_for(path)
+    assert turns.take(timeout=0.1) is False
+    assert turns._keeper is not None and turns._keeper.is_alive()
+
+
+def test_the_lock_file_is_readable_and_writable_by_its_owner_only(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        turns = turns_for(str(tmp_path / "private.sqlite3"))
+    finally:
+        os.umask(previous)
+    assert os.stat(turns.lock_path).st_mode & 0o777 == 0o600
