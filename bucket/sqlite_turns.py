@@ -45,8 +45,8 @@ class WriterTurns:
         self._wanted = False  # the holder of the thread lock waits for the keeper
         self._granted = False  # the keeper took the file for it
         self._keeper_waiting = False  # the keeper is in (or about to enter) its flock
-        # Last, so that a file that cannot be opened leaves fresh locks and no descriptor
-        # (a flock on -1 fails, and take() then answers False), never a closed one's number.
+        # Last, so that a file that cannot be opened leaves fresh locks and no descriptor (-1:
+        # flock refuses it, and take() then answers False), never a closed one's number.
         self._fd = -1
         self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
@@ -75,7 +75,7 @@ class WriterTurns:
                         pass
             if self._wait_for_keeper(deadline):
                 return True
-        except OSError:
+        except (OSError, ValueError):  # ValueError: no descriptor (-1), see _open
             pass
         self._threads.release()
         return False

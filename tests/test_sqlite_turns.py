@@ -478,6 +478,30 @@ def _give_up_then_exit(path: str) -> None:
     assert turns._keeper is not None and turns._keeper.is_alive()
 
 
+def test_a_turn_whose_lock_file_cannot_be_reopened_after_a_fork_takes_no_turn(tmp_path):
+    """Reopening after a fork fails when the database's directory is gone; the turn must then
+    hold no descriptor at all: taking it answers False (and SQLite alone decides), it neither
+    fails with another error nor locks some other open file that has that number."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    turns = turns_for(str(gone / "db.sqlite3"))
+    os.remove(turns.lock_path)
+    gone.rmdir()
+    context = multiprocessing.get_context("fork")
+    child = context.Process(target=_take_without_a_lock_file, args=(turns,))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+
+
+def _take_without_a_lock_file(turns) -> None:
+    if turns.take(timeout=0.2) is not False:
+        os._exit(3)
+    if turns._threads.locked():
+        os._exit(4)
+    os._exit(0)
+
+
 def test_the_lock_file_is_readable_and_writable_by_its_owner_only(tmp_path):
     previous = os.umask(0o022)
     try:
