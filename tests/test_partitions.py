@@ -13,7 +13,7 @@ from sqlalchemy import select, text, update
 
 from bucket.extensions import db
 from bucket.models import Delivery, DeliveryState, Packet, PacketKey
-from bucket.services import partitions
+from bucket.services import partitions, retention
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.counters import recount
 from bucket.services.ingest import identity_key
@@ -267,6 +267,63 @@ def assert_resent_is_new(client, body: dict, purged_id: str) -> None:
     after any purge."""
     answer = client.post(f"{API}/ingest", json=body).json
     assert answer["packet_id"] != purged_id and not answer.get("duplicate")
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_purge_by_days_keeps_recent_and_dead_days_and_forgets_every_purged_key(
+    app, client, backend
+):
+    """``purge_days`` with its defaults (dead kept, not a dry run) drops the day that ended more
+    than N days ago and keeps a recent day and a day holding a dead packet; the dropped day's
+    keys go in batches of one, down to the first packet's, so each purged packet sent again is
+    stored anew; no detached table is left behind."""
+    old, dead_day, recent = (today() - timedelta(days=n) for n in (50, 40, 2))
+    for day in (old, dead_day, recent):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    bodies = [make_packet() for _ in range(5)]
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    for packet in poll(client, limit=5)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=ids[4])
+    with app.app_context():
+        recount()  # the dead-lettering was by hand (README)
+    move_to_day(app, ids[:3], old)
+    move_to_day(app, ids[3:4], recent)
+    move_to_day(app, ids[4:], dead_day)
+    with app.app_context():
+        report = retention.purge_days(30, batch_size=1)
+    name = partitions.day_name(old)
+    assert (report.dry_run, report.packets) == (False, 3)
+    assert [day.partition for day in report.dropped] == [name]
+    assert [day.partition for day in report.kept] == [partitions.day_name(dead_day)]
+    assert stored(app) == set(ids[3:])
+    left = sql(
+        app,
+        "SELECT relname FROM pg_class WHERE relname IN (:a, :b)",
+        a=name,
+        b=partitions.processed_name(name),
+    )
+    assert left == []
+    keys = sql(app, "SELECT packet_id FROM packet_keys ORDER BY received_at")
+    assert [packet_id for (packet_id,) in keys] == [ids[4], ids[3]]
+    for body, purged_id in zip(bodies[:3], ids[:3], strict=True):
+        assert_resent_is_new(client, body, purged_id)
+    again = client.post(f"{API}/ingest", json=bodies[3]).json
+    assert (again["packet_id"], again.get("duplicate")) == (ids[3], True)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_purge_by_days_refuses_a_negative_age_or_an_empty_batch(app, backend):
+    """The same checks as the purge by rows, with the message; 0 days and batches of 1 pass."""
+    message = "older_than_days must be >= 0 and batch_size >= 1"
+    with app.app_context():
+        for days, size in ((-1, 10), (30, 0)):
+            with pytest.raises(ValueError) as refused:
+                retention.purge_days(days, batch_size=size)
+            assert str(refused.value) == message
+        assert retention.purge_days(0, batch_size=1).packets == 0
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
