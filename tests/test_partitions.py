@@ -315,6 +315,46 @@ def test_purge_by_days_keeps_recent_and_dead_days_and_forgets_every_purged_key(
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_does_not(
+    app, client, backend
+):
+    """A purge stopped after detaching a day (``drop_day`` done, ``clear_detached`` not) left
+    the day's tables and keys: a dry run leaves them too, the next purge drops both tables and
+    forgets the keys, and a processed deliveries' table left detached alone is dropped."""
+    old, older = today() - timedelta(days=50), today() - timedelta(days=60)
+    for day in (old, older):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    bodies = [make_packet() for _ in range(3)]
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    for packet in poll(client, limit=3)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids[:2], old)
+    move_to_day(app, ids[2:], older)
+    name, alone = partitions.day_name(old), partitions.processed_name(partitions.day_name(older))
+    with app.app_context():
+        assert retention.purge_days(30, dry_run=True).packets == 3  # books and seals
+        (part,) = [p for p in partitions.partitions() if p.name == name]
+        outcome = retention.drop_day(part, retention.sealed_through(), False, False)
+        assert (outcome.kept, outcome.packets) == (None, 2)
+    sql(app, f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {alone}")
+    tables = "SELECT relname FROM pg_class WHERE relname IN (:a, :b, :c) ORDER BY relname"
+    names = {"a": name, "b": partitions.processed_name(name), "c": alone}
+    before = sorted(names.values())
+    with app.app_context():
+        retention.purge_days(30, dry_run=True)
+    assert [relname for (relname,) in sql(app, tables, **names)] == before
+    with app.app_context():
+        report = retention.purge_days(30, batch_size=1)
+    assert [day.partition for day in report.dropped] == [partitions.day_name(older)]
+    assert sql(app, tables, **names) == []
+    assert sql(app, "SELECT packet_id FROM packet_keys") == []
+    for body, purged_id in zip(bodies, ids, strict=True):
+        assert_resent_is_new(client, body, purged_id)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_purge_by_days_refuses_a_negative_age_or_an_empty_batch(app, backend):
     """The same checks as the purge by rows, with the message; 0 days and batches of 1 pass."""
     message = "older_than_days must be >= 0 and batch_size >= 1"
