@@ -14,7 +14,7 @@ from sqlalchemy import select, text, update
 from bucket.extensions import db
 from bucket.models import Delivery, DeliveryState, Packet, PacketKey
 from bucket.services import partitions, retention
-from bucket.services.audit.sealing import seal_everything
+from bucket.services.audit.sealing import seal_everything, seal_new_packets
 from bucket.services.counters import recount
 from bucket.services.ingest import identity_key
 from bucket.timeutil import utc_now
@@ -352,6 +352,30 @@ def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_doe
     assert sql(app, "SELECT packet_id FROM packet_keys") == []
     for body, purged_id in zip(bodies, ids, strict=True):
         assert_resent_is_new(client, body, purged_id)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_purge_by_days_keeps_a_day_holding_a_packet_not_sealed_yet(
+    app, client, backend, monkeypatch
+):
+    """With the sealer lagging, an old day whose last packet no seal covers yet stays whole,
+    and the purge says why."""
+    old = today() - timedelta(days=50)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    ids = ingest_many(client, 3)
+    for packet in poll(client, limit=3)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    # The purge's own sealing round gets through the first two packets only.
+    monkeypatch.setattr(retention, "seal_everything", lambda: seal_new_packets(max_packets=2))
+    with app.app_context():
+        report = retention.purge_days(30)
+    assert [(day.partition, day.kept) for day in report.days] == [
+        (partitions.day_name(old), "holds packets not sealed yet")
+    ]
+    assert stored(app) == set(ids)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
