@@ -379,6 +379,50 @@ def test_purge_by_days_keeps_a_day_holding_a_packet_not_sealed_yet(
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_purge_with_dead_drops_only_the_days_dead_and_keeps_a_day_whose_rows_mismatch_the_log(
+    app, client, backend
+):
+    """``include_dead`` removes the dead deliveries of the day dropped only (a recent day's dead
+    packet stays dead and counted); a day whose rows do not match the sealed leaves (two rows
+    given one seq by hand) is kept, with the reason."""
+    old, odd, recent = (today() - timedelta(days=n) for n in (50, 45, 2))
+    for day in (old, odd, recent):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    ids = ingest_many(client, 5)
+    for packet in poll(client, limit=5)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    for packet_id in (ids[0], ids[4]):
+        sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=packet_id)
+    with app.app_context():
+        recount()  # the dead-lettering was by hand (README)
+    move_to_day(app, ids[:1], old)
+    move_to_day(app, ids[1:3], odd)
+    move_to_day(app, ids[3:], recent)
+    with app.app_context():
+        seal_everything()
+    sql(
+        app,
+        "UPDATE packets SET seq = (SELECT seq FROM packets WHERE packet_id = :a) "
+        "WHERE packet_id = :b",
+        a=ids[1],
+        b=ids[2],
+    )
+    with app.app_context():
+        report = retention.purge_days(30, include_dead=True)
+    assert [day.partition for day in report.dropped] == [partitions.day_name(old)]
+    assert [(day.partition, day.kept) for day in report.kept] == [
+        (
+            partitions.day_name(odd),
+            "its rows do not match the audit log's leaves (run flask bucket verify)",
+        )
+    ]
+    assert states(app)[ids[4]] == DeliveryState.DEAD
+    assert status(client)["dead_packets"] == 1
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_purge_by_days_refuses_a_negative_age_or_an_empty_batch(app, backend):
     """The same checks as the purge by rows, with the message; 0 days and batches of 1 pass."""
     message = "older_than_days must be >= 0 and batch_size >= 1"
