@@ -84,7 +84,6 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_counters.py",
             "tests/test_state_machine.py",
             "tests/test_operations.py",  # the per-minute processed figures acks record
-            "tests/test_hot_deliveries.py",  # PostgreSQL: racing acks, rows moved to processed
         ],
     ),
     "quarantine": (
