@@ -9,9 +9,11 @@ reading them stays cheap however big the table grows).
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections import Counter
 
+import psycopg
 import pytest
 from sqlalchemy import column, func, insert, select, table, text, update
 
@@ -22,6 +24,8 @@ from bucket.schemas import PacketSchema
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
+from bucket.services.delivery.acks import PG_ACK, ack_item, ack_params
+from bucket.services.delivery.settings import DeliverySettings
 from bucket.services.ingest import delivery_row, packet_row
 from bucket.services.retention import purge_rows as purge
 from bucket.timeutil import utc_now
@@ -224,6 +228,52 @@ def test_recount_sets_every_figure_from_the_rows_and_raises_the_seq_counter_only
         db.session.commit()
         figures = recount()
     assert figures == {"processed": 0, "dead": 0, "stored": 3, "booked": 3, "allocated": 3}
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_recount_waits_for_an_ack_still_committing_and_counts_it_exactly_once(
+    backend, app, client
+):
+    """PostgreSQL: an ack whose transaction is open when a recount starts is counted once.
+    The recount locks the counter table first, so it waits for the ack and counts its row;
+    without the lock it would count the rows without the ack, wait only at the DELETE of the
+    counter row the ack raised, delete that row once the ack commits, and write the old count:
+    the ack's packet processed but never counted."""
+    ids = ingest_many(client, 3)
+    assert ack(client, ids[0]).status_code == 200
+    with app.app_context():
+        assert recount()["processed"] == 1  # every figure now in shard 0
+        settings = DeliverySettings.from_app()
+        params = ack_params(
+            [ack_item({"packet_id": ids[1], "success": True})], settings, time.time()
+        )
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    params["shard"] = 0  # the ack raises the very row the recount rewrites
+    outcome: dict = {}
+
+    def recount_meanwhile() -> None:
+        with app.app_context():
+            try:
+                outcome["figures"] = recount()
+            except BaseException as exc:  # surfaced below, not lost in the thread
+                outcome["error"] = exc
+
+    with psycopg.connect(dsn) as other, psycopg.connect(dsn, autocommit=True) as watcher:
+        ((packet_id, state, *_rest, updated),) = other.execute(PG_ACK, params).fetchall()
+        assert (packet_id, state, updated) == (ids[1], DeliveryState.PROCESSED, True)
+        worker = threading.Thread(target=recount_meanwhile)
+        worker.start()
+        # Until the recount waits for a lock the open ack holds (a wait, not a timed check).
+        blocked = "SELECT count(*) FROM pg_stat_activity WHERE %s = ANY(pg_blocking_pids(pid))"
+        while not watcher.execute(blocked, (other.info.backend_pid,)).fetchone()[0]:
+            assert worker.is_alive(), outcome
+            time.sleep(0.01)
+        other.commit()
+        worker.join()
+    assert "error" not in outcome, outcome
+    assert outcome["figures"]["processed"] == 2
+    figures = assert_exact(app, client)
+    assert (figures["processed_packets"], figures["total_packets"]) == (2, 3)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

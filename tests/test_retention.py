@@ -14,6 +14,7 @@ from bucket.services import retention
 from bucket.services.audit.sealing import seal_new_packets, sealed_through
 from bucket.services.counters import recount
 from bucket.services.retention import purge_rows as purge
+from tests.factories import make_packet
 from tests.queue_helpers import ingest_many as ingest
 
 API = "/api/v1/bucket/prana"
@@ -132,6 +133,24 @@ def test_retention_never_purges_packets_not_booked_yet(app, client, monkeypatch)
     with app.app_context():
         assert purge(30).packets == 0
     assert set(states(app)) == set(ids)
+
+
+def test_purge_by_rows_forgets_the_keys_of_the_purged_packets_only(app, client):
+    """A resent copy of a purged packet is stored anew (its key went with it, also from
+    PostgreSQL's ``packet_keys``); a resent copy of a packet kept is still its duplicate."""
+    gone, kept = make_packet(), make_packet()
+    first = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in (gone, kept)]
+    process_all(client)
+    age(app, first[:1], 40)
+    with app.app_context():
+        assert purge(30).packets == 1
+    again = client.post(f"{API}/ingest", json=kept)
+    assert again.status_code == 200, again.json
+    assert (again.json["packet_id"], again.json["duplicate"]) == (first[1], True)
+    anew = client.post(f"{API}/ingest", json=gone)
+    assert anew.status_code == 200, anew.json
+    assert not anew.json.get("duplicate") and anew.json["packet_id"] != first[0]
+    assert set(states(app)) == {first[1], anew.json["packet_id"]}
 
 
 def test_purge_refuses_a_negative_age_or_an_empty_batch(app):

@@ -39,7 +39,14 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
     ),
     "retention": (
         ["bucket/services/retention.py"],
-        ["tests/test_retention.py", "tests/test_counters.py", "tests/test_audit.py"],
+        [
+            "tests/test_retention.py",
+            "tests/test_counters.py",
+            "tests/test_audit.py",
+            # purge by days (PostgreSQL): purge_days, drop_day, clear_detached
+            "tests/test_partitions.py",
+            "tests/test_hot_deliveries.py",
+        ],
     ),
     "sqlite_turns": (["bucket/sqlite_turns.py"], ["tests/test_sqlite_turns.py"]),
     # The audit trail in two halves, each judged on its own (docs/mutation.md).

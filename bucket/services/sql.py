@@ -33,10 +33,11 @@ _PYFORMAT = re.compile(r"%\((\w+)\)s")
 log = logging.getLogger("bucket.sql")
 
 
-def run(sql: str, params: Mapping[str, Any]) -> list[tuple]:
-    """Execute one statement; return its rows (none for statements without a result)."""
+def run(sql: str, params: Mapping[str, Any], retries: int | None = None) -> list[tuple]:
+    """Execute one statement; return its rows (none for statements without a result).
+    ``retries``: see ``run_postgres``."""
     if dialect_name() == "postgresql":
-        return run_postgres(sql, params)
+        return run_postgres(sql, params, retries)
     result = db.session.execute(text(_PYFORMAT.sub(r":\1", sql)), dict(params))
     return [tuple(row) for row in result] if result.returns_rows else []
 
@@ -50,7 +51,9 @@ def finish() -> None:
 # Times a statement is run again after PostgreSQL refused it for a row that a concurrent
 # statement moved to another partition (SQLSTATE 40001: deliveries are partitioned by state,
 # and an acknowledgement moves its row; migration 0014). The refused statement changed
-# nothing, and the next run sees the move in its snapshot, so a race ends on the second.
+# nothing, and the next run sees the move in its snapshot, so a race with one statement ends on
+# the second. A statement locking many rows can lose a race for each of them in turn (acks of
+# one batch racing several others over the same packets): its caller passes a larger bound.
 MOVED_ROW_RETRIES = 5
 SERIALIZATION_FAILURE = "40001"
 
@@ -76,14 +79,18 @@ def retrying(work: Callable[[], T]) -> T:
     raise AssertionError("unreachable")
 
 
-def run_postgres(sql: str, params: Mapping[str, Any] | Sequence[Any]) -> list[tuple]:
+def run_postgres(
+    sql: str, params: Mapping[str, Any] | Sequence[Any], retries: int | None = None
+) -> list[tuple]:
     """One prepared statement on a pooled autocommit connection (committed when it returns),
-    run again when it was refused for a row a concurrent statement moved (``moved_row``)."""
-    for attempt in range(MOVED_ROW_RETRIES + 1):
+    run again when it was refused for a row a concurrent statement moved (``moved_row``), at
+    most ``retries`` times (``MOVED_ROW_RETRIES`` unless given)."""
+    retries = MOVED_ROW_RETRIES if retries is None else retries
+    for attempt in range(retries + 1):
         try:
             return _run_postgres_once(sql, params)
         except DBAPIError as exc:
-            if not moved_row(exc) or attempt == MOVED_ROW_RETRIES:
+            if not moved_row(exc) or attempt == retries:
                 raise
             log.info("statement refused for a moved row; running it again")
     raise AssertionError("unreachable")

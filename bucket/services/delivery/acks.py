@@ -217,7 +217,10 @@ Rows = dict[str, tuple]
 
 
 def _record_postgres(items: list[dict], settings: DeliverySettings) -> tuple[Rows, Rows]:
-    rows = sql.run(PG_ACK, ack_params(items, settings, epoch_now()))
+    # Each refusal (40001) means a concurrent ack moved one of these rows to the processed
+    # partition, where it stays: one more run per row named, besides the usual bound.
+    retries = sql.MOVED_ROW_RETRIES + len(items)
+    rows = sql.run(PG_ACK, ack_params(items, settings, epoch_now()), retries)
     updated = {row[0]: row[:4] for row in rows if row[4]}
     current = {row[0]: row[:4] for row in rows if not row[4]}
     return updated, current
