@@ -29,7 +29,7 @@ from bucket.services.delivery.settings import DeliverySettings
 from bucket.services.ingest import delivery_row, packet_row
 from bucket.services.retention import purge_rows as purge
 from bucket.timeutil import utc_now
-from tests.concurrency import run_threads
+from tests.concurrency import join_all, run_threads, wait_until
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, status
 from tests.servers import dispose_engines
@@ -299,6 +299,91 @@ def test_concurrent_acks_from_several_threads_count_each_packet_once(backend, ap
         shards = db.session.execute(text("SELECT count(*) FROM packet_counters")).scalar_one()
         db.session.commit()
     assert shards > 1  # the acks spread over several shards instead of one hot row
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_batch_ack_that_loses_a_race_for_each_of_its_packets_still_answers_every_outcome(
+    backend, app, client
+):
+    """PostgreSQL: a batch ack naming nine leased packets, eight of which another consumer
+    acknowledges while the batch waits on their rows, one after another. Each of those acks
+    moves its row to the processed partition just as the batch would lock it, so PostgreSQL
+    refuses the batch's statement (40001) eight times in a row; it runs again each time (one
+    more run per packet named, not ``sql.run``'s usual five) and answers 200: the eight
+    already processed, the ninth processed by it, every packet counted once.
+
+    Forced without timing: each racing ack holds its row's lock from its own connection from
+    the start, and commits only once PostgreSQL reports the batch blocked by that connection
+    (``pg_blocking_pids``)."""
+    ids = ingest_many(client, 9)
+    poll(client, limit=9)  # leased: the acks name no receipt, as deployed consumers may
+    raced, alone = ids[:8], ids[8]
+    with app.app_context():
+        settings = DeliverySettings.from_app()
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    outcome: dict = {}
+
+    def batch() -> None:
+        body = {"results": [{"packet_id": pid, "success": True} for pid in ids]}
+        try:
+            outcome["response"] = app.test_client().post(ACK, json=body)
+        except BaseException as exc:  # surfaced below, not lost in the thread
+            outcome["error"] = exc
+
+    blockers = (
+        "SELECT DISTINCT unnest(pg_blocking_pids(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database()"
+    )
+    committed: list[str] = []
+    others: dict[int, tuple[psycopg.Connection, str]] = {}
+    worker = threading.Thread(target=batch, daemon=True)
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+
+        def waited_on() -> int | None:
+            """The racing consumer whose row the batch waits on, if any."""
+            held = [pid for (pid,) in watcher.execute(blockers) if pid in others]
+            return held[0] if held else None
+
+        try:
+            for packet_id in raced:  # each racing consumer has its row locked, ack not sent yet
+                other = psycopg.connect(dsn)
+                other.execute(
+                    "SELECT 1 FROM deliveries WHERE packet_id = %s FOR UPDATE", (packet_id,)
+                )
+                others[other.info.backend_pid] = (other, packet_id)
+            worker.start()
+            while others and worker.is_alive():
+                # Until the batch waits on a row one of them holds (a wait, not a timed check).
+                wait_until(
+                    lambda: waited_on() is not None or not worker.is_alive(),
+                    30,
+                    f"the batch never waited on a held row ({len(committed)} acks committed)",
+                )
+                holder = waited_on()
+                if holder is None:  # the batch ended (answered, or refused for good)
+                    break
+                other, packet_id = others.pop(holder)
+                params = ack_params(
+                    [ack_item({"packet_id": packet_id, "success": True})], settings, time.time()
+                )
+                ((acked, state, *_rest, updated),) = other.execute(PG_ACK, params).fetchall()
+                assert (acked, state, updated) == (packet_id, DeliveryState.PROCESSED, True)
+                other.commit()  # moves the row the batch waits on to the processed partition
+                committed.append(packet_id)
+                other.close()
+        finally:
+            for other, _ in others.values():
+                other.rollback()
+                other.close()
+            join_all([worker], 60, "batch ack")
+    assert "error" not in outcome, outcome
+    response = outcome["response"]
+    assert response.status_code == 200, response.json
+    assert sorted(committed) == sorted(raced)  # the batch waited on, and lost, every race
+    answered = {r["packet_id"]: r["status"] for r in response.json["results"]}
+    assert answered == {**dict.fromkeys(raced, "already_processed"), alone: "processed"}
+    figures = assert_exact(app, client)
+    assert (figures["processed_packets"], figures["total_packets"]) == (9, 9)
 
 
 # The packets table as migration 0001 made it: content and delivery in one row.

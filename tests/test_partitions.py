@@ -4,20 +4,27 @@ keeps one table and the batched delete; the same scenarios run there too."""
 
 from __future__ import annotations
 
+import json
 import re
-from datetime import UTC, date, datetime, timedelta
+import threading
+from datetime import UTC, date, datetime, time, timedelta
 
 import psycopg
 import pytest
 from sqlalchemy import select, text, update
 
+from bucket import create_app
 from bucket.extensions import db
 from bucket.models import Delivery, DeliveryState, Packet, PacketKey
 from bucket.services import partitions, retention
 from bucket.services.audit.sealing import seal_everything, seal_new_packets
+from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.ingest import identity_key
+from bucket.services.partitions import naive
 from bucket.timeutil import utc_now
+from tests import servers
+from tests.concurrency import join_all
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, ingest_many, poll, status
 
@@ -355,6 +362,172 @@ def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_doe
     assert sql(app, "SELECT packet_id FROM packet_keys") == []
     for body, purged_id in zip(bodies, ids, strict=True):
         assert_resent_is_new(client, body, purged_id)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_past_the_lock_timeout(
+    app, client, backend
+):
+    """A purge of the version before migration 0014 stopped after detaching a day: the day's
+    packets detached, its processed deliveries' partition still attached. The next purge
+    detaches and drops that partition, but waits for a reader of the processed deliveries no
+    longer than its lock timeout: it fails with the lock timeout, dropping nothing, instead of
+    hanging (and making every ack wait behind its lock). Once the reader is done, the purge
+    after it drops both tables and forgets the day's keys."""
+    old = today() - timedelta(days=55)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    bodies = [make_packet() for _ in range(2)]
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    for packet in poll(client, limit=2)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    name = partitions.day_name(old)
+    processed = partitions.processed_name(name)
+    with app.app_context():
+        assert retention.purge_days(30, dry_run=True).packets == 2  # books and seals
+        (part,) = [p for p in partitions.partitions() if p.name == name]
+        outcome = retention.drop_day(part, retention.sealed_through(), False, False)
+        assert (outcome.kept, outcome.packets) == (None, 2)
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    bounds = f"FROM ('{old.isoformat()}') TO ('{(old + timedelta(days=1)).isoformat()}')"
+    sql(app, f"ALTER TABLE {partitions.PROCESSED} ATTACH PARTITION {processed} FOR VALUES {bounds}")
+    tables = "SELECT relname, relispartition FROM pg_class WHERE relname IN (:a, :b) ORDER BY 1"
+    left = [(processed, True), (name, False)]
+    assert sql(app, tables, a=name, b=processed) == left
+    answer: dict = {}
+
+    def purge() -> None:
+        with app.app_context():
+            try:
+                answer["report"] = retention.purge_days(30, batch_size=1)
+            except Exception as exc:  # noqa: BLE001 - surfaced below, not lost in the thread
+                answer["error"] = exc
+
+    worker = threading.Thread(target=purge, daemon=True)
+    with psycopg.connect(dsn) as reader:
+        reader.execute(f"SELECT count(*) FROM {partitions.PROCESSED}")  # its transaction stays open
+        worker.start()
+        # Ends within the lock timeout (1 s); the deadline only keeps a broken purge from
+        # hanging the test, since the reader would never finish while it waits.
+        worker.join(60)
+        waited = worker.is_alive()
+        reader.rollback()
+    join_all([worker], 60, "purge")
+    assert not waited, "the purge waited for the reader past its lock timeout"
+    assert "lock timeout" in str(answer.get("error")), answer
+    assert sql(app, tables, a=name, b=processed) == left
+    assert {key for (key,) in sql(app, "SELECT packet_id FROM packet_keys")} >= set(ids)
+    with app.app_context():
+        retention.purge_days(30, batch_size=1)
+    assert sql(app, tables, a=name, b=processed) == []
+    for body, purged_id in zip(bodies, ids, strict=True):
+        assert_resent_is_new(client, body, purged_id)
+
+
+def store_as_before_partitions(app, bodies: list[dict], received: datetime) -> list[str]:
+    """Packets as the version before migration 0012 stored them (one packets table),
+    processed at ``received``; their ids."""
+    ids = []
+    with app.app_context():
+        for n, body in enumerate(bodies):
+            packet_id, moment = f"before-{n}", naive(received + timedelta(seconds=n))
+            timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+            db.session.execute(
+                text(
+                    "INSERT INTO packets (packet_id, dedup_key, user_id, session_id, "
+                    "system_type, role, client_timestamp, cognitive_state, active_seconds, "
+                    "idle_seconds, away_seconds, focus_score, raw_signals, received_at, stale) "
+                    "VALUES (:id, :dedup, :user, :session, 'gurukul', 'student', :ts, "
+                    "'ON_TASK', 4, 1, 0, 70, :raw, :received, false)"
+                ),
+                {
+                    "id": packet_id,
+                    "dedup": identity_key(
+                        "gurukul", body["user_id"], body["session_id"], timestamp
+                    ),
+                    "user": body["user_id"],
+                    "session": body["session_id"],
+                    "ts": naive(timestamp),
+                    "raw": json.dumps(body["raw_signals"]),
+                    "received": moment,
+                },
+            )
+            db.session.execute(
+                text(
+                    "INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
+                    "delivery_count, processed_by_karma, processed_at) VALUES (:id, :received, "
+                    "'processed', :visible, 1, true, :received)"
+                ),
+                {"id": packet_id, "received": moment, "visible": received.timestamp() + n},
+            )
+            ids.append(packet_id)
+        db.session.commit()
+        recount()
+        book_new_packets()
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_are_past(
+    empty_database, backend
+):
+    """After an upgrade from the single packets table (migration 0012), the packets stored
+    before it sit in ``packets_legacy``, which has an end but no start (MINVALUE), and their
+    processed deliveries in ``deliveries_processed_legacy`` (0014). Once its end lies more
+    than N days back, ``purge_days`` drops it whole like a day: both tables gone, the
+    counters lowered, the run of seqs recorded (verify calls each of its packets purged),
+    its keys forgotten (a resent copy is stored anew); a packet of today stays."""
+    app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
+    runner, client = app.test_cli_runner(), app.test_client()
+    try:
+        upgraded = runner.invoke(args=["db", "upgrade", "0011_quarantine_auth"])
+        assert upgraded.exit_code == 0, upgraded.output
+        received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
+        bodies = [make_packet() for _ in range(3)]
+        old = store_as_before_partitions(app, bodies, received)
+        with app.app_context():
+            seal_everything()
+        upgraded = runner.invoke(args=["db", "upgrade"])
+        assert upgraded.exit_code == 0, upgraded.output
+        legacy = partitions.LEGACY
+        assert {partition_of(app, packet_id) for packet_id in old} == {legacy}
+        # The upgrade as if run 40 days ago: the legacy partitions then ended on that day.
+        end = (today() - timedelta(days=40)).isoformat()
+        for parent, child in (
+            ("packets", legacy),
+            (partitions.PROCESSED, "deliveries_processed_legacy"),
+        ):
+            sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
+            sql(
+                app,
+                f"ALTER TABLE {parent} ATTACH PARTITION {child} "
+                f"FOR VALUES FROM (MINVALUE) TO ('{end}')",
+            )
+        with app.app_context():
+            partitions.ensure_partitions(0)  # today, no longer the legacy partition's
+        (fresh,) = ingest_many(client, 1)
+        for packet in poll(client)["packets"]:
+            assert ack(client, packet["packet_id"]).status_code == 200
+        with app.app_context():
+            report = retention.purge_days(30, batch_size=2)
+        assert [(d.partition, d.packets, d.ranges, d.kept) for d in report.days] == [
+            (legacy, 3, 1, None)
+        ]
+        assert stored(app) == {fresh}
+        left = sql(app, "SELECT relname FROM pg_class WHERE relname LIKE '%legacy%'")
+        assert left == []
+        assert sql(app, "SELECT packet_id FROM packet_keys") == [(fresh,)]
+        figures = status(client)
+        assert (figures["total_packets"], figures["processed_packets"]) == (1, 1)
+        verified = runner.invoke(args=["bucket", "verify"])
+        assert verified.exit_code == 0, verified.output
+        assert verified.output.count("purged by retention on") == 3
+        for body, purged_id in zip(bodies, old, strict=True):
+            assert_resent_is_new(client, body, purged_id)
+    finally:
+        servers.dispose_engines(app)
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
