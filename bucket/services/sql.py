@@ -69,13 +69,23 @@ def retrying(work: Callable[[], T]) -> T:
     """Run ``work`` (statements in the session's transaction, committed by it), again after a
     rollback when PostgreSQL refused it for a moved row; at most ``MOVED_ROW_RETRIES`` more
     times, then the refusal is raised."""
-    for attempt in range(MOVED_ROW_RETRIES + 1):
+    return _again_when_moved(work, MOVED_ROW_RETRIES, undo=db.session.rollback)
+
+
+def _again_when_moved(
+    work: Callable[[], T], retries: int, undo: Callable[[], None] | None = None
+) -> T:
+    """``work()``, run again (after ``undo``, on any database error) while PostgreSQL refuses
+    it for a moved row, at most ``retries`` more times; any other error is raised at once."""
+    for attempt in range(retries + 1):
         try:
             return work()
         except DBAPIError as exc:
-            db.session.rollback()
-            if not moved_row(exc) or attempt == MOVED_ROW_RETRIES:
+            if undo is not None:
+                undo()
+            if not moved_row(exc) or attempt == retries:
                 raise
+            log.info("statement refused for a moved row; running it again")
     raise AssertionError("unreachable")
 
 
@@ -86,14 +96,7 @@ def run_postgres(
     run again when it was refused for a row a concurrent statement moved (``moved_row``), at
     most ``retries`` times (``MOVED_ROW_RETRIES`` unless given)."""
     retries = MOVED_ROW_RETRIES if retries is None else retries
-    for attempt in range(retries + 1):
-        try:
-            return _run_postgres_once(sql, params)
-        except DBAPIError as exc:
-            if not moved_row(exc) or attempt == retries:
-                raise
-            log.info("statement refused for a moved row; running it again")
-    raise AssertionError("unreachable")
+    return _again_when_moved(lambda: _run_postgres_once(sql, params), retries)
 
 
 def _run_postgres_once(sql: str, params: Mapping[str, Any] | Sequence[Any]) -> list[tuple]:
