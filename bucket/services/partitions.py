@@ -53,8 +53,6 @@ PARTITIONS_OF_SQL = (
     "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
     "WHERE i.inhparent = '{parent}'::regclass ORDER BY c.relname"
 )
-PARTITIONS_SQL = PARTITIONS_OF_SQL.format(parent="packets")
-PROCESSED_PARTITIONS_SQL = PARTITIONS_OF_SQL.format(parent=PROCESSED)
 
 
 @dataclass
@@ -184,19 +182,9 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
             report.skipped = "another maintainer is at work"
             return report
         existing = partitions_in(session)
-        processed = partitions_in(session, PROCESSED_PARTITIONS_SQL)
-        stray = [
-            row[0].date()
-            for row in session.execute(
-                text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {DEFAULT}")
-            )
-        ]
-        stray_processed = [
-            row[0].date()
-            for row in session.execute(
-                text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {PROCESSED_DEFAULT}")
-            )
-        ]
+        processed = partitions_in(session, PROCESSED)
+        stray = stray_days(session, DEFAULT)
+        stray_processed = stray_days(session, PROCESSED_DEFAULT)
         session.commit()
     except Exception:
         session.rollback()
@@ -226,12 +214,18 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
     return report
 
 
+def stray_days(session, default: str) -> list[date]:
+    """The days of the rows in a default partition, read inside the caller's transaction."""
+    found = session.execute(text(f"SELECT DISTINCT date_trunc('day', received_at) FROM {default}"))
+    return [moment.date() for (moment,) in found]
+
+
 def partitions_in(
-    session, statement: str = PARTITIONS_SQL
+    session, parent: str = "packets"
 ) -> list[tuple[datetime | None, datetime | None]]:
-    """The ranges of every bounded partition (of packets, or of what ``statement`` lists),
-    read inside the caller's transaction."""
-    rows = session.execute(text(statement)).all()
+    """The ranges of every bounded partition of ``parent`` (packets, or ``PROCESSED``), read
+    inside the caller's transaction."""
+    rows = session.execute(text(PARTITIONS_OF_SQL.format(parent=parent))).all()
     return [
         (_bound(bound, "FROM"), _bound(bound, "TO")) for _, bound, _ in rows if bound != "DEFAULT"
     ]
