@@ -100,6 +100,15 @@ def _joined():
     )
 
 
+def sql(app, statement: str, **params) -> list | None:
+    """Run one SQL statement in the app's database and commit; its rows, if it returns any."""
+    with app.app_context():
+        rows = db.session.execute(text(statement), params)
+        found = rows.all() if rows.returns_rows else None
+        db.session.commit()
+        return found
+
+
 def row(app, packet_id: str) -> Any:
     """The packet's row as stored, with its delivery (JSON columns decoded)."""
     with app.app_context():

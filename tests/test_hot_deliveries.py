@@ -12,9 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
-from sqlalchemy import text
 
-from bucket.extensions import db
 from bucket.services import partitions
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.counters import recount
@@ -24,18 +22,10 @@ from bucket.services.delivery.settings import EXHAUSTED_LEASE_ERROR, DeliverySet
 from bucket.services.stats import queue_params
 from bucket.timeutil import epoch_now, from_epoch, utc_now
 from tests.concurrency import join_all, run_threads, wait_until
-from tests.queue_helpers import API, ack, ingest_many, listing, poll, status
+from tests.queue_helpers import API, ack, ingest_many, listing, poll, sql, status
 from tests.statements import captured_statements
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
-
-
-def sql(app, statement: str, **params):
-    with app.app_context():
-        rows = db.session.execute(text(statement), params)
-        found = rows.all() if rows.returns_rows else None
-        db.session.commit()
-        return found
 
 
 def placement(app) -> dict[str, int]:

@@ -26,7 +26,7 @@ from bucket.timeutil import utc_now
 from tests import servers
 from tests.concurrency import join_all
 from tests.factories import make_packet
-from tests.queue_helpers import API, ack, ingest_many, poll, status
+from tests.queue_helpers import API, ack, ingest_many, poll, sql, status
 
 P = Packet.__table__
 D = Delivery.__table__
@@ -35,14 +35,6 @@ K = PacketKey.__table__
 
 def today() -> date:
     return utc_now().date()
-
-
-def sql(app, statement: str, **params):
-    with app.app_context():
-        rows = db.session.execute(text(statement), params)
-        found = rows.all() if rows.returns_rows else None
-        db.session.commit()
-        return found
 
 
 def drop_partition(app, day: date) -> None:
