@@ -395,7 +395,7 @@ def wrk(
     out = subprocess.run(
         [
             "wrk",
-            "-t2",
+            f"-t{min(2, connections)}",  # wrk needs a connection per thread
             f"-c{connections}",
             f"-d{max(1, round(seconds))}s",
             "--latency",

@@ -59,6 +59,9 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert ingest["single_errors"] == ingest["batch_errors"] == 0
     # The second ceiling (bench/bare_app.py) ran every statement it stands for, without errors.
     assert ingest["bare_insert_errors"] == ingest["bare_batch_errors"] == 0
+    # One connection, coalescing on and off: both sides answered every request.
+    lone = results["lone_ingest"]
+    assert lone["errors"] == 0 and lone["coalesced_p50_ms"] > 0 and lone["direct_p50_ms"] > 0
     assert ingest["bare_insert_rps"] > 0 and ingest["bare_batch_packets_per_s"] > 0
     for backlog in (results["backlog_small"], results["backlog_large"]):
         assert backlog["errors"] == 0

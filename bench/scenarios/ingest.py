@@ -4,7 +4,7 @@ with the CPU and WAL each packet costs and the workers' memory over the run."""
 from __future__ import annotations
 
 from bench.context import Row, Run, Scenario, Section, db_rows
-from bench.harness import Accounting, median, wrk
+from bench.harness import Accounting, Service, median, wrk
 
 
 def round_of_ingest(run: Run, n: int, single: list, batch: list, single_cost: list) -> None:
@@ -86,9 +86,44 @@ def bench_ingest(run: Run) -> None:
     }
 
 
+def bench_lone_ingest(run: Run) -> None:
+    """One connection, so no request has company to share a commit with: coalescing must not
+    make it wait (issue 21). Two services, coalescing on and off whatever the run's service
+    has, take turns (the first side alternates); the trivial app at one connection beside."""
+    sizes = run.sizes
+    sides = {
+        flag: Service({**run.env, "BUCKET_INGEST_COALESCE": flag}, name=f"lone-{flag}")
+        for flag in ("true", "false")
+    }
+    try:
+        runs: dict[str, list] = {"true": [], "false": [], "trivial": []}
+        for flag, side in sides.items():
+            wrk(side.port, "ingest.lua", 1, 1, {"RUN": f"lone-warm-{flag}"})
+        for n in range(sizes.rounds):
+            order = ("true", "false") if n % 2 == 0 else ("false", "true")
+            for flag in order:
+                runs[flag].append(
+                    wrk(sides[flag].port, "ingest.lua", sizes.seconds, 1, {"RUN": f"l{flag}{n}"})
+                )
+            runs["trivial"].append(wrk(run.ceiling.port, "ingest.lua", sizes.seconds, 1))
+    finally:
+        for side in sides.values():
+            side.stop()
+    on, off = (median([r["p50_ms"] for r in runs[flag]]) for flag in ("true", "false"))
+    run.results["lone_ingest"] = {
+        "coalesced_p50_ms": on,
+        "direct_p50_ms": off,
+        "ratio": on / off,
+        "trivial_p50_ms": median([r["p50_ms"] for r in runs["trivial"]]),
+        "errors": sum(r["errors"] for flag in ("true", "false") for r in runs[flag]),
+        "runs": runs,
+    }
+
+
 def measure(run: Run) -> None:
     """Ingest, then an empty table for the next scenario."""
     bench_ingest(run)
+    bench_lone_ingest(run)
     run.truncate()
 
 
@@ -109,6 +144,17 @@ def ingest_rows(results: dict, row: Row) -> None:
             f"{ing['single_rps'] / ing['bare_insert_rps']:.2f}",
             "(what the bucket's layers cost)",
         )
+    if "lone_ingest" in results:
+        lone = results["lone_ingest"]
+        row(
+            "single ingest p50 at 1 connection, coalescing on vs off",
+            f"{lone['coalesced_p50_ms']:.2f} vs {lone['direct_p50_ms']:.2f} ms = "
+            f"{lone['ratio']:.2f} (trivial {lone['trivial_p50_ms']:.2f} ms), "
+            f"{lone['errors']} errors",
+            "<= 1.1 x",
+        )
+    if "ingest" in results:
+        ing = results["ingest"]
         row(
             "batch ingest, 100 packets per envelope",
             f"{ing['batch_packets_per_s']:,.0f} packets/s "
