@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -698,6 +699,62 @@ def derived(figures: dict) -> dict:
     }
 
 
+def url_of(server_url: str, name: str) -> str:
+    """The server's URL naming database ``name``."""
+    return server_url.rsplit("/", 1)[0] + "/" + name
+
+
+# Runs in a process of its own with the service's settings: the real purge of the oldest days,
+# timed inside (not the interpreter's and the app's start).
+PURGE_SCRIPT = """
+import json, sys, time
+from bucket import create_app
+from bucket.services.retention import purge_days
+app = create_app()
+with app.app_context():
+    began = time.perf_counter()
+    report = purge_days(float(sys.argv[1]), include_dead=True)
+    seconds = time.perf_counter() - began
+print(json.dumps({"seconds": seconds, "dropped": [[d.partition, d.packets] for d in report.dropped],
+                  "kept": [[d.partition, d.kept] for d in report.kept]}))
+"""
+DELETED_SQL = (
+    "SELECT coalesce(sum(n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE relname = %s"
+)
+
+
+def timed_purge(env: dict, dsn: str, days: int) -> dict:
+    """``purge_days`` on the filled database, dropping the oldest two calendar days (the fill's
+    first, partial one and the first whole one), everything counted booked as the bookkeeper
+    would have it: seconds, packets dropped, and the rows each table had deleted one by one."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("DELETE FROM packet_counters WHERE name = 'booked'")
+        conn.execute(
+            "INSERT INTO packet_counters (name, shard, value) "
+            "SELECT 'booked', 0, max(seq) FROM packets"
+        )
+        tables = [row[0] for row in conn.execute("SELECT relname FROM pg_stat_user_tables")]
+        before = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
+    out = subprocess.run(
+        [sys.executable, "-c", PURGE_SCRIPT, str(max(days - 2, 0))],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    ).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        after = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
+    figures["rows_deleted"] = {
+        t: after[t] - before[t] for t in tables if after.get(t, 0) > before[t]
+    }
+    figures["packets"] = sum(n for _, n in figures["dropped"])
+    figures["us_per_packet"] = figures["seconds"] * 1e6 / max(figures["packets"], 1)
+    return figures
+
+
 def run(server_dsn: str, server_url: str, env: dict, mode: str, **override: int) -> dict:
     """Create a database on the server, migrate it with ``env``, fill and measure it, drop it.
     ``override``: packets, days or backlog instead of the mode's."""
@@ -709,9 +766,10 @@ def run(server_dsn: str, server_url: str, env: dict, mode: str, **override: int)
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        migrate({**env, "DATABASE_URL": server_url.rsplit("/", 1)[0] + "/" + name})
+        migrate({**env, "DATABASE_URL": url_of(server_url, name)})
         dsn = server_dsn.rsplit("/", 1)[0] + "/" + name
         figures = measure_database(dsn, packets, days, backlog)
+        figures["purge"] = timed_purge({**env, "DATABASE_URL": url_of(server_url, name)}, dsn, days)
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -741,6 +799,15 @@ def table(figures: dict) -> str:
         f"VACUUM {figures['vacuum_wal_bytes'] / stored:,.0f})",
         f"{'relation':<34} {'rows':>12} {'total B':>14} {'B/packet':>9}",
     ]
+    purge = figures.get("purge")
+    if purge:
+        deleted = ", ".join(f"{t} {n:,}" for t, n in purge["rows_deleted"].items()) or "none"
+        lines.insert(
+            -1,
+            f"purge of the oldest {len(purge['dropped'])} days ({purge['packets']:,} packets): "
+            f"{purge['seconds']:.2f} s ({purge['us_per_packet']:.1f} us a packet; target: a "
+            f"day of 5M <= 1 s); rows deleted one by one: {deleted}; kept: {purge['kept']}",
+        )
     for name, size in figures["relations"].items():
         lines.append(
             f"{name:<34} {size['rows']:>12,} {size['total']:>14,} {size['total'] / stored:>9.1f}"

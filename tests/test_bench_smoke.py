@@ -95,4 +95,6 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert fill["hot_table"] == "deliveries_hot"
     assert 0 < fill["hot_bytes_at_stored"] <= 2 * fill["hot_bytes_at_backlog"]
     assert all("bytes" in alternative for alternative in fill["alternatives"].values())
+    # The real purge dropped the oldest days, every packet of them, keeping none.
+    assert fill["purge"]["packets"] > 0 and fill["purge"]["kept"] == []
     assert "poll limit=10 p50" in run.stdout  # the table was printed
