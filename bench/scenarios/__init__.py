@@ -7,7 +7,17 @@ sections) and one entry in ``FAMILIES``. A section's position places its rows in
 
 from __future__ import annotations
 
-from bench.scenarios import audit, auth, consumer, delivery, embedded, ingest, storage, table
+from bench.scenarios import (
+    audit,
+    auth,
+    burst,
+    consumer,
+    delivery,
+    embedded,
+    ingest,
+    storage,
+    table,
+)
 
-FAMILIES = (ingest, audit, delivery, table, embedded, consumer, auth, storage)
+FAMILIES = (ingest, audit, delivery, table, burst, embedded, consumer, auth, storage)
 SCENARIOS = tuple(scenario for family in FAMILIES for scenario in family.SCENARIOS)
