@@ -151,6 +151,12 @@ def echo_day_purge(report: DayPurgeReport) -> None:
         )
     for day in report.kept:
         click.echo(f"kept {day.partition}: {day.kept}")
+    for keys in report.key_days:
+        click.echo(
+            f"kept {keys.partition}: {keys.kept}" if keys.kept else f"{verb} {keys.partition}"
+        )
+    if report.default_keys:
+        click.echo(f"removed {report.default_keys} keys of purged packets from the default")
     verb = "would purge" if report.dry_run else "purged"
     click.echo(
         f"{verb} {report.packets} packets in {len(report.dropped)} days received before "
@@ -202,19 +208,20 @@ bucket_cli.add_command(partitions_cli)
 
 @partitions_cli.command("list")
 def partitions_list_command() -> None:
-    """List the partitions of packets, then of processed deliveries (oldest first, estimated
-    rows), and the rows in each default partition."""
+    """List the partitions of packets, of processed deliveries, then of packet keys (oldest
+    first, estimated rows), and the rows in each default partition."""
     if not partitions.partitioned():
         click.echo("SQLite keeps one packets table: no partitions")
         return
-    for parent in ("packets", partitions.PROCESSED):
+    for parent in ("packets", partitions.PROCESSED, partitions.KEYS):
         for part in partitions.partitions(parent):
             start = part.start.date().isoformat() if part.start else "-"
             end = part.end.date().isoformat() if part.end else "-"
             click.echo(f"{part.name}\t{start}\t{end}\t~{part.estimated_rows} rows")
     click.echo(
         f"default partitions: {partitions.default_rows()} packets, "
-        f"{partitions.default_rows(partitions.PROCESSED_DEFAULT)} processed deliveries; "
+        f"{partitions.default_rows(partitions.PROCESSED_DEFAULT)} processed deliveries, "
+        f"{partitions.default_rows(partitions.KEYS_DEFAULT)} packet keys; "
         f"days ahead: {partitions.days_ahead()}"
     )
 

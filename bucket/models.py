@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    Uuid,
     text,
 )
 from sqlalchemy.orm import Mapped, mapped_column
@@ -67,7 +69,8 @@ class Packet(db.Model):
     On PostgreSQL the table is partitioned by day on ``received_at`` (migration 0012,
     ``services/partitions``): its primary key there is (packet_id, received_at), and the two
     unique keys below, which a partitioned table cannot hold across days, live in
-    ``PacketKey``. SQLite keeps one table with the keys as written here.
+    ``PacketKey`` and ``PacketIdempotencyKey``. SQLite keeps one table with the keys as
+    written here.
     """
 
     __tablename__ = "packets"
@@ -130,29 +133,42 @@ class Packet(db.Model):
 
 
 class PacketKey(db.Model):
-    """PostgreSQL only: the unique keys of every stored packet, in one table not partitioned.
+    """PostgreSQL only: the natural identity of every stored packet, partitioned by its day.
 
-    A unique index on a partitioned table must contain the partition key (``received_at``),
-    and a bridge resends a packet hours later, on another day: the keys must hold across
-    days. Ingest inserts the key row and the packet in one statement, the packet only if its
-    key row went in (``services/ingest``); retention removes the rows of the days it drops.
+    A unique index on a partitioned table must contain the partition key, and a bridge
+    resends a packet hours or days later: the key must hold across the days of ``packets``.
+    The identity's digest covers the client's timestamp, so every copy of one packet names the
+    same UTC day of it: the table is partitioned by RANGE (``client_day``) (migration 0015,
+    ``services/partitions``) and a copy resent on any later day still conflicts. Ingest inserts
+    the key row and the packet in one statement, the packet only if its key row went in
+    (``services/ingest``); retention drops a day of keys once none of its packets is stored
+    (``services/retention``). Digest and packet id are 16-byte uuids.
     """
 
     __tablename__ = "packet_keys"
 
-    dedup_key: Mapped[str] = mapped_column(String(32), primary_key=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(255))
-    packet_id: Mapped[str] = mapped_column(String(36))
+    dedup_key: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    # The UTC day of the client's timestamp: a function of the identity the digest covers.
+    client_day: Mapped[date] = mapped_column(Date, primary_key=True)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    packet_id: Mapped[str] = mapped_column(Uuid(as_uuid=False))
 
-    __table_args__ = (
-        Index(
-            "uq_packet_keys_idempotency_key",
-            "idempotency_key",
-            unique=True,
-            postgresql_where=text("idempotency_key IS NOT NULL"),
-        ),
-    )
+
+class PacketIdempotencyKey(db.Model):
+    """PostgreSQL only: an Idempotency-Key (scoped and digested, ``services/ingest``) and the
+    natural identity of the packet it was first sent with (its ``packet_keys`` row).
+
+    Chosen by the client, it names no day, so it cannot be unique in a partitioned table: a
+    small table of its own (only single-packet POSTs send the header). Its rows go with the
+    day of keys they point into (``client_day``), when retention drops that day."""
+
+    __tablename__ = "packet_idempotency_keys"
+
+    idempotency_key: Mapped[str] = mapped_column(Uuid(as_uuid=False), primary_key=True)
+    dedup_key: Mapped[str] = mapped_column(Uuid(as_uuid=False))
+    client_day: Mapped[date] = mapped_column(Date)
+
+    __table_args__ = (Index("ix_packet_idempotency_keys_day", "client_day"),)
 
 
 class Delivery(db.Model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -49,7 +49,9 @@ def tables(app) -> set[str]:
 def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, backend):
     """`flask db upgrade` on an empty database creates packets, unique keys and hot-path indexes:
     on SQLite on the one packets table; on PostgreSQL, whose packets are partitioned by day,
-    in packet_keys (a unique key on a partitioned table must contain the partition key)."""
+    the natural identity in packet_keys, itself partitioned by the client's day, which its key
+    contains (a unique key on a partitioned table must contain the partition key), and the
+    Idempotency-Key in packet_idempotency_keys (migration 0015)."""
     assert "packets" not in tables(fresh_app)
     result = flask_db(fresh_app, "upgrade")
     assert result.exit_code == 0, result.output
@@ -65,11 +67,22 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
         uniques = {tuple(u["column_names"]) for u in inspector.get_unique_constraints(keys_table)}
         key_primary = inspector.get_pk_constraint(keys_table)["constrained_columns"]
         primary = inspector.get_pk_constraint("packets")["constrained_columns"]
+        if postgres:
+            idempotency_primary = inspector.get_pk_constraint("packet_idempotency_keys")
+            partition_key = db.session.execute(
+                text("SELECT pg_get_partkeydef('packet_keys'::regclass)")
+            ).scalar()
+            db.session.commit()
     for name, columns in EXPECTED_INDEXES.items():
         assert indexes.get(name) == columns, name
-    assert ("dedup_key",) in uniques or key_primary == ["dedup_key"]
-    # Partial (only rows that carry a key), so it is a unique index rather than a constraint.
-    assert ("idempotency_key",) in unique_indexes
+    if postgres:
+        assert key_primary == ["dedup_key", "client_day"]
+        assert partition_key == "RANGE (client_day)"
+        assert idempotency_primary["constrained_columns"] == ["idempotency_key"]
+    else:
+        assert ("dedup_key",) in uniques
+        # Partial (only rows that carry a key), so it is a unique index, not a constraint.
+        assert ("idempotency_key",) in unique_indexes
     assert primary == (["packet_id", "received_at"] if postgres else ["packet_id"])
     with fresh_app.app_context():
         inspector = inspect(db.engine)
@@ -167,10 +180,13 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
     from bucket.services.bookkeeping import book_new_packets
     from bucket.services.counters import recount
     from bucket.services.ingest import identity_key
+    from bucket.timeutil import new_packet_id
 
     assert flask_db(fresh_app, "upgrade", "0011_quarantine_auth").exit_code == 0
     postgres = backend == "postgres"
     bodies = [make_packet() for _ in OLD_STATES]
+    # The service has always named packets by UUIDs (migration 0015 stores them as such).
+    old = {n: new_packet_id() for n in range(1, len(OLD_STATES) + 1)}
     with fresh_app.app_context():  # rows as the code of that time wrote them
         for n, (body, state) in enumerate(zip(bodies, OLD_STATES, strict=True), start=1):
             timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
@@ -188,7 +204,7 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
                     + ")"
                 ),
                 {
-                    "id": f"old-{n}",
+                    "id": old[n],
                     "dedup": identity_key(
                         "gurukul", body["user_id"], body["session_id"], timestamp
                     ),
@@ -211,7 +227,7 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
                     ":visible, :count, false)"
                 ),
                 {
-                    "id": f"old-{n}",
+                    "id": old[n],
                     "received": received,
                     "state": state,
                     "visible": visible,
@@ -251,10 +267,10 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
 
     client = fresh_app.test_client()
     again = client.post("/api/v1/bucket/prana/ingest", json=bodies[2]).json
-    assert again["packet_id"] == "old-3" and again["duplicate"] is True
+    assert again["packet_id"] == old[3] and again["duplicate"] is True
     fresh = client.post("/api/v1/bucket/prana/ingest", json=make_packet()).json["packet_id"]
     served = client.get("/api/v1/bucket/prana/packets/pending?limit=10").json["packets"]
-    assert sorted(p["packet_id"] for p in served) == sorted(["old-1", "old-6", fresh])
+    assert sorted(p["packet_id"] for p in served) == sorted([old[1], old[6], fresh])
     ((new_seq,),) = rows_of(fresh_app, f"SELECT seq FROM packets WHERE packet_id = '{fresh}'")
     assert new_seq > 6
     status = client.get("/api/v1/bucket/prana/status").json
@@ -282,8 +298,8 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
     assert flask_db(fresh_app, "upgrade", "0013_lean_user_indexes").exit_code == 0
     postgres = backend == "postgres"
     client = fresh_app.test_client()
-    # The service's statements work on both layouts; the old rows are written by them.
-    ids = ingest_many(client, 8)
+    # SQLite's ingest is the same on both layouts; PostgreSQL's writes packet_keys as of 0015.
+    ids = store_as_0014(fresh_app, 8) if postgres else ingest_many(client, 8)
     served = [p["packet_id"] for p in poll(client, limit=6)["packets"]]
     assert sorted(served) == sorted(ids[:6])
     for packet_id in ids[:3]:
@@ -334,6 +350,126 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
         assert rows_of(fresh_app, "SELECT relkind FROM pg_class WHERE relname = 'deliveries'") == [
             ("r",)
         ]
+
+
+def store_as_0014(app, count: int, bodies=None, idempotency=None) -> list[str]:
+    """Store ``count`` pending packets (or these ``bodies``, with these Idempotency-Keys) as
+    ingest did on PostgreSQL before migration 0015 (its key row in the one packet_keys table,
+    the packet, its delivery); their ids, oldest first."""
+    from bucket.services.ingest import identity_key, scoped_idempotency_key
+    from bucket.timeutil import new_packet_id, utc_now
+
+    bodies = bodies or [make_packet() for _ in range(count)]
+    idempotency = idempotency or [None] * len(bodies)
+    ids = []
+    with app.app_context():
+        for body, key in zip(bodies, idempotency, strict=True):
+            packet_id, received = new_packet_id(), utc_now()
+            timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+            values = {
+                "id": packet_id,
+                "dedup": identity_key("gurukul", body["user_id"], body["session_id"], timestamp),
+                "idem": scoped_idempotency_key(body["user_id"], key),
+                "user": body["user_id"],
+                "session": body["session_id"],
+                "ts": timestamp.replace(tzinfo=None),
+                "raw": json.dumps(body["raw_signals"]),
+                "received": received.replace(tzinfo=None),
+                "visible": received.timestamp(),
+            }
+            db.session.execute(
+                text(
+                    "INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, "
+                    "received_at) VALUES (:dedup, :idem, :id, :received)"
+                ),
+                values,
+            )
+            db.session.execute(
+                text(
+                    "INSERT INTO packets (packet_id, dedup_key, idempotency_key, user_id, "
+                    "session_id, system_type, client_timestamp, cognitive_state, "
+                    "active_seconds, idle_seconds, away_seconds, raw_signals, received_at, "
+                    "stale) VALUES (:id, :dedup, :idem, :user, :session, 'gurukul', :ts, "
+                    "'ON_TASK', 4, 1, 0, :raw, :received, false)"
+                ),
+                values,
+            )
+            db.session.execute(
+                text(
+                    "INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
+                    "delivery_count, processed_by_karma) VALUES (:id, :received, 'pending', "
+                    ":visible, 0, false)"
+                ),
+                values,
+            )
+            db.session.commit()
+            ids.append(packet_id)
+    return ids
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_upgrade_to_key_days_moves_every_key_once_and_downgrade_restores_them(fresh_app, backend):
+    """Migration 0015 with keys in the 0012 layout (one packet_keys table): a packet of a past
+    client day, one sent with an Idempotency-Key, one whose client clock runs a day ahead.
+    Every key moves into the day of its client timestamp (the past ones into the legacy
+    partition, the one ahead into its day's), as 16-byte uuids, and the Idempotency-Key into
+    its own table; every copy resent afterwards is the duplicate of its packet, a request
+    reusing the Idempotency-Key too, and nothing is stored twice. Downgrading puts the rows
+    back as they were."""
+    from bucket.timeutil import utc_now
+
+    assert flask_db(fresh_app, "upgrade", "0014_hot_deliveries").exit_code == 0
+    ahead = (utc_now() + timedelta(days=1)).replace(microsecond=0)
+    bodies = [
+        make_packet(),
+        make_packet(),
+        make_packet(timestamp=ahead.isoformat().replace("+00:00", "Z")),
+    ]
+    ids = store_as_0014(fresh_app, 0, bodies, [None, "order-7", None])
+    keys_sql = "SELECT * FROM packet_keys ORDER BY dedup_key"
+    before = rows_of(fresh_app, keys_sql)
+    assert len(before) == 3
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    moved = rows_of(
+        fresh_app,
+        "SELECT packet_id::text, tableoid::regclass::text, client_day, "
+        "replace(dedup_key::text, '-', '') FROM packet_keys",
+    )
+    tomorrow = ahead.date()
+    assert sorted(moved) == sorted(
+        [
+            (ids[0], "packet_keys_legacy", date(2025, 11, 28), before_key(before, ids[0])),
+            (ids[1], "packet_keys_legacy", date(2025, 11, 28), before_key(before, ids[1])),
+            (ids[2], f"packet_keys_p{tomorrow:%Y%m%d}", tomorrow, before_key(before, ids[2])),
+        ]
+    ), moved
+    idempotent = rows_of(
+        fresh_app,
+        "SELECT k.packet_id::text FROM packet_idempotency_keys i JOIN packet_keys k "
+        "USING (dedup_key, client_day)",
+    )
+    assert idempotent == [(ids[1],)]
+    client = fresh_app.test_client()
+    for body, packet_id in zip(bodies, ids, strict=True):
+        again = client.post("/api/v1/bucket/prana/ingest", json=body).json
+        assert (again["packet_id"], again.get("duplicate")) == (packet_id, True)
+    reused = client.post(
+        "/api/v1/bucket/prana/ingest", json=make_packet(), headers={"Idempotency-Key": "order-7"}
+    ).json
+    assert (reused["packet_id"], reused.get("duplicate")) == (ids[1], True)
+    assert rows_of(fresh_app, "SELECT count(*) FROM packets") == [(3,)]
+
+    assert flask_db(fresh_app, "downgrade", "0014_hot_deliveries").exit_code == 0
+    assert rows_of(fresh_app, keys_sql) == before
+    assert rows_of(fresh_app, "SELECT to_regclass('packet_idempotency_keys')") == [(None,)]
+
+
+def before_key(rows: list[tuple], packet_id: str) -> str:
+    """The dedup key of a packet in the old layout's packet_keys rows."""
+    (key,) = [row[0] for row in rows if row[2] == packet_id]
+    return key
 
 
 def partitions_today(app) -> str:

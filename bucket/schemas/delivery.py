@@ -251,6 +251,16 @@ class StatusSchema(BaseSchema):
             "SQLite."
         },
     )
+    default_partition_keys = fields.Integer(
+        allow_none=True,
+        metadata={
+            "description": "PostgreSQL: packet keys in the default partition of packet_keys, "
+            "whose client day has no partition: a day not created yet (the workers move them "
+            "into it), or one already dropped by retention (a packet resent after the "
+            "retention period; retention removes them once their packets are gone). Null on "
+            "SQLite."
+        },
+    )
     default_partition_packets = fields.Integer(
         allow_none=True,
         metadata={

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -32,18 +32,27 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 PACKET_COLUMNS = tuple(column.name for column in PACKET_TABLE.c if column.name != "seq")
 JSON_COLUMNS = frozenset(("raw_signals",))
 # PostgreSQL: the packets table is partitioned by day (services/partitions) and cannot hold a
-# unique key across days, so each packet claims its keys in ``packet_keys`` first and goes in
-# only if that row did (ON CONFLICT DO NOTHING on either key, as the packet table's own keys
-# did before): two copies racing on two workers, or a copy resent the next day, still end as
-# one row. The key row, the packet and its pending delivery go in one statement. Columns are
-# named on both sides, so the statement does not depend on the physical column order.
+# unique key across days, so each packet claims its natural identity in ``packet_keys``
+# (partitioned by the client timestamp's day, which every copy of a packet shares) first and
+# goes in only if that row did (ON CONFLICT DO NOTHING, as the packet table's own keys did
+# before): two copies racing on two workers, or a copy resent days later, still end as one
+# row. A packet sent with an Idempotency-Key claims it first (``packet_idempotency_keys``,
+# pointing to its identity) and claims its identity only if the key went in: a key taken
+# already makes it the duplicate of the packet that key points to, and a key claimed by a
+# copy whose identity is stored already points to that packet, so no key row ever names a
+# packet not stored. Keys, packet and pending delivery go in one statement. Columns are named
+# on both sides, so the statement does not depend on the physical column order.
 _CLAIM_AND_STORE = (
-    "claimed AS (INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at) "
-    "SELECT dedup_key, idempotency_key, packet_id, received_at FROM incoming "
+    "idempotent AS (INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
+    "SELECT idempotency_key::uuid, dedup_key::uuid, client_timestamp::date FROM incoming "
+    "WHERE idempotency_key IS NOT NULL ON CONFLICT DO NOTHING RETURNING dedup_key), "
+    "claimed AS (INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
+    "SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM incoming "
+    "WHERE idempotency_key IS NULL OR dedup_key::uuid IN (SELECT dedup_key FROM idempotent) "
     "ON CONFLICT DO NOTHING RETURNING packet_id), "
     f"stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"SELECT {', '.join(PACKET_COLUMNS)} FROM incoming "
-    "WHERE packet_id IN (SELECT packet_id FROM claimed) "
+    "WHERE packet_id::uuid IN (SELECT packet_id FROM claimed) "
     "RETURNING packet_id, dedup_key, received_at), "
     "delivered AS (INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
     "delivery_count, processed_by_karma) "
@@ -72,12 +81,18 @@ SINGLE_INSERT_SQL = (
     + "), "
     + _CLAIM_AND_STORE
 )
-# Two index lookups, not an OR (which would need a bitmap scan, off on this pool).
+# Two index lookups, not an OR (which would need a bitmap scan, off on this pool); the client
+# days prune the identities' lookup to the days of the copies (a key lives in its own day
+# only), the Idempotency-Keys' goes through the identity they point to.
 EXISTING_SQL = (
-    "SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
-    "WHERE dedup_key = ANY(%(keys)s) "
-    "UNION ALL SELECT packet_id, dedup_key, idempotency_key, received_at FROM packet_keys "
-    "WHERE idempotency_key = ANY(%(idems)s)"
+    "SELECT k.packet_id::text, replace(k.dedup_key::text, '-', ''), NULL, k.received_at "
+    "FROM packet_keys k WHERE k.dedup_key = ANY(%(keys)s::uuid[]) "
+    "AND k.client_day = ANY(%(days)s::date[]) "
+    "UNION ALL SELECT k.packet_id::text, replace(k.dedup_key::text, '-', ''), "
+    "replace(i.idempotency_key::text, '-', ''), k.received_at "
+    "FROM packet_idempotency_keys i JOIN packet_keys k "
+    "ON k.dedup_key = i.dedup_key AND k.client_day = i.client_day "
+    "WHERE i.idempotency_key = ANY(%(idems)s::uuid[])"
 )
 
 
@@ -334,7 +349,11 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
         return inserted, {}
     found = sql.run_postgres(
         EXISTING_SQL,
-        {"keys": [row["dedup_key"] for row in missing], "idems": idempotency_keys(missing)},
+        {
+            "keys": [row["dedup_key"] for row in missing],
+            "days": sorted({client_day(row) for row in missing}),
+            "idems": idempotency_keys(missing),
+        },
     )
     return inserted, match_existing(missing, found)
 
@@ -377,6 +396,11 @@ def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:
     except BaseException:
         session.rollback()
         raise
+
+
+def client_day(row: dict) -> date:
+    """The UTC day of a row's client timestamp: its key's partition (``packet_keys``)."""
+    return row["client_timestamp"].astimezone(UTC).date()
 
 
 def idempotency_keys(rows: list[dict]) -> list[str]:

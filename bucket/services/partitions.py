@@ -16,6 +16,16 @@ has one partition per partition of ``packets``, same bounds, named after it
 the packets' day, and retention drops both together (``services/retention``). Processed
 deliveries that reached the default (their day had no partition yet) move with the packets.
 
+The packets' natural identities (``packet_keys``, migration 0015) are partitioned by the UTC
+day of the client's timestamp (``packet_keys_pYYYYMMDD``, ``…_legacy`` for every day before
+the migration, ``…_default``). The same maintenance creates their days from today to
+BUCKET_PARTITION_DAYS_AHEAD plus the days BUCKET_MAX_CLOCK_SKEW lets a client's clock run
+ahead, so every key ingest accepts finds its day; a key of a day already dropped (a packet
+resent after longer than the retention period) lands in the default partition, watched like
+the others. Keys of days still wanted that reached the default move into their day when it is
+created; those of past days stay there (a client may name any day since 1900: one partition
+each would be a way to make thousands).
+
 Creating a partition takes a short exclusive lock on ``packets``; it waits at most
 ``LOCK_TIMEOUT`` for queries in flight and otherwise tries again next time. One maintainer at
 a time across every worker and instance (a transaction-scoped advisory lock). SQLite keeps
@@ -25,6 +35,7 @@ one table: every function here is a no-op there.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -42,6 +53,9 @@ DEFAULT = "packets_default"
 LEGACY = "packets_legacy"
 PROCESSED = "deliveries_processed"
 PROCESSED_DEFAULT = "deliveries_processed_default"
+KEYS = "packet_keys"
+KEYS_DEFAULT = "packet_keys_default"
+KEYS_LEGACY = "packet_keys_legacy"
 DAY_NAME = re.compile(r"^packets_p(\d{8})$")
 # pg_advisory_xact_lock key of the partition maintainer: "prana-part" as an integer.
 MAINTAINER_LOCK = 0x7072616E61706172
@@ -88,6 +102,18 @@ def partitioned() -> bool:
 def day_name(day: date) -> str:
     """The partition name of a UTC day."""
     return f"packets_p{day:%Y%m%d}"
+
+
+def key_day_name(day: date) -> str:
+    """The partition of ``packet_keys`` holding the keys of one client day."""
+    return f"{KEYS}_p{day:%Y%m%d}"
+
+
+def key_days_ahead(days: int) -> int:
+    """Days after today the key partitions cover: the packets' ``days`` plus what
+    BUCKET_MAX_CLOCK_SKEW lets a client's timestamp lie ahead of ours (a day partly counts)."""
+    skew = current_app.config.get("BUCKET_MAX_CLOCK_SKEW")
+    return days + (0 if skew is None else max(0, math.ceil(skew / 86400)))
 
 
 def processed_name(packets_partition: str) -> str:
@@ -211,7 +237,61 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
         if moved:
             report.moved[day_name(day)] = moved
             log.warning("moved %d packets from the default partition into %s", moved, day)
+    ensure_key_days(today, key_days_ahead(days), report)
     return report
+
+
+def ensure_key_days(today: date, ahead: int, report: Maintenance) -> None:
+    """Create the missing day partitions of ``packet_keys`` from today to ``ahead`` days on
+    (each moving its keys out of the default partition), adding them to ``report``."""
+    session = db.session
+    existing = partitions_in(session, KEYS)
+    session.commit()
+    for offset in range(ahead + 1):
+        day = today + timedelta(days=offset)
+        if covered_by(existing, day):
+            continue
+        try:
+            moved = create_key_day(day)
+        except Exception as exc:  # a lock not granted in time: the next maintenance retries
+            db.session.rollback()
+            if "lock timeout" not in str(exc):
+                raise
+            report.skipped = f"packet_keys stayed locked for {LOCK_TIMEOUT}"
+            log.info("partition maintenance: %s", report.skipped)
+            return
+        report.created.append(key_day_name(day))
+        if moved:
+            report.moved[key_day_name(day)] = moved
+            log.warning("moved %d keys from the default partition into %s", moved, day)
+
+
+def create_key_day(day: date) -> int:
+    """Create the partition of ``packet_keys`` for one client day in one transaction, first
+    moving that day's keys out of the default partition (which stays locked against inserts
+    until the commit, so none slips in between); returns how many moved."""
+    name = key_day_name(day)
+    bounds = f"FOR VALUES FROM ('{day:%Y-%m-%d}') TO ('{day + timedelta(days=1):%Y-%m-%d}')"
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK})
+        session.execute(text(f"LOCK TABLE {KEYS_DEFAULT} IN EXCLUSIVE MODE"))
+        session.execute(text(f"CREATE TABLE {name} (LIKE {KEYS} INCLUDING DEFAULTS)"))
+        moved = session.execute(
+            text(
+                f"WITH moved AS (DELETE FROM {KEYS_DEFAULT} WHERE client_day = :day "
+                f"RETURNING *) INSERT INTO {name} SELECT * FROM moved"
+            ),
+            {"day": day},
+        ).rowcount
+        # Attaching builds the partitioned primary key (dedup_key, client_day) on it.
+        session.execute(text(f"ALTER TABLE {KEYS} ATTACH PARTITION {name} {bounds}"))
+        session.commit()
+        return moved
+    except Exception:
+        session.rollback()
+        raise
 
 
 def stray_days(session, default: str) -> list[date]:
@@ -312,13 +392,23 @@ def backfill_keys(since: datetime) -> int | None:
     rows stay; the first keeps the key."""
     if not partitioned():
         return None
+    since_naive = naive(since)
     added = db.session.execute(
         text(
-            "INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at) "
-            "SELECT dedup_key, idempotency_key, packet_id, received_at FROM packets "
-            "WHERE received_at >= :since ORDER BY seq ON CONFLICT DO NOTHING"
+            "INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
+            "SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid "
+            "FROM packets WHERE received_at >= :since ORDER BY seq ON CONFLICT DO NOTHING"
         ),
-        {"since": naive(since)},
+        {"since": since_naive},
     ).rowcount
+    db.session.execute(
+        text(
+            "INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
+            "SELECT idempotency_key::uuid, dedup_key::uuid, client_timestamp::date FROM packets "
+            "WHERE received_at >= :since AND idempotency_key IS NOT NULL "
+            "ORDER BY seq ON CONFLICT DO NOTHING"
+        ),
+        {"since": since_naive},
+    )
     db.session.commit()
     return added

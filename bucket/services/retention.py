@@ -11,10 +11,20 @@ transaction: the day's rows are locked against change, the audit log records the
 computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
 and still calls any other missing packet deleted), the counters are lowered, the day's dead
 deliveries removed, and the partition detached with its partition of processed deliveries
-(``deliveries_processed_pYYYYMMDD``, migration 0014). Then, in batches, its keys in
-``packet_keys`` are removed, and both detached tables are dropped (a run interrupted there is
-finished by the next purge). No packet or processed delivery is deleted one by one, and no
-vacuum follows. Retention then counts from the day a packet was received, not processed.
+(``deliveries_processed_pYYYYMMDD``, migration 0014), and both detached tables are dropped
+(a run interrupted there is finished by the next purge).
+
+Then the days of keys (``packet_keys``, partitioned by the client timestamp's day, migration
+0015) that ended more than N days back go whole too, each once none of its keys names a packet
+still stored: a key is dropped only after its packet (a packet kept because it is unfinished
+or dead keeps its key, and a copy resent meanwhile is still its duplicate). Until then a copy
+of a packet already purged is answered as the duplicate of the purged packet, and afterwards
+it is stored anew. With the day's keys go the Idempotency-Keys pointing into it. The check
+reads the day's keys once (their reception times against the packets' partitions still
+attached), under a lock that holds off inserts into that day only; keys of days long past
+that reached the default partition are few, and go by rows. No packet, processed delivery
+or key is deleted one by one, and no vacuum follows. Retention then counts from the day a
+packet was received (and for keys from the client's day), not processed.
 
 By rows (``purge_rows``): each batch is its own transaction deleting at most ``batch_size``
 packets (and their deliveries, and on PostgreSQL their keys) picked through the queue index
@@ -28,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, func, insert, select, text
 
@@ -40,6 +50,7 @@ from bucket.models import (
     DeliveryState,
     Packet,
     PacketCounter,
+    PacketIdempotencyKey,
     PacketKey,
 )
 from bucket.services import counters, partitions
@@ -51,6 +62,7 @@ T = Packet.__table__
 D = Delivery.__table__
 C = PacketCounter.__table__
 K = PacketKey.__table__
+IK = PacketIdempotencyKey.__table__
 SECONDS_PER_DAY = 86400.0
 log = logging.getLogger(__name__)
 
@@ -118,17 +130,16 @@ def purge_rows(
             removed = db.session.execute(
                 delete(T)
                 .where(T.c.packet_id.in_(ids))
-                .returning(T.c.seq, T.c.packet_id, T.c.dedup_key)
+                .returning(T.c.seq, T.c.packet_id, T.c.dedup_key, T.c.client_timestamp)
             ).all()
             if partitions.partitioned():  # the keys a resent copy would have been matched on
-                keys = [key for _, _, key in removed]
-                db.session.execute(delete(K).where(K.c.dedup_key.in_(keys)))
+                forget_keys([(key, moment) for _, _, key, moment in removed])
             now = utc_now()
             db.session.execute(
                 insert(AuditPurge.__table__),
                 [
                     {"packet_seq": seq, "packet_id": pid, "purged_at": now}
-                    for seq, pid, _ in removed
+                    for seq, pid, _, _ in removed
                 ],
             )
         count = len(gone)
@@ -141,6 +152,24 @@ def purge_rows(
         deleted += count
         if count < batch_size:
             return PurgeReport(from_epoch(cutoff), states, deleted, batches, False)
+
+
+def forget_keys(identities: list[tuple[str, datetime]]) -> None:
+    """PostgreSQL: remove the key rows of these (dedup key, client timestamp) identities, and
+    the Idempotency-Keys pointing to them, in the session's transaction."""
+    if not identities:
+        return
+    pairs = {"keys": [key for key, _ in identities]}
+    pairs["days"] = [moment.astimezone(UTC).date() for _, moment in identities]
+    for table in (IK.name, K.name):
+        db.session.execute(
+            text(
+                f"DELETE FROM {table} t USING unnest(CAST(:keys AS uuid[]), "
+                "CAST(:days AS date[])) AS gone(key, day) "
+                "WHERE t.dedup_key = gone.key AND t.client_day = gone.day"
+            ),
+            pairs,
+        )
 
 
 # The seqs of the sealed packets near one day's, each marked whether the day holds it; runs of
@@ -195,12 +224,26 @@ class DayOutcome:
 
 
 @dataclass
+class KeyDayOutcome:
+    """One day partition of ``packet_keys`` a purge looked at: dropped (or would be), or kept
+    because it still names ``live`` packets stored."""
+
+    partition: str
+    live: int = 0
+    kept: str | None = None
+
+
+@dataclass
 class DayPurgeReport:
     """What a purge by days did: the days dropped and kept, and where it drew the line."""
 
     cutoff: datetime
     dry_run: bool
     days: list[DayOutcome] = field(default_factory=list)
+    # Days of keys (``packet_keys``), dropped or kept, with how many keys each held.
+    key_days: list[KeyDayOutcome] = field(default_factory=list)
+    # Keys of days long past removed from the default partition of ``packet_keys``.
+    default_keys: int = 0
 
     @property
     def dropped(self) -> list[DayOutcome]:
@@ -249,7 +292,113 @@ def purge_days(
             log.warning("retention kept %s: %s", part.name, outcome.kept)
         elif not dry_run:
             clear_detached(part.name, batch_size)
+    if not dry_run:
+        report.default_keys = forget_default_keys()
+    for part in partitions.partitions(partitions.KEYS):
+        if part.name == partitions.KEYS_DEFAULT or part.end is None or part.end > cutoff:
+            continue
+        outcome = drop_key_day(part, dry_run)
+        report.key_days.append(outcome)
+        if outcome.kept is not None:
+            log.info("retention kept %s: %s", part.name, outcome.kept)
     return report
+
+
+def live_condition(session) -> tuple[str, dict]:
+    """A condition on ``received_at`` true for a packet still stored: inside a partition of
+    ``packets`` still attached (a day, the legacy one), on a day of a packet in the default
+    partition, or from today on (a packet stored while the caller looks). Read inside the
+    caller's transaction, which holds the keys it checks against new inserts."""
+    ranges = partitions.partitions_in(session)
+    for day in partitions.stray_days(session, partitions.DEFAULT):
+        ranges.append((partitions.day_start(day), partitions.day_start(day + timedelta(days=1))))
+    ranges.append((partitions.day_start(utc_now().date()), None))
+    merged: list[list] = []
+    epoch = datetime.min.replace(tzinfo=UTC)
+    for lower, upper in sorted(ranges, key=lambda r: r[0] or epoch):
+        if merged and (merged[-1][1] is None or (lower is not None and lower <= merged[-1][1])):
+            if merged[-1][1] is not None and (upper is None or upper > merged[-1][1]):
+                merged[-1][1] = upper
+            continue
+        merged.append([lower, upper])
+    clauses, params = [], {}
+    for n, (lower, upper) in enumerate(merged):
+        parts = []
+        if lower is not None:
+            parts.append(f"received_at >= :lo{n}")
+            params[f"lo{n}"] = partitions.naive(lower)
+        if upper is not None:
+            parts.append(f"received_at < :hi{n}")
+            params[f"hi{n}"] = partitions.naive(upper)
+        clauses.append("(" + (" AND ".join(parts) or "true") + ")")
+    return " OR ".join(clauses), params
+
+
+def drop_key_day(part: partitions.Partition, dry_run: bool) -> DayOutcome:
+    """Detach and drop one day of keys with the Idempotency-Keys pointing into it, in one
+    transaction, unless one of its keys names a packet still stored (then it is kept whole)."""
+    name = part.name
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        # Inserts into this day wait (only a packet resent after the retention period has one).
+        session.execute(text(f"LOCK TABLE {name} IN SHARE MODE"))
+        live, params = live_condition(session)
+        outcome = KeyDayOutcome(name)
+        outcome.live = session.execute(
+            text(f"SELECT count(*) FROM (SELECT 1 FROM {name} WHERE {live} LIMIT 1000) AS held"),
+            params,
+        ).scalar_one()
+        if outcome.live:
+            outcome.kept = (
+                f"names {outcome.live if outcome.live < 1000 else 'at least 1000'} packets "
+                "still stored (kept whole until they are purged)"
+            )
+        if outcome.kept or dry_run:
+            session.rollback()
+            return outcome
+        session.execute(text(f"ALTER TABLE {partitions.KEYS} DETACH PARTITION {name}"))
+        window = "client_day < :end" + (" AND client_day >= :start" if part.start else "")
+        bounds = {"end": part.end.date()}
+        if part.start is not None:
+            bounds["start"] = part.start.date()
+        session.execute(text(f"DELETE FROM {IK.name} WHERE {window}"), bounds)
+        session.execute(text(f"DROP TABLE {name}"))
+        session.commit()
+        return outcome
+    except Exception as exc:
+        session.rollback()
+        if "lock timeout" not in str(exc):
+            raise
+        return KeyDayOutcome(name, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
+
+
+def forget_default_keys() -> int:
+    """Remove the keys in the default partition of ``packet_keys`` whose packets are no longer
+    stored (keys of days long past: a packet resent after the retention period), with the
+    Idempotency-Keys pointing to them; returns how many. The partition is a safety net and
+    holds few rows, so they go by rows, in one statement."""
+    session = db.session
+    try:
+        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        session.execute(text(f"LOCK TABLE {partitions.KEYS_DEFAULT} IN SHARE ROW EXCLUSIVE MODE"))
+        live, params = live_condition(session)
+        gone = session.execute(
+            text(
+                f"WITH gone AS (DELETE FROM {partitions.KEYS_DEFAULT} WHERE NOT ({live}) "
+                f"RETURNING dedup_key, client_day), forgotten AS (DELETE FROM {IK.name} i "
+                "USING gone WHERE i.dedup_key = gone.dedup_key AND i.client_day = gone.client_day) "
+                "SELECT count(*) FROM gone"
+            ),
+            params,
+        ).scalar_one()
+        session.commit()
+        return gone
+    except Exception as exc:
+        session.rollback()
+        if "lock timeout" not in str(exc):
+            raise
+        return 0
 
 
 def drop_day(
@@ -339,10 +488,10 @@ def drop_day(
 
 
 def clear_detached(name: str, batch_size: int) -> None:
-    """Remove a detached day's keys in batches, then drop its table and its processed
-    deliveries' (detached with it, or still attached when a purge of the version before
-    migration 0014 stopped here: every row in it is of that day)."""
-    after = 0
+    """Drop a detached day's table and its processed deliveries' (detached with it, or still
+    attached when a purge of the version before migration 0014 stopped here: every row in it
+    is of that day). Its keys stay in their own days (``packet_keys``, migration 0015), which
+    go once none of their packets is stored; ``batch_size`` is no longer needed here."""
     session = db.session
     processed = partitions.processed_name(name)
     attached = session.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
@@ -351,24 +500,5 @@ def clear_detached(name: str, batch_size: int) -> None:
         session.execute(text(f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {processed}"))
     if attached is not None:
         session.execute(text(f"DROP TABLE {processed}"))
-    session.commit()
-    while True:
-        rows = session.execute(
-            text(
-                f"SELECT seq, packet_id, dedup_key FROM {name} "
-                "WHERE seq > :after ORDER BY seq LIMIT :n"
-            ),
-            {"after": after, "n": batch_size},
-        ).all()
-        if not rows:
-            break
-        session.execute(
-            delete(K).where(
-                K.c.dedup_key.in_([key for _, _, key in rows]),
-                K.c.packet_id.in_([pid for _, pid, _ in rows]),
-            )
-        )
-        session.commit()
-        after = rows[-1][0]
     session.execute(text(f"DROP TABLE {name}"))
     session.commit()

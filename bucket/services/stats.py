@@ -98,6 +98,7 @@ class QueueStats:
     quarantine_expired: int
     default_partition_packets: int | None
     default_partition_deliveries: int | None
+    default_partition_keys: int | None
     partition_days_ahead: int | None
     consumer_auth: bool
     ingest_auth: str
@@ -196,6 +197,7 @@ def collect_stats() -> QueueStats:
         quarantine_expired=figures.quarantine[3],
         default_partition_packets=partitions.default_rows(),
         default_partition_deliveries=partitions.default_rows(partitions.PROCESSED_DEFAULT),
+        default_partition_keys=partitions.default_rows(partitions.KEYS_DEFAULT),
         partition_days_ahead=partitions.days_ahead(),
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
         ingest_auth=current_app.config.get("BUCKET_INGEST_AUTH") or "off",

@@ -269,6 +269,12 @@ class QueueCollector:
                 value=stats.default_partition_deliveries,
             )
             yield GaugeMetricFamily(
+                "bucket_packet_keys_default_partition",
+                "Packet keys in the default partition of packet_keys, whose client day has no "
+                "partition (PostgreSQL; 0 in normal operation).",
+                value=stats.default_partition_keys,
+            )
+            yield GaugeMetricFamily(
                 "bucket_partition_days_ahead",
                 "Days after today whose packet partition exists already (PostgreSQL).",
                 value=stats.partition_days_ahead,
