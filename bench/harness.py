@@ -309,11 +309,12 @@ WITH source AS (
     'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
     50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
   FROM source
-  RETURNING packet_id, dedup_key, received_at
+  RETURNING packet_id, dedup_key, received_at, client_timestamp
 ), keyed AS (
-  -- the packets' unique keys (migration 0012: packet_keys holds them across day partitions)
-  INSERT INTO packet_keys (dedup_key, packet_id, received_at)
-  SELECT dedup_key, packet_id, received_at FROM stored
+  -- the packets' natural identities (migration 0012: packet_keys holds them across day
+  -- partitions; 0015: by the client timestamp's day, as uuids)
+  INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
+  SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM stored
 )
 INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,
   processed_by_karma, processed_at)

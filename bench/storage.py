@@ -168,7 +168,7 @@ WITH src AS (
   ) AS numbered
 ), stored AS (
   INSERT INTO packets ({packet_columns}) SELECT {packet_values} FROM src
-  RETURNING packet_id, received_at, dedup_key, idempotency_key
+  RETURNING packet_id, received_at, dedup_key, idempotency_key, client_timestamp
 ){keys}, d AS (
   SELECT packet_id, received_at, extract(epoch FROM received_at)::float8 AS e,
     abs(hashtext(packet_id::text)::bigint) AS hh,
@@ -185,6 +185,12 @@ INSERT INTO deliveries ({delivery_columns}) SELECT {delivery_values} FROM d
 KEYS_CTE = """, keyed AS (
   INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at)
   SELECT dedup_key, idempotency_key, packet_id, received_at FROM stored
+)"""
+# Since migration 0015: partitioned by the client timestamp's day, digest and id as uuid; no
+# Idempotency-Key (the fill sends none, so packet_idempotency_keys stays empty).
+KEY_DAYS_CTE = """, keyed AS (
+  INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
+  SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM stored
 )"""
 
 SEALS_SQL = """
@@ -567,8 +573,14 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.
     # PostgreSQL keeps the unique keys in a table of their own (migration 0012): filled too.
     keys = conn.execute("SELECT to_regclass('packet_keys') IS NOT NULL").fetchone()[0]
+    if keys:
+        by_day = conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = 'packet_keys'::regclass "
+            "AND attname = 'client_day'"
+        ).fetchone()
+        keys = KEY_DAYS_CTE if by_day else KEYS_CTE
     return FILL_SQL.format(
-        keys=KEYS_CTE if keys else "",
+        keys=keys or "",
         packet_columns=packet_columns,
         packet_values=packet_values.replace("%", "%%"),
         delivery_columns=delivery_columns,
@@ -615,6 +627,8 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
         figures["partitions_created"] += day_partitions(conn, "deliveries", first, days)
         if exists(conn, PROCESSED_TABLE):
             figures["partitions_created"] += day_partitions(conn, PROCESSED_TABLE, first, days)
+        if exists(conn, "packet_keys"):
+            figures["partitions_created"] += day_partitions(conn, "packet_keys", first, days)
         figures["hot_table"] = hot_name(conn)
         # The hot table with only the backlog stored, in a first pass emptied again.
         fill_range(conn, sql, packets - backlog, packets, first, step, True, learners, run)

@@ -22,7 +22,7 @@ from bucket.services.bookkeeping import book_new_packets
 from bucket.services.counters import recount
 from bucket.services.ingest import identity_key
 from bucket.services.partitions import naive
-from bucket.timeutil import utc_now
+from bucket.timeutil import new_packet_id, utc_now
 from tests import servers
 from tests.concurrency import join_all
 from tests.factories import make_packet
@@ -196,7 +196,8 @@ def test_retention_keeps_every_unfinished_and_dead_packet_and_verify_tells_purge
             drop_partition(app, day)
             with app.app_context():
                 partitions.create_day(day, adopt=False)
-    bodies = [make_packet() for _ in range(6)]
+    days = (first, second, first, second, third, third)
+    bodies = [day_bodies(app, day, 1)[0] for day in days]
     a, b, c, d, e, f = (
         client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies
     )
@@ -261,9 +262,49 @@ def test_retention_keeps_every_unfinished_and_dead_packet_and_verify_tells_purge
     assert_resent_is_new(client, bodies[0], a)
 
 
+# The factory's packets are stamped from 2025-11-28 on, a few days at most.
+KEY_LEGACY_END = date(2026, 1, 1)
+
+
+def shrink_key_legacy(app) -> None:
+    """Let the legacy partition of packet_keys (migration 0015: every day before the upgrade)
+    end where the factory's timestamps do, so the tests' past days can have partitions."""
+    with app.app_context():
+        found = partitions.partitions(partitions.KEYS)
+    legacy = [p for p in found if p.name == partitions.KEYS_LEGACY]
+    if not legacy or legacy[0].end.date() <= KEY_LEGACY_END:  # dropped by an earlier purge
+        return
+    sql(app, f"ALTER TABLE {partitions.KEYS} DETACH PARTITION {partitions.KEYS_LEGACY}")
+    sql(
+        app,
+        f"ALTER TABLE {partitions.KEYS} ATTACH PARTITION {partitions.KEYS_LEGACY} "
+        f"FOR VALUES FROM (MINVALUE) TO ('{KEY_LEGACY_END}')",
+    )
+
+
+def day_bodies(app, day: date, count: int) -> list[dict]:
+    """``count`` packets whose clients stamped them on ``day``, as a packet received that day
+    is: on PostgreSQL their keys then live in that day's partition of packet_keys (created
+    here), which retention drops once none of its packets is stored (migration 0015)."""
+    with app.app_context():
+        postgres = partitions.partitioned()
+    if postgres:
+        shrink_key_legacy(app)
+        sql(app, f"DROP TABLE IF EXISTS {partitions.key_day_name(day)}")
+        with app.app_context():
+            partitions.create_key_day(day)
+    bodies = [make_packet() for _ in range(count)]
+    for body in bodies:
+        moment = datetime.combine(day, time(10), tzinfo=UTC) + timedelta(
+            seconds=5 * body["raw_signals"]["n"] % 50_000
+        )
+        body["timestamp"] = moment.isoformat().replace("+00:00", "Z")
+    return bodies
+
+
 def assert_resent_is_new(client, body: dict, purged_id: str) -> None:
-    """A purged packet's keys went with it: the same packet sent again is stored anew, as
-    after any purge."""
+    """A purged packet's keys went with it (its day of keys dropped once none of that day's
+    packets was stored): the same packet sent again is stored anew, as after any purge."""
     answer = client.post(f"{API}/ingest", json=body).json
     assert answer["packet_id"] != purged_id and not answer.get("duplicate")
 
@@ -281,7 +322,7 @@ def test_purge_by_days_keeps_recent_and_dead_days_and_forgets_every_purged_key(
         drop_partition(app, day)
         with app.app_context():
             partitions.create_day(day, adopt=False)
-    bodies = [make_packet() for _ in range(5)]
+    bodies = day_bodies(app, old, 3) + day_bodies(app, recent, 1) + day_bodies(app, dead_day, 1)
     ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
     for packet in poll(client, limit=5)["packets"]:
         assert ack(client, packet["packet_id"]).status_code == 200
@@ -308,8 +349,10 @@ def test_purge_by_days_keeps_recent_and_dead_days_and_forgets_every_purged_key(
         b=partitions.processed_name(name),
     )
     assert left == []
-    keys = sql(app, "SELECT packet_id FROM packet_keys ORDER BY received_at")
+    keys = sql(app, "SELECT packet_id::text FROM packet_keys ORDER BY received_at")
     assert [packet_id for (packet_id,) in keys] == [ids[4], ids[3]]
+    assert partitions.key_day_name(old) in [day.partition for day in report.key_days]
+    assert sql(app, f"SELECT to_regclass('{partitions.key_day_name(old)}')") == [(None,)]
     for body, purged_id in zip(bodies[:3], ids[:3], strict=True):
         assert_resent_is_new(client, body, purged_id)
     again = client.post(f"{API}/ingest", json=bodies[3]).json
@@ -328,7 +371,7 @@ def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_doe
         drop_partition(app, day)
         with app.app_context():
             partitions.create_day(day, adopt=False)
-    bodies = [make_packet() for _ in range(3)]
+    bodies = day_bodies(app, old, 2) + day_bodies(app, older, 1)
     ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
     for packet in poll(client, limit=3)["packets"]:
         assert ack(client, packet["packet_id"]).status_code == 200
@@ -370,7 +413,7 @@ def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_pa
     drop_partition(app, old)
     with app.app_context():
         partitions.create_day(old, adopt=False)
-    bodies = [make_packet() for _ in range(2)]
+    bodies = day_bodies(app, old, 2)
     ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
     for packet in poll(client, limit=2)["packets"]:
         assert ack(client, packet["packet_id"]).status_code == 200
@@ -410,7 +453,7 @@ def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_pa
     assert not waited, "the purge waited for the reader past its lock timeout"
     assert "lock timeout" in str(answer.get("error")), answer
     assert sql(app, tables, a=name, b=processed) == left
-    assert {key for (key,) in sql(app, "SELECT packet_id FROM packet_keys")} >= set(ids)
+    assert {key for (key,) in sql(app, "SELECT packet_id::text FROM packet_keys")} >= set(ids)
     with app.app_context():
         retention.purge_days(30, batch_size=1)
     assert sql(app, tables, a=name, b=processed) == []
@@ -424,7 +467,7 @@ def store_as_before_partitions(app, bodies: list[dict], received: datetime) -> l
     ids = []
     with app.app_context():
         for n, body in enumerate(bodies):
-            packet_id, moment = f"before-{n}", naive(received + timedelta(seconds=n))
+            packet_id, moment = new_packet_id(), naive(received + timedelta(seconds=n))
             timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
             db.session.execute(
                 text(
@@ -490,6 +533,7 @@ def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_ar
         for parent, child in (
             ("packets", legacy),
             (partitions.PROCESSED, "deliveries_processed_legacy"),
+            (partitions.KEYS, partitions.KEYS_LEGACY),
         ):
             sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
             sql(
@@ -499,7 +543,7 @@ def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_ar
             )
         with app.app_context():
             partitions.ensure_partitions(0)  # today, no longer the legacy partition's
-        (fresh,) = ingest_many(client, 1)
+        (fresh,) = ingest_many(client, 1, timestamp=utc_now().isoformat())
         for packet in poll(client)["packets"]:
             assert ack(client, packet["packet_id"]).status_code == 200
         with app.app_context():
@@ -510,7 +554,7 @@ def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_ar
         assert stored(app) == {fresh}
         left = sql(app, "SELECT relname FROM pg_class WHERE relname LIKE '%legacy%'")
         assert left == []
-        assert sql(app, "SELECT packet_id FROM packet_keys") == [(fresh,)]
+        assert sql(app, "SELECT packet_id::text FROM packet_keys") == [(fresh,)]
         figures = status(client)
         assert (figures["total_packets"], figures["processed_packets"]) == (1, 1)
         verified = runner.invoke(args=["bucket", "verify"])
@@ -680,13 +724,13 @@ def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend
     """A packet stored without its key row (by an instance of the version before migration
     0012 while the upgrade rolled out) gets it from `partitions backfill-keys`; a copy sent
     afterwards is then a duplicate of it. SQLite: nothing to do."""
-    body = make_packet()
+    body, old_id = make_packet(), new_packet_id()
     timestamp = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
     received = utc_now()
     with app.app_context():  # what the previous version's ingest wrote: packet and delivery
         db.session.execute(
             P.insert().values(
-                packet_id="from-old-version",
+                packet_id=old_id,
                 dedup_key=identity_key("gurukul", body["user_id"], body["session_id"], timestamp),
                 user_id=body["user_id"],
                 session_id=body["session_id"],
@@ -702,7 +746,7 @@ def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend
         )
         db.session.execute(
             D.insert().values(
-                packet_id="from-old-version",
+                packet_id=old_id,
                 received_at=received,
                 delivery_state=DeliveryState.PENDING,
                 visible_at=received.timestamp(),
@@ -719,4 +763,4 @@ def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend
     else:
         assert "added 1 missing packet keys" in result.output
     again = client.post(f"{API}/ingest", json=body).json
-    assert again["packet_id"] == "from-old-version" and again["duplicate"] is True
+    assert again["packet_id"] == old_id and again["duplicate"] is True
