@@ -60,8 +60,9 @@ class Run:
     def truncate(self) -> None:
         with self.database.connect() as conn:
             conn.execute(
-                "TRUNCATE packets, packet_keys, deliveries, packet_counters, quarantine, "
-                "audit_seals, audit_purges, audit_purged_ranges, activity_minutes"
+                "TRUNCATE packets, packet_keys, packet_idempotency_keys, deliveries, "
+                "packet_counters, quarantine, audit_seals, audit_purges, audit_purged_ranges, "
+                "activity_minutes"
             )
         recount(self.env)
 

@@ -158,8 +158,9 @@ def clean_state(app) -> None:
     if db.engine.dialect.name == "postgresql":
         with db.engine.begin() as conn:
             conn.exec_driver_sql(
-                "TRUNCATE packets, packet_keys, deliveries, packet_counters, quarantine, "
-                "audit_seals, audit_purges, audit_purged_ranges, activity_minutes"
+                "TRUNCATE packets, packet_keys, packet_idempotency_keys, deliveries, "
+                "packet_counters, quarantine, audit_seals, audit_purges, audit_purged_ranges, "
+                "activity_minutes"
             )
     queue.flush()
 

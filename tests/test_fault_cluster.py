@@ -293,8 +293,9 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     instances = cluster["instances"]
     with psycopg.connect(pg_url(cluster["database"]), autocommit=True) as conn:
         conn.execute(
-            "TRUNCATE packets, packet_keys, deliveries, packet_counters, quarantine, "
-            "audit_seals, audit_purges, audit_purged_ranges, activity_minutes"
+            "TRUNCATE packets, packet_keys, packet_idempotency_keys, deliveries, "
+            "packet_counters, quarantine, audit_seals, audit_purges, audit_purged_ranges, "
+            "activity_minutes"
         )  # status counts from both
     ledger = Ledger()
     events: list[str] = []

@@ -1,0 +1,158 @@
+"""Keys by client day (PostgreSQL, migration 0015): a resend days later still a duplicate, key
+days made ahead and dropped whole by retention once their packets are gone, never before, and
+the default partition of keys watched."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime, time, timedelta
+
+import pytest
+
+from bucket.services import partitions, retention
+from bucket.timeutil import utc_now
+from tests.factories import make_packet
+from tests.queue_helpers import API, ack, poll, sql, status
+from tests.statements import captured_statements
+from tests.test_partitions import day_bodies, move_to_day, stored
+
+pytestmark = pytest.mark.parametrize("backend", ["postgres"])
+
+
+def today() -> date:
+    return utc_now().date()
+
+
+def stamped(moment: datetime) -> dict:
+    return make_packet(timestamp=moment.isoformat().replace("+00:00", "Z"))
+
+
+def post(client, body: dict, **headers: str) -> dict:
+    response = client.post(f"{API}/ingest", json=body, headers=headers)
+    assert response.status_code == 200, response.json
+    return response.json
+
+
+def key_partition(app, packet_id: str) -> str:
+    ((name,),) = sql(
+        app,
+        "SELECT tableoid::regclass::text FROM packet_keys WHERE packet_id = CAST(:p AS uuid)",
+        p=packet_id,
+    )
+    return name
+
+
+def test_a_copy_resent_days_later_is_still_the_duplicate_of_the_packet(app, client, backend):
+    """A packet stamped and received three days ago keeps its key in its client day's
+    partition; the bridge's copy sent today (received on another day of packets) conflicts
+    there and is answered with the original packet_id and reception time, and nothing more is
+    stored. The same holds for an Idempotency-Key sent with a packet of another content."""
+    day = today() - timedelta(days=3)
+    (body,) = day_bodies(app, day, 1)
+    first = post(client, body, **{"Idempotency-Key": "order-1"})
+    move_to_day(app, [first["packet_id"]], day)
+    assert key_partition(app, first["packet_id"]) == partitions.key_day_name(day)
+    again = post(client, body)
+    assert (again["packet_id"], again["duplicate"]) == (first["packet_id"], True)
+    assert again["received_at"].startswith(day.isoformat())
+    other = post(client, make_packet(), **{"Idempotency-Key": "order-1"})
+    assert (other["packet_id"], other["duplicate"]) == (first["packet_id"], True)
+    assert stored(app) == {first["packet_id"]}
+
+
+def test_key_days_are_made_ahead_covering_the_clock_skew_ingest_accepts(make_app, backend):
+    """The maintenance creates key days up to BUCKET_PARTITION_DAYS_AHEAD plus the days
+    BUCKET_MAX_CLOCK_SKEW lets a client run ahead, moving into a new day the keys that had
+    reached the default partition; a packet stamped as far ahead as accepted finds its day."""
+    app = make_app(BUCKET_PARTITION_DAYS_AHEAD=2, BUCKET_MAX_CLOCK_SKEW=2 * 86400)
+    client = app.test_client()
+    far = today() + timedelta(days=4)
+    sql(app, f"DROP TABLE IF EXISTS {partitions.key_day_name(far)}")
+    ahead = datetime.combine(far, time(0, 30), tzinfo=UTC)
+    if ahead - utc_now() > timedelta(days=2):
+        ahead = utc_now() + timedelta(days=2) - timedelta(minutes=1)
+    early = post(client, stamped(ahead))["packet_id"]
+    early_day = ahead.date()
+    if early_day == far:
+        assert key_partition(app, early) == partitions.KEYS_DEFAULT
+    result = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
+    assert result.exit_code == 0, result.output
+    assert f"created {partitions.key_day_name(far)}" in result.output
+    assert key_partition(app, early) == partitions.key_day_name(early_day)
+    assert status(client)["default_partition_keys"] == 0
+
+
+def test_purge_drops_old_key_days_whole_and_keeps_those_of_packets_still_stored(
+    app, client, backend
+):
+    """Three old days: one of processed packets only, one whose packet is dead, one whose
+    packet was stamped there but arrived recently (a stale resend). The purge drops the first
+    day of keys whole (no DELETE on packet_keys at all), with the Idempotency-Keys pointing
+    into it; the two others stay, and copies of their packets are still duplicates. A copy of
+    a purged packet is stored anew."""
+    gone_day, dead_day, stale_day = (today() - timedelta(days=n) for n in (50, 45, 40))
+    for day in (gone_day, dead_day):
+        sql(app, f"DROP TABLE IF EXISTS {partitions.day_name(day)}")
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    gone = day_bodies(app, gone_day, 2)
+    (dead,) = day_bodies(app, dead_day, 1)
+    (stale,) = day_bodies(app, stale_day, 1)
+    ids = [post(client, gone[0], **{"Idempotency-Key": "k-0"})["packet_id"]]
+    ids += [post(client, body)["packet_id"] for body in (gone[1], dead, stale)]
+    for packet in poll(client, limit=4)["packets"]:
+        assert ack(client, packet["packet_id"], success=packet["packet_id"] != ids[2]).status_code
+    sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=ids[2])
+    with app.app_context():
+        from bucket.services.counters import recount
+
+        recount()
+    move_to_day(app, ids[:2], gone_day)
+    move_to_day(app, ids[2:3], dead_day)  # the stale packet stays received today
+    with captured_statements(app) as statements, app.app_context():
+        report = retention.purge_days(30)
+    outcomes = {k.partition: k for k in report.key_days}
+    assert outcomes[partitions.key_day_name(gone_day)].kept is None
+    assert "still stored" in outcomes[partitions.key_day_name(dead_day)].kept
+    assert "still stored" in outcomes[partitions.key_day_name(stale_day)].kept
+    touching = [s for s in statements if re.search(r"DELETE FROM packet_keys\b", s)]
+    assert touching == []
+    assert sql(app, f"SELECT to_regclass('{partitions.key_day_name(gone_day)}')") == [(None,)]
+    assert sql(app, "SELECT count(*) FROM packet_idempotency_keys") == [(0,)]
+    assert stored(app) == set(ids[2:])
+    for body, packet_id in ((dead, ids[2]), (stale, ids[3])):
+        again = post(client, body)
+        assert (again["packet_id"], again["duplicate"]) == (packet_id, True)
+    anew = post(client, gone[0], **{"Idempotency-Key": "k-0"})
+    assert anew["packet_id"] != ids[0] and not anew.get("duplicate")
+    # The day of keys is gone: the new copy's key waits in the default partition, watched.
+    assert key_partition(app, anew["packet_id"]) == partitions.KEYS_DEFAULT
+
+
+def test_a_key_of_a_day_without_partition_lands_in_the_default_and_is_reported(
+    app, client, backend
+):
+    """A client clock decades behind names a day no partition covers: the key goes to the
+    default partition, status and /metrics count it, a copy is still its duplicate, and once
+    its packet is purged the purge removes it (the default is a safety net, emptied by rows)."""
+    sql(app, f"DROP TABLE IF EXISTS {partitions.KEYS_LEGACY}")
+    body = stamped(datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC))
+    first = post(client, body)["packet_id"]
+    assert key_partition(app, first) == partitions.KEYS_DEFAULT
+    assert status(client)["default_partition_keys"] == 1
+    metrics = client.get("/metrics").get_data(as_text=True)
+    assert "bucket_packet_keys_default_partition 1.0" in metrics
+    assert post(client, body)["packet_id"] == first
+    listed = app.test_cli_runner().invoke(args=["bucket", "partitions", "list"]).output
+    assert "1 packet keys" in listed
+    for packet in poll(client)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    old = today() - timedelta(days=60)
+    sql(app, f"DROP TABLE IF EXISTS {partitions.day_name(old)}")
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    move_to_day(app, [first], old)
+    with app.app_context():
+        report = retention.purge_days(30)
+    assert report.default_keys == 1
+    assert status(client)["default_partition_keys"] == 0
