@@ -276,6 +276,9 @@ def create_key_day(day: date) -> int:
     try:
         session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK})
+        if session.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar():
+            session.rollback()  # another maintainer made it meanwhile
+            return 0
         session.execute(text(f"LOCK TABLE {KEYS_DEFAULT} IN EXCLUSIVE MODE"))
         session.execute(text(f"CREATE TABLE {name} (LIKE {KEYS} INCLUDING DEFAULTS)"))
         moved = session.execute(
