@@ -5,7 +5,7 @@ the default partition of keys watched."""
 from __future__ import annotations
 
 import re
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
@@ -63,23 +63,25 @@ def test_a_copy_resent_days_later_is_still_the_duplicate_of_the_packet(app, clie
 def test_key_days_are_made_ahead_covering_the_clock_skew_ingest_accepts(make_app, backend):
     """The maintenance creates key days up to BUCKET_PARTITION_DAYS_AHEAD plus the days
     BUCKET_MAX_CLOCK_SKEW lets a client run ahead, moving into a new day the keys that had
-    reached the default partition; a packet stamped as far ahead as accepted finds its day."""
+    reached the default partition meanwhile; a copy is still their duplicate."""
     app = make_app(BUCKET_PARTITION_DAYS_AHEAD=2, BUCKET_MAX_CLOCK_SKEW=2 * 86400)
     client = app.test_client()
+    ahead = utc_now() + timedelta(days=2) - timedelta(minutes=1)
     far = today() + timedelta(days=4)
-    sql(app, f"DROP TABLE IF EXISTS {partitions.key_day_name(far)}")
-    ahead = datetime.combine(far, time(0, 30), tzinfo=UTC)
-    if ahead - utc_now() > timedelta(days=2):
-        ahead = utc_now() + timedelta(days=2) - timedelta(minutes=1)
-    early = post(client, stamped(ahead))["packet_id"]
-    early_day = ahead.date()
-    if early_day == far:
-        assert key_partition(app, early) == partitions.KEYS_DEFAULT
+    for day in (ahead.date(), far):
+        sql(app, f"DROP TABLE IF EXISTS {partitions.key_day_name(day)}")
+    body = stamped(ahead)
+    early = post(client, body)["packet_id"]
+    assert key_partition(app, early) == partitions.KEYS_DEFAULT
+    assert status(client)["default_partition_keys"] == 1
     result = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
     assert result.exit_code == 0, result.output
     assert f"created {partitions.key_day_name(far)}" in result.output
-    assert key_partition(app, early) == partitions.key_day_name(early_day)
+    assert f"created {partitions.key_day_name(ahead.date())}" in result.output
+    assert key_partition(app, early) == partitions.key_day_name(ahead.date())
     assert status(client)["default_partition_keys"] == 0
+    again = post(client, body)
+    assert (again["packet_id"], again["duplicate"]) == (early, True)
 
 
 def test_purge_drops_old_key_days_whole_and_keeps_those_of_packets_still_stored(
