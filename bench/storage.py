@@ -628,6 +628,10 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
         if exists(conn, PROCESSED_TABLE):
             figures["partitions_created"] += day_partitions(conn, PROCESSED_TABLE, first, days)
         if exists(conn, "packet_keys"):
+            # A new deployment's legacy partition of keys (migration 0015: every day before it)
+            # is empty: the fill's days get day partitions as a running deployment has them.
+            if exists(conn, "packet_keys_legacy"):
+                conn.execute("DROP TABLE packet_keys_legacy")
             figures["partitions_created"] += day_partitions(conn, "packet_keys", first, days)
         figures["hot_table"] = hot_name(conn)
         # The hot table with only the backlog stored, in a first pass emptied again.
@@ -730,7 +734,8 @@ with app.app_context():
     report = purge_days(float(sys.argv[1]), include_dead=True)
     seconds = time.perf_counter() - began
 print(json.dumps({"seconds": seconds, "dropped": [[d.partition, d.packets] for d in report.dropped],
-                  "kept": [[d.partition, d.kept] for d in report.kept]}))
+                  "kept": [[d.partition, d.kept] for d in report.kept],
+                  "key_days": [[k.partition, k.kept] for k in getattr(report, "key_days", [])]}))
 """
 DELETED_SQL = (
     "SELECT coalesce(sum(n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE relname = %s"
@@ -822,6 +827,14 @@ def table(figures: dict) -> str:
             f"{purge['seconds']:.2f} s ({purge['us_per_packet']:.1f} us a packet; target: a "
             f"day of 5M <= 1 s); rows deleted one by one: {deleted}; kept: {purge['kept']}",
         )
+        key_days = purge.get("key_days", [])
+        if key_days:
+            dropped = [name for name, kept in key_days if kept is None]
+            lines.insert(
+                -1,
+                f"key days (packet_keys, by client day): dropped {dropped}; kept "
+                f"{[[name, kept] for name, kept in key_days if kept is not None]}",
+            )
     for name, size in figures["relations"].items():
         lines.append(
             f"{name:<34} {size['rows']:>12,} {size['total']:>14,} {size['total'] / stored:>9.1f}"

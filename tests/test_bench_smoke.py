@@ -101,4 +101,7 @@ def test_the_benchmark_smoke_run_measures_every_figure():
     assert all("bytes" in alternative for alternative in fill["alternatives"].values())
     # The real purge dropped the oldest days, every packet of them, keeping none.
     assert fill["purge"]["packets"] > 0 and fill["purge"]["kept"] == []
+    # Keys go by client day (migration 0015): a day of them dropped whole, none one by one.
+    assert any(kept is None for _, kept in fill["purge"]["key_days"]), fill["purge"]
+    assert "packet_keys" not in fill["purge"]["rows_deleted"]
     assert "poll limit=10 p50" in run.stdout  # the table was printed
