@@ -334,7 +334,7 @@ def live_condition(session) -> tuple[str, dict]:
     return " OR ".join(clauses), params
 
 
-def drop_key_day(part: partitions.Partition, dry_run: bool) -> DayOutcome:
+def drop_key_day(part: partitions.Partition, dry_run: bool) -> KeyDayOutcome:
     """Detach and drop one day of keys with the Idempotency-Keys pointing into it, in one
     transaction, unless one of its keys names a packet still stored (then it is kept whole)."""
     name = part.name
