@@ -1,0 +1,198 @@
+"""A worker's CPU per single-packet ingest, in process, one version of the code beside another.
+
+    .venv/bin/python -m bench.ingest_cpu [--against REF] [--rounds 5] [--requests 3000]
+        [--threads 16] [--modes concurrent,sequential]
+
+Each measurement is a fresh Python process serving requests through Flask's test client (no
+gunicorn, no wrk), configured as in production: rate limits on (raised so they never refuse),
+the request log on (written to /dev/null), Prometheus metrics in multiprocess files, a private
+PostgreSQL database on the machine's server and a private redis-server. ``concurrent``: 16
+threads post unique single packets at once with ingest coalescing on; ``sequential``: one
+thread, coalescing off. The figure is the
+process's CPU per request (``time.process_time``, every thread, the test client's share
+included), a figure a shared machine disturbs far less than rates.
+
+``--against REF`` also measures the code of git revision ``REF`` (checked out in a temporary
+worktree) with this script, alternating the two in every round (the order flipped each round);
+the medians and each run are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+INGEST = "/api/v1/bucket/prana/ingest"
+HIGH = "100000000 per minute"
+TOKEN = "bench-ingest-cpu-token"
+
+
+def child(args: argparse.Namespace) -> None:
+    """One measurement in this process, with the code of ``args.tree``; prints µs per request."""
+    sys.path.insert(0, args.tree)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bucket-cpu-metrics-")
+    from bucket import create_app  # noqa: PLC0415 - from the tree under measurement
+    from tests.factories import make_packet  # noqa: PLC0415
+
+    concurrent = args.mode == "concurrent"
+    app = create_app(
+        {
+            "SQLALCHEMY_DATABASE_URI": args.url,
+            "REDIS_URL": args.redis,
+            "BUCKET_REDIS_PREFIX": args.prefix,
+            "BUCKET_CONSUMER_TOKEN": TOKEN,
+            "BUCKET_RATE_LIMIT_ENABLED": True,
+            "BUCKET_RATE_LIMIT_INGEST_PER_IP": HIGH,
+            "BUCKET_RATE_LIMIT_INGEST_PER_USER": HIGH,
+            "BUCKET_RATE_LIMIT_INGEST_BYTES_PER_IP": "100000000000 per minute",
+            "BUCKET_INGEST_COALESCE": concurrent,
+            "BUCKET_ACK_COALESCE": concurrent,
+            "BUCKET_REQUEST_LOG": True,
+            "BUCKET_AUDIT_SEAL_INTERVAL": 0,
+        },
+        testing=True,
+    )
+    threads = args.threads if concurrent else 1
+    run_id = f"{args.prefix}-{os.getpid()}"
+
+    def ingest(requests: int, tag: str) -> tuple[float, int]:
+        per_thread = requests // threads
+        bodies = [
+            [make_packet(user_id=f"learner-{run_id}-{tag}-{t}-{n % 50}") for n in range(per_thread)]
+            for t in range(threads)
+        ]
+        return timed(bodies, lambda client, body: client.post(INGEST, json=body).status_code)
+
+    def timed(work, call) -> tuple[float, int]:
+        failures: list[int] = []
+
+        def serve(mine: list) -> None:
+            client = app.test_client()
+            for item in mine:
+                status = call(client, item)
+                if status != 200:
+                    failures.append(status)
+
+        workers = [threading.Thread(target=serve, args=(mine,)) for mine in work]
+        started = time.process_time()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        spent = time.process_time() - started
+        if failures:
+            raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
+        return spent, sum(len(mine) for mine in work)
+
+    ingest(64, "warm")  # connections, prepared statements, scripts
+    spent, count = ingest(args.requests, "run")
+    print(json.dumps({"us": spent / count * 1e6, "requests": count}))
+
+
+def worktree(ref: str) -> tuple[str, Path]:
+    """A temporary checkout of ``ref``: its path and the directory to remove afterwards."""
+    place = Path(tempfile.mkdtemp(prefix="bucket-cpu-ref-"))
+    tree = place / "tree"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(tree), ref], check=True
+    )
+    return str(tree), place
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--against", help="a git revision to measure beside the working tree")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--modes", default="concurrent,sequential")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--redis", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+
+    sys.path.insert(0, str(ROOT))
+    from flask_migrate import upgrade  # noqa: PLC0415
+
+    from bucket import create_app  # noqa: PLC0415
+    from bucket.extensions import db  # noqa: PLC0415
+    from tests import servers  # noqa: PLC0415
+
+    trees = {"this tree": str(ROOT)}
+    cleanup = None
+    if args.against:
+        trees[args.against], cleanup = worktree(args.against)
+    private = servers.PrivateRedis().start()
+    name, url = servers.create_database()
+    results: dict[str, list[float]] = {}
+    try:
+        migrating = create_app({"SQLALCHEMY_DATABASE_URI": url}, testing=True)
+        with migrating.app_context():
+            upgrade()
+            db.engine.dispose()
+        variants = [(mode, label) for mode in args.modes.split(",") for label in trees]
+        for round_ in range(args.rounds):
+            order = variants if round_ % 2 == 0 else list(reversed(variants))
+            for mode, label in order:
+                command = [
+                    sys.executable,
+                    str(Path(__file__).resolve()),
+                    "--child",
+                    f"--tree={trees[label]}",
+                    f"--mode={mode}",
+                    f"--url={url}",
+                    f"--redis={private.url}",
+                    f"--prefix=cpu{round_}",
+                    f"--requests={args.requests}",
+                    f"--threads={args.threads}",
+                ]
+                done = subprocess.run(
+                    command, cwd=trees[label], capture_output=True, text=True, check=False
+                )
+                if done.returncode != 0:
+                    raise SystemExit(f"{label}, {mode}: failed\n{done.stderr[-3000:]}")
+                line = done.stdout.strip().splitlines()[-1]
+                us = json.loads(line)["us"]
+                results.setdefault(f"{mode}, {label}", []).append(us)
+                print(f"round {round_ + 1}: {mode}, {label}: {us:.0f} µs", flush=True)
+        print(
+            json.dumps(
+                {
+                    label: {
+                        "median_us": round(statistics.median(values)),
+                        "runs_us": [round(v) for v in values],
+                    }
+                    for label, values in results.items()
+                },
+                indent=2,
+            )
+        )
+    finally:
+        servers.drop_database(name)
+        private.stop()
+        if cleanup is not None:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(cleanup / "tree")],
+                check=False,
+            )
+
+
+if __name__ == "__main__":
+    main()
