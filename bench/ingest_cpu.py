@@ -1,7 +1,7 @@
 """A worker's CPU per single-packet ingest, in process, one version of the code beside another.
 
     .venv/bin/python -m bench.ingest_cpu [--against REF] [--rounds 5] [--requests 3000]
-        [--threads 16] [--modes concurrent,sequential]
+        [--threads 16] [--modes concurrent,sequential] [--revision REF]
 
 Each measurement is a fresh Python process serving requests through Flask's test client (no
 gunicorn, no wrk), configured as in production: rate limits on (raised so they never refuse),
@@ -14,7 +14,8 @@ included), a figure a shared machine disturbs far less than rates.
 
 ``--against REF`` also measures the code of git revision ``REF`` (checked out in a temporary
 worktree) with this script, alternating the two in every round (the order flipped each round);
-the medians and each run are printed.
+the medians and each run are printed. ``--revision REF`` measures a revision in place of the
+working tree (which can then change while the measurement runs).
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--against", help="a git revision to measure beside the working tree")
+    parser.add_argument("--revision", help="measure this git revision instead of the working tree")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=16)
@@ -136,9 +138,14 @@ def main() -> None:
     from tests import servers  # noqa: PLC0415
 
     trees = {"this tree": str(ROOT)}
-    cleanup = None
+    cleanups = []
+    if args.revision:
+        trees = {}
+        trees[args.revision], place = worktree(args.revision)
+        cleanups.append(place)
     if args.against:
-        trees[args.against], cleanup = worktree(args.against)
+        trees[args.against], place = worktree(args.against)
+        cleanups.append(place)
     private = servers.PrivateRedis().start()
     name, url = servers.create_database()
     results: dict[str, list[float]] = {}
@@ -187,9 +194,9 @@ def main() -> None:
     finally:
         servers.drop_database(name)
         private.stop()
-        if cleanup is not None:
+        for place in cleanups:
             subprocess.run(
-                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(cleanup / "tree")],
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(place / "tree")],
                 check=False,
             )
 
