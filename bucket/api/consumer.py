@@ -38,11 +38,13 @@ blp = Blueprint(
 ack_schema = AckSchema()
 ack_batch_schema = AckBatchSchema()
 lease_schema = LeaseChangeSchema()
+# An instance, not the class: webargs would build a schema from a class on every request.
+pending_query_schema = PendingQuerySchema()
 
 
 @blp.route("/packets/pending", methods=["GET"])
 @refuse_head  # HEAD would lease packets and throw their receipts away
-@blp.arguments(PendingQuerySchema, location="query", as_kwargs=True)
+@blp.arguments(pending_query_schema, location="query", as_kwargs=True)
 @blp.response(200, PendingResponseSchema)
 def pending(limit: int, wait: float, visibility_timeout: int | None = None):
     """Lease up to ``limit`` packets to the caller.

@@ -37,6 +37,8 @@ blp = Blueprint(
 )
 
 envelope_schema = BatchEnvelopeSchema()
+# An instance, not the class: webargs would build a schema from a class on every request.
+headers_schema = IngestHeadersSchema()
 
 
 @blp.route("/ingest", methods=["POST"])
@@ -52,7 +54,7 @@ envelope_schema = BatchEnvelopeSchema()
         },
     }
 )
-@blp.arguments(IngestHeadersSchema, location="headers")
+@blp.arguments(headers_schema, location="headers")
 @blp.response(
     200,
     {"oneOf": [IngestResultSchema, BatchResultSchema]},
