@@ -1,14 +1,16 @@
 """A worker's CPU per single-packet ingest, in process, one version of the code beside another.
 
     .venv/bin/python -m bench.ingest_cpu [--against REF] [--rounds 5] [--requests 3000]
-        [--threads 16] [--modes concurrent,sequential] [--revision REF]
+        [--threads 16] [--modes concurrent,sequential,gunicorn] [--revision REF]
 
 Each measurement is a fresh Python process serving requests through Flask's test client (no
 gunicorn, no wrk), configured as in production: rate limits on (raised so they never refuse),
-the request log on (written to /dev/null), Prometheus metrics in multiprocess files, a private
+the request log on (its lines discarded), Prometheus metrics in multiprocess files, a private
 PostgreSQL database on the machine's server and a private redis-server. ``concurrent``: 16
 threads post unique single packets at once with ingest coalescing on; ``sequential``: one
-thread, coalescing off. The figure is the
+thread, coalescing off; ``gunicorn``: the Procfile's gunicorn with one worker (coalescing on)
+under wrk, 16 connections, for ``--seconds``, the worker's CPU from ``/proc`` per answered
+request (what ``make bench`` reports, without the rest of the benchmark). The figure is the
 process's CPU per request (``time.process_time``, every thread, the test client's share
 included), a figure a shared machine disturbs far less than rates.
 
@@ -23,12 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,6 +103,62 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"us": spent / count * 1e6, "requests": count}))
 
 
+def under_gunicorn(tree: str, url: str, redis_url: str, prefix: str, seconds: float) -> float:
+    """One gunicorn worker of ``tree`` (coalescing on) under wrk, 16 connections of unique
+    single packets: the worker's CPU (``/proc``) per answered request, in µs."""
+    from bench.context import service_env  # noqa: PLC0415
+    from bench.harness import BIN, process_cpu, wrk  # noqa: PLC0415
+    from tests.cluster import child_pids, procfile_web  # noqa: PLC0415
+    from tests.servers import free_port  # noqa: PLC0415
+
+    class Where:
+        pass
+
+    database = Where()
+    database.url = url
+    logs = tempfile.mkdtemp(prefix="bucket-cpu-log-")
+    env = {
+        **service_env(database, redis_url, logs),
+        "BUCKET_REDIS_PREFIX": prefix,
+        "BUCKET_INGEST_COALESCE": "true",
+        "BUCKET_ACK_COALESCE": "true",
+        "WEB_CONCURRENCY": "1",
+        "PORT": str(free_port()),
+        "PATH": f"{BIN}:{os.environ['PATH']}",
+    }
+    with open(Path(logs) / "service.log", "w") as log:
+        server = subprocess.Popen(
+            ["bash", "-c", procfile_web()],
+            cwd=tree,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        port = int(env["PORT"])
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                (worker,) = child_pids(server.pid)
+                break
+            except (OSError, ValueError):
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError((Path(logs) / "service.log").read_text()[-3000:]) from None
+                time.sleep(0.2)
+        wrk(port, "ingest.lua", 2, 16, {"RUN": f"{prefix}w"})  # warm-up
+        before = process_cpu(worker)
+        figures = wrk(port, "ingest.lua", seconds, 16, {"RUN": prefix})
+        spent = process_cpu(worker) - before
+        if figures["errors"]:
+            raise RuntimeError(f"{figures['errors']} requests failed")
+        return spent / figures["requests"] * 1e6
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
 def worktree(ref: str) -> tuple[str, Path]:
     """A temporary checkout of ``ref``: its path and the directory to remove afterwards."""
     place = Path(tempfile.mkdtemp(prefix="bucket-cpu-ref-"))
@@ -119,6 +179,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--modes", default="concurrent,sequential")
+    parser.add_argument("--seconds", type=float, default=10, help="gunicorn: wrk's run")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--tree", default=str(ROOT), help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
@@ -158,6 +219,13 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = variants if round_ % 2 == 0 else list(reversed(variants))
             for mode, label in order:
+                if mode == "gunicorn":
+                    us = under_gunicorn(
+                        trees[label], url, private.url, f"cpu{round_}{label}", args.seconds
+                    )
+                    results.setdefault(f"{mode}, {label}", []).append(us)
+                    print(f"round {round_ + 1}: {mode}, {label}: {us:.0f} µs", flush=True)
+                    continue
                 command = [
                     sys.executable,
                     str(Path(__file__).resolve()),
