@@ -14,10 +14,10 @@ request (what ``make bench`` reports, without the rest of the benchmark). The fi
 process's CPU per request (``time.process_time``, every thread, the test client's share
 included), a figure a shared machine disturbs far less than rates.
 
-``--against REF`` also measures the code of git revision ``REF`` (checked out in a temporary
-worktree) with this script, alternating the two in every round (the order flipped each round);
-the medians and each run are printed. ``--revision REF`` measures a revision in place of the
-working tree (which can then change while the measurement runs).
+``--against REF`` (repeatable) also measures the code of git revision ``REF`` (checked out in
+a temporary worktree) with this script, alternating them in every round (the order flipped
+each round); the medians and each run are printed. ``--revision REF`` measures a revision in
+place of the working tree (which can then change while the measurement runs).
 """
 
 from __future__ import annotations
@@ -103,9 +103,23 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"us": spent / count * 1e6, "requests": count}))
 
 
-def under_gunicorn(tree: str, url: str, redis_url: str, prefix: str, seconds: float) -> float:
+def commits(port: int) -> tuple[float, float]:
+    """The ingest coalescer's writes and the requests they answered, so far (``/metrics``)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals = {"bucket_ingest_commits_total": 0.0, "bucket_ingest_commit_requests_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["bucket_ingest_commits_total"], totals["bucket_ingest_commit_requests_total"]
+
+
+def under_gunicorn(
+    tree: str, url: str, redis_url: str, prefix: str, seconds: float
+) -> tuple[float, float]:
     """One gunicorn worker of ``tree`` (coalescing on) under wrk, 16 connections of unique
-    single packets: the worker's CPU (``/proc``) per answered request, in µs."""
+    single packets: the worker's CPU (``/proc``) per answered request, in µs, and the requests
+    per shared write."""
     from bench.context import service_env  # noqa: PLC0415
     from bench.harness import BIN, process_cpu, wrk  # noqa: PLC0415
     from tests.cluster import child_pids, procfile_web  # noqa: PLC0415
@@ -148,12 +162,14 @@ def under_gunicorn(tree: str, url: str, redis_url: str, prefix: str, seconds: fl
                     raise RuntimeError((Path(logs) / "service.log").read_text()[-3000:]) from None
                 time.sleep(0.2)
         wrk(port, "ingest.lua", 2, 16, {"RUN": f"{prefix}w"})  # warm-up
+        writes = commits(port)
         before = process_cpu(worker)
         figures = wrk(port, "ingest.lua", seconds, 16, {"RUN": prefix})
         spent = process_cpu(worker) - before
+        writes = [after - earlier for after, earlier in zip(commits(port), writes, strict=True)]
         if figures["errors"]:
             raise RuntimeError(f"{figures['errors']} requests failed")
-        return spent / figures["requests"] * 1e6
+        return spent / figures["requests"] * 1e6, writes[1] / max(writes[0], 1)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -173,7 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--against", help="a git revision to measure beside the working tree")
+    parser.add_argument(
+        "--against", action="append", help="a git revision to measure beside (repeatable)"
+    )
     parser.add_argument("--revision", help="measure this git revision instead of the working tree")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--requests", type=int, default=3000)
@@ -204,8 +222,8 @@ def main() -> None:
         trees = {}
         trees[args.revision], place = worktree(args.revision)
         cleanups.append(place)
-    if args.against:
-        trees[args.against], place = worktree(args.against)
+    for ref in args.against or ():
+        trees[ref], place = worktree(ref)
         cleanups.append(place)
     private = servers.PrivateRedis().start()
     name, url = servers.create_database()
@@ -220,11 +238,15 @@ def main() -> None:
             order = variants if round_ % 2 == 0 else list(reversed(variants))
             for mode, label in order:
                 if mode == "gunicorn":
-                    us = under_gunicorn(
+                    us, per_write = under_gunicorn(
                         trees[label], url, private.url, f"cpu{round_}{label}", args.seconds
                     )
                     results.setdefault(f"{mode}, {label}", []).append(us)
-                    print(f"round {round_ + 1}: {mode}, {label}: {us:.0f} µs", flush=True)
+                    print(
+                        f"round {round_ + 1}: {mode}, {label}: {us:.0f} µs, "
+                        f"{per_write:.1f} requests per write",
+                        flush=True,
+                    )
                     continue
                 command = [
                     sys.executable,
