@@ -42,6 +42,24 @@ ACK_EXTENSION_KEY = "bucket.ack_coalescer"
 log = logging.getLogger(__name__)
 
 
+class Wakeup:
+    """One waiting request's wake-up, given once: a lock held from the start, released to wake
+    the request waiting to take it. (A ``threading.Event`` builds a ``Condition`` and a lock
+    per wait: about 6 µs of a worker's CPU more per waiting request.)"""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wait(self) -> None:
+        self._lock.acquire()
+
+    def set(self) -> None:
+        self._lock.release()
+
+
 @dataclass(eq=False)
 class Submission:
     """One request's items (valid packets to store, or acknowledgement results), waiting for
@@ -52,7 +70,7 @@ class Submission:
     auths: list[Any] | None = None
     keys: frozenset[str] = frozenset()
     charges: Any = None
-    woken: threading.Event = field(default_factory=threading.Event)
+    woken: Wakeup = field(default_factory=Wakeup)
     lead: bool = False
     outcomes: list | None = None
     error: BaseException | None = None
