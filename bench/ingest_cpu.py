@@ -23,8 +23,10 @@ place of the working tree (which can then change while the measurement runs).
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -44,7 +46,9 @@ TOKEN = "bench-ingest-cpu-token"
 def child(args: argparse.Namespace) -> None:
     """One measurement in this process, with the code of ``args.tree``; prints µs per request."""
     sys.path.insert(0, args.tree)
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="bucket-cpu-metrics-")
+    metrics = tempfile.mkdtemp(prefix="bucket-cpu-metrics-")
+    atexit.register(shutil.rmtree, metrics, True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics
     from bucket import create_app  # noqa: PLC0415 - from the tree under measurement
     from tests.factories import make_packet  # noqa: PLC0415
 
@@ -173,6 +177,7 @@ def under_gunicorn(
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def worktree(ref: str) -> tuple[str, Path]:
@@ -289,6 +294,7 @@ def main() -> None:
                 ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(place / "tree")],
                 check=False,
             )
+            shutil.rmtree(place, ignore_errors=True)
 
 
 if __name__ == "__main__":
