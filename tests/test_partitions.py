@@ -720,8 +720,6 @@ def test_a_resent_copy_is_a_duplicate_across_days(app, client, backend):
     assert stored(app) == {first["packet_id"]}
 
 
-
-
 def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend):
     """A packet stored without its key row (by an instance of the version before migration
     0012 while the upgrade rolled out) gets it from `partitions backfill-keys`; a copy sent

@@ -15,16 +15,21 @@ LEASE = f"{API}/packets/lease"
 ID_COLUMNS_SQL = (
     "SELECT table_name || '.' || column_name, data_type FROM information_schema.columns "
     "WHERE table_schema = current_schema() AND table_name IN ('packets', 'deliveries', "
-    "'packet_keys') AND column_name IN ('packet_id', 'dedup_key') ORDER BY 1"
+    "'packet_keys', 'packet_idempotency_keys') "
+    "AND column_name IN ('packet_id', 'dedup_key', 'idempotency_key') ORDER BY 1"
 )
 
 
 def test_ids_and_keys_read_back_as_the_strings_handed_out(app, client, backend):
     """The id ingest answers is the one every read gives back (poll, listing, the stored row),
     lowercase and hyphenated; the dedup key reads as its 32 hex digits, in packets and in
-    packet_keys alike. On PostgreSQL packets and deliveries hold uuid, packet_keys text."""
+    packet_keys alike, and the Idempotency-Key's row points to that key. On PostgreSQL every
+    id and key column is uuid (packets and deliveries since migration 0016, the key tables
+    since 0015) but the Idempotency-Key on packets, kept as text."""
     body = make_packet(user_id="uuid_reader")
-    packet_id = client.post(f"{API}/ingest", json=body).json["packet_id"]
+    packet_id = client.post(
+        f"{API}/ingest", json=body, headers={"Idempotency-Key": "uuid-order"}
+    ).json["packet_id"]
     assert len(packet_id) == 36 and packet_id == packet_id.lower()
     assert [p["packet_id"] for p in poll(client)["packets"]] == [packet_id]
     listed = client.get(f"{API}/packets/user/uuid_reader").json
@@ -34,16 +39,31 @@ def test_ids_and_keys_read_back_as_the_strings_handed_out(app, client, backend):
     stored = row(app, packet_id)
     assert (stored.packet_id, stored.dedup_key) == (packet_id, digest)
     if backend == "postgres":
-        assert sql(app, "SELECT dedup_key, packet_id FROM packet_keys") == [(digest, packet_id)]
+        keys = "SELECT replace(dedup_key::text, '-', ''), packet_id FROM packet_keys"
+        assert sql(app, keys) == [(digest, packet_id)]
+        idempotent = (
+            "SELECT replace(i.dedup_key::text, '-', ''), k.packet_id "
+            "FROM packet_idempotency_keys i JOIN packet_keys k USING (dedup_key, client_day)"
+        )
+        assert sql(app, idempotent) == [(digest, packet_id)]
         assert dict(sql(app, ID_COLUMNS_SQL)) == {
             "deliveries.packet_id": "uuid",
-            "packet_keys.dedup_key": "character varying",
-            "packet_keys.packet_id": "character varying",
+            "packet_idempotency_keys.dedup_key": "uuid",
+            "packet_idempotency_keys.idempotency_key": "uuid",
+            "packet_keys.dedup_key": "uuid",
+            "packet_keys.packet_id": "uuid",
             "packets.dedup_key": "uuid",
+            "packets.idempotency_key": "character varying",
             "packets.packet_id": "uuid",
         }
     again = client.post(f"{API}/ingest", json=body).json
     assert again["packet_id"] == packet_id and again["duplicate"] is True
+    reused = client.post(
+        f"{API}/ingest",
+        json=make_packet(user_id="uuid_reader"),
+        headers={"Idempotency-Key": "uuid-order"},
+    ).json
+    assert reused["packet_id"] == packet_id and reused["duplicate"] is True
 
 
 def test_an_id_in_another_spelling_names_no_packet(app, client):
