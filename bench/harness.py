@@ -303,18 +303,19 @@ WITH source AS (
     client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
     raw_signals, received_at)
   SELECT
-    substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
-      || substr(h, 18, 3) || '-' || substr(h, 21, 12),
-    md5(%(run)s || g::text), 'fill_' || (g %% 5000), 's_' || (g %% 5000), 'lesson_1', 'gurukul',
+    CAST(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
+      || substr(h, 18, 3) || '-' || substr(h, 21, 12) AS uuid),
+    CAST(md5(%(run)s || g::text) AS uuid), 'fill_' || (g %% 5000), 's_' || (g %% 5000),
+    'lesson_1', 'gurukul',
     'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
     50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
   FROM source
   RETURNING packet_id, dedup_key, received_at, client_timestamp
 ), keyed AS (
   -- the packets' natural identities (migration 0012: packet_keys holds them across day
-  -- partitions; 0015: by the client timestamp's day, as uuids)
+  -- partitions; 0015: by the client timestamp's day; uuid in both tables since 0016)
   INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
-  SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM stored
+  SELECT dedup_key, client_timestamp::date, received_at, packet_id FROM stored
 )
 INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,
   processed_by_karma, processed_at)

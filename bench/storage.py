@@ -183,15 +183,20 @@ INSERT INTO deliveries ({delivery_columns}) SELECT {delivery_values} FROM d
 """
 
 KEYS_CTE = """, keyed AS (
-  INSERT INTO packet_keys (dedup_key, idempotency_key, packet_id, received_at)
-  SELECT dedup_key, idempotency_key, packet_id, received_at FROM stored
+  INSERT INTO packet_keys ({key_columns}) SELECT {key_values} FROM stored
 )"""
-# Since migration 0015: partitioned by the client timestamp's day, digest and id as uuid; no
-# Idempotency-Key (the fill sends none, so packet_idempotency_keys stays empty).
-KEY_DAYS_CTE = """, keyed AS (
-  INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
-  SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM stored
-)"""
+# What each known column of packet_keys holds, over ``stored``, cast to packet_keys' own column
+# types like every other fill value: the packet's own ids (uuid in both tables since
+# migrations 0015 and 0016, text in both before), and since 0015 its client day; the
+# Idempotency-Key only in the layouts before 0015 (the fill sends none, so
+# packet_idempotency_keys stays empty).
+KEY_VALUES = {
+    "dedup_key": "dedup_key",
+    "client_day": "client_timestamp::date",
+    "idempotency_key": "idempotency_key",
+    "packet_id": "packet_id",
+    "received_at": "received_at",
+}
 
 SEALS_SQL = """
 INSERT INTO audit_seals (seq, sealed_at, after_seq, last_seq, packet_count, packets_total,
@@ -572,15 +577,12 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.
     # PostgreSQL keeps the unique keys in a table of their own (migration 0012): filled too.
-    keys = conn.execute("SELECT to_regclass('packet_keys') IS NOT NULL").fetchone()[0]
-    if keys:
-        by_day = conn.execute(
-            "SELECT 1 FROM pg_attribute WHERE attrelid = 'packet_keys'::regclass "
-            "AND attname = 'client_day'"
-        ).fetchone()
-        keys = KEY_DAYS_CTE if by_day else KEYS_CTE
+    keys = ""
+    if conn.execute("SELECT to_regclass('packet_keys') IS NOT NULL").fetchone()[0]:
+        key_columns, key_values = insert_parts(conn, "packet_keys", KEY_VALUES, unfilled)
+        keys = KEYS_CTE.format(key_columns=key_columns, key_values=key_values.replace("%", "%%"))
     return FILL_SQL.format(
-        keys=keys or "",
+        keys=keys,
         packet_columns=packet_columns,
         packet_values=packet_values.replace("%", "%%"),
         delivery_columns=delivery_columns,

@@ -99,15 +99,22 @@ def refuse_closed_connection(dbapi_connection, _record, _proxy) -> None:
 
 
 def tune_engine(engine: Engine) -> None:
-    """PostgreSQL: JSON columns decoded by orjson. SQLite: WAL, and BEGIN IMMEDIATE so each
-    transaction's claims and acks are serialised, its writers taking turns (sqlite_turns.py)."""
+    """PostgreSQL: JSON columns decoded by orjson, uuid columns read as their text. SQLite:
+    WAL, and BEGIN IMMEDIATE so each transaction's claims and acks are serialised, its writers
+    taking turns (sqlite_turns.py)."""
     if engine.dialect.name == "postgresql":
 
         @event.listens_for(engine, "connect")
         def on_postgres_connect(dbapi_connection, _record):
             from psycopg.types.json import set_json_loads
+            from psycopg.types.string import TextLoader
 
             set_json_loads(orjson.loads, dbapi_connection)
+            # Packet ids are stored as uuid (migration 0016) and handled as strings everywhere:
+            # the hand-written statements get the lowercase hyphenated text the service
+            # handed out, as they did from varchar, not uuid.UUID objects (models.UuidString
+            # accepts either).
+            dbapi_connection.adapters.register_loader("uuid", TextLoader)
 
         event.listen(engine, "checkout", refuse_closed_connection)
         return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -25,6 +27,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
 
 from bucket.extensions import db
@@ -45,6 +48,49 @@ class UTCDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
         return value
+
+
+# A packet id as the service hands it out (``timeutil.new_packet_id``): a UUID in lowercase,
+# hyphenated. Anything else names no stored packet.
+PACKET_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_packet_id(value: Any) -> bool:
+    """Whether ``value`` could be a stored packet's id (an unknown one answers "not found"
+    without reaching PostgreSQL, whose uuid columns refuse a malformed id)."""
+    return isinstance(value, str) and PACKET_ID.fullmatch(value) is not None
+
+
+class UuidString(TypeDecorator):
+    """A 128-bit identifier handled as a string: native ``uuid`` on PostgreSQL (16 bytes in
+    the row and in every index entry, not 37 as varchar(36)), the string itself on SQLite.
+
+    ``hyphens=True``: a packet id, read back in its lowercase hyphenated form. ``False``: a
+    32-hex-character digest (the dedup key, a blake2b-128), read back as those 32 characters.
+    Hand-written statements read PostgreSQL's uuid as this text too (``bucket.database``)."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, hyphens: bool = True) -> None:
+        super().__init__(36 if hyphens else 32)
+        self.hyphens = hyphens
+
+    def load_dialect_impl(self, dialect: Any) -> Any:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID(as_uuid=True))
+        return dialect.type_descriptor(String(self.impl.length))
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        if value is None or dialect.name != "postgresql":
+            return value
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> str | None:
+        if value is None or dialect.name != "postgresql":
+            return value
+        text_form = str(value)
+        return text_form if self.hyphens else text_form.replace("-", "")
 
 
 class DeliveryState:
@@ -70,17 +116,18 @@ class Packet(db.Model):
     ``services/partitions``): its primary key there is (packet_id, received_at), and the two
     unique keys below, which a partitioned table cannot hold across days, live in
     ``PacketKey`` and ``PacketIdempotencyKey``. SQLite keeps one table with the keys as
-    written here.
+    written here. ``packet_id`` and ``dedup_key`` are native uuid on PostgreSQL (migration
+    0016, ``UuidString``), as in the key tables (migration 0015).
     """
 
     __tablename__ = "packets"
 
-    packet_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    packet_id: Mapped[str] = mapped_column(UuidString(), primary_key=True)
     # Storage order: an identity on PostgreSQL, assigned in the write transaction on SQLite.
     # The bookkeeper counts (and seals) packets by ranges of it (services/bookkeeping.py).
     seq: Mapped[int] = mapped_column(BigInteger, Identity())
     # Digest of (system_type, user_id, session_id, timestamp in ms): the natural identity.
-    dedup_key: Mapped[str] = mapped_column(String(32))
+    dedup_key: Mapped[str] = mapped_column(UuidString(hyphens=False))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
     user_id: Mapped[str] = mapped_column(String(256))
@@ -142,7 +189,8 @@ class PacketKey(db.Model):
     ``services/partitions``) and a copy resent on any later day still conflicts. Ingest inserts
     the key row and the packet in one statement, the packet only if its key row went in
     (``services/ingest``); retention drops a day of keys once none of its packets is stored
-    (``services/retention``). Digest and packet id are 16-byte uuids.
+    (``services/retention``). Digest and packet id are 16-byte uuids, as on ``packets`` and
+    ``deliveries`` since migration 0016: the statements joining them need no cast.
     """
 
     __tablename__ = "packet_keys"
@@ -184,7 +232,7 @@ class Delivery(db.Model):
     __tablename__ = "deliveries"
 
     packet_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("packets.packet_id"), primary_key=True
+        UuidString(), ForeignKey("packets.packet_id"), primary_key=True
     )
     # The packet's, copied: status finds the oldest waiting packet without the wide table.
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -43,6 +43,7 @@ from tests.queue_helpers import ingest_many
 
 ROOT = Path(__file__).resolve().parent.parent
 VERIFIER = ROOT / "tools" / "verify_proof.py"
+FORGED_ID = "0f0f0f0f-0f0f-7f0f-8f0f-0f0f0f0f0f0f"
 
 
 def content_of(answer: dict) -> dict:
@@ -346,7 +347,8 @@ def test_verify_names_every_kind_of_tampering(app, client):
             .mappings()
             .one()
         )
-        forged = dict(victim, packet_id="forged-packet", dedup_key="f" * 32, focus_score=1.0)
+        # A UUID, as every stored id is (PostgreSQL stores them as uuid: migration 0016).
+        forged = dict(victim, packet_id=FORGED_ID, dedup_key="f" * 32, focus_score=1.0)
         forged["raw_signals"] = json.dumps(forged["raw_signals"])
         columns = ", ".join(forged)
         db.session.execute(
@@ -365,7 +367,7 @@ def test_verify_names_every_kind_of_tampering(app, client):
     assert ("altered", ids[1]) in named
     assert ("altered", ids[2]) in named
     assert ("deleted", ids[3]) in named
-    assert ("inserted", "forged-packet") in named
+    assert ("inserted", FORGED_ID) in named
     assert len(problems) == 5, result.output
 
     sql(app, "UPDATE audit_seals SET packet_count = packet_count + 1 WHERE seq = 1")

@@ -59,6 +59,13 @@ def rewrite_leaf_seqs(app, seq: int, seqs: list[int]) -> None:
         db.session.commit()
 
 
+# Forged ids: UUIDs, as every stored id is (PostgreSQL stores them as uuid: migration 0016),
+# below every id the service hands out, so the forged rows are listed before the real ones.
+FORGED_BEFORE = "00000000-0000-7000-8000-000000000001"
+FORGED_IN_RANGE = "00000000-0000-7000-8000-000000000002"
+RENAMED = "00000000-0000-7000-8000-000000000003"
+
+
 def forge_copy(app, source: str, **changes) -> None:
     """Insert a copy of a stored packet's row with ``changes`` (a forger writing SQL)."""
     with app.app_context():
@@ -108,7 +115,7 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
     delete_packet(app, second[1])
     # a row forged with a sealed packet's seq, listed before it; and one before the first seal
     victim = second[2]
-    forge_copy(app, victim, packet_id="0-forged-in-range")
+    forge_copy(app, victim, packet_id=FORGED_IN_RANGE)
     with app.app_context():
         row = dict(
             db.session.execute(text("SELECT * FROM packets WHERE packet_id = :p"), {"p": victim})
@@ -117,16 +124,17 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
         )
         db.session.commit()
     delete_packet(app, victim)
-    forge_copy(app, "0-forged-in-range", packet_id=victim, dedup_key=row["dedup_key"])
-    forge_copy(app, third[0], packet_id="0-forged-before", dedup_key="e" * 32, seq=0)
+    forge_copy(app, FORGED_IN_RANGE, packet_id=victim, dedup_key=row["dedup_key"])
+    forge_copy(app, third[0], packet_id=FORGED_BEFORE, dedup_key="e" * 32, seq=0)
     # a sealed packet renamed: its seq holds another id only
     renamed_seq = seqs_of(app, [third[1]])[0]
     delete_packet(app, third[1])
-    forge_copy(app, "0-forged-before", packet_id="0-renamed", dedup_key="d" * 32)
+    forge_copy(app, FORGED_BEFORE, packet_id=RENAMED, dedup_key="d" * 32)
     sql(
         app,
-        "UPDATE packets SET seq = :s, focus_score = 1 WHERE packet_id = '0-renamed'",
+        "UPDATE packets SET seq = :s, focus_score = 1 WHERE packet_id = :p",
         s=renamed_seq,
+        p=RENAMED,
     )
     forged_seq = seqs_of(app, [victim])[0]
     result = verify(app.test_cli_runner())
@@ -135,10 +143,10 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
         "PROBLEM seal-edited: seal 1: its header does not hash to its hash",
         f"PROBLEM altered: seal 1 packet {first[1]}: its stored content is not what was sealed",
         f"PROBLEM deleted: seal 2 packet {second[1]}: sealed, gone, and not purged by retention",
-        f"PROBLEM inserted: seal 2 packet 0-forged-in-range: seq {forged_seq} lies in a sealed "
+        f"PROBLEM inserted: seal 2 packet {FORGED_IN_RANGE}: seq {forged_seq} lies in a sealed "
         "range but was never sealed",
-        "PROBLEM altered: seal 3 packet 0-renamed: its stored content is not what was sealed",
-        "PROBLEM inserted: log packet 0-forged-before: seq 0 lies before the first seal",
+        f"PROBLEM altered: seal 3 packet {RENAMED}: its stored content is not what was sealed",
+        f"PROBLEM inserted: log packet {FORGED_BEFORE}: seq 0 lies before the first seal",
     ], result.output
     assert result.output.splitlines()[-1] == (
         "checked 3 seals and 7 packets; 0 purged by retention, 0 not sealed yet, 6 problems"

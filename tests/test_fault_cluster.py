@@ -339,7 +339,8 @@ def test_nothing_acknowledged_is_lost_or_processed_twice_under_faults(cluster):
     lost = acked - processed
     duplicated = {pid: n for pid, n in ledger.processed.items() if n > 1}
     with psycopg.connect(pg_url(cluster["database"])) as conn:
-        stored = dict(conn.execute("SELECT packet_id, delivery_state FROM deliveries").fetchall())
+        held = conn.execute("SELECT packet_id::text, delivery_state FROM deliveries")
+        stored = dict(held.fetchall())
     figures = [requests.get(f"{i.url}{API}/status", timeout=10).json() for i in instances]
 
     print(

@@ -338,7 +338,8 @@ def test_postgres_restarts_and_crashes_lose_nothing(system):
         join_all(drainers, CLIENT_TIMEOUT + 5, "drainer")
 
     with psycopg.connect(database.dsn) as conn:
-        stored = dict(conn.execute("SELECT packet_id, delivery_state FROM deliveries").fetchall())
+        held = conn.execute("SELECT packet_id::text, delivery_state FROM deliveries")
+        stored = dict(held.fetchall())
         packets = conn.execute("SELECT count(*) FROM packets").fetchone()[0]
     status = requests.get(f"{base}{API}/status", timeout=CLIENT_TIMEOUT).json()
     lost = set(ledger.ingested) - set(stored)

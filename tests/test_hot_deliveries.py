@@ -26,6 +26,8 @@ from tests.queue_helpers import API, ack, ingest_many, listing, poll, sql, statu
 from tests.statements import captured_statements
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
+# An id in the form the service hands out that names no stored packet.
+NO_SUCH_ID = "00000000-0000-7000-8000-000000000000"
 
 
 def placement(app) -> dict[str, int]:
@@ -155,7 +157,7 @@ def test_polls_and_acks_plan_the_hot_partition_only(app, client, backend):
         lease = lease_params(
             now, settings.max_attempts, receipt="r", until=now + 60, source="pending", limit=10
         )
-        items = [ack_item({"packet_id": "x", "success": True})]
+        items = [ack_item({"packet_id": NO_SUCH_ID, "success": True})]
         acks = ack_params(items, settings, now)
     for statement, params in ((PG_HEADS, heads), (PG_LEASE, lease)):
         found = plan(app, statement, params)

@@ -248,7 +248,8 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
     before = [rows_of(fresh_app, q) for q in (packets_sql, deliveries_sql, seals_sql)]
     assert len(before[0]) == 6
 
-    result = flask_db(fresh_app, "upgrade")
+    # The layouts of 0012 and 0014 (0016 changes the ids' type: its own test compares them).
+    result = flask_db(fresh_app, "upgrade", "0014_hot_deliveries")
     assert result.exit_code == 0, result.output
     after = [rows_of(fresh_app, q) for q in (packets_sql, deliveries_sql, seals_sql)]
     assert after == before
@@ -262,6 +263,7 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
             "SELECT tableoid::regclass::text, count(*) FROM deliveries GROUP BY 1 ORDER BY 1",
         )
         assert held == [("deliveries_hot", 4), ("deliveries_processed_legacy", 2)]
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
     verified = fresh_app.test_cli_runner().invoke(args=["bucket", "verify"])
     assert verified.exit_code == 0 and "checked 1 seals and 6 packets" in verified.output
 
@@ -295,16 +297,18 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
     and downgrading puts every row back in one table."""
     from tests.queue_helpers import ack, ingest_many, poll
 
-    assert flask_db(fresh_app, "upgrade", "0013_lean_user_indexes").exit_code == 0
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
     postgres = backend == "postgres"
     client = fresh_app.test_client()
-    # SQLite's ingest is the same on both layouts; PostgreSQL's writes packet_keys as of 0015.
-    ids = store_as_0014(fresh_app, 8) if postgres else ingest_many(client, 8)
+    # The rows are written by the service, then taken back to the 0013 layout (one table, ids
+    # as text) by the downgrade: today's statements no longer run on that layout.
+    ids = ingest_many(client, 8)
     served = [p["packet_id"] for p in poll(client, limit=6)["packets"]]
     assert sorted(served) == sorted(ids[:6])
     for packet_id in ids[:3]:
         assert ack(client, packet_id).status_code == 200
     assert ack(client, ids[3], success=False).status_code == 200  # retrying
+    assert flask_db(fresh_app, "downgrade", "0013_lean_user_indexes").exit_code == 0
     with fresh_app.app_context():
         db.session.execute(
             text("UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p"),
@@ -320,7 +324,7 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
     before = rows_of(fresh_app, deliveries_sql)
     assert len(before) == 8
 
-    result = flask_db(fresh_app, "upgrade")
+    result = flask_db(fresh_app, "upgrade", "0014_hot_deliveries")
     assert result.exit_code == 0, result.output
     assert rows_of(fresh_app, deliveries_sql) == before
     if postgres:
@@ -337,6 +341,7 @@ def test_upgrade_to_hot_deliveries_moves_every_delivery_once(fresh_app, backend)
             ids[2]: f"deliveries_processed_{today}",
             **{packet_id: "deliveries_hot" for packet_id in ids[3:]},
         }
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
     # ids[3] retries later, ids[5] is leased: only the two never served are served.
     again = [p["packet_id"] for p in poll(client, limit=10)["packets"]]
     assert sorted(again) == sorted(ids[6:])
@@ -478,3 +483,126 @@ def partitions_today(app) -> str:
     from bucket.timeutil import utc_now
 
     return partitions.day_name(utc_now().date()).removeprefix("packets_")
+
+
+# Columns as text on both backends (CAST, not ::, so SQLite runs them too): what the service
+# reads of the ids and keys, whatever their stored type.
+ID_VIEWS = {
+    "packets": "SELECT CAST(packet_id AS TEXT), replace(CAST(dedup_key AS TEXT), '-', ''), seq, "
+    "received_at FROM packets ORDER BY seq",
+    "deliveries": "SELECT CAST(packet_id AS TEXT), delivery_state, delivery_count, visible_at, "
+    "lease_id FROM deliveries ORDER BY packet_id",
+}
+UUID_COLUMNS_SQL = (
+    "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    "JOIN pg_class c ON c.oid = a.attrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p') "
+    "AND (c.relname LIKE 'packet%' OR c.relname LIKE 'deliveries%') "
+    "AND a.attname IN ('packet_id', 'dedup_key') ORDER BY 1, 2"
+)
+
+
+def id_types(app) -> set[tuple[str, str]]:
+    """PostgreSQL: the (column, type) pairs of the ids and keys over every table and partition
+    of packets, packet_keys, packet_idempotency_keys and deliveries."""
+    return {(f"{table}.{column}", kind) for table, column, kind in rows_of(app, UUID_COLUMNS_SQL)}
+
+
+def key_table(name: str) -> bool:
+    """A column of the key tables (migration 0015: uuid already), or of one of their
+    partitions."""
+    return name.startswith(("packet_keys", "packet_idempotency_keys"))
+
+
+def test_upgrade_to_uuid_ids_keeps_every_id_key_and_seal(fresh_app, backend):
+    """Migration 0016 with data in the 0015 layout (packet and delivery ids and keys as text,
+    the key tables' as uuid): processed, leased, retrying and pending packets, one sent with
+    an Idempotency-Key, sealed. On PostgreSQL every table and partition of packets and
+    deliveries then holds uuid like the key tables, whose rows stay as they were; on both
+    backends every id and key reads as the same string, the artifacts are byte for byte the
+    same and verify passes (the leaves did not change), a resent packet is still its
+    original's duplicate, a packet reusing the Idempotency-Key too, nothing finished or leased
+    is served again; downgrading gives back every row as it was."""
+    from tests.queue_helpers import API, ack, ingest_many, poll
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    postgres = backend == "postgres"
+    client = fresh_app.test_client()
+    bodies = [make_packet() for _ in range(6)]
+    ids = [
+        client.post(
+            f"{API}/ingest", json=body, headers={"Idempotency-Key": "order-9"} if n == 4 else {}
+        ).json["packet_id"]
+        for n, body in enumerate(bodies)
+    ]
+    ids += ingest_many(client, 2)
+    served = [p["packet_id"] for p in poll(client, limit=5)["packets"]]
+    assert sorted(served) == sorted(ids[:5])
+    for packet_id in ids[:2]:
+        assert ack(client, packet_id).status_code == 200
+    assert ack(client, ids[2], success=False).status_code == 200  # retrying
+    assert fresh_app.test_cli_runner().invoke(args=["bucket", "seal"]).exit_code == 0
+    artifacts = [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids]
+    assert all(artifact["provenance"]["sealed"] for artifact in artifacts)
+    # The 0015 layout, with these rows (the downgrade is part of what is tested).
+    assert flask_db(fresh_app, "downgrade", "0015_key_days").exit_code == 0
+    keys_sql = (
+        "SELECT * FROM packet_keys ORDER BY dedup_key",
+        "SELECT * FROM packet_idempotency_keys ORDER BY idempotency_key",
+    )
+    if postgres:
+        types = id_types(fresh_app)
+        assert {kind for name, kind in types if not key_table(name)} == {
+            "character varying(36)",
+            "character varying(32)",
+        }
+        assert {kind for name, kind in types if key_table(name)} == {"uuid"}
+        keys_before = [rows_of(fresh_app, q) for q in keys_sql]
+        assert len(keys_before[0]) == 8 and len(keys_before[1]) == 1
+    whole = ("SELECT * FROM packets ORDER BY seq", "SELECT * FROM deliveries ORDER BY packet_id")
+    before = [rows_of(fresh_app, q) for q in whole]
+    before_ids = {name: rows_of(fresh_app, q) for name, q in ID_VIEWS.items()}
+    assert len(before_ids["packets"]) == 8 and ids[0] in before_ids["packets"][0]
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert {name: rows_of(fresh_app, q) for name, q in ID_VIEWS.items()} == before_ids
+    if postgres:
+        types = id_types(fresh_app)
+        assert {kind for _, kind in types} == {"uuid"}
+        partitions_held = {name.split(".")[0] for name, _ in types}
+        today = partitions_today(fresh_app)
+        assert {
+            "packets",
+            f"packets_{today}",
+            "packets_default",
+            "packet_keys",
+            "packet_idempotency_keys",
+            "deliveries",
+            "deliveries_hot",
+            f"deliveries_processed_{today}",
+        } <= partitions_held
+        assert [rows_of(fresh_app, q) for q in keys_sql] == keys_before
+    assert [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids] == artifacts
+    verified = fresh_app.test_cli_runner().invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "8 packets" in verified.output, verified.output
+    again = client.post(f"{API}/ingest", json=bodies[5]).json
+    assert again["packet_id"] == ids[5] and again["duplicate"] is True
+    reused = client.post(
+        f"{API}/ingest", json=make_packet(), headers={"Idempotency-Key": "order-9"}
+    ).json
+    assert reused["packet_id"] == ids[4] and reused["duplicate"] is True
+    # ids[2] retries later, ids[3] and ids[4] are leased: only the three never served are.
+    served = [p["packet_id"] for p in poll(client, limit=10)["packets"]]
+    assert sorted(served) == sorted(ids[5:])
+    assert ack(client, ids[0]).json["outcome"] == "already_processed"
+    assert ack(client, ids[3]).json["outcome"] == "processed"
+
+    assert flask_db(fresh_app, "downgrade", "0015_key_days").exit_code == 0
+    if postgres:
+        types = id_types(fresh_app)
+        assert "uuid" not in {kind for name, kind in types if not key_table(name)}
+        assert [rows_of(fresh_app, q) for q in keys_sql] == keys_before
+    after = [rows_of(fresh_app, q) for q in whole]
+    assert after[0] == before[0]  # packets: written once, never changed
+    assert [row[0] for row in after[1]] == [row[0] for row in before[1]]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import text
 
 from bucket.extensions import db
+from bucket.services import cursors
 from bucket.services.bookkeeping import book_new_packets
 from tests.factories import make_packet
 from tests.queue_helpers import ack, ingest_many, poll, status
@@ -99,6 +100,8 @@ def test_dead_letters_newest_first_with_error_and_attempts_paged(make_app):
     rest = client.get(url).json
     assert [p["packet_id"] for p in rest] == ids[::-1][3:]
     assert client.get(f"{API}/packets/dead?cursor=bad").status_code == 422
+    not_an_id = cursors.encode(1_000_000_000.0, "not-a-packet-id")  # well formed but the id
+    assert client.get(f"{API}/packets/dead", query_string={"cursor": not_an_id}).status_code == 422
 
 
 def test_requeue_one_packet_one_user_or_all(make_app):

@@ -31,7 +31,8 @@ FILL = """
 WITH stored AS (
   INSERT INTO packets (packet_id, dedup_key, user_id, client_timestamp, active_seconds,
     idle_seconds, away_seconds, raw_signals, received_at)
-  SELECT :prefix || g, md5(:prefix || g), 'fill_' || (g % 500), now(), 5, 0, 0,
+  SELECT CAST(md5(:prefix || g || '/id') AS uuid), CAST(md5(:prefix || g) AS uuid),
+    'fill_' || (g % 500), now(), 5, 0, 0,
     '{"tab_visible": true}'::json, now() - make_interval(secs => g)
   FROM generate_series(1, :rows) AS g
   RETURNING packet_id, received_at

@@ -182,8 +182,12 @@ def test_employee_paging_has_no_duplicates(client):
         base64.urlsafe_b64encode(
             json.dumps(["2026-11-28T10:00:00+00:00", "x\0"]).encode()
         ).decode(),
+        # Well formed but for the id: no packet id the service hands out (uuid on PostgreSQL).
+        base64.urlsafe_b64encode(
+            json.dumps(["2026-11-28T10:00:00+00:00", "not-a-packet-id"]).encode()
+        ).decode(),
     ],
-    ids=["text", "percent", "numbers", "object", "naive", "overflow", "nul"],
+    ids=["text", "percent", "numbers", "object", "naive", "overflow", "nul", "not-an-id"],
 )
 def test_bad_cursor_is_422(client, cursor):
     """A cursor this service did not issue is refused with 422 naming cursor."""

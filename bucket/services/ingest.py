@@ -42,23 +42,26 @@ JSON_COLUMNS = frozenset(("raw_signals",))
 # copy whose identity is stored already points to that packet, so no key row ever names a
 # packet not stored. Keys, packet and pending delivery go in one statement. Columns are named
 # on both sides, so the statement does not depend on the physical column order.
+# Packet ids and dedup keys are uuid in every table here (migrations 0015 and 0016): they
+# move between them uncast. The Idempotency-Key stays text on ``packets`` (its scoped
+# digest's 32 hex digits) and is cast to its key table's uuid.
 _CLAIM_AND_STORE = (
     "idempotent AS (INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
-    "SELECT idempotency_key::uuid, dedup_key::uuid, client_timestamp::date FROM incoming "
+    "SELECT idempotency_key::uuid, dedup_key, client_timestamp::date FROM incoming "
     "WHERE idempotency_key IS NOT NULL ON CONFLICT DO NOTHING RETURNING dedup_key), "
     "claimed AS (INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
-    "SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid FROM incoming "
-    "WHERE idempotency_key IS NULL OR dedup_key::uuid IN (SELECT dedup_key FROM idempotent) "
+    "SELECT dedup_key, client_timestamp::date, received_at, packet_id FROM incoming "
+    "WHERE idempotency_key IS NULL OR dedup_key IN (SELECT dedup_key FROM idempotent) "
     "ON CONFLICT DO NOTHING RETURNING packet_id), "
     f"stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
     f"SELECT {', '.join(PACKET_COLUMNS)} FROM incoming "
-    "WHERE packet_id::uuid IN (SELECT packet_id FROM claimed) "
+    "WHERE packet_id IN (SELECT packet_id FROM claimed) "
     "RETURNING packet_id, dedup_key, received_at), "
     "delivered AS (INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
     "delivery_count, processed_by_karma) "
     "SELECT packet_id, received_at, 'pending', extract(epoch FROM received_at)::float8, 0, false "
     "FROM stored) "
-    "SELECT dedup_key FROM stored"
+    "SELECT replace(dedup_key::text, '-', '') FROM stored"
 )
 BATCH_INSERT_SQL = (
     f"WITH incoming AS (SELECT {', '.join(PACKET_COLUMNS)} "

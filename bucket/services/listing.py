@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, select, tuple_
+from sqlalchemy import and_, literal, select, tuple_
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet
+from bucket.models import DeliveryState, Packet, is_packet_id
 from bucket.services import cursors
 from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 
@@ -17,7 +17,7 @@ T = Packet.__table__
 def received_cursor(received_at: str, packet_id: str) -> tuple[datetime, str]:
     """A user listing's cursor: the last row's ``received_at`` (aware) and ``packet_id``."""
     moment = datetime.fromisoformat(received_at)
-    if moment.tzinfo is None or not isinstance(packet_id, str) or "\x00" in packet_id:
+    if moment.tzinfo is None or not is_packet_id(packet_id):
         raise ValueError("malformed cursor")
     return moment.astimezone(UTC), packet_id
 
@@ -46,7 +46,10 @@ def user_packets(
         filters.append(D.c.delivery_state == status)
     if cursor:
         received_at, packet_id = cursors.decode(cursor, received_cursor)
-        filters.append(tuple_(T.c.received_at, T.c.packet_id) < tuple_(received_at, packet_id))
+        # The id bound as the column's type (PostgreSQL's uuid: the row comparison keeps to the
+        # index's order and needs no cast of the column).
+        last = tuple_(received_at, literal(packet_id, T.c.packet_id.type))
+        filters.append(tuple_(T.c.received_at, T.c.packet_id) < last)
     order = (T.c.received_at.desc(), T.c.packet_id.desc())
     # Two index-ordered lookups merged here beat one OR that the planner must sort; each
     # packet's delivery is joined on its primary key, and on received_at, which PostgreSQL's
@@ -74,7 +77,7 @@ def user_packets(
 
 def dead_cursor(dead_at: float, packet_id: str) -> tuple[float, str]:
     """The dead letters' cursor: the last row's ``visible_at`` (when it died) and id."""
-    if type(dead_at) not in (int, float) or not isinstance(packet_id, str) or "\x00" in packet_id:
+    if type(dead_at) not in (int, float) or not is_packet_id(packet_id):
         raise ValueError("malformed cursor")
     return float(dead_at), packet_id
 
@@ -85,7 +88,8 @@ def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | Non
     filters = [D.c.delivery_state == DeliveryState.DEAD]
     if cursor:
         dead_at, packet_id = cursors.decode(cursor, dead_cursor)
-        filters.append(tuple_(D.c.visible_at, D.c.packet_id) < tuple_(dead_at, packet_id))
+        last = tuple_(dead_at, literal(packet_id, D.c.packet_id.type))
+        filters.append(tuple_(D.c.visible_at, D.c.packet_id) < last)
     rows = db.session.execute(
         select(T, *DELIVERY_COLUMNS)
         .select_from(D.join(T, T.c.packet_id == D.c.packet_id))

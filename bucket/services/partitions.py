@@ -399,7 +399,7 @@ def backfill_keys(since: datetime) -> int | None:
     added = db.session.execute(
         text(
             "INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
-            "SELECT dedup_key::uuid, client_timestamp::date, received_at, packet_id::uuid "
+            "SELECT dedup_key, client_timestamp::date, received_at, packet_id "
             "FROM packets WHERE received_at >= :since ORDER BY seq ON CONFLICT DO NOTHING"
         ),
         {"since": since_naive},
@@ -407,7 +407,7 @@ def backfill_keys(since: datetime) -> int | None:
     db.session.execute(
         text(
             "INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
-            "SELECT idempotency_key::uuid, dedup_key::uuid, client_timestamp::date FROM packets "
+            "SELECT idempotency_key::uuid, dedup_key, client_timestamp::date FROM packets "
             "WHERE received_at >= :since AND idempotency_key IS NOT NULL "
             "ORDER BY seq ON CONFLICT DO NOTHING"
         ),

@@ -72,6 +72,19 @@ class FieldType:
     sql: str
     encode: Callable[[Any], bytes]
 
+    def expression(self, name: str) -> str:
+        """The column as this field's SQL value: cast to the field's type, a uuid column as
+        the text it was stored as before migration 0016 (the leaf's bytes must not change)."""
+        if name in DIGEST_UUIDS:
+            return f"replace({name}::text, '-', '')::{self.sql}"
+        return f"{name}::{self.sql}"
+
+
+# Columns stored as uuid on PostgreSQL since migration 0016 whose text form is the 32 hex
+# digits without hyphens (``models.UuidString(hyphens=False)``). ``packet_id``'s text form is
+# the hyphenated one it always had, so ``packet_id::text`` gives its old bytes unchanged.
+DIGEST_UUIDS = frozenset(("dedup_key",))
+
 
 TEXT = FieldType(25, "text", _text)
 INT8 = FieldType(20, "int8", _int8)
@@ -118,7 +131,7 @@ _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL).
 LEAF_SQL = "record_send(ROW({}))".format(
-    ", ".join(f"{name}::{kind.sql}" for name, kind in LEAF_COLUMNS)
+    ", ".join(kind.expression(name) for name, kind in LEAF_COLUMNS)
 )
 # The columns ``leaf_content`` reads: JSON as its stored text, not parsed.
 LEAF_SELECT = tuple(

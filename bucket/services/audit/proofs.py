@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 
 from bucket.extensions import db
-from bucket.models import AuditSeal, Packet
+from bucket.models import AuditSeal, Packet, is_packet_id
 from bucket.services.audit.content import (
     ENCODINGS,
     LEAF_FORMAT,
@@ -67,6 +67,8 @@ def chain(first: int | None, last: int | None) -> list[dict[str, Any]]:
 def artifact(packet_id: str) -> dict[str, Any] | None:
     """The packet as stored, its provenance in the original bucket's shape, and its inclusion
     proof up to its seal; None for an unknown packet."""
+    if not is_packet_id(packet_id):  # names no stored packet (and no uuid PostgreSQL accepts)
+        return None
     row = (
         db.session.execute(select(*LEAF_SELECT).where(T.c.packet_id == packet_id))
         .mappings()

@@ -47,7 +47,7 @@ SEALER_LOCK = 0x7072616E615F7365
 # ``limit``); the three aggregates read them in that order, which ``read_leaves_postgres``
 # checks.
 LEAVES_SQL = (
-    "SELECT string_agg(int8send(seq), ''::bytea), string_agg(packet_id, E'\\n'), "
+    "SELECT string_agg(int8send(seq), ''::bytea), string_agg(packet_id::text, E'\\n'), "
     "string_agg(sha256('\\x00'::bytea || leaf), ''::bytea) "
     f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM packets "
     "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen"

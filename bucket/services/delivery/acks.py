@@ -21,7 +21,7 @@ from sqlalchemy import Float, String, and_, case, column, func, or_, select, tex
 from sqlalchemy.sql import Subquery
 
 from bucket.extensions import db, queue
-from bucket.models import DeliveryState
+from bucket.models import DeliveryState, is_packet_id
 from bucket.services import activity, counters, sql
 from bucket.services.activity import PG_PROCESSED
 from bucket.services.coalescing import ACK_EXTENSION_KEY, Submission, coalescer
@@ -57,22 +57,25 @@ ACK_MESSAGES = {
 # packets passes an empty array there, which no index descends. An ack racing another for
 # the same packet can find its row moved away under its lock: PostgreSQL then refuses the
 # statement (40001), and ``sql.run`` runs it again, when it finds the packet processed.
+# The ids arrive as text and are cast to uuid (migration 0016) on the parameter's side, never
+# the column's, so each lookup stays an index probe; an id that is no UUID never gets here
+# (``write_acks``: it names no packet).
 _ATTEMPTS = (
     "CASE WHEN p.delivery_state = 'leased' THEN p.delivery_count ELSE p.delivery_count + 1 END"
 )
 _EXHAUSTED = f"({_ATTEMPTS}) >= %(max)s"
 PG_ACK = f"""
 WITH r AS (
-  SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id text, success boolean,
+  SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id uuid, success boolean,
     receipt text, jitter float8, error_message text, karma_actions json)
 ), locked AS (
   SELECT packet_id, delivery_state, delivery_count, visible_at, lease_id FROM deliveries
-  WHERE packet_id = ANY(%(ids)s) AND delivery_state <> 'processed'
+  WHERE packet_id = ANY(%(ids)s::uuid[]) AND delivery_state <> 'processed'
   ORDER BY packet_id FOR UPDATE
 ), finished AS (
   SELECT packet_id, delivery_state, delivery_count, visible_at FROM deliveries
   WHERE delivery_state = 'processed' AND packet_id = ANY(ARRAY(
-    SELECT unnest(%(ids)s::text[]) EXCEPT SELECT packet_id FROM locked))
+    SELECT unnest(%(ids)s::uuid[]) EXCEPT SELECT packet_id FROM locked))
 ), accepted AS (
   SELECT r.* FROM r JOIN locked USING (packet_id)
   WHERE locked.delivery_state IN ('pending', 'leased')
@@ -173,7 +176,9 @@ def write_acks(submissions: list[Submission]) -> list[list[AckOutcome]]:
             if item["packet_id"] not in unique:
                 unique[item["packet_id"]] = ack_item(item)
     record = _record_postgres if dialect_name() == "postgresql" else _record_sqlite
-    updated, current = record(list(unique.values()), settings)
+    # An id not in the form the service hands out names no stored packet: not found, unasked.
+    known = [item for item in unique.values() if is_packet_id(item["packet_id"])]
+    updated, current = record(known, settings) if known else ({}, {})
     if any(row[1] == DeliveryState.PENDING for row in updated.values()):
         queue.publish_ready()
     by_id: dict[str, AckOutcome] = {}

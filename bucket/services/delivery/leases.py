@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import case, select, update
 
 from bucket.extensions import db, queue
-from bucket.models import DeliveryState
+from bucket.models import DeliveryState, is_packet_id
 from bucket.services import counters, sql
 from bucket.services.delivery.acks import AckOutcome, refused_outcome
 from bucket.services.delivery.settings import RELEASED_LAST_ERROR, D, DeliverySettings
@@ -16,6 +16,8 @@ from bucket.timeutil import epoch_now, from_epoch
 
 def change_visibility(packet_id: str, receipt: str, visibility_timeout: int) -> AckOutcome:
     """Extend a held lease, or release it at once with ``visibility_timeout`` 0."""
+    if not is_packet_id(packet_id):  # names no stored packet (and no uuid PostgreSQL accepts)
+        return refused_outcome(packet_id, None)
     settings = DeliverySettings.from_app()
     now = epoch_now()
     release = visibility_timeout == 0

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bucket.extensions import db, queue
-from bucket.models import DeliveryState
+from bucket.models import DeliveryState, is_packet_id
 from bucket.services import counters, sql
 from bucket.services.delivery.settings import D, T
 from bucket.timeutil import epoch_now
@@ -39,7 +39,8 @@ def requeue(
     if received_to is not None:
         conditions.append(D.c.received_at < received_to)
     if packet_ids is not None:
-        conditions.append(D.c.packet_id.in_(packet_ids))
+        # An id not in the form the service hands out names no stored packet.
+        conditions.append(D.c.packet_id.in_([pid for pid in packet_ids if is_packet_id(pid)]))
     values: dict[str, Any] = {
         "delivery_state": DeliveryState.PENDING,
         "visible_at": epoch_now(),
