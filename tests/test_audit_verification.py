@@ -280,8 +280,11 @@ def test_the_seal_chain_answers_at_most_1000_seals(app, client):
     ingest_many(client, 1)
     seal(app)
     row = seal_row(app, 1)
+    # Above the real seal's range, whatever seqs earlier tests left the counter at (last_seq is
+    # unique: a copy landing on the real one's would fail the insert).
+    base = row["last_seq"]
     copies = [
-        dict(row, seq=n, after_seq=n * 10, last_seq=n * 10 + 1, hash=f"{n:064x}")
+        dict(row, seq=n, after_seq=base + n * 10, last_seq=base + n * 10 + 1, hash=f"{n:064x}")
         for n in range(2, 1003)
     ]
     with app.app_context():
