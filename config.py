@@ -70,7 +70,7 @@ class Config:
         self.BUCKET_MAX_BATCH_SIZE = env_int("BUCKET_MAX_BATCH_SIZE", 500)
         # Ingest coalescing: concurrent requests of one worker share one statement and commit,
         # at most this many packets per shared write (a larger batch is written on its own).
-        self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", False)
+        self.BUCKET_INGEST_COALESCE = env_bool("BUCKET_INGEST_COALESCE", True)
         self.BUCKET_INGEST_COALESCE_MAX = env_int("BUCKET_INGEST_COALESCE_MAX", 64)
         # Acknowledgement coalescing: concurrent mark-processed requests of one worker naming
         # different packets share one statement and commit, at most this many results per write.

@@ -30,16 +30,19 @@ def is_service_variable(name: str) -> bool:
 for _name in [name for name in os.environ if is_service_variable(name)]:
     del os.environ[_name]
 
-# BUCKET_TEST_INGEST_COALESCE=true (BUCKET_TEST_ACK_COALESCE=true) runs the tests with ingest
-# (acknowledgement) coalescing on: every app a test creates, and the gunicorn instances of
-# tests/cluster.py. What the tests assert must hold either way.
+# BUCKET_TEST_INGEST_COALESCE=true|false (BUCKET_TEST_ACK_COALESCE=true|false) runs the tests
+# with ingest (acknowledgement) coalescing on or off: every app a test creates, and the gunicorn
+# instances of tests/cluster.py; unset, the defaults. What the tests assert holds either way.
 COALESCING_SWITCHES = {
     "BUCKET_TEST_INGEST_COALESCE": "BUCKET_INGEST_COALESCE",
     "BUCKET_TEST_ACK_COALESCE": "BUCKET_ACK_COALESCE",
 }
 for _switch, _setting in COALESCING_SWITCHES.items():
-    if os.environ.get(_switch, "").strip().lower() in {"1", "true", "yes"}:
+    _choice = os.environ.get(_switch, "").strip().lower()
+    if _choice in {"1", "true", "yes"}:
         os.environ[_setting] = "true"
+    elif _choice in {"0", "false", "no"}:
+        os.environ[_setting] = "false"
 
 import shutil  # noqa: E402 - after the scrub: nothing may read the environment before it
 import uuid  # noqa: E402

@@ -100,7 +100,7 @@ CASES: dict[str, dict] = {
     "BUCKET_RETRY_BACKOFF_MAX": {"value": "99", "config": ("BUCKET_RETRY_BACKOFF_MAX", 99.0)},
     "BUCKET_MAX_BODY_BYTES": {"value": "2048", "config": ("MAX_CONTENT_LENGTH", 2048)},
     "BUCKET_MAX_BATCH_SIZE": {"value": "50", "config": ("BUCKET_MAX_BATCH_SIZE", 50)},
-    "BUCKET_INGEST_COALESCE": {"value": "true", "config": ("BUCKET_INGEST_COALESCE", True)},
+    "BUCKET_INGEST_COALESCE": {"value": "false", "config": ("BUCKET_INGEST_COALESCE", False)},
     "BUCKET_INGEST_COALESCE_MAX": {"value": "16", "config": ("BUCKET_INGEST_COALESCE_MAX", 16)},
     "BUCKET_ACK_COALESCE": {"value": "true", "config": ("BUCKET_ACK_COALESCE", True)},
     "BUCKET_ACK_COALESCE_MAX": {"value": "16", "config": ("BUCKET_ACK_COALESCE_MAX", 16)},
