@@ -59,7 +59,8 @@ class Bucket:
                     ).bindparams(bindparam("ids", expanding=True)),
                     {"ids": packet_ids},
                 )
-                return {row.packet_id: dict(row._mapping) for row in found}
+                # str(): a uuid column (PostgreSQL, migration 0016) reads back as uuid.UUID here.
+                return {str(row.packet_id): dict(row._mapping) for row in found}
         finally:
             engine.dispose()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -443,10 +443,13 @@ def test_upgrade_to_key_days_moves_every_key_once_and_downgrade_restores_them(fr
         "replace(dedup_key::text, '-', '') FROM packet_keys",
     )
     tomorrow = ahead.date()
+    # The factory's clock advances with every packet the test process made before: each
+    # packet's own client day, not a fixed one.
+    day = [datetime.fromisoformat(body["timestamp"]).date() for body in bodies]
     assert sorted(moved) == sorted(
         [
-            (ids[0], "packet_keys_legacy", date(2025, 11, 28), before_key(before, ids[0])),
-            (ids[1], "packet_keys_legacy", date(2025, 11, 28), before_key(before, ids[1])),
+            (ids[0], "packet_keys_legacy", day[0], before_key(before, ids[0])),
+            (ids[1], "packet_keys_legacy", day[1], before_key(before, ids[1])),
             (ids[2], f"packet_keys_p{tomorrow:%Y%m%d}", tomorrow, before_key(before, ids[2])),
         ]
     ), moved

@@ -134,7 +134,10 @@ def test_unreachable_database_answers_503_never_2xx(backend, tmp_path):
         assert_unavailable(client.post(INGEST, json=make_packet()))
         assert_unavailable(client.post(INGEST, json={"packets": [make_packet(), make_packet()]}))
         assert_unavailable(client.get(PENDING))
-        assert_unavailable(client.post(ACK, json={"packet_id": "x", "success": True}))
+        # An id in the form the service hands out: one that is not names no packet (404)
+        # without asking the database.
+        unseen = "01900000-0000-7000-8000-000000000000"
+        assert_unavailable(client.post(ACK, json={"packet_id": unseen, "success": True}))
         assert_unavailable(client.get(f"{API}/status"))
         # Bad input stays a 422 naming the field; the quarantine cannot keep it without a
         # database, and the bridge resends refused packets, so it is kept once one answers.
