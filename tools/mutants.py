@@ -84,6 +84,7 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_counters.py",
             "tests/test_state_machine.py",
             "tests/test_operations.py",  # the per-minute processed figures acks record
+            "tests/test_ack_coalescing.py",  # BUCKET_ACK_COALESCE: acknowledge's shared path
         ],
     ),
     "quarantine": (
