@@ -8,9 +8,10 @@ or leased), or dead (unless ``include_dead``), is kept whole and reported with i
 no packet that still matters is lost, and the next purge tries again. Otherwise, in one short
 transaction: the day's rows are locked against change, the audit log records the runs of
 ``seq`` the day held (``audit_purged_ranges``: every sealed packet inside a run was in the day,
-computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
-and still calls any other missing packet deleted), the counters are lowered, the day's dead
-deliveries removed, and the partition detached with its partition of processed deliveries
+computed from one ordered pass over the day's seq index and the seals' bounds, reading the
+leaves of only the seals that skip a seq, so ``verify`` tells each of them "purged by
+retention" and still calls any other missing packet deleted), the counters are lowered, the
+day's dead deliveries removed, and the partition detached with its partition of processed deliveries
 (``deliveries_processed_pYYYYMMDD``, migration 0014), and both detached tables are dropped
 (a run interrupted there is finished by the next purge).
 
