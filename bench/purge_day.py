@@ -146,6 +146,9 @@ def grouped(statements: list) -> dict[str, float]:
     """Seconds per kind of statement."""
     kinds = {
         "count(*), count(DISTINCT seq)": "day count",
+        "row_number() OVER (ORDER BY seq)": "day runs",
+        "octet_length(leaf_seqs)": "seals near the day",
+        "SELECT coalesce(max(seq), 0) FROM packets_": "day max(seq)",
         "WITH bounds AS": "day ranges",
         "delivery_state IN ('pending', 'leased', 'dead')": "unfinished/dead",
         "FROM packet_keys_": "key day live check",
