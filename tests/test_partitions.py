@@ -637,6 +637,94 @@ def test_purge_with_dead_drops_only_the_days_dead_and_keeps_a_day_whose_rows_mis
     assert (figures["processed_packets"], figures["dead_packets"]) == (3, 1)
 
 
+def burn_seqs(app, count: int) -> None:
+    """Let the sequence of seq skip ``count`` values, as rolled-back inserts make it do."""
+    sql(
+        app,
+        "SELECT nextval(pg_get_serial_sequence('packets', 'seq')) FROM generate_series(1, :n)",
+        n=count,
+    )
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_is_recorded_as_its_runs_of_sealed_seqs_across_holes_never_sealed(
+    app, client, backend
+):
+    """The ranges recorded for a dropped day join its seqs across values no packet ever had
+    (seqs the sequence skipped), and split them at a sealed packet the day does not hold: one
+    of another day between two holes, and one deleted behind the log's back before the purge,
+    which verify still calls deleted, its neighbours purged."""
+    old, recent = today() - timedelta(days=50), today() - timedelta(days=2)
+    for day in (old, recent):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    (first,) = ingest_many(client, 1)
+    burn_seqs(app, 5)
+    (second,) = ingest_many(client, 1)
+    burn_seqs(app, 5)
+    (other,) = ingest_many(client, 1)
+    burn_seqs(app, 5)
+    third, gone, last = ingest_many(client, 3)
+    ids = [first, second, other, third, gone, last]
+    for packet in poll(client, limit=6)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, [first, second, third, gone, last], old)
+    move_to_day(app, [other], recent)
+    seqs = dict(sql(app, "SELECT packet_id, seq FROM packets"))
+    assert [seqs[b] - seqs[a] for a, b in zip(ids, ids[1:], strict=False)] == [6, 6, 6, 1, 1]
+    with app.app_context():
+        seal_everything()
+    sql(app, "DELETE FROM deliveries WHERE packet_id = :p", p=gone)
+    sql(app, "DELETE FROM packets WHERE packet_id = :p", p=gone)
+    with app.app_context():
+        recount()
+    runner = app.test_cli_runner()
+    purged = runner.invoke(args=["bucket", "purge"])
+    name = partitions.day_name(old)
+    assert f"dropped {name}: 4 packets (0 dead), 3 seq ranges" in purged.output, purged.output
+    recorded = sql(
+        app,
+        "SELECT first_seq, last_seq, packet_count FROM audit_purged_ranges "
+        "WHERE partition = :n ORDER BY 1",
+        n=name,
+    )
+    assert [tuple(r) for r in recorded] == [
+        (seqs[first], seqs[second], 2),
+        (seqs[third], seqs[third], 1),
+        (seqs[last], seqs[last], 1),
+    ]
+    assert stored(app) == {other}
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 1 and f"packet {gone}: sealed, gone" in verified.output
+    assert verified.output.count("purged by retention on") == 4
+    assert "1 problems" in verified.output
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_holding_a_seq_no_seal_has_is_kept(app, client, backend):
+    """A day row whose seq no seal's leaves hold (given by hand a value the sequence skipped)
+    keeps the day whole, with the reason."""
+    old = today() - timedelta(days=50)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    (first,) = ingest_many(client, 1)
+    burn_seqs(app, 5)
+    ids = [first, *ingest_many(client, 2)]
+    for packet in poll(client, limit=3)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    with app.app_context():
+        seal_everything()
+    sql(app, "UPDATE packets SET seq = seq + 2 WHERE packet_id = :p", p=first)
+    with app.app_context():
+        report = retention.purge_days(30)
+    found = {day.partition: day for day in report.days}[partitions.day_name(old)]
+    assert found.kept == "its rows do not match the audit log's leaves (run flask bucket verify)"
+    assert (found.packets, stored(app)) == (3, set(ids))
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_purge_by_days_keeps_a_day_it_cannot_lock_and_says_it_is_busy(app, client, backend):
     """A day whose rows another transaction is changing is not waited for past the lock

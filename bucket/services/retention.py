@@ -8,9 +8,10 @@ or leased), or dead (unless ``include_dead``), is kept whole and reported with i
 no packet that still matters is lost, and the next purge tries again. Otherwise, in one short
 transaction: the day's rows are locked against change, the audit log records the runs of
 ``seq`` the day held (``audit_purged_ranges``: every sealed packet inside a run was in the day,
-computed from the seals' own leaves, so ``verify`` tells each of them "purged by retention"
-and still calls any other missing packet deleted), the counters are lowered, the day's dead
-deliveries removed, and the partition detached with its partition of processed deliveries
+computed from one ordered pass over the day's seq index and the seals' bounds, reading the
+leaves of only the seals that skip a seq, so ``verify`` tells each of them "purged by
+retention" and still calls any other missing packet deleted), the counters are lowered, the
+day's dead deliveries removed, and the partition detached with its partition of processed deliveries
 (``deliveries_processed_pYYYYMMDD``, migration 0014), and both detached tables are dropped
 (a run interrupted there is finished by the next purge).
 
@@ -37,6 +38,8 @@ a schedule (``flask bucket purge`` from a cron job) or on demand.
 from __future__ import annotations
 
 import logging
+import struct
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -172,31 +175,89 @@ def forget_keys(identities: list[tuple[str, datetime]]) -> None:
         )
 
 
-# The seqs of the sealed packets near one day's, each marked whether the day holds it; runs of
-# marked ones are the ranges recorded. Read from the seals' own leaves (8 bytes a seq, big
-# endian), so a range never spans a sealed packet the day did not hold, whether that packet
-# is stored elsewhere, was purged before, or was deleted behind the log's back.
-RANGES_SQL = """
-WITH bounds AS (SELECT min(seq) AS lo, max(seq) AS hi FROM {day}),
-leaves AS (
-  SELECT ('x' || encode(substring(s.leaf_seqs FROM i * 8 + 1 FOR 8), 'hex'))::bit(64)::bigint
-         AS seq
-  FROM audit_seals s, bounds b, generate_series(0, length(s.leaf_seqs) / 8 - 1) AS i
-  WHERE s.last_seq >= b.lo AND s.after_seq < b.hi
-),
-marked AS (
-  SELECT l.seq, d.seq IS NOT NULL AS held FROM leaves l
-  LEFT JOIN {day} d ON d.seq = l.seq, bounds b
-  WHERE l.seq BETWEEN b.lo AND b.hi
-),
-runs AS (
-  SELECT seq, held,
-         row_number() OVER (ORDER BY seq) - row_number() OVER (PARTITION BY held ORDER BY seq)
-         AS run
-  FROM marked
-)
-SELECT min(seq), max(seq), count(*) FROM runs WHERE held GROUP BY run ORDER BY 1
+# The day's runs of consecutive seqs, read in one ordered pass over its seq index (an
+# index-only scan once vacuumed): seq - row_number() is constant along a run. Within a group
+# the seqs are distinct (row numbers are); a duplicate seq shows as a group whose count is not
+# its width, or as groups that overlap (``day_runs`` rejects both).
+RUNS_SQL = """
+SELECT min(seq), max(seq), count(*) FROM (
+  SELECT seq, seq - row_number() OVER (ORDER BY seq) AS run FROM {day}
+) AS numbered GROUP BY run ORDER BY 1
 """
+# The seals whose leaves could lie within lo..hi, in seq order. A seal's leaves are distinct
+# seqs in after_seq + 1 .. last_seq, in order (the sealer checks it); when there are as many
+# as that range is wide, the seal holds every seq of it and its leaves need not be read: only
+# the others' are (octet_length reads the size without the value).
+SEALS_NEAR_SQL = """
+SELECT after_seq, last_seq,
+       CASE WHEN octet_length(leaf_seqs) / 8 <> last_seq - after_seq THEN leaf_seqs END
+FROM audit_seals WHERE last_seq >= :lo AND after_seq < :hi ORDER BY after_seq
+"""
+
+
+def day_runs(session, name: str) -> list[tuple[int, int, int]] | None:
+    """The day's runs of consecutive seqs (first, last, count), or None when a seq repeats."""
+    runs = [tuple(row) for row in session.execute(text(RUNS_SQL.format(day=name))).all()]
+    for n, (first, last, size) in enumerate(runs):
+        if size != last - first + 1 or (n and first <= runs[n - 1][1]):
+            return None
+    return runs
+
+
+def sealed_intervals(session, lo: int, hi: int) -> list[list[int]]:
+    """The sealed seqs near lo..hi as maximal intervals [first, last], in order: a full seal is
+    one interval, another seal's leaves are read and grouped into consecutive runs."""
+    intervals: list[list[int]] = []
+
+    def add(first: int, last: int) -> None:
+        if intervals and first <= intervals[-1][1] + 1:
+            intervals[-1][1] = max(intervals[-1][1], last)
+        else:
+            intervals.append([first, last])
+
+    for after, last, leaves in session.execute(text(SEALS_NEAR_SQL), {"lo": lo, "hi": hi}):
+        if leaves is None:
+            if last > after:
+                add(after + 1, last)
+            continue
+        for seq in struct.unpack(f">{len(leaves) // 8}q", leaves):
+            add(seq, seq)
+    return intervals
+
+
+def purged_ranges(
+    runs: list[tuple[int, int, int]], sealed: list[list[int]]
+) -> list[tuple[int, int, int]] | None:
+    """The ranges the audit log records for a day of these runs: each run must be sealed whole
+    (else None: the day holds a packet the log's leaves do not), and two runs are one range
+    when no sealed seq lies between them (the seqs in between were never sealed packets), so a
+    range never spans a sealed packet the day did not hold, whether that packet is stored
+    elsewhere, was purged before, or was deleted behind the log's back."""
+    starts = [first for first, _ in sealed]
+    ranges: list[list[int]] = []
+    previous = None  # the index of the sealed interval holding the last run
+    for first, last, size in runs:
+        at = bisect_right(starts, first) - 1
+        if at < 0 or sealed[at][1] < last:
+            return None
+        # Two runs in one sealed interval have sealed seqs between them; in two neighbouring
+        # intervals, none when the first ends where its run does and the second starts with
+        # this run.
+        joined = (
+            previous is not None
+            and at == previous + 1
+            and sealed[previous][1] == ranges[-1][1]
+            and sealed[at][0] == first
+        )
+        if joined:
+            ranges[-1][1] = last
+            ranges[-1][2] += size
+        else:
+            ranges.append([first, last, size])
+        previous = at
+    return [tuple(r) for r in ranges]
+
+
 LOCK_TIMEOUT = "1s"
 LEFTOVERS_SQL = (
     "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
@@ -420,10 +481,10 @@ def drop_day(
         processed_attached = session.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
         if processed_attached:
             session.execute(text(f"LOCK TABLE {processed} IN SHARE MODE"))
-        count, distinct, highest = session.execute(
-            text(f"SELECT count(*), count(DISTINCT seq), coalesce(max(seq), 0) FROM {name}")
-        ).one()
-        outcome = DayOutcome(name, count)
+        highest = session.execute(text(f"SELECT coalesce(max(seq), 0) FROM {name}")).scalar()
+        outcome = DayOutcome(name, 0)
+        # Unfinished and dead packets are in the hot partition of deliveries (the state
+        # prunes the statement to it), whatever the day's size.
         held = session.execute(
             text(
                 "SELECT packet_id, delivery_state FROM deliveries "
@@ -441,9 +502,19 @@ def drop_day(
                 "(kept whole until they are processed"
                 + (")" if include_dead else ", or purged with --include-dead)")
             )
-        ranges = [] if outcome.kept else session.execute(text(RANGES_SQL.format(day=name))).all()
-        if not outcome.kept and (distinct != count or sum(r[2] for r in ranges) != count):
+        runs = None if outcome.kept else day_runs(session, name)
+        ranges = []
+        if runs:
+            sealed = sealed_intervals(session, runs[0][0], runs[-1][1])
+            ranges = purged_ranges(runs, sealed)
+        if runs is None or ranges is None:
+            count = session.execute(text(f"SELECT count(*) FROM {name}")).scalar()
+        else:
+            count = sum(size for _, _, size in runs)
+        outcome.packets = count
+        if not outcome.kept and (runs is None or ranges is None):
             outcome.kept = "its rows do not match the audit log's leaves (run flask bucket verify)"
+        ranges = ranges or []
         outcome.ranges = len(ranges)
         if outcome.kept or dry_run:
             session.rollback()
