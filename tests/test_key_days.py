@@ -237,3 +237,40 @@ def test_a_purge_keeps_keys_it_cannot_lock_says_the_day_is_busy_and_goes_on(app,
     assert {k.partition: k.kept for k in again.key_days}[key_day] is None
     assert again.default_keys == 1
     assert sql(app, "SELECT count(*) FROM packet_keys") == [(0,)]
+
+
+def test_a_day_of_keys_is_kept_while_its_packet_sits_in_the_second_of_two_adjacent_days(
+    app, client, backend
+):
+    """Two adjacent old days of packets, each holding a dead packet (so both kept whole), and a
+    stale resend stamped on an old day but received today: the days of the second dead
+    packet's keys and of the resend's are kept too, whatever the joining of the stored days'
+    ranges."""
+    first, second = today() - timedelta(days=51), today() - timedelta(days=50)
+    for day in (first, second):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    (early,) = day_bodies(app, first, 1)
+    (body,) = day_bodies(app, second, 1)
+    stale_day = today() - timedelta(days=40)
+    (stale,) = day_bodies(app, stale_day, 1)
+    early_id, packet_id = post(client, early)["packet_id"], post(client, body)["packet_id"]
+    sql(app, "UPDATE deliveries SET delivery_state = 'dead'")
+    stale_id = post(client, stale)["packet_id"]
+    with app.app_context():
+        from bucket.services.counters import recount
+
+        recount()
+    move_to_day(app, [early_id], first)
+    move_to_day(app, [packet_id], second)
+    assert partition_of(app, packet_id) == partitions.day_name(second)
+    with app.app_context():
+        report = retention.purge_days(30)
+    outcomes = {k.partition: k.kept for k in report.key_days}
+    names_one = "names 1 packets still stored (kept whole until they are purged)"
+    assert outcomes[partitions.key_day_name(second)] == names_one
+    assert outcomes[partitions.key_day_name(stale_day)] == names_one
+    for resent, stored_id in ((body, packet_id), (stale, stale_id)):
+        again = post(client, resent)
+        assert (again["packet_id"], again["duplicate"]) == (stored_id, True)
