@@ -7,14 +7,16 @@ from __future__ import annotations
 import re
 from datetime import UTC, date, datetime, timedelta
 
+import psycopg
 import pytest
 
+from bucket.extensions import db
 from bucket.services import partitions, retention
 from bucket.timeutil import utc_now
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, sql, status
 from tests.statements import captured_statements
-from tests.test_partitions import day_bodies, move_to_day, stored
+from tests.test_partitions import day_bodies, drop_partition, move_to_day, partition_of, stored
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
 
@@ -87,12 +89,13 @@ def test_key_days_are_made_ahead_covering_the_clock_skew_ingest_accepts(make_app
 def test_purge_drops_old_key_days_whole_and_keeps_those_of_packets_still_stored(
     app, client, backend
 ):
-    """Three old days: one of processed packets only, one whose packet is dead, one whose
-    packet was stamped there but arrived recently (a stale resend). The purge drops the first
-    day of keys whole (no DELETE on packet_keys at all), with the Idempotency-Keys pointing
-    into it; the two others stay, and copies of their packets are still duplicates. A copy of
-    a purged packet is stored anew."""
-    gone_day, dead_day, stale_day = (today() - timedelta(days=n) for n in (50, 45, 40))
+    """Three old days: one of processed packets only, one before it whose packet is dead, one
+    after it whose packet was stamped there but arrived recently (a stale resend). The purge
+    drops the day of processed packets' keys whole (no DELETE on packet_keys at all), with the
+    Idempotency-Keys pointing into it and none of the days before or after it; the two others
+    stay, each saying how many stored packets it names, and copies of their packets, or of
+    their Idempotency-Keys, are still duplicates. A copy of a purged packet is stored anew."""
+    dead_day, gone_day, stale_day = (today() - timedelta(days=n) for n in (50, 45, 40))
     for day in (gone_day, dead_day):
         sql(app, f"DROP TABLE IF EXISTS {partitions.day_name(day)}")
         with app.app_context():
@@ -101,7 +104,11 @@ def test_purge_drops_old_key_days_whole_and_keeps_those_of_packets_still_stored(
     (dead,) = day_bodies(app, dead_day, 1)
     (stale,) = day_bodies(app, stale_day, 1)
     ids = [post(client, gone[0], **{"Idempotency-Key": "k-0"})["packet_id"]]
-    ids += [post(client, body)["packet_id"] for body in (gone[1], dead, stale)]
+    ids += [post(client, gone[1])["packet_id"]]
+    ids += [
+        post(client, body, **{"Idempotency-Key": key})["packet_id"]
+        for body, key in ((dead, "k-dead"), (stale, "k-stale"))
+    ]
     for packet in poll(client, limit=4)["packets"]:
         assert ack(client, packet["packet_id"], success=packet["packet_id"] != ids[2]).status_code
     sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=ids[2])
@@ -115,16 +122,20 @@ def test_purge_drops_old_key_days_whole_and_keeps_those_of_packets_still_stored(
         report = retention.purge_days(30)
     outcomes = {k.partition: k for k in report.key_days}
     assert outcomes[partitions.key_day_name(gone_day)].kept is None
-    assert "still stored" in outcomes[partitions.key_day_name(dead_day)].kept
-    assert "still stored" in outcomes[partitions.key_day_name(stale_day)].kept
+    names_one = "names 1 packets still stored (kept whole until they are purged)"
+    assert outcomes[partitions.key_day_name(dead_day)].kept == names_one
+    assert outcomes[partitions.key_day_name(stale_day)].kept == names_one
     touching = [s for s in statements if re.search(r"DELETE FROM packet_keys\b", s)]
     assert touching == []
     assert sql(app, f"SELECT to_regclass('{partitions.key_day_name(gone_day)}')") == [(None,)]
-    assert sql(app, "SELECT count(*) FROM packet_idempotency_keys") == [(0,)]
+    kept_keys = sql(app, "SELECT client_day FROM packet_idempotency_keys ORDER BY client_day")
+    assert kept_keys == [(dead_day,), (stale_day,)]
     assert stored(app) == set(ids[2:])
-    for body, packet_id in ((dead, ids[2]), (stale, ids[3])):
+    for body, key, packet_id in ((dead, "k-dead", ids[2]), (stale, "k-stale", ids[3])):
         again = post(client, body)
         assert (again["packet_id"], again["duplicate"]) == (packet_id, True)
+        keyed = post(client, make_packet(), **{"Idempotency-Key": key})
+        assert (keyed["packet_id"], keyed["duplicate"]) == (packet_id, True)
     anew = post(client, gone[0], **{"Idempotency-Key": "k-0"})
     assert anew["packet_id"] != ids[0] and not anew.get("duplicate")
     # The day of keys is gone: the new copy's key waits in the default partition, watched.
@@ -158,3 +169,108 @@ def test_a_key_of_a_day_without_partition_lands_in_the_default_and_is_reported(
         report = retention.purge_days(30)
     assert report.default_keys == 1
     assert status(client)["default_partition_keys"] == 0
+
+
+def test_a_day_of_keys_is_kept_while_its_packet_waits_in_the_default_partition(
+    app, client, backend
+):
+    """A packet received on a day that has no partition of packets waits in the default
+    partition, which retention never drops: its day of keys, however old, is kept as long (the
+    days of the default partition's rows count as stored), and a copy is still its duplicate."""
+    old = today() - timedelta(days=50)
+    (body,) = day_bodies(app, old, 1)
+    drop_partition(app, old)
+    packet_id = post(client, body)["packet_id"]
+    for packet in poll(client)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, [packet_id], old)
+    assert partition_of(app, packet_id) == partitions.DEFAULT
+    with app.app_context():
+        report = retention.purge_days(30)
+    outcomes = {k.partition: k.kept for k in report.key_days}
+    assert outcomes[partitions.key_day_name(old)] == (
+        "names 1 packets still stored (kept whole until they are purged)"
+    )
+    assert key_partition(app, packet_id) == partitions.key_day_name(old)
+    again = post(client, body)
+    assert (again["packet_id"], again["duplicate"]) == (packet_id, True)
+
+
+def test_a_purge_keeps_keys_it_cannot_lock_says_the_day_is_busy_and_goes_on(app, client, backend):
+    """Another transaction writing into an old day of keys, or into the default partition of
+    keys, is not waited for past the lock timeout: the day of keys is kept and reported busy,
+    the default partition's keys of purged packets stay (none counted), nothing is raised and
+    the packets' day is still dropped. The next purge, once that transaction ended, drops the
+    day of keys and removes the default partition's key."""
+    old = today() - timedelta(days=50)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    (body,) = day_bodies(app, old, 1)
+    sql(app, f"DROP TABLE IF EXISTS {partitions.KEYS_LEGACY}")
+    ids = [post(client, body)["packet_id"]]
+    ids += [post(client, stamped(datetime(1999, 12, 31, 23, 59, 59, tzinfo=UTC)))["packet_id"]]
+    for packet in poll(client, limit=2)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    key_day = partitions.key_day_name(old)
+    assert [key_partition(app, p) for p in ids] == [key_day, partitions.KEYS_DEFAULT]
+    with app.app_context():
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(dsn) as other:
+        for table, packet_id in zip((key_day, partitions.KEYS_DEFAULT), ids, strict=True):
+            other.execute(
+                f"UPDATE {table} SET received_at = received_at WHERE packet_id = CAST(%s AS uuid)",
+                (packet_id,),
+            )
+        with app.app_context():
+            report = retention.purge_days(30)
+        other.rollback()
+    busy = f"busy: a lock was not granted within {retention.LOCK_TIMEOUT}"
+    assert {k.partition: k.kept for k in report.key_days}[key_day] == busy
+    assert report.default_keys == 0
+    assert partitions.day_name(old) in [day.partition for day in report.dropped]
+    assert stored(app) == set()
+    assert [key_partition(app, p) for p in ids] == [key_day, partitions.KEYS_DEFAULT]
+    with app.app_context():
+        again = retention.purge_days(30)
+    assert {k.partition: k.kept for k in again.key_days}[key_day] is None
+    assert again.default_keys == 1
+    assert sql(app, "SELECT count(*) FROM packet_keys") == [(0,)]
+
+
+def test_a_day_of_keys_is_kept_while_its_packet_sits_in_the_second_of_two_adjacent_days(
+    app, client, backend
+):
+    """Two adjacent old days of packets, each holding a dead packet (so both kept whole), and a
+    stale resend stamped on an old day but received today: the days of the second dead
+    packet's keys and of the resend's are kept too, whatever the joining of the stored days'
+    ranges."""
+    first, second = today() - timedelta(days=51), today() - timedelta(days=50)
+    for day in (first, second):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    (early,) = day_bodies(app, first, 1)
+    (body,) = day_bodies(app, second, 1)
+    stale_day = today() - timedelta(days=40)
+    (stale,) = day_bodies(app, stale_day, 1)
+    early_id, packet_id = post(client, early)["packet_id"], post(client, body)["packet_id"]
+    sql(app, "UPDATE deliveries SET delivery_state = 'dead'")
+    stale_id = post(client, stale)["packet_id"]
+    with app.app_context():
+        from bucket.services.counters import recount
+
+        recount()
+    move_to_day(app, [early_id], first)
+    move_to_day(app, [packet_id], second)
+    assert partition_of(app, packet_id) == partitions.day_name(second)
+    with app.app_context():
+        report = retention.purge_days(30)
+    outcomes = {k.partition: k.kept for k in report.key_days}
+    names_one = "names 1 packets still stored (kept whole until they are purged)"
+    assert outcomes[partitions.key_day_name(second)] == names_one
+    assert outcomes[partitions.key_day_name(stale_day)] == names_one
+    for resent, stored_id in ((body, packet_id), (stale, stale_id)):
+        again = post(client, resent)
+        assert (again["packet_id"], again["duplicate"]) == (stored_id, True)

@@ -45,6 +45,8 @@ GROUPS: dict[str, tuple[list[str], list[str]]] = {
             "tests/test_audit.py",
             # purge by days (PostgreSQL): purge_days, drop_day, clear_detached
             "tests/test_partitions.py",
+            # key days (PostgreSQL): drop_key_day, live_condition, forget_default_keys
+            "tests/test_key_days.py",
             "tests/test_hot_deliveries.py",
         ],
     ),
