@@ -83,11 +83,11 @@ def settle(database: Database) -> None:
         conn.execute("CHECKPOINT")
 
 
-def service_env(database: Database, redis_url: str, log_dir: str) -> dict[str, str]:
+def service_env(database_url: str, redis_url: str, log_dir: str) -> dict[str, str]:
     """Production settings, with rate limits raised so they never refuse (but still run)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
     env.update(
-        DATABASE_URL=database.url,
+        DATABASE_URL=database_url,
         REDIS_URL=redis_url,
         BUCKET_REDIS_PREFIX=f"bench-{clients.run_id()}",
         BUCKET_CONSUMER_TOKEN=TOKEN,

@@ -45,7 +45,14 @@ def median(values: list[float]) -> float:
 class Service:
     """gunicorn started by the Procfile's web line (``module`` replacing ``wsgi:app``)."""
 
-    def __init__(self, env: dict[str, str], module: str = "wsgi:app", name: str = "bucket"):
+    def __init__(
+        self,
+        env: dict[str, str],
+        module: str = "wsgi:app",
+        name: str = "bucket",
+        tree: Path | str = ROOT,
+    ):
+        """``tree``: the checkout to run (another revision's worktree, say); the venv is ours."""
         self.port = free_port()
         self.name = name
         command = procfile_web()
@@ -55,7 +62,7 @@ class Service:
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
             ["bash", "-c", command],
-            cwd=ROOT,
+            cwd=tree,
             env={
                 **env,
                 "PATH": f"{BIN}:{env.get('PATH', os.environ['PATH'])}",

@@ -27,7 +27,6 @@ import atexit
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -125,46 +124,20 @@ def under_gunicorn(
     single packets: the worker's CPU (``/proc``) per answered request, in µs, and the requests
     per shared write."""
     from bench.context import service_env  # noqa: PLC0415
-    from bench.harness import BIN, process_cpu, wrk  # noqa: PLC0415
-    from tests.cluster import child_pids, procfile_web  # noqa: PLC0415
-    from tests.servers import free_port  # noqa: PLC0415
+    from bench.harness import Service, process_cpu, wrk  # noqa: PLC0415
 
-    class Where:
-        pass
-
-    database = Where()
-    database.url = url
     logs = tempfile.mkdtemp(prefix="bucket-cpu-log-")
     env = {
-        **service_env(database, redis_url, logs),
+        **service_env(url, redis_url, logs),
         "BUCKET_REDIS_PREFIX": prefix,
         "BUCKET_INGEST_COALESCE": "true",
         "BUCKET_ACK_COALESCE": "true",
         "WEB_CONCURRENCY": "1",
-        "PORT": str(free_port()),
-        "PATH": f"{BIN}:{os.environ['PATH']}",
     }
-    with open(Path(logs) / "service.log", "w") as log:
-        server = subprocess.Popen(
-            ["bash", "-c", procfile_web()],
-            cwd=tree,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    service = Service(env, name="cpu", tree=tree)
     try:
-        port = int(env["PORT"])
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                (worker,) = child_pids(server.pid)
-                break
-            except (OSError, ValueError):
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError((Path(logs) / "service.log").read_text()[-3000:]) from None
-                time.sleep(0.2)
+        port = service.port
+        (worker,) = service.worker_pids()
         wrk(port, "ingest.lua", 2, 16, {"RUN": f"{prefix}w"})  # warm-up
         writes = commits(port)
         before = process_cpu(worker)
@@ -175,8 +148,7 @@ def under_gunicorn(
             raise RuntimeError(f"{figures['errors']} requests failed")
         return spent / figures["requests"] * 1e6, writes[1] / max(writes[0], 1)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
+        service.stop()
         shutil.rmtree(logs, ignore_errors=True)
 
 

@@ -92,7 +92,7 @@ def main() -> None:
     database = Database()
     redis_server = private_redis()
     workdir = Path(tempfile.mkdtemp(prefix="bucket-profile-"))
-    env = {**service_env(database, redis_server.url, str(workdir)), "WEB_CONCURRENCY": "1"}
+    env = {**service_env(database.url, redis_server.url, str(workdir)), "WEB_CONCURRENCY": "1"}
     migrate(env)
     service = None
     try:

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="bucket-bench-"))
     database = Database()
     redis_server = private_redis()
-    env = service_env(database, redis_server.url, str(workdir))
+    env = service_env(database.url, redis_server.url, str(workdir))
     migrate(env)
     run = Run(sizes, database, env, workdir)
     try:

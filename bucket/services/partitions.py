@@ -279,17 +279,10 @@ def create_key_day(day: date) -> int:
         if session.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar():
             session.rollback()  # another maintainer made it meanwhile
             return 0
-        session.execute(text(f"LOCK TABLE {KEYS_DEFAULT} IN EXCLUSIVE MODE"))
-        session.execute(text(f"CREATE TABLE {name} (LIKE {KEYS} INCLUDING DEFAULTS)"))
-        moved = session.execute(
-            text(
-                f"WITH moved AS (DELETE FROM {KEYS_DEFAULT} WHERE client_day = :day "
-                f"RETURNING *) INSERT INTO {name} SELECT * FROM moved"
-            ),
-            {"day": day},
-        ).rowcount
         # Attaching builds the partitioned primary key (dedup_key, client_day) on it.
-        session.execute(text(f"ALTER TABLE {KEYS} ATTACH PARTITION {name} {bounds}"))
+        moved = adopt_from_default(
+            session, KEYS, KEYS_DEFAULT, name, bounds, "client_day = :day", {"day": day}
+        )
         session.commit()
         return moved
     except Exception:
@@ -346,18 +339,15 @@ def create_day(day: date, adopt: bool, packets: bool = True) -> int:
                 text(f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF packets {bounds}")
             )
         else:
-            # Inserts routed to the default partition wait until the rows have moved.
-            session.execute(text(f"LOCK TABLE {DEFAULT} IN EXCLUSIVE MODE"))
-            session.execute(text(f"CREATE TABLE {name} (LIKE packets INCLUDING DEFAULTS)"))
-            moved = session.execute(
-                text(
-                    f"WITH moved AS (DELETE FROM {DEFAULT} WHERE received_at >= :start "
-                    f"AND received_at < :end RETURNING *) "
-                    f"INSERT INTO {name} SELECT * FROM moved"
-                ),
-                {"start": start.replace(tzinfo=None), "end": end.replace(tzinfo=None)},
-            ).rowcount
-            session.execute(text(f"ALTER TABLE packets ATTACH PARTITION {name} {bounds}"))
+            moved = adopt_from_default(
+                session,
+                "packets",
+                DEFAULT,
+                name,
+                bounds,
+                "received_at >= :start AND received_at < :end",
+                {"start": naive(start), "end": naive(end)},
+            )
         session.commit()
         return moved
     except Exception:
@@ -373,18 +363,38 @@ def create_processed_day(session, day: date, bounds: str) -> None:
     name = processed_name(day_name(day))
     if session.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar() is not None:
         return
-    session.execute(text(f"LOCK TABLE {PROCESSED_DEFAULT} IN EXCLUSIVE MODE"))
-    session.execute(text(f"CREATE TABLE {name} (LIKE {PROCESSED} INCLUDING DEFAULTS)"))
     start, end = day_start(day), day_start(day + timedelta(days=1))
-    session.execute(
-        text(
-            f"WITH moved AS (DELETE FROM {PROCESSED_DEFAULT} WHERE received_at >= :start "
-            f"AND received_at < :end RETURNING *) INSERT INTO {name} SELECT * FROM moved"
-        ),
+    # Attaching builds the partitioned index (packet_id) on it.
+    adopt_from_default(
+        session,
+        PROCESSED,
+        PROCESSED_DEFAULT,
+        name,
+        bounds,
+        "received_at >= :start AND received_at < :end",
         {"start": naive(start), "end": naive(end)},
     )
-    # Attaching builds the partitioned index (packet_id) on it.
-    session.execute(text(f"ALTER TABLE {PROCESSED} ATTACH PARTITION {name} {bounds}"))
+
+
+def adopt_from_default(
+    session, parent: str, default: str, name: str, bounds: str, rows: str, params: dict
+) -> int:
+    """Create partition ``name`` of ``parent`` holding the rows of its default partition that
+    ``rows`` selects (they may not stay there once a partition covers them), inside the
+    caller's transaction; returns how many moved. The default stays locked against inserts
+    routed to it until the commit, so none slips in between; attaching builds the parent's
+    indexes on the new partition."""
+    session.execute(text(f"LOCK TABLE {default} IN EXCLUSIVE MODE"))
+    session.execute(text(f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS)"))
+    moved = session.execute(
+        text(
+            f"WITH moved AS (DELETE FROM {default} WHERE {rows} RETURNING *) "
+            f"INSERT INTO {name} SELECT * FROM moved"
+        ),
+        params,
+    ).rowcount
+    session.execute(text(f"ALTER TABLE {parent} ATTACH PARTITION {name} {bounds}"))
+    return moved
 
 
 def backfill_keys(since: datetime) -> int | None:
