@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import text
 
 from bucket.extensions import db
-from bucket.services import activity, counters
+from bucket.services import activity, counters, sql
 from bucket.services.dialect import dialect_name
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def horizon_postgres() -> int | None:
             return horizon
         except Exception as exc:  # noqa: BLE001 - a lock timeout or any failure: next round
             connection.rollback()
-            if "lock timeout" not in str(exc):
+            if not sql.lock_not_granted(exc):
                 raise
             log.info("bookkeeping skipped: packets stayed locked for %s", HORIZON_LOCK_TIMEOUT)
             return None

@@ -45,6 +45,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 
 from bucket.extensions import db
+from bucket.services import sql
 from bucket.services.dialect import dialect_name
 from bucket.timeutil import utc_now
 
@@ -228,7 +229,7 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
                 moved = create_day(day, True, packets=packets_missing)
         except Exception as exc:  # a lock not granted in time: the next maintenance retries
             db.session.rollback()
-            if "lock timeout" not in str(exc):
+            if not sql.lock_not_granted(exc):
                 raise
             report.skipped = f"packets stayed locked for {LOCK_TIMEOUT}"
             log.info("partition maintenance: %s", report.skipped)
@@ -255,7 +256,7 @@ def ensure_key_days(today: date, ahead: int, report: Maintenance) -> None:
             moved = create_key_day(day)
         except Exception as exc:  # a lock not granted in time: the next maintenance retries
             db.session.rollback()
-            if "lock timeout" not in str(exc):
+            if not sql.lock_not_granted(exc):
                 raise
             report.skipped = f"packet_keys stayed locked for {LOCK_TIMEOUT}"
             log.info("partition maintenance: %s", report.skipped)

@@ -56,7 +56,7 @@ from bucket.models import (
     PacketIdempotencyKey,
     PacketKey,
 )
-from bucket.services import counters, partitions
+from bucket.services import counters, partitions, sql
 from bucket.services.audit.sealing import seal_everything, sealed_through
 from bucket.services.bookkeeping import book_new_packets
 from bucket.timeutil import epoch_now, from_epoch, utc_now
@@ -429,7 +429,7 @@ def drop_key_day(part: partitions.Partition, dry_run: bool) -> KeyDayOutcome:
         return outcome
     except Exception as exc:
         session.rollback()
-        if "lock timeout" not in str(exc):
+        if not sql.lock_not_granted(exc):
             raise
         return KeyDayOutcome(name, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
 
@@ -457,7 +457,7 @@ def forget_default_keys() -> int:
         return gone
     except Exception as exc:
         session.rollback()
-        if "lock timeout" not in str(exc):
+        if not sql.lock_not_granted(exc):
             raise
         return 0
 
@@ -553,7 +553,7 @@ def drop_day(
         return outcome
     except Exception as exc:
         session.rollback()
-        if "lock timeout" not in str(exc):
+        if not sql.lock_not_granted(exc):
             raise
         return DayOutcome(name, 0, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
 

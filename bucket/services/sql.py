@@ -65,6 +65,12 @@ def moved_row(exc: BaseException) -> bool:
     return getattr(orig, "sqlstate", None) == SERIALIZATION_FAILURE
 
 
+def lock_not_granted(exc: BaseException) -> bool:
+    """Whether PostgreSQL gave up waiting for a lock (the transaction's ``lock_timeout``):
+    the maintenance that asked for it tries again later instead of failing."""
+    return "lock timeout" in str(exc)
+
+
 def retrying(work: Callable[[], T]) -> T:
     """Run ``work`` (statements in the session's transaction, committed by it), again after a
     rollback when PostgreSQL refused it for a moved row; at most ``MOVED_ROW_RETRIES`` more
