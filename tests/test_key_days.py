@@ -274,3 +274,40 @@ def test_a_day_of_keys_is_kept_while_its_packet_sits_in_the_second_of_two_adjace
     for resent, stored_id in ((body, packet_id), (stale, stale_id)):
         again = post(client, resent)
         assert (again["packet_id"], again["duplicate"]) == (stored_id, True)
+
+
+def test_a_day_of_keys_is_dropped_once_its_packets_day_after_two_adjacent_kept_days_is_gone(
+    app, client, backend
+):
+    """Two adjacent old days of packets kept (a dead packet each) join into one range of
+    stored days that ends where they end: a later old day whose processed packet is purged
+    in the same run is not inside it, so that packet's day of keys is dropped."""
+    first, second, later = (today() - timedelta(days=n) for n in (51, 50, 45))
+    for day in (first, second, later):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    (early,) = day_bodies(app, first, 1)
+    (body,) = day_bodies(app, second, 1)
+    (done,) = day_bodies(app, later, 1)
+    kept = [post(client, early)["packet_id"], post(client, body)["packet_id"]]
+    sql(app, "UPDATE deliveries SET delivery_state = 'dead'")
+    done_id = post(client, done)["packet_id"]
+    (polled,) = poll(client)["packets"]
+    assert polled["packet_id"] == done_id
+    assert ack(client, done_id).status_code == 200
+    with app.app_context():
+        from bucket.services.counters import recount
+
+        recount()
+    move_to_day(app, kept[:1], first)
+    move_to_day(app, kept[1:], second)
+    move_to_day(app, [done_id], later)
+    with app.app_context():
+        report = retention.purge_days(30)
+    assert partitions.day_name(later) in {d.partition for d in report.dropped}
+    outcomes = {k.partition: k.kept for k in report.key_days}
+    assert outcomes[partitions.key_day_name(later)] is None  # dropped
+    assert outcomes[partitions.key_day_name(second)] is not None  # kept with its dead packet
+    again = post(client, done)
+    assert not again.get("duplicate") and again["packet_id"] != done_id

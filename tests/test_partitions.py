@@ -567,6 +567,61 @@ def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_ar
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_of_keys_is_checked_while_the_legacy_partition_of_an_upgrade_is_kept(
+    empty_database, backend
+):
+    """The legacy partition (no start: MINVALUE) kept by a purge for its dead packet is one of
+    the stored ranges a day of keys is checked against: the purge goes through, keeps the
+    legacy partition, and keeps a day of keys whose packet (a stale resend) is stored today."""
+    app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
+    runner, client = app.test_cli_runner(), app.test_client()
+    try:
+        upgraded = runner.invoke(args=["db", "upgrade", "0011_quarantine_auth"])
+        assert upgraded.exit_code == 0, upgraded.output
+        received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
+        (old,) = store_as_before_partitions(app, [make_packet()], received)
+        with app.app_context():
+            seal_everything()
+        upgraded = runner.invoke(args=["db", "upgrade"])
+        assert upgraded.exit_code == 0, upgraded.output
+        end = (today() - timedelta(days=40)).isoformat()
+        for parent, child in (
+            ("packets", partitions.LEGACY),
+            (partitions.PROCESSED, "deliveries_processed_legacy"),
+            (partitions.KEYS, partitions.KEYS_LEGACY),
+        ):
+            sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
+            sql(
+                app,
+                f"ALTER TABLE {parent} ATTACH PARTITION {child} "
+                f"FOR VALUES FROM (MINVALUE) TO ('{end}')",
+            )
+        sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=old)
+        with app.app_context():
+            partitions.ensure_partitions(0)
+            recount()
+        stale_day = today() - timedelta(days=42)
+        (stale,) = day_bodies(app, stale_day, 1)
+        response = client.post(f"{API}/ingest", json=stale)
+        assert response.status_code == 200, response.json
+        stale_id = response.json["packet_id"]
+        with app.app_context():
+            report = retention.purge_days(30)
+        assert [(d.partition, d.kept is not None) for d in report.days] == [
+            (partitions.LEGACY, True)
+        ]
+        outcomes = {k.partition: k.kept for k in report.key_days}
+        assert outcomes[partitions.key_day_name(stale_day)] == (
+            "names 1 packets still stored (kept whole until they are purged)"
+        )
+        assert stored(app) == {old, stale_id}
+        again = client.post(f"{API}/ingest", json=stale)
+        assert (again.json["packet_id"], again.json["duplicate"]) == (stale_id, True)
+    finally:
+        servers.dispose_engines(app)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_purge_by_days_keeps_a_day_holding_a_packet_not_sealed_yet(
     app, client, backend, monkeypatch
 ):

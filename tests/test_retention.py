@@ -153,6 +153,31 @@ def test_purge_by_rows_forgets_the_keys_of_the_purged_packets_only(app, client):
     assert set(states(app)) == {first[1], anew.json["packet_id"]}
 
 
+def test_purge_by_rows_forgets_the_keys_on_a_host_whose_zone_is_not_utc(app, client, monkeypatch):
+    """A key's day is the UTC day of the client's timestamp, whatever the host's zone: on a
+    host 14 hours ahead of UTC (or 12 behind) a packet sent in the afternoon (or morning)
+    falls on another local day, and its key must still go with it."""
+    body = make_packet()
+    sent = datetime.fromisoformat(body["timestamp"])
+    first = client.post(f"{API}/ingest", json=body).json["packet_id"]
+    process_all(client)
+    age(app, [first], 40)
+    # POSIX zone names count the other way: Etc/GMT-14 is UTC+14.
+    zone = "Etc/GMT-14" if sent.hour >= 12 else "Etc/GMT+12"
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        assert sent.astimezone().date() != sent.date()  # the local day is another day
+        with app.app_context():
+            assert purge(30).packets == 1
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    anew = client.post(f"{API}/ingest", json=body)
+    assert anew.status_code == 200, anew.json
+    assert not anew.json.get("duplicate") and anew.json["packet_id"] != first
+
+
 def test_purge_refuses_a_negative_age_or_an_empty_batch(app):
     with app.app_context():
         for days, batch_size in ((-1, 10), (30, 0)):
