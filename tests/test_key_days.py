@@ -311,3 +311,26 @@ def test_a_day_of_keys_is_dropped_once_its_packets_day_after_two_adjacent_kept_d
     assert outcomes[partitions.key_day_name(second)] is not None  # kept with its dead packet
     again = post(client, done)
     assert not again.get("duplicate") and again["packet_id"] != done_id
+
+
+def test_a_purge_leaves_the_days_of_keys_made_ahead_and_a_dry_run_drops_none(app, client, backend):
+    """Only days of keys that ended before the cutoff are checked: today's and those made ahead
+    (empty, so nothing would keep them) stay. A dry run reports an old empty day of keys as one
+    that would go, and drops nothing; the real purge then drops it."""
+    with app.app_context():
+        partitions.ensure_partitions()
+    ahead = [today() + timedelta(days=n) for n in range(3)]
+    names = [partitions.key_day_name(day) for day in ahead]
+    existing = "SELECT relname FROM pg_class WHERE relname = ANY(:names) ORDER BY relname"
+    assert sql(app, existing, names=names) == [(name,) for name in names]
+    old = partitions.key_day_name(today() - timedelta(days=45))
+    day_bodies(app, today() - timedelta(days=45), 0)  # its day of keys, empty
+    with app.app_context():
+        dry = retention.purge_days(30, dry_run=True)
+    assert {k.partition: k.kept for k in dry.key_days}[old] is None
+    assert sql(app, f"SELECT to_regclass('{old}')::text") == [(old,)]
+    with app.app_context():
+        report = retention.purge_days(30)
+    assert {k.partition: k.kept for k in report.key_days}[old] is None
+    assert sql(app, f"SELECT to_regclass('{old}')") == [(None,)]
+    assert sql(app, existing, names=names) == [(name,) for name in names]
