@@ -59,6 +59,13 @@ with app.app_context():
     def after(conn, cursor, statement, parameters, context, executemany):
         began = conn.info["began"].pop()
         statements.append([" ".join(statement.split())[:110], time.perf_counter() - began])
+    # Commits too: a DROP TABLE's files go at its commit, outside every statement.
+    commit = engine.dialect.do_commit
+    def timed_commit(dbapi_connection):
+        began = time.perf_counter()
+        commit(dbapi_connection)
+        statements.append(["COMMIT", time.perf_counter() - began])
+    engine.dialect.do_commit = timed_commit
     began = time.perf_counter()
     report = purge_days(float(sys.argv[1]), include_dead=True)
     seconds = time.perf_counter() - began
@@ -121,12 +128,21 @@ def explain(dsn: str) -> dict:
             "ORDER BY 1 LIMIT 1"
         ).fetchone()[0]
         lo, hi = conn.execute(f"SELECT min(received_at), max(received_at) FROM {name}").fetchone()
+        keys = conn.execute(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'packet_keys'::regclass AND c.relname ~ '_p?[0-9]{8}$' "
+            "ORDER BY 1 LIMIT 1"
+        ).fetchone()[0]
         checks = {
             "count": f"SELECT count(*), count(DISTINCT seq), coalesce(max(seq), 0) FROM {name}",
             "held": "SELECT packet_id, delivery_state FROM deliveries WHERE delivery_state IN "
             "('pending', 'leased', 'dead') AND received_at >= %(lo)s AND received_at <= %(hi)s",
+            # The day of keys' live check once the day of packets is gone: nothing after it.
+            "key_live": f"SELECT count(*) FROM (SELECT 1 FROM {keys} WHERE received_at > %(hi)s "
+            "LIMIT 1000) AS held",
         }
-        for check in ("RANGES_SQL", "RUNS_SQL"):  # the ranges' statement before and after
+        # The ranges' statement before and after; the count that proves a day one run.
+        for check in ("RANGES_SQL", "RUNS_SQL", "SPAN_SQL"):
             if hasattr(retention, check):
                 checks[check.lower()] = getattr(retention, check).format(day=name)
         for key, statement in checks.items():
@@ -147,6 +163,8 @@ def grouped(statements: list) -> dict[str, float]:
     kinds = {
         "count(*), count(DISTINCT seq)": "day count",
         "row_number() OVER (ORDER BY seq)": "day runs",
+        "(SELECT count(*) FROM packets_": "day runs",  # the count that proves one run
+        "x.indisunique": "day runs",
         "octet_length(leaf_seqs)": "seals near the day",
         "SELECT coalesce(max(seq), 0) FROM packets_": "day max(seq)",
         "WITH bounds AS": "day ranges",
@@ -156,6 +174,7 @@ def grouped(statements: list) -> dict[str, float]:
         "DROP TABLE": "drop",
         "LOCK TABLE": "lock",
         "audit_seals": "sealing",
+        "COMMIT": "commits",
     }
     out: dict[str, float] = {}
     for statement, seconds in statements:

@@ -361,13 +361,26 @@ def insert_parts(
     return ", ".join(names), ", ".join(exprs)
 
 
+# The indexes a layout gives each partition of its own (no index of the parent holds them:
+# migration 0017's unique index on seq), read from a partition that has them.
+OWN_INDEXES_SQL = (
+    "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x WHERE x.indrelid = %s::regclass "
+    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = x.indexrelid)"
+)
+
+
 def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int) -> int:
     """When ``table`` is range-partitioned on one time column, create the day partitions of
     the fill that no partition covers yet (a layout's own job; here so that no fill lands in
-    a default partition); how many were created."""
+    a default partition), each with the indexes of its own that the layout's default
+    partition has; how many were created."""
     key = conn.execute("SELECT pg_get_partkeydef(%s::regclass)", (table,)).fetchone()[0]
     if not key or not key.upper().startswith("RANGE (") or "," in key:
         return 0
+    default = f"{table}_default"
+    own = []
+    if exists(conn, default):
+        own = [row[0] for row in conn.execute(OWN_INDEXES_SQL, (default,))]
     made = 0
     for day in range(days + 1):
         start = time.strftime("%Y-%m-%d", time.gmtime(first + day * 86400))
@@ -378,6 +391,8 @@ def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int
                     f'CREATE TABLE "{name}" PARTITION OF {table} FOR VALUES FROM '
                     f"('{start}') TO ('{start}'::date + 1)"
                 )
+                for definition in own:
+                    conn.execute(definition.replace(default, name))
             made += 1
         except psycopg.Error:
             pass  # a partition of the layout's own covers the day (or part of it)

@@ -50,12 +50,13 @@ def get_metadata():
 # partitions are tables of their own, its unique keys live in packet_keys (PostgreSQL only),
 # and deliveries has no foreign key to it. Deliveries are partitioned by state (migration
 # 0014): the queue index lives on the hot partition only. packet_keys is partitioned by client
-# day, beside packet_idempotency_keys (0015). The drift check compares the rest.
+# day, beside packet_idempotency_keys (0015). ix_packets_seq is a unique index of each
+# partition of packets (0017). The drift check compares the rest.
 PARTITION = re.compile(
     r"^(packets_(legacy|default|p\d{8})|packet_keys_(legacy|default|p\d{8})"
     r"|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
 )
-POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue"}
+POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue", "ix_packets_seq"}
 POSTGRES_ONLY_TABLES = {"packet_keys", "packet_idempotency_keys"}
 SQLITE_ONLY = {"uq_packets_dedup_key", "uq_packets_idempotency_key"}
 

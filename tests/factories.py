@@ -43,3 +43,10 @@ def make_packet(**overrides) -> dict:
     }
     packet.update(overrides)
     return packet
+
+
+def another_day(received_at):
+    """Where a forged copy of a row reusing its seq is received: on PostgreSQL another day,
+    since a day's own unique index on seq refuses a repeat within it (migration 0017); on
+    SQLite (one table, the column read back as text) the same moment."""
+    return received_at - timedelta(days=1) if isinstance(received_at, datetime) else received_at

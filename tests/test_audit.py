@@ -39,6 +39,7 @@ from bucket.services.audit.sealing import (
     sealed_through,
 )
 from tests.concurrency import join_all
+from tests.factories import another_day
 from tests.queue_helpers import ingest_many
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -348,7 +349,13 @@ def test_verify_names_every_kind_of_tampering(app, client):
             .one()
         )
         # A UUID, as every stored id is (PostgreSQL stores them as uuid: migration 0016).
-        forged = dict(victim, packet_id=FORGED_ID, dedup_key="f" * 32, focus_score=1.0)
+        forged = dict(
+            victim,
+            packet_id=FORGED_ID,
+            dedup_key="f" * 32,
+            focus_score=1.0,
+            received_at=another_day(victim["received_at"]),
+        )
         forged["raw_signals"] = json.dumps(forged["raw_signals"])
         columns = ", ".join(forged)
         db.session.execute(

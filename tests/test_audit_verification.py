@@ -17,6 +17,7 @@ from bucket.extensions import db
 from bucket.models import AuditSeal
 from bucket.services.audit import merkle
 from bucket.services.audit.content import LEAF_SELECT, Leaves, packet_leaf
+from tests.factories import another_day
 from tests.queue_helpers import ingest_many
 from tests.test_audit import artifact, seal, sql, verify
 
@@ -115,7 +116,6 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
     delete_packet(app, second[1])
     # a row forged with a sealed packet's seq, listed before it; and one before the first seal
     victim = second[2]
-    forge_copy(app, victim, packet_id=FORGED_IN_RANGE)
     with app.app_context():
         row = dict(
             db.session.execute(text("SELECT * FROM packets WHERE packet_id = :p"), {"p": victim})
@@ -123,13 +123,20 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
             .one()
         )
         db.session.commit()
+    forge_copy(app, victim, packet_id=FORGED_IN_RANGE, received_at=another_day(row["received_at"]))
     delete_packet(app, victim)
-    forge_copy(app, FORGED_IN_RANGE, packet_id=victim, dedup_key=row["dedup_key"])
+    forge_copy(
+        app,
+        FORGED_IN_RANGE,
+        packet_id=victim,
+        dedup_key=row["dedup_key"],
+        received_at=row["received_at"],
+    )
     forge_copy(app, third[0], packet_id=FORGED_BEFORE, dedup_key="e" * 32, seq=0)
     # a sealed packet renamed: its seq holds another id only
     renamed_seq = seqs_of(app, [third[1]])[0]
     delete_packet(app, third[1])
-    forge_copy(app, FORGED_BEFORE, packet_id=RENAMED, dedup_key="d" * 32)
+    forge_copy(app, FORGED_BEFORE, packet_id=RENAMED, dedup_key="d" * 32, seq=renamed_seq)
     sql(
         app,
         "UPDATE packets SET seq = :s, focus_score = 1 WHERE packet_id = :p",

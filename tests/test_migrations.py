@@ -74,8 +74,15 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
             ).scalar()
             db.session.commit()
     for name, columns in EXPECTED_INDEXES.items():
+        if postgres and name == "ix_packets_seq":
+            assert name not in indexes  # one of its own in each partition (migration 0017)
+            continue
         assert indexes.get(name) == columns, name
     if postgres:
+        assert seq_indexes(fresh_app) == {
+            (name, f"{name}_seq_key", True) for name in packet_partitions(fresh_app)
+        }
+        assert brin_indexes(fresh_app) == {("packet_keys", "ix_packet_keys_received")}
         assert key_primary == ["dedup_key", "client_day"]
         assert partition_key == "RANGE (client_day)"
         assert idempotency_primary["constrained_columns"] == ["idempotency_key"]
@@ -96,6 +103,40 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
     # PostgreSQL: a key to a partitioned table would be re-checked at every detach of a day.
     expected = [] if postgres else [(["packet_id"], "packets")]
     assert [(k["constrained_columns"], k["referred_table"]) for k in keys] == expected
+
+
+def packet_partitions(app) -> set[str]:
+    """PostgreSQL: the partitions of packets."""
+    found = rows_of(
+        app,
+        "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'packets'::regclass",
+    )
+    return {name for (name,) in found}
+
+
+def seq_indexes(app) -> set[tuple[str, str, bool]]:
+    """PostgreSQL: (table, index, unique) of every index on seq alone of packets and its
+    partitions."""
+    found = rows_of(
+        app,
+        "SELECT x.indrelid::regclass::text, x.indexrelid::regclass::text, x.indisunique "
+        "FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid "
+        "AND a.attnum = x.indkey[0] WHERE x.indnkeyatts = 1 AND a.attname = 'seq' "
+        "AND x.indrelid IN (SELECT 'packets'::regclass UNION ALL "
+        "SELECT inhrelid FROM pg_inherits WHERE inhparent = 'packets'::regclass)",
+    )
+    return {tuple(row) for row in found}
+
+
+def brin_indexes(app) -> set[tuple[str, str]]:
+    """PostgreSQL: (table, index) of every BRIN index on a table that is not a partition."""
+    found = rows_of(
+        app,
+        "SELECT t.relname, i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid "
+        "JOIN pg_class t ON t.oid = x.indrelid JOIN pg_am m ON m.oid = i.relam "
+        "WHERE m.amname = 'brin' AND NOT t.relispartition",
+    )
+    return {tuple(row) for row in found}
 
 
 def test_models_and_migrations_do_not_drift(fresh_app):
@@ -609,3 +650,108 @@ def test_upgrade_to_uuid_ids_keeps_every_id_key_and_seal(fresh_app, backend):
     after = [rows_of(fresh_app, q) for q in whole]
     assert after[0] == before[0]  # packets: written once, never changed
     assert [row[0] for row in after[1]] == [row[0] for row in before[1]]
+
+
+def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_a_repeat(
+    fresh_app, backend
+):
+    """Migration 0017 with data in the 0016 layout (one partitioned index on seq): processed,
+    sealed packets on two past days, one of which holds a seq twice (given by hand: that
+    layout let it; with the seq it no longer holds, its count is its seqs' width), and a
+    pending one today. On PostgreSQL every partition of packets then
+    has a unique index of its own on seq, but the day with the repeat a plain one, and
+    packet_keys its BRIN index on received_at; no row changes; retention drops the other day
+    as one run of seqs and keeps that one, with the reason; downgrading gives back the
+    partitioned index and every row. SQLite keeps its one plain index and its rows."""
+    from bucket.services import partitions, retention
+    from bucket.timeutil import utc_now
+    from tests.queue_helpers import ack, ingest_many, poll, sql
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    postgres = backend == "postgres"
+    client = fresh_app.test_client()
+    ids = ingest_many(client, 6)
+    for packet_id in ids[:5]:
+        assert packet_id in [p["packet_id"] for p in poll(client, limit=1)["packets"]]
+        assert ack(client, packet_id).status_code == 200
+    old, odd = (utc_now().date() - timedelta(days=n) for n in (50, 45))
+    if postgres:
+        with fresh_app.app_context():
+            for day in (old, odd):
+                partitions.create_day(day, adopt=False)
+        for offset, (packet_id, day) in enumerate(
+            zip(ids, (old, old, odd, odd, odd), strict=False)
+        ):
+            moment = datetime.combine(day, datetime.min.time()) + timedelta(minutes=offset)
+            for table in ("packets", "deliveries", "packet_keys"):
+                sql(
+                    fresh_app,
+                    f"UPDATE {table} SET received_at = :m WHERE packet_id = :p",
+                    m=moment,
+                    p=packet_id,
+                )
+    assert fresh_app.test_cli_runner().invoke(args=["bucket", "seal"]).exit_code == 0
+    # The 0016 layout, with these rows (the downgrade is part of what is tested).
+    assert flask_db(fresh_app, "downgrade", "0016_uuid_ids").exit_code == 0
+    if postgres:
+        assert_partitioned_seq_index(fresh_app)
+        sql(
+            fresh_app,
+            "UPDATE packets SET seq = (SELECT seq FROM packets WHERE packet_id = :a) "
+            "WHERE packet_id = :b",
+            a=ids[2],
+            b=ids[3],
+        )  # odd holds s, s, s + 2
+    whole = "SELECT * FROM packets ORDER BY seq, packet_id"
+    before = rows_of(fresh_app, whole)
+    assert len(before) == 6
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, whole) == before
+    if postgres:
+        odd_name = partitions.day_name(odd)
+        assert seq_indexes(fresh_app) == {
+            (name, f"{name}_seq_key", name != odd_name) for name in packet_partitions(fresh_app)
+        }
+        assert brin_indexes(fresh_app) == {("packet_keys", "ix_packet_keys_received")}
+        with fresh_app.app_context():
+            report = retention.purge_days(30)
+        found = {day.partition: (day.packets, day.ranges, day.kept) for day in report.days}
+        assert found == {
+            partitions.day_name(old): (2, 1, None),
+            odd_name: (
+                3,
+                0,
+                "its rows do not match the audit log's leaves (run flask bucket verify)",
+            ),
+        }
+        stored = rows_of(fresh_app, "SELECT packet_id::text FROM packets")
+        assert {packet_id for (packet_id,) in stored} == set(ids[2:])
+    else:
+        assert {ix["name"]: ix["column_names"] for ix in inspect_indexes(fresh_app)}[
+            "ix_packets_seq"
+        ] == ["seq"]
+
+    after_purge = rows_of(fresh_app, whole)
+    assert flask_db(fresh_app, "downgrade", "0016_uuid_ids").exit_code == 0
+    assert rows_of(fresh_app, whole) == after_purge
+    if postgres:
+        assert_partitioned_seq_index(fresh_app)
+
+
+def assert_partitioned_seq_index(app) -> None:
+    """PostgreSQL, the layout before 0017: one partitioned index on seq, plain, in every
+    partition; no BRIN index."""
+    found = seq_indexes(app)
+    assert ("packets", "ix_packets_seq", False) in found
+    assert {table for table, _, _ in found} == {"packets"} | packet_partitions(app)
+    assert not any(unique or index.endswith("_seq_key") for _, index, unique in found)
+    assert brin_indexes(app) == set()
+
+
+def inspect_indexes(app) -> list[dict]:
+    with app.app_context():
+        found = inspect(db.engine).get_indexes("packets")
+        db.session.commit()
+    return found

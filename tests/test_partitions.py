@@ -12,6 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import psycopg
 import pytest
 from sqlalchemy import select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from bucket import create_app
 from bucket.extensions import db
@@ -27,6 +28,7 @@ from tests import servers
 from tests.concurrency import join_all
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, ingest_many, poll, sql, status
+from tests.statements import captured_statements
 
 P = Packet.__table__
 D = Delivery.__table__
@@ -40,6 +42,11 @@ def today() -> date:
 def drop_partition(app, day: date) -> None:
     """Remove an (empty) day partition a test needs absent."""
     sql(app, f"DROP TABLE IF EXISTS {partitions.day_name(day)}")
+
+
+def seq_of(app, packet_id: str) -> int:
+    ((seq,),) = sql(app, "SELECT seq FROM packets WHERE packet_id = :p", p=packet_id)
+    return seq
 
 
 def partition_of(app, packet_id: str) -> str:
@@ -180,6 +187,88 @@ def test_an_insert_for_a_day_without_partition_is_kept_watched_and_moved(app, cl
     if backend == "postgres":
         sql(app, "TRUNCATE packets, packet_keys, deliveries")
         drop_partition(app, far)
+
+
+PARTITIONS_OF_PACKETS_SQL = (
+    "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'packets'::regclass"
+)
+SEQ_INDEXES_SQL = (
+    "SELECT c.relname, x.indexrelid::regclass::text, x.indisunique FROM pg_inherits i "
+    "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_index x ON x.indrelid = c.oid "
+    "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = x.indkey[0] "
+    "WHERE i.inhparent = 'packets'::regclass AND x.indnkeyatts = 1 AND a.attname = 'seq'"
+)
+
+
+def seq_indexes(app) -> dict[str, list[tuple[str, bool]]]:
+    """Each partition of packets: its indexes on seq alone, (name, unique)."""
+    found: dict[str, list[tuple[str, bool]]] = {}
+    for table, index, unique in sql(app, SEQ_INDEXES_SQL):
+        found.setdefault(table, []).append((index, unique))
+    return found
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_every_partition_of_packets_has_a_unique_index_on_seq_of_its_own(app, client, backend):
+    """Migration 0017: a day made ahead, a day made for a packet found in the default
+    partition, and the default, each have a unique index on seq of their own, which refuses a
+    repeated seq; a partition made without one (by the version before 0017 during an upgrade)
+    gets it at the next maintenance, a plain one where a seq already repeats, and only once."""
+    ahead, adopted, bare, odd, alone = (today() + timedelta(days=n) for n in (20, 400, 30, 31, 32))
+    for day in (ahead, adopted, bare, odd, alone):
+        drop_partition(app, day)
+    (stray,) = ingest_many(client, 1)
+    move_to_day(app, [stray], adopted)
+    assert partition_of(app, stray) == partitions.DEFAULT
+    with app.app_context():
+        partitions.create_day(alone, adopt=False)
+    name = partitions.day_name(alone)
+    assert seq_indexes(app)[name] == [(f"{name}_seq_key", True)]
+    with app.app_context():
+        partitions.ensure_partitions(20)
+    assert partition_of(app, stray) == partitions.day_name(adopted)
+    found = seq_indexes(app)
+    for day in (ahead, adopted):
+        name = partitions.day_name(day)
+        assert found[name] == [(f"{name}_seq_key", True)], name
+    for name in (partitions.DEFAULT,):
+        assert found[name] == [(f"{name}_seq_key", True)], name
+    assert set(found) == {name for (name,) in sql(app, PARTITIONS_OF_PACKETS_SQL)}
+    (other,) = ingest_many(client, 1)
+    move_to_day(app, [other], adopted)
+    with pytest.raises(IntegrityError, match=f"{partitions.day_name(adopted)}_seq_key"):
+        sql(
+            app,
+            "UPDATE packets SET seq = (SELECT seq FROM packets WHERE packet_id = :a) "
+            "WHERE packet_id = :b",
+            a=stray,
+            b=other,
+        )
+    for day in (bare, odd):  # as the version before 0017 made a day
+        end = partitions.bound_literal(day + timedelta(days=1))
+        sql(
+            app,
+            f"CREATE TABLE {partitions.day_name(day)} PARTITION OF packets "
+            f"FOR VALUES FROM ({partitions.bound_literal(day)}) TO ({end})",
+        )
+    twice = ingest_many(client, 2)
+    move_to_day(app, twice, odd)
+    sql(
+        app,
+        "UPDATE packets SET seq = (SELECT seq FROM packets WHERE packet_id = :a) "
+        "WHERE packet_id = :b",
+        a=twice[0],
+        b=twice[1],
+    )
+    assert partitions.day_name(bare) not in seq_indexes(app)
+    with app.app_context():
+        made = partitions.ensure_partitions(20)
+        again = partitions.ensure_partitions(20)
+    assert sorted(made.created) == [f"{partitions.day_name(day)}_seq_key" for day in (bare, odd)]
+    assert again.created == []
+    found = seq_indexes(app)
+    assert found[partitions.day_name(bare)] == [(f"{partitions.day_name(bare)}_seq_key", True)]
+    assert found[partitions.day_name(odd)] == [(f"{partitions.day_name(odd)}_seq_key", False)]
 
 
 def test_retention_keeps_every_unfinished_and_dead_packet_and_verify_tells_purged(
@@ -668,6 +757,11 @@ def test_purge_with_dead_drops_only_the_days_dead_and_keeps_a_day_whose_rows_mis
     move_to_day(app, ids[3:], recent)
     with app.app_context():
         seal_everything()
+    # A day's unique index on seq refuses a repeat: the day's index made plain, as migration
+    # 0017 leaves it where a seq already repeated.
+    odd_day = partitions.day_name(odd)
+    sql(app, f"DROP INDEX {odd_day}_seq_key")
+    sql(app, f"CREATE INDEX {odd_day}_seq_key ON {odd_day} (seq)")
     sql(
         app,
         "UPDATE packets SET seq = (SELECT seq FROM packets WHERE packet_id = :a) "
@@ -754,6 +848,47 @@ def test_a_day_is_recorded_as_its_runs_of_sealed_seqs_across_holes_never_sealed(
     assert verified.exit_code == 1 and f"packet {gone}: sealed, gone" in verified.output
     assert verified.output.count("purged by retention on") == 4
     assert "1 problems" in verified.output
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_of_one_run_of_seqs_is_proved_by_its_count_and_one_with_holes_is_numbered(
+    app, client, backend
+):
+    """A day whose seqs are one run (no seq repeats: its index on seq is unique) is proved so
+    by its count, as wide as its seqs, without numbering its rows; a day with a hole in its
+    seqs is numbered row by row. Each records the ranges it always did."""
+    whole, holed = today() - timedelta(days=50), today() - timedelta(days=49)
+    for day in (whole, holed):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    ids = ingest_many(client, 3)
+    burn_seqs(app, 3)
+    (after_hole,) = ingest_many(client, 1)
+    ids.append(after_hole)
+    for packet in poll(client, limit=4)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids[:2], whole)
+    move_to_day(app, ids[2:], holed)
+    seqs = [seq_of(app, packet_id) for packet_id in ids]
+    with app.app_context():
+        seal_everything()
+    with captured_statements(app) as statements, app.app_context():
+        report = retention.purge_days(30)
+    names = [partitions.day_name(day) for day in (whole, holed)]
+    assert [(d.partition, d.packets, d.ranges, d.kept) for d in report.days] == [
+        (names[0], 2, 1, None),
+        (names[1], 2, 1, None),
+    ]
+    numbered = [s for s in statements if "row_number()" in s]
+    assert numbered == [retention.RUNS_SQL.format(day=names[1])]
+    recorded = sql(
+        app, "SELECT first_seq, last_seq, packet_count, partition FROM audit_purged_ranges"
+    )
+    assert sorted(tuple(r) for r in recorded) == [
+        (seqs[0], seqs[1], 2, names[0]),
+        (seqs[2], seqs[3], 2, names[1]),
+    ]
 
 
 @pytest.mark.parametrize("backend", ["postgres"])

@@ -26,6 +26,12 @@ the others. Keys of days still wanted that reached the default move into their d
 created; those of past days stay there (a client may name any day since 1900: one partition
 each would be a way to make thousands).
 
+Each partition of ``packets`` has its own unique index on ``seq``, ``<partition>_seq_key``
+(migration 0017; a partitioned unique index would need ``received_at``): retention proves a
+day one run of seqs from its count alone (``services/retention``). The maintenance creates it
+with each day, and on any partition found without an index on seq (one an instance of the
+version before 0017 created during the upgrade).
+
 Creating a partition takes a short exclusive lock on ``packets``; it waits at most
 ``LOCK_TIMEOUT`` for queries in flight and otherwise tries again next time. One maintainer at
 a time across every worker and instance (a transaction-scoped advisory lock). SQLite keeps
@@ -63,6 +69,16 @@ MAINTAINER_LOCK = 0x7072616E61706172
 LOCK_TIMEOUT = "2s"
 # A watched count: beyond this many rows the default partition is not counted further.
 DEFAULT_COUNT_CAP = 1_000_000
+# The partitions of packets with no valid index whose only key is seq, and no predicate.
+UNINDEXED_SEQ_SQL = """
+SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+WHERE i.inhparent = 'packets'::regclass AND c.relkind = 'r' AND NOT EXISTS (
+  SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid
+  AND a.attnum = x.indkey[0]
+  WHERE x.indrelid = c.oid AND x.indnkeyatts = 1 AND a.attname = 'seq'
+  AND x.indisvalid AND x.indpred IS NULL)
+ORDER BY c.relname
+"""
 PARTITIONS_OF_SQL = (
     "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid), c.reltuples::bigint "
     "FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
@@ -238,8 +254,51 @@ def ensure_partitions(days: int | None = None) -> Maintenance:
         if moved:
             report.moved[day_name(day)] = moved
             log.warning("moved %d packets from the default partition into %s", moved, day)
+    index_seqs(report)
     ensure_key_days(today, key_days_ahead(days), report)
     return report
+
+
+def index_seqs(report: Maintenance) -> None:
+    """Give every partition of ``packets`` found without an index on seq its own, each in a
+    short transaction (normally none is missing: every day is created with it); one that
+    stays locked sets ``report.skipped`` and waits for the next maintenance."""
+    session = db.session
+    missing = session.execute(text(UNINDEXED_SEQ_SQL)).scalars().all()
+    session.commit()
+    for name in missing:
+        try:
+            session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+            session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MAINTAINER_LOCK})
+            index_seq(session, name)
+            session.commit()
+        except Exception as exc:
+            session.rollback()
+            if not sql.lock_not_granted(exc):
+                raise
+            report.skipped = f"{name} stayed locked for {LOCK_TIMEOUT}"
+            log.info("partition maintenance: %s", report.skipped)
+            return
+        report.created.append(seq_index_name(name))
+        log.warning("created the missing index on seq of %s", name)
+
+
+def seq_index_name(partition: str) -> str:
+    """The unique index on seq of a partition of packets (migration 0017)."""
+    return f"{partition}_seq_key"
+
+
+def index_seq(session, name: str) -> None:
+    """Create partition ``name``'s unique index on seq unless it has it, inside the caller's
+    transaction. Where a seq already repeats (only ever by hand), a plain index instead:
+    retention then reads the day's runs row by row, finds the repeat and keeps the day."""
+    index = seq_index_name(name)
+    try:
+        with session.begin_nested():
+            session.execute(text(f"CREATE UNIQUE INDEX IF NOT EXISTS {index} ON {name} (seq)"))
+    except IntegrityError:
+        log.error("a seq repeats in %s: its index on seq is not unique", name)
+        session.execute(text(f"CREATE INDEX IF NOT EXISTS {index} ON {name} (seq)"))
 
 
 def ensure_key_days(today: date, ahead: int, report: Maintenance) -> None:
@@ -349,6 +408,7 @@ def create_day(day: date, adopt: bool, packets: bool = True) -> int:
                 "received_at >= :start AND received_at < :end",
                 {"start": naive(start), "end": naive(end)},
             )
+        index_seq(session, name)
         session.commit()
         return moved
     except Exception:

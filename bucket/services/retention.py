@@ -8,7 +8,9 @@ or leased), or dead (unless ``include_dead``), is kept whole and reported with i
 no packet that still matters is lost, and the next purge tries again. Otherwise, in one short
 transaction: the day's rows are locked against change, the audit log records the runs of
 ``seq`` the day held (``audit_purged_ranges``: every sealed packet inside a run was in the day,
-computed from one ordered pass over the day's seq index and the seals' bounds, reading the
+computed from the day's count and bounds when its unique index on seq (migration 0017) and
+a count as wide as the bounds prove it one run, else from one ordered pass over that index,
+and from the seals' bounds, reading the
 leaves of only the seals that skip a seq, so ``verify`` tells each of them "purged by
 retention" and still calls any other missing packet deleted), the counters are lowered, the
 day's dead deliveries removed, and the partition detached with its partition of processed deliveries
@@ -21,8 +23,9 @@ still stored: a key is dropped only after its packet (a packet kept because it i
 or dead keeps its key, and a copy resent meanwhile is still its duplicate). Until then a copy
 of a packet already purged is answered as the duplicate of the purged packet, and afterwards
 it is stored anew. With the day's keys go the Idempotency-Keys pointing into it. The check
-reads the day's keys once (their reception times against the packets' partitions still
-attached), under a lock that holds off inserts into that day only; keys of days long past
+reads the day's keys' reception times against the packets' partitions still attached,
+through a BRIN index on them (migration 0017: only the blocks that could hold a live key),
+under a lock that holds off inserts into that day only; keys of days long past
 that reached the default partition are few, and go by rows. No packet, processed delivery
 or key is deleted one by one, and no vacuum follows. Retention then counts from the day a
 packet was received (and for keys from the client's day), not processed.
@@ -184,6 +187,19 @@ SELECT min(seq), max(seq), count(*) FROM (
   SELECT seq, seq - row_number() OVER (ORDER BY seq) AS run FROM {day}
 ) AS numbered GROUP BY run ORDER BY 1
 """
+# Whether the day's partition has a valid unique index whose only key is seq (migration 0017
+# gives every partition one), and the day's count and bounds (the bounds from the index's
+# ends; the count from an index-only pass, no window, no grouping).
+UNIQUE_SEQ_SQL = """
+SELECT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid
+  AND a.attnum = x.indkey[0]
+  WHERE x.indrelid = to_regclass(:day) AND x.indisunique AND x.indisvalid
+  AND x.indnkeyatts = 1 AND a.attname = 'seq' AND x.indpred IS NULL)
+"""
+SPAN_SQL = (
+    "SELECT (SELECT count(*) FROM {day}), (SELECT min(seq) FROM {day}), "
+    "(SELECT max(seq) FROM {day})"
+)
 # The seals whose leaves could lie within lo..hi, in seq order. A seal's leaves are distinct
 # seqs in after_seq + 1 .. last_seq, in order (the sealer checks it); when there are as many
 # as that range is wide, the seal holds every seq of it and its leaves need not be read: only
@@ -202,6 +218,18 @@ def day_runs(session, name: str) -> list[tuple[int, int, int]] | None:
         if size != last - first + 1 or (n and first <= runs[n - 1][1]):
             return None
     return runs
+
+
+def one_run(session, name: str) -> list[tuple[int, int, int]] | None:
+    """The day's seqs as one run [(first, last, count)] ([] for an empty day) when its count
+    proves it: no seq repeats (a unique index says so) and as many rows as the run is wide.
+    None otherwise: the caller reads the runs row by row (``day_runs``)."""
+    if not session.execute(text(UNIQUE_SEQ_SQL), {"day": name}).scalar_one():
+        return None
+    count, first, last = session.execute(text(SPAN_SQL.format(day=name))).one()
+    if not count:
+        return []
+    return [(first, last, count)] if count == last - first + 1 else None
 
 
 def sealed_intervals(session, lo: int, hi: int) -> list[list[int]]:
@@ -502,7 +530,11 @@ def drop_day(
                 "(kept whole until they are processed"
                 + (")" if include_dead else ", or purged with --include-dead)")
             )
-        runs = None if outcome.kept else day_runs(session, name)
+        runs = None
+        if not outcome.kept:
+            runs = one_run(session, name)
+            if runs is None:
+                runs = day_runs(session, name)
         ranges = []
         if runs:
             sealed = sealed_intervals(session, runs[0][0], runs[-1][1])
