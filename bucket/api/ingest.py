@@ -42,7 +42,10 @@ envelope_schema = BatchEnvelopeSchema()
 @blp.route("/ingest", methods=["POST"])
 # The view reads the body itself (JSON, or sendBeacon's text/plain; one packet or an envelope,
 # each packet validated on its own so a bad one cannot sink a batch), so no @blp.arguments
-# declares it: its two shapes are named here from their schemas.
+# declares it: its two shapes are named here from their schemas. Its headers too are
+# documented from their schema and read by the view (two look-ups): loading them through
+# webargs built a dictionary of every header and ran a schema over it on each request, for no
+# rule (a too long Idempotency-Key is the view's 400, naming the header).
 @blp.doc(
     requestBody={
         "required": True,
@@ -50,13 +53,9 @@ envelope_schema = BatchEnvelopeSchema()
             media: {"schema": {"oneOf": [PacketSchema, BatchEnvelopeSchema]}}
             for media in ("application/json", "text/plain")
         },
-    }
+    },
+    parameters=[{"in": "header", "schema": IngestHeadersSchema}],
 )
-# The headers are documented from their schema and read by the view (two dictionary look-ups):
-# loading them through webargs built a dictionary of every header and ran a schema over it on
-# each request, and the schema has no rule to check (a too long Idempotency-Key is the view's
-# 400, naming the header).
-@blp.doc(parameters=[{"in": "header", "schema": IngestHeadersSchema}])
 @blp.response(
     200,
     {"oneOf": [IngestResultSchema, BatchResultSchema]},
