@@ -876,11 +876,12 @@ def test_a_day_of_one_run_of_seqs_is_proved_by_its_count_and_one_with_holes_is_n
     with captured_statements(app) as statements, app.app_context():
         report = retention.purge_days(30)
     names = [partitions.day_name(day) for day in (whole, holed)]
-    assert [(d.partition, d.packets, d.ranges, d.kept) for d in report.days] == [
+    # Only these two days: an earlier test may leave an empty old day in the shared database.
+    assert [(d.partition, d.packets, d.ranges, d.kept) for d in report.days if d.packets] == [
         (names[0], 2, 1, None),
         (names[1], 2, 1, None),
     ]
-    numbered = [s for s in statements if "row_number()" in s]
+    numbered = [s for s in statements if "row_number()" in s and any(n in s for n in names)]
     assert numbered == [retention.RUNS_SQL.format(day=names[1])]
     recorded = sql(
         app, "SELECT first_seq, last_seq, packet_count, partition FROM audit_purged_ranges"
