@@ -11,6 +11,7 @@ def shell_context() -> dict[str, Any]:
     from bucket.models import Delivery, DeliveryState, Packet
     from bucket.services import delivery, partitions
     from bucket.services.bookkeeping import book_new_packets
+    from bucket.services.compaction import compact_partitions
     from bucket.services.ingest import store_packets
     from bucket.services.listing import user_packets
     from bucket.services.stats import collect_stats
@@ -30,4 +31,5 @@ def shell_context() -> dict[str, Any]:
         "book": book_new_packets,
         "ensure_partitions": partitions.ensure_partitions,
         "partitions": partitions.partitions,
+        "compact_partitions": compact_partitions,
     }

@@ -159,6 +159,12 @@ def _bound(expression: str, keyword: str) -> datetime | None:
     return datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC)
 
 
+def upper_bound(expression: str) -> datetime | None:
+    """Where a partition's range ends (its bound as ``pg_get_expr`` gives it), in UTC; None
+    for the default partition and a range up to MAXVALUE."""
+    return _bound(expression, "TO")
+
+
 def partitions(parent: str = "packets") -> list[Partition]:
     """Every partition of ``packets`` (or of ``PROCESSED``, the processed deliveries), oldest
     first, the default last (empty on SQLite)."""
