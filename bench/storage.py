@@ -25,9 +25,11 @@ Measured after ``VACUUM (ANALYZE)``: every relation's heap, TOAST and each index
 stored packet of the tables that grow with packets; disk per day per 1,000 learners; the WAL
 of the fill per packet; each column's average stored width (``pg_stats``); a few alternative
 index definitions, built and dropped, for the bytes they would save; and the hot delivery
-table's size with only the backlog stored against with all ``packets`` stored. Bytes do not
-depend on the machine's load, so one run suffices. Prints a table and one JSON line
-(``BENCH_STORAGE_JSON``).
+table's size with only the backlog stored against with all ``packets`` stored. Then the real
+``flask bucket partitions compact`` (``compact_partitions``), as the daily cron would have run
+it on these past days, and every relation measured again: bytes per packet as filled and
+compacted. Bytes do not depend on the machine's load, so one run suffices. Prints a table and
+one JSON line (``BENCH_STORAGE_JSON``).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -627,8 +630,17 @@ def delivery_tables(conn: psycopg.Connection) -> tuple[str, ...]:
     return parts or ("deliveries",)
 
 
-def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
-    """Fill the (migrated, empty) database at ``dsn`` and measure it."""
+def measure_database(
+    dsn: str,
+    packets: int,
+    days: int,
+    backlog: int,
+    compact: Callable[[], dict | None] | None = None,
+) -> dict:
+    """Fill the (migrated, empty) database at ``dsn`` and measure it; then ``compact`` it (the
+    daily compaction), measured again, before any index is built or dropped beside the
+    layout's (the alternatives' builds on a partitioned table may adopt and then drop an index
+    of the layout's)."""
     run = uuid.uuid4().hex[:8]
     learners = LEARNERS
     day_packets = packets // days
@@ -694,6 +706,8 @@ def measure_database(dsn: str, packets: int, days: int, backlog: int) -> dict:
             table: column_widths(conn, table) for table in ("packets", "deliveries")
         }
         figures["hot_bytes_at_stored"] = hot_bytes(conn, figures["relations"])
+        if compact is not None:
+            figures["compacted"] = compact()
         began = time.monotonic()
         figures["rebuilt_indexes"] = rebuilt(conn, ("packets", *delivery_tables(conn)))
         figures["alternatives"] = alternatives(conn)
@@ -708,14 +722,8 @@ def derived(figures: dict) -> dict:
     growth."""
     relations = figures["relations"]
     stored = relations["packets"]["rows"]
-    growing = {
-        name: size
-        for name, size in relations.items()
-        if name not in NOT_PER_PACKET and name != PURGE_TABLE
-    }
     core = ("packets", "deliveries")
-    per_packet = sum(size["total"] for size in growing.values()) / max(stored, 1)
-    per_table = {name: size["total"] / max(stored, 1) for name, size in growing.items()}
+    per_packet, per_table = bytes_per_packet(relations)
     purges = relations.get(PURGE_TABLE, {})
     return {
         "stored": stored,
@@ -732,6 +740,18 @@ def derived(figures: dict) -> dict:
         ),
         "hot_ratio": figures["hot_bytes_at_stored"] / max(figures["hot_bytes_at_backlog"], 1),
     }
+
+
+def bytes_per_packet(relations: dict[str, dict]) -> tuple[float, dict[str, float]]:
+    """Bytes per stored packet of every table that grows with packets, and of each."""
+    stored = max(relations["packets"]["rows"], 1)
+    growing = {
+        name: size
+        for name, size in relations.items()
+        if name not in NOT_PER_PACKET and name != PURGE_TABLE
+    }
+    per_table = {name: size["total"] / stored for name, size in growing.items()}
+    return sum(size["total"] for size in growing.values()) / stored, per_table
 
 
 def url_of(server_url: str, name: str) -> str:
@@ -753,6 +773,23 @@ with app.app_context():
 print(json.dumps({"seconds": seconds, "dropped": [[d.partition, d.packets] for d in report.dropped],
                   "kept": [[d.partition, d.kept] for d in report.kept],
                   "key_days": [[k.partition, k.kept] for k in getattr(report, "key_days", [])]}))
+"""
+# The real compaction of the past days, as the daily cron runs it, in a process of its own.
+COMPACT_SCRIPT = """
+import json, time
+from bucket import create_app
+try:
+    from bucket.services.compaction import compact_partitions
+except ImportError:  # a layout from before the compaction
+    print(json.dumps(None))
+    raise SystemExit
+app = create_app()
+with app.app_context():
+    began = time.perf_counter()
+    report = compact_partitions()
+    seconds = time.perf_counter() - began
+print(json.dumps({"seconds": seconds, "stopped": report.stopped, "indexes": [
+    [i.partition, i.index, i.before, i.after, i.outcome] for i in report.indexes]}))
 """
 DELETED_SQL = (
     "SELECT coalesce(sum(n_tup_del), 0)::bigint FROM pg_stat_user_tables WHERE relname = %s"
@@ -791,6 +828,32 @@ def timed_purge(env: dict, dsn: str, days: int) -> dict:
     return figures
 
 
+def compacted(env: dict, dsn: str) -> dict | None:
+    """``compact_partitions`` on the filled database, then every relation again: what the
+    daily compaction makes of the past days (None where the code has no compaction)."""
+    out = subprocess.run(
+        [sys.executable, "-c", COMPACT_SCRIPT],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    ).stdout
+    figures = json.loads(out.strip().splitlines()[-1])
+    if figures is None:
+        return None
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        figures["relations"] = relation_sizes(conn)
+    per_packet, per_table = bytes_per_packet(figures["relations"])
+    figures["bytes_per_packet"] = per_packet
+    figures["bytes_per_packet_by_table"] = per_table
+    figures["disk_gb_per_day_per_1000_learners_at_5000"] = (
+        per_packet * LEARNER_PACKETS_PER_ACTIVE_DAY * 1000 / 1e9
+    )
+    return figures
+
+
 def run(server_dsn: str, server_url: str, env: dict, mode: str, **override: int) -> dict:
     """Create a database on the server, migrate it with ``env``, fill and measure it, drop it.
     ``override``: packets, days or backlog instead of the mode's."""
@@ -804,7 +867,10 @@ def run(server_dsn: str, server_url: str, env: dict, mode: str, **override: int)
     try:
         migrate({**env, "DATABASE_URL": url_of(server_url, name)})
         dsn = server_dsn.rsplit("/", 1)[0] + "/" + name
-        figures = measure_database(dsn, packets, days, backlog)
+        app_env = {**env, "DATABASE_URL": url_of(server_url, name)}
+        figures = measure_database(
+            dsn, packets, days, backlog, compact=lambda: compacted(app_env, dsn)
+        )
         figures["purge"] = timed_purge({**env, "DATABASE_URL": url_of(server_url, name)}, dsn, days)
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
@@ -835,6 +901,19 @@ def table(figures: dict) -> str:
         f"VACUUM {figures['vacuum_wal_bytes'] / stored:,.0f})",
         f"{'relation':<34} {'rows':>12} {'total B':>14} {'B/packet':>9}",
     ]
+    compaction = figures.get("compacted")
+    if compaction:
+        done = [item for item in compaction["indexes"] if item[4] == "compacted"]
+        lines.insert(
+            2,
+            f"after the daily compaction of the past days (flask bucket partitions compact, "
+            f"{len(done)} indexes rebuilt in {compaction['seconds']:.1f} s"
+            f"{', stopped: ' + compaction['stopped'] if compaction['stopped'] else ''}): "
+            f"{compaction['bytes_per_packet']:,.0f} bytes a packet (as filled: "
+            f"{figures['bytes_per_packet']:,.0f}), "
+            f"{compaction['disk_gb_per_day_per_1000_learners_at_5000']:.2f} GB a day per "
+            f"1,000 learners at {LEARNER_PACKETS_PER_ACTIVE_DAY:,}",
+        )
     purge = figures.get("purge")
     if purge:
         deleted = ", ".join(f"{t} {n:,}" for t, n in purge["rows_deleted"].items()) or "none"
@@ -859,9 +938,12 @@ def table(figures: dict) -> str:
         parts = [("heap", size["heap"]), ("TOAST", size["toast"]), *size["indexes"].items()]
         if size["other_indexes"]:
             parts.append(("other indexes", size["other_indexes"]))
+        after = (compaction or {}).get("relations", {}).get(name, {}).get("indexes", {})
         for part, value in parts:
             packed = figures["rebuilt_indexes"].get(part)
             note = f"  (built afresh: {packed / stored:.1f})" if packed is not None else ""
+            if after.get(part, value) != value:
+                note += f"  (compacted: {after[part] / stored:.1f})"
             lines.append(f"  {part:<32} {'':>12} {value:>14,} {value / stored:>9.1f}{note}")
     for name, alt in figures["alternatives"].items():
         value = f"{alt['bytes'] / stored:.1f} B/packet" if "bytes" in alt else alt["error"]

@@ -32,6 +32,13 @@ def storage_rows(results: dict, row: Row) -> None:
         f"(packets + deliveries {fill['core_bytes_per_packet']:,.0f})",
         "<= 500",
     )
+    compaction = fill.get("compacted")
+    if compaction:
+        row(
+            "  the same after the daily compaction of past days' indexes",
+            f"{compaction['bytes_per_packet']:,.0f}",
+            "<= 500",
+        )
     row(
         "disk per day per 1,000 learners (5,000 / 17,280 packets)",
         f"{fill['disk_gb_per_day_per_1000_learners_at_5000']:.2f} / "
