@@ -21,7 +21,11 @@ from bucket.services.counters import recount
 from bucket.services.retention import DayPurgeReport, purge_days, purge_rows
 from bucket.services.stats import collect_stats
 
-bucket_cli = AppGroup("bucket", help="Inspect and repair the packet queue.")
+bucket_cli = AppGroup(
+    "bucket",
+    help="Inspect and repair the packet queue. Daily from cron: `purge`, then (PostgreSQL) "
+    "`partitions compact`, which packs the indexes of the days that ended.",
+)
 
 
 def parse_moment(value: str | None) -> datetime | None:
@@ -280,7 +284,8 @@ def partitions_compact_command(days_back: int | None, dry_run: bool, lock_timeou
     it, so the next run skips it). A rebuild that waits longer than --lock-timeout for a lock
     (a long transaction, a purge's detach) is undone and the run stops with exit 1; the next
     run goes on. Schedule it daily after the purge (``flask --app wsgi bucket partitions
-    compact``); it takes minutes for a day of millions of packets. PostgreSQL only.
+    compact``): each rebuild reads its whole day, so it takes longer the more packets a day
+    holds (never in the workers' maintenance). PostgreSQL only.
     """
     done = compact_partitions(days_back, dry_run, lock_timeout)
     if done is None:
