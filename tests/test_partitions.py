@@ -427,8 +427,8 @@ def test_purge_by_days_keeps_recent_and_dead_days_and_forgets_every_purged_key(
     assert (report.dry_run, report.packets) == (False, 3)
     mine = {name, partitions.day_name(dead_day), partitions.day_name(recent)}
     assert [day.partition for day in report.dropped if day.partition in mine] == [name]
-    assert [day.partition for day in report.kept if day.partition in mine] == [
-        partitions.day_name(dead_day)
+    assert [(d.partition, d.packets, d.dead) for d in report.kept if d.partition in mine] == [
+        (partitions.day_name(dead_day), 1, 1)  # a kept day still counts what it holds
     ]
     assert stored(app) == set(ids[3:])
     left = sql(
@@ -893,22 +893,92 @@ def test_a_day_of_one_run_of_seqs_is_proved_by_its_count_and_one_with_holes_is_n
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_spanning_several_seals_is_dropped_as_one_range_and_an_empty_day_too(
+    app, client, backend
+):
+    """A day whose one run of seqs lies across two full seals (after ten packets of today,
+    sealed before it) is dropped as one range: every seal near the day is read, from its first
+    seq to its last. An old day partition that holds nothing is dropped with no range."""
+    old, empty = today() - timedelta(days=50), today() - timedelta(days=49)
+    for day in (old, empty):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    ingest_many(client, 10)
+    with app.app_context():
+        seal_everything()
+    ids = ingest_many(client, 4)
+    with app.app_context():
+        assert [seal_new_packets(2).packet_count for _ in range(2)] == [2, 2]
+    for packet in poll(client, limit=14)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    seqs = sorted(seq_of(app, packet_id) for packet_id in ids)
+    with app.app_context():
+        report = retention.purge_days(30)
+    names = [partitions.day_name(day) for day in (old, empty)]
+    found = {d.partition: (d.packets, d.ranges, d.kept) for d in report.days}
+    assert [found[name] for name in names] == [(4, 1, None), (0, 0, None)]
+    recorded = sql(
+        app,
+        "SELECT first_seq, last_seq, packet_count FROM audit_purged_ranges WHERE partition = :n",
+        n=names[0],
+    )
+    assert [tuple(r) for r in recorded] == [(seqs[0], seqs[-1], 4)]
+    assert sql(app, "SELECT to_regclass(:n)", n=names[1]) == [(None,)]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_range_never_spans_a_sealed_packet_of_another_day_just_before_a_run(app, client, backend):
+    """A day holding seqs s and s + 7, where s + 1 .. s + 5 were never a packet's and s + 6 is
+    a sealed packet of another day: two ranges, never one across that packet."""
+    old, recent = today() - timedelta(days=50), today() - timedelta(days=2)
+    for day in (old, recent):
+        drop_partition(app, day)
+        with app.app_context():
+            partitions.create_day(day, adopt=False)
+    (first,) = ingest_many(client, 1)
+    burn_seqs(app, 5)
+    other, second = ingest_many(client, 2)
+    for packet in poll(client, limit=3)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, [first, second], old)
+    move_to_day(app, [other], recent)
+    a, b = seq_of(app, first), seq_of(app, second)
+    assert (seq_of(app, other), b) == (a + 6, a + 7)
+    with app.app_context():
+        seal_everything()
+        report = retention.purge_days(30)
+    name = partitions.day_name(old)
+    found = {d.partition: (d.packets, d.ranges, d.kept) for d in report.days}
+    assert found[name] == (2, 2, None)
+    recorded = sql(
+        app,
+        "SELECT first_seq, last_seq, packet_count FROM audit_purged_ranges "
+        "WHERE partition = :n ORDER BY 1",
+        n=name,
+    )
+    assert [tuple(r) for r in recorded] == [(a, a, 1), (b, b, 1)]
+    assert stored(app) == {other}
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_a_day_holding_a_seq_no_seal_has_is_kept(app, client, backend):
-    """A day row whose seq no seal's leaves hold (given by hand a value the sequence skipped)
-    keeps the day whole, with the reason."""
+    """A day row whose seq no seal's leaves hold (given by hand the one value the sequence
+    skipped between two sealed packets) keeps the day whole, with the reason."""
     old = today() - timedelta(days=50)
     drop_partition(app, old)
     with app.app_context():
         partitions.create_day(old, adopt=False)
     (first,) = ingest_many(client, 1)
-    burn_seqs(app, 5)
+    burn_seqs(app, 1)
     ids = [first, *ingest_many(client, 2)]
     for packet in poll(client, limit=3)["packets"]:
         assert ack(client, packet["packet_id"]).status_code == 200
     move_to_day(app, ids, old)
     with app.app_context():
         seal_everything()
-    sql(app, "UPDATE packets SET seq = seq + 2 WHERE packet_id = :p", p=first)
+    sql(app, "UPDATE packets SET seq = seq + 1 WHERE packet_id = :p", p=first)
     with app.app_context():
         report = retention.purge_days(30)
     found = {day.partition: day for day in report.days}[partitions.day_name(old)]
