@@ -176,21 +176,30 @@ def test_a_day_of_keys_is_kept_while_its_packet_waits_in_the_default_partition(
 ):
     """A packet received on a day that has no partition of packets waits in the default
     partition, which retention never drops: its day of keys, however old, is kept as long (the
-    days of the default partition's rows count as stored), and a copy is still its duplicate."""
-    old = today() - timedelta(days=50)
+    days of the default partition's rows count as stored), and a copy is still its duplicate.
+    Only that day: the keys of a packet received the next day, purged with its day, go."""
+    old, after = today() - timedelta(days=50), today() - timedelta(days=49)
     (body,) = day_bodies(app, old, 1)
+    (next_body,) = day_bodies(app, after, 1)
     drop_partition(app, old)
+    drop_partition(app, after)
+    with app.app_context():
+        partitions.create_day(after, adopt=False)
     packet_id = post(client, body)["packet_id"]
+    next_id = post(client, next_body)["packet_id"]
     for packet in poll(client)["packets"]:
         assert ack(client, packet["packet_id"]).status_code == 200
     move_to_day(app, [packet_id], old)
+    move_to_day(app, [next_id], after)
     assert partition_of(app, packet_id) == partitions.DEFAULT
     with app.app_context():
         report = retention.purge_days(30)
+    assert partitions.day_name(after) in {d.partition for d in report.dropped}
     outcomes = {k.partition: k.kept for k in report.key_days}
     assert outcomes[partitions.key_day_name(old)] == (
         "names 1 packets still stored (kept whole until they are purged)"
     )
+    assert outcomes[partitions.key_day_name(after)] is None
     assert key_partition(app, packet_id) == partitions.key_day_name(old)
     again = post(client, body)
     assert (again["packet_id"], again["duplicate"]) == (packet_id, True)
