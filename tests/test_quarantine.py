@@ -469,6 +469,57 @@ def test_eviction_goes_one_percent_below_the_byte_bound_and_no_further(make_app)
     assert figures["quarantine_bytes"] == 99 * size and figures["quarantine_evicted"] == 2
 
 
+def test_the_row_bound_evicts_by_rows_when_the_bytes_sit_exactly_on_their_watermark(make_app):
+    """Over the row bound with the bytes held exactly at the byte watermark (1 % below the
+    byte bound, not above it): the eviction is by entries, and the row bound is restored."""
+    size = 500
+    # 101 bodies of 500 bytes make 50,500, exactly 51,010 - 51,010 // 100.
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=100, BUCKET_QUARANTINE_MAX_BYTES=51_010)
+    client = app.test_client()
+    ids = [refused(client, sized(size, focus_score=-1 - n))["quarantine_id"] for n in range(101)]
+    assert sorted(rows_of(app)) == ids[2:]
+    figures = status(client)
+    assert figures["quarantined_packets"] == 99 and figures["quarantine_evicted"] == 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_eviction_racing_another_for_the_same_entries_still_keeps_the_newcomer(
+    make_app, backend, monkeypatch
+):
+    """PostgreSQL: when another transaction evicts the biggest sender's entries between this
+    request's search for that sender and its delete, the delete finds nothing; the request (from
+    another address) stops evicting and still answers 422 with its own entry kept, never a 500."""
+    import psycopg
+    from sqlalchemy.orm import Session
+
+    app = make_app(BUCKET_QUARANTINE_MAX_ROWS=3)
+    client = app.test_client()
+    for n in range(3):
+        refused(client, make_packet(focus_score=-1 - n))
+    url = app.config["SQLALCHEMY_DATABASE_URI"].replace("postgresql+psycopg", "postgresql")
+    real_execute = Session.execute
+    raced = []
+
+    def execute(self, statement, *args, **kwargs):
+        result = real_execute(self, statement, *args, **kwargs)
+        if not raced and "GROUP BY quarantine.sender" in str(statement):
+            raced.append(True)  # the other transaction evicts them all, and commits
+            with psycopg.connect(url, autocommit=True) as other:
+                other.execute("DELETE FROM quarantine")
+        return result
+
+    monkeypatch.setattr(Session, "execute", execute)
+    response = client.post(
+        INGEST,
+        json=make_packet(focus_score=-50),
+        headers={"Origin": ORIGIN},
+        environ_base={"REMOTE_ADDR": "192.0.2.77"},  # not the biggest sender
+    )
+    monkeypatch.undo()
+    assert response.status_code == 422, response.json
+    assert raced and list(rows_of(app)) == [response.json["quarantine_id"]]
+
+
 def test_the_row_bound_evicts_the_sender_holding_most_entries_not_most_bytes(make_app):
     """Under the row bound, the address with the most entries gives way, even when another
     holds more bytes in fewer entries."""
