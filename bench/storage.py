@@ -796,6 +796,21 @@ DELETED_SQL = (
 )
 
 
+def run_script(env: dict, script: str, *args: str):
+    """Run one of the scripts above with the service's code and settings, in a process of its
+    own; the JSON of its last line."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def timed_purge(env: dict, dsn: str, days: int) -> dict:
     """``purge_days`` on the filled database, dropping the oldest two calendar days (the fill's
     first, partial one and the first whole one), everything counted booked as the bookkeeper
@@ -808,16 +823,7 @@ def timed_purge(env: dict, dsn: str, days: int) -> dict:
         )
         tables = [row[0] for row in conn.execute("SELECT relname FROM pg_stat_user_tables")]
         before = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
-    out = subprocess.run(
-        [sys.executable, "-c", PURGE_SCRIPT, str(max(days - 2, 0))],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    ).stdout
-    figures = json.loads(out.strip().splitlines()[-1])
+    figures = run_script(env, PURGE_SCRIPT, str(max(days - 2, 0)))
     with psycopg.connect(dsn, autocommit=True) as conn:
         after = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
     figures["rows_deleted"] = {
@@ -831,16 +837,7 @@ def timed_purge(env: dict, dsn: str, days: int) -> dict:
 def compacted(env: dict, dsn: str) -> dict | None:
     """``compact_partitions`` on the filled database, then every relation again: what the
     daily compaction makes of the past days (None where the code has no compaction)."""
-    out = subprocess.run(
-        [sys.executable, "-c", COMPACT_SCRIPT],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    ).stdout
-    figures = json.loads(out.strip().splitlines()[-1])
+    figures = run_script(env, COMPACT_SCRIPT)
     if figures is None:
         return None
     with psycopg.connect(dsn, autocommit=True) as conn:
