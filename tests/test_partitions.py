@@ -593,6 +593,35 @@ def store_as_before_partitions(app, bodies: list[dict], received: datetime) -> l
     return ids
 
 
+def upgraded_with_legacy_days(app, bodies: list[dict]) -> list[str]:
+    """A database at 0011 holding these packets (received 45 days ago, processed, sealed),
+    upgraded to the latest layout as if 40 days ago: its legacy partitions (packets,
+    processed deliveries, keys) end on that day. The packets' ids."""
+    runner = app.test_cli_runner()
+    upgraded = runner.invoke(args=["db", "upgrade", "0011_quarantine_auth"])
+    assert upgraded.exit_code == 0, upgraded.output
+    received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
+    old = store_as_before_partitions(app, bodies, received)
+    with app.app_context():
+        seal_everything()
+    upgraded = runner.invoke(args=["db", "upgrade"])
+    assert upgraded.exit_code == 0, upgraded.output
+    assert {partition_of(app, packet_id) for packet_id in old} == {partitions.LEGACY}
+    end = (today() - timedelta(days=40)).isoformat()
+    for parent, child in (
+        ("packets", partitions.LEGACY),
+        (partitions.PROCESSED, "deliveries_processed_legacy"),
+        (partitions.KEYS, partitions.KEYS_LEGACY),
+    ):
+        sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
+        sql(
+            app,
+            f"ALTER TABLE {parent} ATTACH PARTITION {child} "
+            f"FOR VALUES FROM (MINVALUE) TO ('{end}')",
+        )
+    return old
+
+
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_are_past(
     empty_database, backend
@@ -606,30 +635,9 @@ def test_purge_by_days_drops_the_legacy_partition_of_an_upgrade_once_its_days_ar
     app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
     runner, client = app.test_cli_runner(), app.test_client()
     try:
-        upgraded = runner.invoke(args=["db", "upgrade", "0011_quarantine_auth"])
-        assert upgraded.exit_code == 0, upgraded.output
-        received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
         bodies = [make_packet() for _ in range(3)]
-        old = store_as_before_partitions(app, bodies, received)
-        with app.app_context():
-            seal_everything()
-        upgraded = runner.invoke(args=["db", "upgrade"])
-        assert upgraded.exit_code == 0, upgraded.output
+        old = upgraded_with_legacy_days(app, bodies)
         legacy = partitions.LEGACY
-        assert {partition_of(app, packet_id) for packet_id in old} == {legacy}
-        # The upgrade as if run 40 days ago: the legacy partitions then ended on that day.
-        end = (today() - timedelta(days=40)).isoformat()
-        for parent, child in (
-            ("packets", legacy),
-            (partitions.PROCESSED, "deliveries_processed_legacy"),
-            (partitions.KEYS, partitions.KEYS_LEGACY),
-        ):
-            sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
-            sql(
-                app,
-                f"ALTER TABLE {parent} ATTACH PARTITION {child} "
-                f"FOR VALUES FROM (MINVALUE) TO ('{end}')",
-            )
         with app.app_context():
             partitions.ensure_partitions(0)  # today, no longer the legacy partition's
         (fresh,) = ingest_many(client, 1, timestamp=utc_now().isoformat())
@@ -663,28 +671,9 @@ def test_a_day_of_keys_is_checked_while_the_legacy_partition_of_an_upgrade_is_ke
     the stored ranges a day of keys is checked against: the purge goes through, keeps the
     legacy partition, and keeps a day of keys whose packet (a stale resend) is stored today."""
     app = create_app({"SQLALCHEMY_DATABASE_URI": empty_database, "REDIS_URL": None}, testing=True)
-    runner, client = app.test_cli_runner(), app.test_client()
+    client = app.test_client()
     try:
-        upgraded = runner.invoke(args=["db", "upgrade", "0011_quarantine_auth"])
-        assert upgraded.exit_code == 0, upgraded.output
-        received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
-        (old,) = store_as_before_partitions(app, [make_packet()], received)
-        with app.app_context():
-            seal_everything()
-        upgraded = runner.invoke(args=["db", "upgrade"])
-        assert upgraded.exit_code == 0, upgraded.output
-        end = (today() - timedelta(days=40)).isoformat()
-        for parent, child in (
-            ("packets", partitions.LEGACY),
-            (partitions.PROCESSED, "deliveries_processed_legacy"),
-            (partitions.KEYS, partitions.KEYS_LEGACY),
-        ):
-            sql(app, f"ALTER TABLE {parent} DETACH PARTITION {child}")
-            sql(
-                app,
-                f"ALTER TABLE {parent} ATTACH PARTITION {child} "
-                f"FOR VALUES FROM (MINVALUE) TO ('{end}')",
-            )
+        (old,) = upgraded_with_legacy_days(app, [make_packet()])
         sql(app, "UPDATE deliveries SET delivery_state = 'dead' WHERE packet_id = :p", p=old)
         with app.app_context():
             partitions.ensure_partitions(0)
