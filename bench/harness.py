@@ -300,11 +300,56 @@ def pressure_us() -> dict[str, int]:
     return stalls
 
 
+# The indexes a layout gives each partition of its own (no index of the parent holds them:
+# migration 0017's unique index on seq), read from a partition that has them.
+OWN_INDEXES_SQL = (
+    "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x WHERE x.indrelid = %s::regclass "
+    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = x.indexrelid)"
+)
+
+
+def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int) -> int:
+    """When ``table`` is range-partitioned on one time column, create the day partitions of
+    the fill that no partition covers yet (a layout's own job; here so that no fill lands in
+    a default partition), each with the indexes of its own that the layout's default
+    partition has; how many were created."""
+    key = conn.execute("SELECT pg_get_partkeydef(%s::regclass)", (table,)).fetchone()[0]
+    if not key or not key.upper().startswith("RANGE (") or "," in key:
+        return 0
+    default = f"{table}_default"
+    own = []
+    if exists(conn, default):
+        own = [row[0] for row in conn.execute(OWN_INDEXES_SQL, (default,))]
+    made = 0
+    for day in range(days + 1):
+        start = time.strftime("%Y-%m-%d", time.gmtime(first + day * 86400))
+        name = f"{table}_bench_{start.replace('-', '')}"
+        try:
+            with conn.transaction():
+                conn.execute(
+                    f'CREATE TABLE "{name}" PARTITION OF {table} FOR VALUES FROM '
+                    f"('{start}') TO ('{start}'::date + 1)"
+                )
+                for definition in own:
+                    conn.execute(definition.replace(default, name))
+            made += 1
+        except psycopg.Error:
+            pass  # a partition of the layout's own covers the day (or part of it)
+    return made
+
+
+def exists(conn: psycopg.Connection, relation: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,)).fetchone()[0]
+
+
 FILL_SQL = """
 WITH source AS (
-  SELECT g, %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t,
-    lpad(to_hex(%(millis)s::bigint + g), 12, '0') || md5(%(run)s || 'id' || g::text) AS h
-  FROM generate_series(1, %(rows)s) AS g
+  SELECT g, t,
+    -- a UUIDv7 of the millisecond it was received, as the service issues them
+    lpad(to_hex((extract(epoch FROM t) * 1000)::bigint), 12, '0')
+      || md5(%(run)s || 'id' || g::text) AS h
+  FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
+    LATERAL (SELECT %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t) AS received
 ), stored AS (
   INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type, role,
     client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
@@ -332,28 +377,54 @@ FROM stored
 """
 
 
-def fill(database: Database, rows: int, state: str, run: str) -> None:
+def fill(database: Database, rows: int, state: str, run: str, days: int = 0) -> None:
     """Insert ``rows`` packets in ``state`` (pending or processed) with set-based SQL: received
-    over the past hours, oldest first, as a backlog or a history would be."""
+    over the past hours, oldest first, as a backlog or a history would be; or, with ``days``,
+    over that many past days, each in a day partition of its own as a deployment has them (not
+    the default partition), in statements of at most ``FILL_CHUNK`` packets."""
     if rows <= 0:
         return
     processed = state == "processed"
     now = time.time()
-    span = max(3600.0, rows / 200.0)  # 200 packets per second, the benchmark's learners
+    # 200 packets per second, the benchmark's learners; or the days asked for.
+    span = days * 86400.0 if days else max(3600.0, rows / 200.0)
+    start = now - span - 60
     with database.connect() as conn:
-        conn.execute(
-            FILL_SQL,
-            {
-                "run": run,
-                "rows": rows,
-                "state": state,
-                "count": 1 if processed else 0,
-                "processed": processed,
-                "start": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(now - span - 60)),
-                "step": span / rows,
-                "millis": int((now - span - 60) * 1000),
-            },
-        )
+        if days:
+            day_tables(conn, start, days)
+        for first in range(1, rows + 1, FILL_CHUNK):
+            conn.execute(
+                FILL_SQL,
+                {
+                    "run": run,
+                    "first": first,
+                    "last": min(rows, first + FILL_CHUNK - 1),
+                    "state": state,
+                    "count": 1 if processed else 0,
+                    "processed": processed,
+                    "start": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(start)),
+                    "step": span / rows,
+                },
+            )
+
+
+FILL_CHUNK = 1_000_000
+
+
+def day_tables(conn: psycopg.Connection, first: float, days: int) -> int:
+    """Day partitions, from the day of ``first`` on, of every table partitioned by day
+    (packets, processed deliveries, keys); a new deployment's empty legacy partition of keys
+    (migration 0015: every day before it) goes first, so the days of keys get their own."""
+    if (
+        exists(conn, "packet_keys_legacy")
+        and not conn.execute("SELECT EXISTS (SELECT 1 FROM packet_keys_legacy)").fetchone()[0]
+    ):
+        conn.execute("DROP TABLE packet_keys_legacy")
+    return sum(
+        day_partitions(conn, table, first, days)
+        for table in ("packets", "deliveries", "deliveries_processed", "packet_keys")
+        if exists(conn, table)
+    )
 
 
 def recount(env: dict[str, str]) -> None:

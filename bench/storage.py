@@ -49,7 +49,7 @@ if __package__ in (None, ""):
 
 import psycopg  # noqa: E402
 
-from bench.harness import Database, migrate  # noqa: E402
+from bench.harness import Database, day_tables, exists, migrate  # noqa: E402
 
 # (packets, days, unfinished backlog) of each mode.
 SIZES = {
@@ -364,44 +364,6 @@ def insert_parts(
     return ", ".join(names), ", ".join(exprs)
 
 
-# The indexes a layout gives each partition of its own (no index of the parent holds them:
-# migration 0017's unique index on seq), read from a partition that has them.
-OWN_INDEXES_SQL = (
-    "SELECT pg_get_indexdef(x.indexrelid) FROM pg_index x WHERE x.indrelid = %s::regclass "
-    "AND NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = x.indexrelid)"
-)
-
-
-def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int) -> int:
-    """When ``table`` is range-partitioned on one time column, create the day partitions of
-    the fill that no partition covers yet (a layout's own job; here so that no fill lands in
-    a default partition), each with the indexes of its own that the layout's default
-    partition has; how many were created."""
-    key = conn.execute("SELECT pg_get_partkeydef(%s::regclass)", (table,)).fetchone()[0]
-    if not key or not key.upper().startswith("RANGE (") or "," in key:
-        return 0
-    default = f"{table}_default"
-    own = []
-    if exists(conn, default):
-        own = [row[0] for row in conn.execute(OWN_INDEXES_SQL, (default,))]
-    made = 0
-    for day in range(days + 1):
-        start = time.strftime("%Y-%m-%d", time.gmtime(first + day * 86400))
-        name = f"{table}_bench_{start.replace('-', '')}"
-        try:
-            with conn.transaction():
-                conn.execute(
-                    f'CREATE TABLE "{name}" PARTITION OF {table} FOR VALUES FROM '
-                    f"('{start}') TO ('{start}'::date + 1)"
-                )
-                for definition in own:
-                    conn.execute(definition.replace(default, name))
-            made += 1
-        except psycopg.Error:
-            pass  # a partition of the layout's own covers the day (or part of it)
-    return made
-
-
 # The leaf relations of a table or index: its partitions' (pg_partition_tree), or itself when
 # it is not partitioned (pg_partition_tree lists nothing for a plain table).
 LEAVES = (
@@ -608,10 +570,6 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     )
 
 
-def exists(conn: psycopg.Connection, relation: str) -> bool:
-    return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (relation,)).fetchone()[0]
-
-
 def hot_bytes(conn: psycopg.Connection, sizes: dict[str, dict]) -> int:
     """The hot table's total bytes (heap, TOAST, indexes): the hot partition of deliveries
     where there is one, else the hot tables' from ``relation_sizes``."""
@@ -652,16 +610,7 @@ def measure_database(
     with psycopg.connect(dsn, autocommit=True) as conn:
         sql = fill_statement(conn, unfilled)
         figures["unfilled_columns"] = sorted(set(unfilled))
-        figures["partitions_created"] = day_partitions(conn, "packets", first, days)
-        figures["partitions_created"] += day_partitions(conn, "deliveries", first, days)
-        if exists(conn, PROCESSED_TABLE):
-            figures["partitions_created"] += day_partitions(conn, PROCESSED_TABLE, first, days)
-        if exists(conn, "packet_keys"):
-            # A new deployment's legacy partition of keys (migration 0015: every day before it)
-            # is empty: the fill's days get day partitions as a running deployment has them.
-            if exists(conn, "packet_keys_legacy"):
-                conn.execute("DROP TABLE packet_keys_legacy")
-            figures["partitions_created"] += day_partitions(conn, "packet_keys", first, days)
+        figures["partitions_created"] = day_tables(conn, first, days)
         figures["hot_table"] = hot_name(conn)
         # The hot table with only the backlog stored, in a first pass emptied again.
         fill_range(conn, sql, packets - backlog, packets, first, step, True, learners, run)

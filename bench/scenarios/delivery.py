@@ -62,13 +62,24 @@ def batch_drain(port: int, consumers: int, seconds: float, max_packets: int) -> 
         merged.errors += tally.errors
         merged.calls += tally.calls
         merged.elapsed = max(merged.elapsed, tally.elapsed)
+        for status, count in tally.statuses.items():
+            merged.statuses[status] = merged.statuses.get(status, 0) + count
     return merged
+
+
+def failed(tally: clients.Tally, into: dict[str, int]) -> None:
+    """Add the calls of ``tally`` that did not succeed to ``into``, by status (0: no answer)."""
+    for status, count in tally.statuses.items():
+        if status not in (200, 207):
+            into[str(status)] = into.get(str(status), 0) + count
 
 
 def bench_batch_drain(run: Run) -> None:
     """Four consumers, limit 100, one batch ack per poll, at the large backlog."""
     sizes, db = run.sizes, run.database
     rates, bare_rates, costs, errors = [], [], [], 0
+    statuses: dict[str, int] = {}
+    bare_statuses: dict[str, int] = {}
     for _ in range(sizes.rounds):
         run.top_up(sizes.large_backlog)
         with Accounting(db, run.service) as cost:
@@ -78,6 +89,8 @@ def bench_batch_drain(run: Run) -> None:
         bare = batch_drain(run.bare.port, 4, sizes.seconds, sizes.large_backlog // 2)
         bare_rates.append(bare.packets / bare.elapsed)
         errors += merged.errors + bare.errors
+        failed(merged, statuses)
+        failed(bare, bare_statuses)
     trivial = run.results[f"backlog_{'large'}"]["trivial_calls_per_s"]
     packets = sum(n for _, n in costs) or 1
     run.results["batch_drain"] = {
@@ -85,6 +98,9 @@ def bench_batch_drain(run: Run) -> None:
         "ratio_to_trivial_sequential_calls": median(rates) / trivial,
         "bare_packets_per_s": median(bare_rates),
         "errors": errors,
+        # which calls failed, by status, the service's and the bare app's apart
+        "error_statuses": statuses,
+        "bare_error_statuses": bare_statuses,
         "db_cpu_ms_per_packet": sum(c.db_cpu for c, _ in costs) * 1000 / packets,
         "app_cpu_ms_per_packet": sum(c.app_cpu for c, _ in costs) * 1000 / packets,
         "wal_bytes_per_packet": sum(c.wal for c, _ in costs) / packets,

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 from bench import clients
 from bench.context import Row, Run, Scenario, Section, db_rows, karma, sequential, settle
-from bench.harness import Weather, fill, median, percentile, recount
+from bench.harness import Database, Weather, exists, fill, median, percentile, recount
 
 
-def bench_table(run: Run, stored: int, label: str) -> None:
-    """Ingest p50 and poll/ack p50 with ``stored`` packets in the table, mostly processed."""
+def bench_table(run: Run, stored: int, label: str, days: int = 0) -> None:
+    """Ingest p50 and poll/ack p50 with ``stored`` packets in the table, mostly processed
+    (those added here spread over ``days`` past days, when given)."""
     sizes = run.sizes
     have = db_rows(run.database)
-    fill(run.database, stored - have, "processed", clients.run_id())
+    fill(run.database, stored - have, "processed", clients.run_id(), days)
     recount(run.env)
     settle(run.database)
     calls = max(10, sizes.sequential_calls // sizes.rounds)
@@ -32,6 +33,9 @@ def bench_table(run: Run, stored: int, label: str) -> None:
         trivials.append(percentile(trivial.latencies["ingest"], 50) * 1000)
     run.results[f"table_{label}"] = {
         "stored": db_rows(run.database),
+        "days": days,
+        # packets that fell in the default partition: 0 when the fill made its days' partitions
+        "in_default_partition": default_rows(run.database),
         "ingest_p50_ms": median(ingests),
         "poll_p50_ms": median(polls),
         "ack_p50_ms": median(acks),
@@ -42,6 +46,14 @@ def bench_table(run: Run, stored: int, label: str) -> None:
             for name in weathers[0]
         },
     }
+
+
+def default_rows(database: Database) -> int | None:
+    """Packets in the default partition of ``packets`` (None: not partitioned, SQLite-like)."""
+    with database.connect() as conn:
+        if not exists(conn, "packets_default"):
+            return None
+        return conn.execute("SELECT count(*) FROM packets_default").fetchone()[0]
 
 
 def bench_storage(run: Run) -> None:
@@ -58,8 +70,12 @@ def measure(run: Run) -> None:
     """From an empty table: the small table, the large one, then the storage per packet."""
     run.truncate()
     bench_table(run, run.sizes.small_table, "small")
-    bench_table(run, run.sizes.large_table, "large")
+    bench_table(run, run.sizes.large_table, "large", run.sizes.large_table_days)
     bench_storage(run)
+
+
+def over_days(result: dict) -> str:
+    return f" over {result['days']} days" if result.get("days") else ""
 
 
 def table_rows(results: dict, row: Row) -> None:
@@ -67,7 +83,7 @@ def table_rows(results: dict, row: Row) -> None:
     ts, tl = results.get("table_small"), results.get("table_large")
     if ts and tl:
         row(
-            f"ingest p50, {ts['stored']:,} -> {tl['stored']:,} stored",
+            f"ingest p50, {ts['stored']:,} -> {tl['stored']:,} stored{over_days(tl)}",
             f"{ts['ingest_p50_ms']:.2f} -> {tl['ingest_p50_ms']:.2f} ms "
             f"(x{tl['ingest_p50_ms'] / ts['ingest_p50_ms']:.2f})",
             "<= 1.3x",
@@ -75,7 +91,7 @@ def table_rows(results: dict, row: Row) -> None:
         poll_ack_small = ts["poll_p50_ms"] + ts["ack_p50_ms"]
         poll_ack_large = tl["poll_p50_ms"] + tl["ack_p50_ms"]
         row(
-            f"poll + ack p50, {ts['stored']:,} -> {tl['stored']:,} stored",
+            f"poll + ack p50, {ts['stored']:,} -> {tl['stored']:,} stored{over_days(tl)}",
             f"{poll_ack_small:.2f} -> {poll_ack_large:.2f} ms "
             f"(x{poll_ack_large / poll_ack_small:.2f})",
             "<= 1.3x",
