@@ -314,7 +314,9 @@ class AuditSeal(db.Model):
 
     Its leaves travel with it, packed (one row a seal, not one a packet: sealing is cheap and
     the proofs of purged packets' neighbours stay checkable): ``leaf_seqs`` (8 bytes each, big
-    endian), ``leaf_ids`` (packet ids, one a line) and ``leaf_hashes`` (32 bytes each)."""
+    endian; empty when they are exactly ``after_seq + 1`` .. ``last_seq``), the packet ids in
+    ``leaf_uuids`` (16 raw bytes each; before migration 0019 in ``leaf_ids``, one a line) and
+    ``leaf_hashes`` (32 bytes each). ``content.Leaves`` reads both packings."""
 
     __tablename__ = "audit_seals"
 
@@ -329,7 +331,10 @@ class AuditSeal(db.Model):
     previous_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
     leaf_seqs: Mapped[bytes] = mapped_column(LargeBinary)
-    leaf_ids: Mapped[str] = mapped_column(Text)
+    # One or the other: the ids as text, one a line (seals made before migration 0019, or
+    # whose ids are not all canonical uuids), or as 16 raw bytes each.
+    leaf_ids: Mapped[str | None] = mapped_column(Text)
+    leaf_uuids: Mapped[bytes | None] = mapped_column(LargeBinary)
     leaf_hashes: Mapped[bytes] = mapped_column(LargeBinary)
     # How its leaves encode a packet (services/audit/content.py): 1, sorted JSON (the seals
     # made before migration 0008); 2, PostgreSQL's binary record; 3, the same with the

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import struct
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from unittest import mock
+
+from bucket.services.audit.content import Leaves
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures"
 _sequence = itertools.count()
@@ -50,3 +55,19 @@ def another_day(received_at):
     since a day's own unique index on seq refuses a repeat within it (migration 0017); on
     SQLite (one table, the column read back as text) the same moment."""
     return received_at - timedelta(days=1) if isinstance(received_at, datetime) else received_at
+
+
+@contextlib.contextmanager
+def packed_as_before_0019():
+    """Seals made meanwhile keep their leaves as the code before migration 0019 packed them
+    (every seq, the ids as text one a line): for tests that seal on an older layout."""
+
+    def packed(self, after_seq: int, uuids: bytes | None = None) -> dict:
+        return {
+            "leaf_seqs": struct.pack(f">{len(self.seqs)}q", *self.seqs),
+            "leaf_ids": "\n".join(self.ids),
+            "leaf_hashes": b"".join(self.hashes),
+        }
+
+    with mock.patch.object(Leaves, "packed", packed):
+        yield

@@ -10,6 +10,7 @@ import itertools
 import os
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -82,9 +83,9 @@ def test_sealers_in_every_worker_of_two_instances_make_one_chain():
                 "SELECT seq, after_seq, last_seq, packet_count FROM audit_seals ORDER BY seq"
             ).fetchall()
             leaves = [
-                (packet_id,)
-                for (ids,) in conn.execute("SELECT leaf_ids FROM audit_seals")
-                for packet_id in ids.split("\n")
+                (str(uuid.UUID(bytes=uuids[i : i + 16])),)
+                for (uuids,) in conn.execute("SELECT leaf_uuids FROM audit_seals")
+                for i in range(0, len(uuids), 16)
             ]
         assert [s[0] for s in seals] == list(range(1, len(seals) + 1)), "a gap or a fork"
         assert all(s[1] == previous[2] for previous, s in itertools.pairwise(seals))

@@ -56,7 +56,8 @@ def rewrite_leaf_seqs(app, seq: int, seqs: list[int]) -> None:
     with app.app_context():
         made = db.session.get(AuditSeal, seq)
         leaves = Leaves.of(made)
-        made.leaf_seqs = Leaves(seqs, leaves.ids, leaves.hashes).packed()["leaf_seqs"]
+        packed = Leaves(seqs, leaves.ids, leaves.hashes).packed(made.after_seq)
+        made.leaf_seqs = packed["leaf_seqs"]
         db.session.commit()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -12,8 +13,9 @@ from sqlalchemy import inspect, text
 
 from bucket import create_app
 from bucket.extensions import db
+from bucket.models import AuditSeal
 from tests import servers
-from tests.factories import make_packet
+from tests.factories import make_packet, packed_as_before_0019
 
 EXPECTED_INDEXES = {
     "ix_packets_user": ["user_id", "received_at"],
@@ -282,7 +284,8 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
         db.session.commit()
         recount()
         book_new_packets()
-        assert seal_everything()
+        with packed_as_before_0019():
+            assert seal_everything()
     packets_sql = "SELECT * FROM packets ORDER BY seq"
     deliveries_sql = "SELECT * FROM deliveries ORDER BY packet_id"
     seals_sql = "SELECT seq, last_seq, hash FROM audit_seals ORDER BY seq"
@@ -755,3 +758,90 @@ def inspect_indexes(app) -> list[dict]:
         found = inspect(db.engine).get_indexes("packets")
         db.session.commit()
     return found
+
+
+def seal_columns(app) -> dict[str, bool]:
+    """audit_seals' columns and whether each may be NULL."""
+    with app.app_context():
+        found = {c["name"]: c["nullable"] for c in inspect(db.engine).get_columns("audit_seals")}
+        db.session.commit()
+    return found
+
+
+def test_downgrade_from_packed_leaves_writes_the_old_packing_and_upgrade_reads_both(
+    fresh_app, backend
+):
+    """Migration 0019 with data: three seals in the new packing (the last after a skipped
+    seq, so it keeps its seqs; the one before has none). Downgrading writes them in the old
+    packing (every seq, the ids as text one a line), the same leaves, and drops
+    ``leaf_uuids``; upgrading again keeps them so, verify passes and the artifacts are the
+    same; a new seal beside them has the new packing, and a second downgrade writes it back
+    too."""
+    from bucket.services.audit.content import Leaves
+    from tests.queue_helpers import ingest_many
+    from tests.test_packed_leaves import packing, skip_seqs
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    runner = fresh_app.test_cli_runner()
+    groups = []
+    for skipped in (0, 0, 1):  # the first seal's range may start before its first seq
+        skip_seqs(fresh_app, backend, skipped)
+        groups.append(ingest_many(client, 2))
+        assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+    ids = [packet_id for group in groups for packet_id in group]
+    with fresh_app.app_context():
+        leaves = [Leaves.of(seal) for seal in db.session.query(AuditSeal).order_by(AuditSeal.seq)]
+        db.session.commit()
+    assert [leaf.ids for leaf in leaves] == groups
+    assert [len(packing(fresh_app, seq)[0]) for seq in (2, 3)] == [0, 16]
+    artifacts = [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids]
+    assert all(answer["provenance"]["sealed"] for answer in artifacts)
+
+    def assert_old_packing(expected: list[Leaves]) -> None:
+        rows = rows_of(
+            fresh_app,
+            "SELECT leaf_seqs, leaf_ids, leaf_hashes FROM audit_seals ORDER BY seq",
+        )
+        assert [
+            (
+                list(struct.unpack(f">{len(seqs) // 8}q", seqs)),
+                ids_text.split("\n"),
+                bytes(hashes),
+            )
+            for seqs, ids_text, hashes in rows
+        ] == [(leaf.seqs, leaf.ids, b"".join(leaf.hashes)) for leaf in expected]
+
+    result = flask_db(fresh_app, "downgrade", "0017_unique_day_seqs")
+    assert result.exit_code == 0, result.output
+    assert "leaf_uuids" not in seal_columns(fresh_app)
+    assert seal_columns(fresh_app)["leaf_ids"] is False
+    assert_old_packing(leaves)
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    assert seal_columns(fresh_app)["leaf_uuids"] is True
+    kept = [packing(fresh_app, seq)[1:] for seq in (1, 2, 3)]
+    assert kept == [("\n".join(group), None) for group in groups]
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "checked 3 seals and 6 packets" in verified.output, (
+        verified.output
+    )
+    assert [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids] == artifacts
+    more = ingest_many(client, 2)
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+    assert packing(fresh_app, 4) == (
+        b"",
+        None,
+        b"".join(bytes.fromhex(packet_id.replace("-", "")) for packet_id in more),
+    )
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "checked 4 seals and 8 packets" in verified.output, (
+        verified.output
+    )
+    with fresh_app.app_context():
+        leaves = [Leaves.of(seal) for seal in db.session.query(AuditSeal).order_by(AuditSeal.seq)]
+        db.session.commit()
+
+    assert flask_db(fresh_app, "downgrade", "0017_unique_day_seqs").exit_code == 0
+    assert_old_packing(leaves)
+    assert flask_db(fresh_app, "upgrade").exit_code == 0

@@ -26,7 +26,7 @@ from bucket.services.partitions import naive
 from bucket.timeutil import new_packet_id, utc_now
 from tests import servers
 from tests.concurrency import join_all
-from tests.factories import make_packet
+from tests.factories import make_packet, packed_as_before_0019
 from tests.queue_helpers import API, ack, ingest_many, poll, sql, status
 from tests.statements import captured_statements
 
@@ -602,7 +602,7 @@ def upgraded_with_legacy_days(app, bodies: list[dict]) -> list[str]:
     assert upgraded.exit_code == 0, upgraded.output
     received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
     old = store_as_before_partitions(app, bodies, received)
-    with app.app_context():
+    with app.app_context(), packed_as_before_0019():
         seal_everything()
     upgraded = runner.invoke(args=["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output

@@ -203,10 +203,15 @@ SPAN_SQL = (
 # The seals whose leaves could lie within lo..hi, in seq order. A seal's leaves are distinct
 # seqs in after_seq + 1 .. last_seq, in order (the sealer checks it); when there are as many
 # as that range is wide, the seal holds every seq of it and its leaves need not be read: only
-# the others' are (octet_length reads the size without the value).
+# the others' are (octet_length reads the size without the value). Since migration 0019 such
+# a seal stores no seqs at all (an empty ``leaf_seqs``, with as many packets as the range is
+# wide); seals made before it store them all. A seal whose leaves do not add up gives its
+# seqs as stored (empty: none), so its packets' day is kept.
 SEALS_NEAR_SQL = """
 SELECT after_seq, last_seq,
-       CASE WHEN octet_length(leaf_seqs) / 8 <> last_seq - after_seq THEN leaf_seqs END
+       CASE WHEN octet_length(leaf_seqs) / 8 = last_seq - after_seq
+              OR (octet_length(leaf_seqs) = 0 AND packet_count = last_seq - after_seq)
+            THEN NULL ELSE leaf_seqs END
 FROM audit_seals WHERE last_seq >= :lo AND after_seq < :hi ORDER BY after_seq
 """
 

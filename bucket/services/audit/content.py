@@ -31,7 +31,7 @@ from typing import Any
 import orjson
 from sqlalchemy import Text, cast
 
-from bucket.models import Packet
+from bucket.models import PACKET_ID, Packet
 from bucket.services.audit.merkle import leaf_hash
 
 T = Packet.__table__
@@ -210,10 +210,37 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def pack_ids(ids: list[str]) -> bytes | None:
+    """Packet ids as their 16 raw bytes each (``leaf_uuids``); None when one is not a uuid's
+    canonical text (lowercase, hyphenated: ``models.PACKET_ID``), which only the old packing
+    (``leaf_ids``, one a line) keeps exactly."""
+    if not all(PACKET_ID.fullmatch(packet_id) for packet_id in ids):
+        return None
+    return bytes.fromhex("".join(ids).replace("-", ""))
+
+
+def unpack_ids(raw: bytes) -> list[str]:
+    """The canonical texts of packed packet ids (16 bytes each)."""
+    digits = raw.hex()
+    return [
+        f"{digits[i : i + 8]}-{digits[i + 8 : i + 12]}-{digits[i + 12 : i + 16]}-"
+        f"{digits[i + 16 : i + 20]}-{digits[i + 20 : i + 32]}"
+        for i in range(0, len(digits), 32)
+    ]
+
+
 @dataclass
 class Leaves:
     """A seal's leaves in order: each packet's ``seq``, id and leaf hash, packed in the seal's
-    row (8-byte big-endian seqs, ids one a line, 32-byte hashes)."""
+    row. Two packings, the same leaves (migration 0019):
+
+    - ``leaf_seqs``: 8-byte big-endian seqs; empty when they are exactly ``after_seq + 1`` ..
+      ``last_seq`` (nearly every seal), kept when the range has holes (a seq a rolled-back
+      insert never used). Seals made before 0019 always hold them.
+    - ids: ``leaf_uuids``, 16 raw bytes each, since 0019; before it ``leaf_ids``, their text
+      one a line (37 bytes a packet), NULL in a seal that has ``leaf_uuids``.
+    - ``leaf_hashes``: 32 bytes each, in both.
+    """
 
     seqs: list[int]
     ids: list[str]
@@ -221,21 +248,37 @@ class Leaves:
 
     @classmethod
     def of(cls, seal: Any) -> Leaves:
-        count = len(seal.leaf_seqs) // 8
-        seqs = list(struct.unpack(f">{count}q", seal.leaf_seqs))
-        ids = seal.leaf_ids.split("\n") if seal.leaf_ids else []
+        if seal.leaf_seqs:
+            count = len(seal.leaf_seqs) // 8
+            seqs = list(struct.unpack(f">{count}q", seal.leaf_seqs))
+        else:
+            seqs = list(range(seal.after_seq + 1, seal.last_seq + 1))
+        if seal.leaf_uuids is not None:
+            ids = unpack_ids(seal.leaf_uuids)
+        else:
+            ids = seal.leaf_ids.split("\n") if seal.leaf_ids else []
         raw = seal.leaf_hashes
         hashes = [raw[i : i + 32] for i in range(0, len(raw), 32)]
         return cls(seqs, ids, hashes)
 
-    def packed(self) -> dict[str, Any]:
+    def packed(self, after_seq: int, uuids: bytes | None = None) -> dict[str, Any]:
+        """The seal's leaf columns for a seal whose range starts after ``after_seq``
+        (``uuids``: the ids already packed, as PostgreSQL hands them to the sealer)."""
+        whole = self.seqs == list(range(after_seq + 1, after_seq + 1 + len(self.seqs)))
+        if uuids is None:
+            uuids = pack_ids(self.ids)
         return {
-            "leaf_seqs": struct.pack(f">{len(self.seqs)}q", *self.seqs),
-            "leaf_ids": "\n".join(self.ids),
+            "leaf_seqs": b"" if whole else struct.pack(f">{len(self.seqs)}q", *self.seqs),
+            "leaf_ids": "\n".join(self.ids) if uuids is None else None,
+            "leaf_uuids": uuids,
             "leaf_hashes": b"".join(self.hashes),
         }
 
     def index_of(self, seq: int) -> int | None:
+        """The leaf of ``seq``; None when there is none, or when the leaves do not add up (a
+        seal edited behind the log's back proves nothing: verify names it)."""
+        if not len(self.seqs) == len(self.ids) == len(self.hashes):
+            return None
         index = bisect.bisect_left(self.seqs, seq)
         return index if index < len(self.seqs) and self.seqs[index] == seq else None
 

@@ -27,6 +27,7 @@ from bucket.services.audit.content import (
     Leaves,
     leaf_content,
     seal_hash,
+    unpack_ids,
 )
 from bucket.services.audit.merkle import leaf_hash, root
 from bucket.services.bookkeeping import horizon_postgres, horizon_sqlite
@@ -38,16 +39,18 @@ S = AuditSeal.__table__
 # pg_advisory_xact_lock key of the sealer: "prana-seal" as an integer.
 SEALER_LOCK = 0x7072616E615F7365
 # PostgreSQL encodes and hashes the leaves in C and hands them over as three values: the
-# seqs and ids already packed as the seal stores them, and the leaf hashes (RFC 9162: SHA-256
-# of 0x00 and the leaf's bytes), 32 bytes each. Reading whole rows and encoding them in Python
-# cost the workers 30-50 µs a packet; this leaves them the Merkle tree alone (BENCHMARKS.md),
-# and an aggregate of 32 bytes a packet never nears PostgreSQL's 1 GB limit on a value. The
-# rows come in seq order from an index range scan (the planner settings below: on a backlog,
-# a bitmap scan and a sort would encode every row of the range, not only the first
-# ``limit``); the three aggregates read them in that order, which ``read_leaves_postgres``
-# checks.
+# seqs and the ids (``uuid_send``: 16 raw bytes each, as the seal stores them) packed, and the
+# leaf hashes (RFC 9162: SHA-256 of 0x00 and the leaf's bytes), 32 bytes each. Reading whole
+# rows and encoding them in Python cost the workers 30-50 µs a packet; this leaves them the
+# Merkle tree alone (BENCHMARKS.md), and an aggregate of 32 bytes a packet never nears
+# PostgreSQL's 1 GB limit on a value. The rows come in seq order from an index range scan (the
+# planner settings below: on a backlog, a bitmap scan and a sort would encode every row of the
+# range, not only the first ``limit``); the three aggregates read them in that order, which
+# ``read_leaves_postgres`` checks. (``packet_id::uuid`` changes nothing since migration 0016,
+# which made the ids uuid; the layouts before it, which tests still seal on, kept them as text.)
 LEAVES_SQL = (
-    "SELECT string_agg(int8send(seq), ''::bytea), string_agg(packet_id::text, E'\\n'), "
+    "SELECT string_agg(int8send(seq), ''::bytea), "
+    "string_agg(uuid_send(packet_id::uuid), ''::bytea), "
     "string_agg(sha256('\\x00'::bytea || leaf), ''::bytea) "
     f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM packets "
     "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen"
@@ -98,7 +101,7 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
             horizon = horizon_sqlite()
         previous = head()
         after = previous.last_seq if previous else 0
-        leaves = (read_leaves_postgres if postgres else read_leaves)(after, horizon, limit)
+        leaves, uuids = (read_leaves_postgres if postgres else read_leaves)(after, horizon, limit)
         if not leaves.seqs:
             session.commit()
             return None
@@ -113,7 +116,8 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
         }
         seal["hash"] = seal_hash(seal)
         seal["packets_total"] = (previous.packets_total if previous else 0) + len(leaves.seqs)
-        session.execute(insert(S).values(**seal, **leaves.packed(), leaf_format=LEAF_FORMAT))
+        packed = leaves.packed(after, uuids)
+        session.execute(insert(S).values(**seal, **packed, leaf_format=LEAF_FORMAT))
         session.commit()
         return Sealed(seal["seq"], len(leaves.seqs), seal["hash"])
     except BaseException:
@@ -121,25 +125,27 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
         raise
 
 
-def read_leaves_postgres(after: int, horizon: int, limit: int) -> Leaves:
-    """The next leaves, encoded by PostgreSQL, in the session's transaction."""
+def read_leaves_postgres(after: int, horizon: int, limit: int) -> tuple[Leaves, bytes | None]:
+    """The next leaves, encoded by PostgreSQL, in the session's transaction, and their ids
+    as PostgreSQL packed them (16 bytes each, as the seal stores them)."""
     connection = db.session.connection().connection.driver_connection
     with connection.cursor(binary=True) as cursor:
         cursor.execute(SEALER_SETTINGS)
-        packed_seqs, ids, hashed = cursor.execute(LEAVES_SQL, (after, horizon, limit)).fetchone()
+        packed_seqs, uuids, hashed = cursor.execute(LEAVES_SQL, (after, horizon, limit)).fetchone()
     if packed_seqs is None:
-        return Leaves([], [], [])
+        return Leaves([], [], []), None
     seqs = list(struct.unpack(f">{len(packed_seqs) // 8}q", packed_seqs))
     if seqs != sorted(set(seqs)):
         raise RuntimeError("the leaves did not arrive in seq order: no seal made")
-    leaves = Leaves(seqs, ids.split("\n"), [hashed[i : i + 32] for i in range(0, len(hashed), 32)])
-    if not len(leaves.seqs) == len(leaves.ids) == len(leaves.hashes):
+    hashes = [hashed[i : i + 32] for i in range(0, len(hashed), 32)]
+    leaves = Leaves(seqs, unpack_ids(uuids), hashes)
+    if not len(leaves.seqs) == len(leaves.ids) == len(leaves.hashes) == len(uuids) // 16:
         raise RuntimeError("the leaves PostgreSQL returned do not add up: no seal made")
-    return leaves
+    return leaves, bytes(uuids)
 
 
-def read_leaves(after: int, horizon: int, limit: int) -> Leaves:
-    """The same, encoded in Python (SQLite)."""
+def read_leaves(after: int, horizon: int, limit: int) -> tuple[Leaves, None]:
+    """The same, encoded in Python (SQLite); the ids are packed from their text."""
     rows = (
         db.session.execute(
             select(*LEAF_SELECT)
@@ -150,11 +156,12 @@ def read_leaves(after: int, horizon: int, limit: int) -> Leaves:
         .mappings()
         .all()
     )
-    return Leaves(
+    leaves = Leaves(
         [row["seq"] for row in rows],
         [row["packet_id"] for row in rows],
         [leaf_hash(leaf_content(row)) for row in rows],
     )
+    return leaves, None
 
 
 def seal_backlog(rounds: int = 20) -> int:
