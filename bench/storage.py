@@ -11,8 +11,9 @@ SELECT generate_series per day of ``received_at``, in time order, packets and th
 deliveries in one statement. Nearly every packet is processed (a quarter of them with a karma
 action, one in a hundred after a retry), a few are dead, and the newest ``backlog`` are
 unfinished (pending, one in a hundred leased). Audit seals cover every packet (one seal per
-``SEAL_PACKETS``, as the sealer makes them at 1,000 learners), a day of purged packets is
-recorded in ``audit_purges``, and two days of activity minutes are rolled up.
+``SEAL_PACKETS``, as the sealer makes them at 1,000 learners, their leaves packed as it packs
+them since migration 0019: ids as 16 raw bytes, no seqs for a whole range), a day of purged
+packets is recorded in ``audit_purges``, and two days of activity minutes are rolled up.
 
 The fill follows the tables' real columns (read from ``pg_attribute``): each column it knows
 gets a realistic value (``raw_signals`` shaped like the real packets in
@@ -203,13 +204,14 @@ KEY_VALUES = {
 
 SEALS_SQL = """
 INSERT INTO audit_seals (seq, sealed_at, after_seq, last_seq, packet_count, packets_total,
-  root, previous_hash, hash, leaf_seqs, leaf_ids, leaf_hashes, leaf_format)
+  root, previous_hash, hash, leaf_seqs, leaf_uuids, leaf_hashes, leaf_format)
 SELECT row_number() OVER (ORDER BY min(seq)), max(received_at) + interval '5 s', min(seq) - 1,
   max(seq), count(*), max(seq), md5(min(seq)::text) || md5(max(seq)::text),
   md5(min(seq)::text || 'p') || md5(max(seq)::text || 'p'),
   md5(min(seq)::text || 'h') || md5(max(seq)::text || 'h'),
-  string_agg(int8send(seq), ''::bytea ORDER BY seq),
-  string_agg(packet_id::text, E'\\n' ORDER BY seq),
+  CASE WHEN count(*) = max(seq) - min(seq) + 1 THEN ''::bytea
+       ELSE string_agg(int8send(seq), ''::bytea ORDER BY seq) END,
+  string_agg(uuid_send(packet_id::uuid), ''::bytea ORDER BY seq),
   string_agg(sha256(convert_to(packet_id::text, 'UTF8')), ''::bytea ORDER BY seq), 3
 FROM packets GROUP BY (seq - 1) / %(per_seal)s
 """
