@@ -2,12 +2,13 @@
 whole range (services/audit/content.py, ``Leaves``).
 
 A seal kept 77 bytes a packet: its seq (8 bytes), its id as text and a newline (37) and its
-leaf hash (32). The ids are uuids (``models.PACKET_ID``): new seals keep them in
+leaf hash (32), 67.5 as PostgreSQL stores them (its TOAST compresses the seqs and the text). The ids are uuids (``models.PACKET_ID``): new seals keep them in
 ``leaf_uuids``, 16 bytes each, and leave ``leaf_ids`` NULL (a seal has one or the other; a
 seal whose ids are not all canonical uuids keeps the text). The seqs of nearly every seal are
 exactly ``after_seq + 1`` .. ``last_seq``: a new seal then leaves ``leaf_seqs`` empty, read as
 that range; a seal with holes (a seq a rolled-back insert never used) keeps them. 48 bytes a
-packet instead of 77. The leaves themselves, the roots, the seals' hashes and the proofs are
+packet instead of 77: 51.1 stored (``nice -n 10 python -m bench.storage --quick``,
+BENCHMARKS.md, "Packed leaves"). The leaves themselves, the roots, the seals' hashes and the proofs are
 unchanged: only their packing is. Seals made before keep their packing and are read as
 before.
 
