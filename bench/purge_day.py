@@ -29,11 +29,10 @@ if __package__ in (None, ""):
 
 import psycopg  # noqa: E402
 
-from bench.harness import Database, migrate  # noqa: E402
+from bench.harness import Database, day_partitions, migrate  # noqa: E402
 from bench.storage import (  # noqa: E402
     SEAL_PACKETS,
     SEALS_SQL,
-    day_partitions,
     exists,
     fill_range,
     fill_statement,
