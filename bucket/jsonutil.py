@@ -91,3 +91,21 @@ def json_text_any_depth(value: Any) -> str:
         else:
             parts.append(orjson.dumps(item, option=orjson.OPT_NON_STR_KEYS).decode())
     return "".join(parts)
+
+
+# raw_signals on PostgreSQL since migration 0018 (bucket/services/signals.py): a key set of a
+# dictionary and the values' canonical JSON texts in key order, joined by this character,
+# which JSON text never holds unescaped (control characters are escaped inside strings).
+SIGNAL_SEPARATOR = "\x1f"
+
+
+def signals_template(keys: tuple[str, ...] | list[str]) -> str:
+    """The canonical JSON text of an object with ``keys`` (sorted, plain: nothing to escape,
+    no ``%``), each value a ``%s`` placeholder, as PostgreSQL's ``format()`` fills it."""
+    return "{" + ",".join(f'"{key}":%s' for key in keys) + "}"
+
+
+def expand_signals(keys: tuple[str, ...] | list[str], values: str) -> str:
+    """The canonical JSON text of the signals stored as ``keys`` and ``values``: the very
+    text ``canonical_json`` gave for the whole object."""
+    return signals_template(keys) % tuple(values.split(SIGNAL_SEPARATOR))

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, date, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -25,12 +26,15 @@ from sqlalchemy import (
     TypeDecorator,
     UniqueConstraint,
     Uuid,
+    event,
     text,
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm.attributes import set_committed_value
 
 from bucket.extensions import db
+from bucket.jsonutil import expand_signals
 
 
 class UTCDateTime(TypeDecorator):
@@ -145,7 +149,9 @@ class Packet(db.Model):
     away_seconds: Mapped[float] = mapped_column(Float)
     focus_score: Mapped[float | None] = mapped_column(Float)
     integrity_score: Mapped[float | None] = mapped_column(Float)
-    raw_signals: Mapped[dict] = mapped_column(JSON)
+    # As received, canonical JSON (``bucket.jsonutil.canonical_json``). NULL on PostgreSQL for
+    # a packet stored compact since migration 0018: its key set and values below instead.
+    raw_signals: Mapped[dict | None] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Who sent it (README, "Authenticated ingest"): verified, missing, invalid or mismatch, and
     # the valid token's subject; NULL when ingest did not check tokens (BUCKET_INGEST_AUTH=off).
@@ -153,6 +159,12 @@ class Packet(db.Model):
     auth_subject: Mapped[str | None] = mapped_column(String(256))
     # The client's timestamp lay more than BUCKET_STALE_AFTER before its arrival.
     stale: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
+    # PostgreSQL, since migration 0018 (``services/signals``): raw_signals as the id of its key
+    # set in ``SignalKeySet`` and its values' canonical JSON texts in key order, joined by
+    # U+001F (``bucket.jsonutil.SIGNAL_SEPARATOR``). Both NULL for a packet stored in full
+    # (every packet on SQLite, and those stored before the migration).
+    signal_keys: Mapped[int | None] = mapped_column(Integer)
+    signal_values: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
@@ -179,6 +191,38 @@ class Packet(db.Model):
             sqlite_where=text("employee_id IS NOT NULL"),
         ),
     )
+
+
+@event.listens_for(Packet, "load")
+def expand_signals_on_load(packet: Packet, context: Any) -> None:
+    """A compact packet loaded through the model (``flask shell``) shows its raw_signals as
+    every reader does: rebuilt from its key set."""
+    if packet.raw_signals is not None or packet.signal_keys is None:
+        return
+    found = text("SELECT keys FROM signal_key_sets WHERE id = :id")
+    keys = context.session.connection().execute(found, {"id": packet.signal_keys}).scalar()
+    if keys is not None:
+        signals = orjson.loads(expand_signals(keys, packet.signal_values or ""))
+        set_committed_value(packet, "raw_signals", signals)
+
+
+class SignalKeySet(db.Model):
+    """PostgreSQL only (migration 0018): the dictionary of raw_signals' key sets.
+
+    A bridge sends the same keys every 5 s; a packet whose keys are all plain names
+    (``services/signals.PLAIN_KEY``, at most ``MAX_SIGNAL_KEYS``) stores the id of its set
+    here and only its values (``Packet.signal_keys``, ``Packet.signal_values``). The keys are
+    sorted, as canonical JSON orders them; each set is here once (ingest inserts ON CONFLICT).
+    Rows are never deleted (packets of any age name them); ``BUCKET_SIGNAL_KEY_SETS_MAX``
+    bounds how many there are: beyond it packets are stored in full.
+    """
+
+    __tablename__ = "signal_key_sets"
+
+    id: Mapped[int] = mapped_column(Integer, Identity(), primary_key=True)
+    keys: Mapped[list[str]] = mapped_column(postgresql.ARRAY(Text))
+
+    __table_args__ = (UniqueConstraint("keys", name="uq_signal_key_sets_keys"),)
 
 
 class PacketKey(db.Model):

@@ -51,13 +51,15 @@ def get_metadata():
 # and deliveries has no foreign key to it. Deliveries are partitioned by state (migration
 # 0014): the queue index lives on the hot partition only. packet_keys is partitioned by client
 # day, beside packet_idempotency_keys (0015). ix_packets_seq is a unique index of each
-# partition of packets (0017). The drift check compares the rest.
+# partition of packets (0017). The dictionary of raw_signals' key sets is PostgreSQL's only, and
+# SQLite's raw_signals stays NOT NULL, its table not rebuilt (0018: every SQLite row fills it).
+# The drift check compares the rest.
 PARTITION = re.compile(
     r"^(packets_(legacy|default|p\d{8})|packet_keys_(legacy|default|p\d{8})"
     r"|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
 )
 POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue", "ix_packets_seq"}
-POSTGRES_ONLY_TABLES = {"packet_keys", "packet_idempotency_keys"}
+POSTGRES_ONLY_TABLES = {"packet_keys", "packet_idempotency_keys", "signal_key_sets"}
 SQLITE_ONLY = {"uq_packets_dedup_key", "uq_packets_idempotency_key"}
 
 
@@ -67,6 +69,8 @@ def include_object(obj, name, type_, reflected, compare_to):
         if PARTITION.match(name or ""):
             return False
         return postgres or name not in POSTGRES_ONLY_TABLES
+    if not postgres and type_ == "column" and name == "raw_signals":
+        return False
     if postgres and type_ == "index" and name in POSTGRES_PARTITION_INDEXES:
         return False
     if postgres and type_ in ("index", "unique_constraint") and name in SQLITE_ONLY:
