@@ -845,3 +845,55 @@ def test_downgrade_from_packed_leaves_writes_the_old_packing_and_upgrade_reads_b
     assert flask_db(fresh_app, "downgrade", "0017_unique_day_seqs").exit_code == 0
     assert_old_packing(leaves)
     assert flask_db(fresh_app, "upgrade").exit_code == 0
+
+
+def test_upgrade_to_signal_key_sets_keeps_old_rows_and_downgrade_writes_compact_ones_back(
+    fresh_app, backend
+):
+    """Migration 0018 with data: packets stored before it (in full) keep every column as they
+    were and their seals verify; packets stored after it are compact on PostgreSQL (in full on
+    SQLite), and verify passes over the mix; downgrading writes each compact packet's
+    raw_signals back as the very canonical text ingest would have stored, and the sealed
+    leaves stay good when the revision comes back."""
+    from bucket.jsonutil import canonical_json
+    from tests.queue_helpers import ingest
+
+    signals = {"tab_visible": True, "dwell_time_ms": 5000, "nested": {"b": 1, "a": [0.5, None]}}
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    old = [ingest(client, raw_signals=signals) for _ in range(2)]
+    assert flask_db(fresh_app, "downgrade", "0017_unique_day_seqs").exit_code == 0
+    whole = (
+        "SELECT packet_id, seq, user_id, CAST(raw_signals AS TEXT), received_at FROM packets "
+        "ORDER BY seq"
+    )
+    before = rows_of(fresh_app, whole)
+    assert [row[3] for row in before] == [canonical_json(signals)] * 2
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, whole) == before
+    runner = fresh_app.test_cli_runner()
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+    new = [ingest(client, raw_signals=signals) for _ in range(2)]
+    forms = rows_of(
+        fresh_app,
+        "SELECT CAST(packet_id AS TEXT), raw_signals IS NULL, signal_keys IS NULL FROM packets",
+    )
+    compact = {packet_id for packet_id, no_raw, _ in forms if no_raw}
+    assert compact == (set(new) if backend == "postgres" else set())
+    assert {packet_id for packet_id, _, no_keys in forms if no_keys} == set(old) | (
+        set() if backend == "postgres" else set(new)
+    )
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0, verified.output
+    polled = client.get("/api/v1/bucket/prana/packets/pending?limit=10").json["packets"]
+    assert [canonical_json(p["raw_signals"]) for p in polled] == [canonical_json(signals)] * 4
+
+    assert flask_db(fresh_app, "downgrade", "0017_unique_day_seqs").exit_code == 0
+    assert [row[3] for row in rows_of(fresh_app, whole)] == [canonical_json(signals)] * 4
+    assert "signal_key_sets" not in tables(fresh_app)
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0, verified.output

@@ -22,6 +22,7 @@ from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.coalescing import Submission, coalescer
 from bucket.services.dialect import dialect_name, holds_sqlite_turn, upsert_insert
+from bucket.services.signals import compact_rows
 from bucket.services.tokens import VERIFIED, PacketAuth
 from bucket.timeutil import new_packet_id, utc_now
 
@@ -240,6 +241,9 @@ def packet_row(
         "auth_outcome": auth.outcome if auth is not None else None,
         "auth_subject": auth.subject if auth is not None else None,
         "stale": stale,
+        # Filled on PostgreSQL where the dictionary takes its keys (services/signals).
+        "signal_keys": None,
+        "signal_values": None,
     }
 
 
@@ -305,7 +309,10 @@ def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]
         for row in rows:
             first_by_key.setdefault(row["dedup_key"], row)
     fresh = list(first_by_key.values())
-    store = _store_postgres if dialect_name() == "postgresql" else _store_sqlite
+    postgres = dialect_name() == "postgresql"
+    if postgres:
+        compact_rows(fresh)
+    store = _store_postgres if postgres else _store_sqlite
     inserted, existing = store(fresh)
     if inserted:
         queue.publish_ready()
@@ -343,7 +350,8 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
     if len(rows) == 1:
         result = sql.run_postgres(SINGLE_INSERT_SQL, single_values(rows[0]))
     else:
-        # Sorted keys: raw_signals is stored as canonical JSON (bucket.jsonutil).
+        # Sorted keys: raw_signals is stored as canonical JSON (bucket.jsonutil); a compact
+        # row's values are canonical JSON texts already (services/signals).
         doc = orjson.dumps(rows, option=orjson.OPT_NAIVE_UTC | orjson.OPT_SORT_KEYS).decode()
         result = sql.run_postgres(BATCH_INSERT_SQL, {"doc": doc})
     inserted = {key for (key,) in result}

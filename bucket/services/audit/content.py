@@ -10,7 +10,9 @@ and its binary value (UTF-8 text, big-endian int8 and float8, timestamps as micr
 ``leaf_content`` builds the same bytes from a row in Python, for SQLite, for ``verify`` and
 for the artifact endpoint; ``tools/verify_proof.py`` decodes them with the standard library.
 ``raw_signals`` is its stored JSON text, which ingest writes canonically (keys sorted at every
-depth, no whitespace: ``bucket.jsonutil.canonical_json``).
+depth, no whitespace: ``bucket.jsonutil.canonical_json``); a packet stored compact on
+PostgreSQL (migration 0018: a key set and the values) gives the same text rebuilt
+(``services/signals``), so its leaf is the one it would have had stored in full.
 
 The field list is fixed here, not read off the model: a column added to ``packets`` must not
 change the bytes of packets sealed before it (``tests/test_audit_content.py`` fails until the
@@ -29,10 +31,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, cast
 
 from bucket.models import PACKET_ID, Packet
 from bucket.services.audit.merkle import leaf_hash
+from bucket.services.signals import KEYS_JOIN, TEXT_SQL, stored_signals_text
 
 T = Packet.__table__
 GENESIS = "0" * 64
@@ -50,6 +52,9 @@ def _int8(value: int) -> bytes:
 
 def _float8(value: float) -> bytes:
     return struct.pack(">d", value)
+
+
+SIGNALS_TEXT = TEXT_SQL.format(p="packets", s="signal_set")
 
 
 def _bool(value: bool) -> bytes:
@@ -129,13 +134,20 @@ FIELDS_V2 = tuple(name for name, _ in LEAF_COLUMNS_V2)
 JSON_FIELDS = frozenset(("raw_signals",))
 _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
-# The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL).
+# The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL), over
+# ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0018),
+# whose raw_signals text is rebuilt to the very text stored in full (services/signals).
 LEAF_SQL = "record_send(ROW({}))".format(
-    ", ".join(kind.expression(name) for name, kind in LEAF_COLUMNS)
+    ", ".join(
+        SIGNALS_TEXT if name == "raw_signals" else kind.expression(name)
+        for name, kind in LEAF_COLUMNS
+    )
 )
-# The columns ``leaf_content`` reads: JSON as its stored text, not parsed.
+LEAF_FROM = "packets " + KEYS_JOIN.format(p="packets", s="signal_set")
+# The columns ``leaf_content`` reads: JSON as its stored text, not parsed (rebuilt where stored
+# compact).
 LEAF_SELECT = tuple(
-    cast(T.c[name], Text).label(name) if name in JSON_FIELDS else T.c[name] for name in FIELDS
+    stored_signals_text().label(name) if name in JSON_FIELDS else T.c[name] for name in FIELDS
 )
 
 

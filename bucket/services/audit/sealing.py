@@ -22,6 +22,7 @@ from bucket.models import AuditSeal, Packet
 from bucket.services.audit.content import (
     GENESIS,
     LEAF_FORMAT,
+    LEAF_FROM,
     LEAF_SELECT,
     LEAF_SQL,
     Leaves,
@@ -52,7 +53,7 @@ LEAVES_SQL = (
     "SELECT string_agg(int8send(seq), ''::bytea), "
     "string_agg(uuid_send(packet_id::uuid), ''::bytea), "
     "string_agg(sha256('\\x00'::bytea || leaf), ''::bytea) "
-    f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM packets "
+    f"FROM (SELECT seq, packet_id, {LEAF_SQL} AS leaf FROM {LEAF_FROM} "
     "WHERE seq > %s AND seq <= %s ORDER BY seq LIMIT %s) AS chosen"
 )
 # Transaction-local: the index order above, and the leaves' text in UTF-8 whatever the

@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
-from bucket.services import counters, sql
+from bucket.services import counters, signals, sql
 from bucket.services.counters import PG_BUMP
 from bucket.services.delivery.reaping import reap_exhausted
 from bucket.services.delivery.settings import (
@@ -72,13 +72,23 @@ SELECT
   {QUEUE_COLUMNS}
 FROM c
 """
+
+
+def content_sql(name: str) -> str:
+    """A packet column as the lease reads it: raw_signals in whichever form it was stored."""
+    if name == "raw_signals":
+        return f"{signals.JSON_SQL.format(p='p', s='signal_set')} AS raw_signals"
+    return f"p.{name}"
+
+
 # Lease the oldest visible deliveries of one head that nobody else has locked, and read their
 # packets. ``visible_at`` alone orders them: the (delivery_state, visible_at) index yields that
 # order, so the scan stops after ``limit`` rows however long the backlog. The chosen keys go
 # to the UPDATE as an array (``= ANY(ARRAY(…))``), which leaves the planner no join to get
 # wrong: as ``IN (subquery)`` it hashed every delivery once it could not see the LIMIT. The
 # packet is found by its whole primary key, (packet_id, received_at): packets are partitioned
-# by day on received_at (services/partitions), so each lookup probes one day's index, not all.
+# by day on received_at (services/partitions), so each lookup probes one day's index, not all;
+# a compact packet's key set by its own (services/signals).
 # Every reference to deliveries names its states literally, so the plan holds only the hot
 # partition (migration 0014: processed deliveries live in partitions of their own). The
 # UPDATEs say so with ``<> 'processed'``, which prunes but matches no index: as ``IN`` it led
@@ -95,9 +105,10 @@ WITH leased AS (
     FOR UPDATE SKIP LOCKED))
   RETURNING packet_id, received_at, {", ".join(DELIVERY_COLUMN_NAMES)}
 )
-SELECT {", ".join(f"p.{c.name}" for c in CONTENT_COLUMNS)},
+SELECT {", ".join(content_sql(c.name) for c in CONTENT_COLUMNS)},
   {", ".join(f"leased.{name}" for name in DELIVERY_COLUMN_NAMES)}
 FROM leased JOIN packets p ON p.packet_id = leased.packet_id AND p.received_at = leased.received_at
+{signals.KEYS_JOIN.format(p="p", s="signal_set")}
 """
 
 
