@@ -72,7 +72,13 @@ HOT_PARTITION = "deliveries_hot"
 # Processed deliveries, partitioned by day like the packets (migration 0014).
 PROCESSED_TABLE = "deliveries_processed"
 # Tables whose size does not grow with the packets stored (bounded, or growing with purges).
-NOT_PER_PACKET = ("alembic_version", "packet_counters", "quarantine", "activity_minutes")
+NOT_PER_PACKET = (
+    "alembic_version",
+    "packet_counters",
+    "quarantine",
+    "activity_minutes",
+    "signal_key_sets",
+)
 PURGE_TABLE = "audit_purges"  # grows with every packet ever purged (reported per purged packet)
 # Packets per audit seal: the sealer seals every 5 s; 1,000 learners send 200 packets/s.
 SEAL_PACKETS = 1_000
@@ -125,6 +131,56 @@ PACKET_VALUES = {
     "auth_outcome": "NULL",
     "auth_subject": "NULL",
 }
+# Since migration 0018 (a dictionary of raw_signals' key sets), the same signals as ingest
+# stores them on PostgreSQL: the id of their key set (sorted keys) and the values' canonical
+# texts in key order joined by U+001F, raw_signals NULL (bucket/services/signals.py).
+SIGNAL_KEY_SETS = {
+    "ems": (
+        "browser_visibility",
+        "idle_seconds",
+        "keystroke_count",
+        "mouse_events",
+        "window_focus",
+    ),
+    "gurukul": (
+        "dwell_time_ms",
+        "hover_loops",
+        "inactivity_ms",
+        "mouse_velocity",
+        "panel_focused",
+        "rapid_click_count",
+        "scroll_depth",
+        "tab_visible",
+    ),
+}
+
+
+def key_set_literal(kind: str) -> str:
+    return "ARRAY['" + "','".join(SIGNAL_KEY_SETS[kind]) + "']::text[]"
+
+
+COMPACT_SIGNAL_VALUES = {
+    "raw_signals": "NULL",
+    # Uncorrelated: each looked up once per statement.
+    "signal_keys": (
+        "CASE WHEN ems THEN (SELECT id FROM signal_key_sets WHERE keys = "
+        + key_set_literal("ems")
+        + ") ELSE (SELECT id FROM signal_key_sets WHERE keys = "
+        + key_set_literal("gurukul")
+        + ") END"
+    ),
+    "signal_values": (
+        "CASE WHEN ems THEN format(E'\"visible\"\\x1f%s\\x1f%s\\x1f%s\\x1ftrue',"
+        " 5.0 - (g % 51) / 10.0, g % 97, g % 31)"
+        " ELSE format(E'%s\\x1f%s\\x1f%s\\x1f%s\\x1f%s\\x1f%s\\x1f%s\\x1f%s',"
+        " 1000 + g % 60000, g % 4, g % 5000,"
+        " round(((g % 9000) / 10.0)::numeric, 1), (g % 5 > 0)::text, g % 3,"
+        " round(((g % 100) / 100.0)::numeric, 2), (g % 9 > 0)::text) END"
+    ),
+}
+KEY_SETS_SQL = "INSERT INTO signal_key_sets (keys) VALUES ({}), ({}) ON CONFLICT DO NOTHING".format(
+    key_set_literal("ems"), key_set_literal("gurukul")
+)
 # What each known column of deliveries holds, over ``d`` (packet_id, received_at, e: its epoch
 # seconds, k: the delivery's state, hh: a hash of the id).
 DELIVERY_VALUES = {
@@ -539,6 +595,8 @@ def fill_range(
     """Packets ``lo`` to ``hi`` - 1, received from ``t0`` every ``step`` seconds."""
     if hi <= lo:
         return
+    if exists(conn, "signal_key_sets"):  # as ingest adds them (a TRUNCATE may have emptied it)
+        conn.execute(KEY_SETS_SQL)
     conn.execute(
         sql,
         {
@@ -555,7 +613,10 @@ def fill_range(
 
 
 def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
-    packet_columns, packet_values = insert_parts(conn, "packets", PACKET_VALUES, unfilled)
+    values = PACKET_VALUES
+    if "signal_values" in {column[0] for column in columns(conn, "packets")}:
+        values = {**PACKET_VALUES, **COMPACT_SIGNAL_VALUES}
+    packet_columns, packet_values = insert_parts(conn, "packets", values, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.
     # PostgreSQL keeps the unique keys in a table of their own (migration 0012): filled too.
