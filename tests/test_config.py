@@ -162,6 +162,10 @@ CASES: dict[str, dict] = {
         "value": "2048",
         "config": ("BUCKET_RAW_SIGNALS_MAX_BYTES", 2048),
     },
+    "BUCKET_SIGNAL_KEY_SETS_MAX": {
+        "value": "50",
+        "config": ("BUCKET_SIGNAL_KEY_SETS_MAX", 50),
+    },
     "BUCKET_RATE_LIMIT_STRATEGY": {
         "value": "fixed-window",
         "config": ("BUCKET_RATE_LIMIT_STRATEGY", None),

@@ -214,11 +214,15 @@ def rows_of(app, statement: str) -> list[tuple]:
     return found
 
 
-def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_app, backend):
+def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(
+    fresh_app, backend, monkeypatch
+):
     """Migration 0012 with data in the old layout: every packet (seq and content), delivery
     state and seal survives; the old packets still deduplicate; nothing finished is delivered
     again; verify still checks them all; the seq goes on above them. On PostgreSQL the old
     table is the legacy partition; on SQLite nothing moves. Downgrading keeps them too."""
+    from bucket.services.audit import sealing
+    from bucket.services.audit.content import LEAF_FROM, SIGNALS_TEXT
     from bucket.services.audit.sealing import seal_everything
     from bucket.services.bookkeeping import book_new_packets
     from bucket.services.counters import recount
@@ -284,8 +288,17 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_ap
         db.session.commit()
         recount()
         book_new_packets()
+        # Sealed as the code of that time sealed: no dictionary of key sets yet (0018).
+        monkeypatch.setattr(
+            sealing,
+            "LEAVES_SQL",
+            sealing.LEAVES_SQL.replace(LEAF_FROM, "packets").replace(
+                SIGNALS_TEXT, "raw_signals::text"
+            ),
+        )
         with packed_as_before_0019():
             assert seal_everything()
+        monkeypatch.undo()
     packets_sql = "SELECT * FROM packets ORDER BY seq"
     deliveries_sql = "SELECT * FROM deliveries ORDER BY packet_id"
     seals_sql = "SELECT seq, last_seq, hash FROM audit_seals ORDER BY seq"
@@ -711,7 +724,10 @@ def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_
 
     result = flask_db(fresh_app, "upgrade")
     assert result.exit_code == 0, result.output
-    assert rows_of(fresh_app, whole) == before
+    # Every column of 0016 as it was; 0018's two, appended, NULL (its own test covers them).
+    width = len(before[0])
+    assert [row[:width] for row in rows_of(fresh_app, whole)] == before
+    assert {row[width:] for row in rows_of(fresh_app, whole)} == {(None, None)}
     if postgres:
         odd_name = partitions.day_name(odd)
         assert seq_indexes(fresh_app) == {
@@ -736,7 +752,7 @@ def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_
             "ix_packets_seq"
         ] == ["seq"]
 
-    after_purge = rows_of(fresh_app, whole)
+    after_purge = [row[:width] for row in rows_of(fresh_app, whole)]
     assert flask_db(fresh_app, "downgrade", "0016_uuid_ids").exit_code == 0
     assert rows_of(fresh_app, whole) == after_purge
     if postgres:
@@ -862,6 +878,7 @@ def test_upgrade_to_signal_key_sets_keeps_old_rows_and_downgrade_writes_compact_
     assert flask_db(fresh_app, "upgrade").exit_code == 0
     client = fresh_app.test_client()
     old = [ingest(client, raw_signals=signals) for _ in range(2)]
+    assert fresh_app.test_cli_runner().invoke(args=["bucket", "seal"]).exit_code == 0
     assert flask_db(fresh_app, "downgrade", "0017_unique_day_seqs").exit_code == 0
     whole = (
         "SELECT packet_id, seq, user_id, CAST(raw_signals AS TEXT), received_at FROM packets "
@@ -873,6 +890,24 @@ def test_upgrade_to_signal_key_sets_keeps_old_rows_and_downgrade_writes_compact_
     result = flask_db(fresh_app, "upgrade")
     assert result.exit_code == 0, result.output
     assert rows_of(fresh_app, whole) == before
+    # The service restarts after a release's migrations (the Procfile's release step): the
+    # process that knew the dictionary dropped above is not the one that writes again.
+    restarted = create_app(
+        {"SQLALCHEMY_DATABASE_URI": fresh_app.config["SQLALCHEMY_DATABASE_URI"], "REDIS_URL": None},
+        testing=True,
+    )
+    try:
+        check_signal_key_sets_revision(restarted, backend, old, before, whole, signals)
+    finally:
+        servers.dispose_engines(restarted)
+
+
+def check_signal_key_sets_revision(fresh_app, backend, old, before, whole, signals) -> None:
+    """The rest of the test above, on the restarted service."""
+    from bucket.jsonutil import canonical_json
+    from tests.queue_helpers import ingest
+
+    client = fresh_app.test_client()
     runner = fresh_app.test_cli_runner()
     assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
     new = [ingest(client, raw_signals=signals) for _ in range(2)]
