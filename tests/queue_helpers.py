@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import select, text
@@ -172,3 +174,21 @@ def measure_wake_up(waiting_app, ingesting_client, wait: float, label: str) -> f
     latency = waiter.returned_at - ingested_at
     print(f"\nlong-poll wake-up latency ({label}): {latency * 1000:.1f} ms")
     return latency
+
+
+@contextmanager
+def sealer_before_signal_key_sets() -> Iterator[None]:
+    """The sealer's statement as it was before migration 0018 (no dictionary of raw_signals'
+    key sets to join): for sealing a database kept at an older revision, as the code of that
+    time sealed it."""
+    from bucket.services.audit import sealing
+    from bucket.services.audit.content import LEAF_FROM, SIGNALS_TEXT
+
+    current = sealing.LEAVES_SQL
+    sealing.LEAVES_SQL = current.replace(LEAF_FROM, "packets").replace(
+        SIGNALS_TEXT, "raw_signals::text"
+    )
+    try:
+        yield
+    finally:
+        sealing.LEAVES_SQL = current

@@ -214,20 +214,17 @@ def rows_of(app, statement: str) -> list[tuple]:
     return found
 
 
-def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(
-    fresh_app, backend, monkeypatch
-):
+def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(fresh_app, backend):
     """Migration 0012 with data in the old layout: every packet (seq and content), delivery
     state and seal survives; the old packets still deduplicate; nothing finished is delivered
     again; verify still checks them all; the seq goes on above them. On PostgreSQL the old
     table is the legacy partition; on SQLite nothing moves. Downgrading keeps them too."""
-    from bucket.services.audit import sealing
-    from bucket.services.audit.content import LEAF_FROM, SIGNALS_TEXT
     from bucket.services.audit.sealing import seal_everything
     from bucket.services.bookkeeping import book_new_packets
     from bucket.services.counters import recount
     from bucket.services.ingest import identity_key
     from bucket.timeutil import new_packet_id
+    from tests.queue_helpers import sealer_before_signal_key_sets
 
     assert flask_db(fresh_app, "upgrade", "0011_quarantine_auth").exit_code == 0
     postgres = backend == "postgres"
@@ -288,17 +285,8 @@ def test_upgrade_to_day_partitions_keeps_every_packet_delivery_and_seal(
         db.session.commit()
         recount()
         book_new_packets()
-        # Sealed as the code of that time sealed: no dictionary of key sets yet (0018).
-        monkeypatch.setattr(
-            sealing,
-            "LEAVES_SQL",
-            sealing.LEAVES_SQL.replace(LEAF_FROM, "packets").replace(
-                SIGNALS_TEXT, "raw_signals::text"
-            ),
-        )
-        with packed_as_before_0019():
+        with packed_as_before_0019(), sealer_before_signal_key_sets():
             assert seal_everything()
-        monkeypatch.undo()
     packets_sql = "SELECT * FROM packets ORDER BY seq"
     deliveries_sql = "SELECT * FROM deliveries ORDER BY packet_id"
     seals_sql = "SELECT seq, last_seq, hash FROM audit_seals ORDER BY seq"

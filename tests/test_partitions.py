@@ -27,7 +27,15 @@ from bucket.timeutil import new_packet_id, utc_now
 from tests import servers
 from tests.concurrency import join_all
 from tests.factories import make_packet, packed_as_before_0019
-from tests.queue_helpers import API, ack, ingest_many, poll, sql, status
+from tests.queue_helpers import (
+    API,
+    ack,
+    ingest_many,
+    poll,
+    sealer_before_signal_key_sets,
+    sql,
+    status,
+)
 from tests.statements import captured_statements
 
 P = Packet.__table__
@@ -602,7 +610,7 @@ def upgraded_with_legacy_days(app, bodies: list[dict]) -> list[str]:
     assert upgraded.exit_code == 0, upgraded.output
     received = datetime.combine(today() - timedelta(days=45), time(9), tzinfo=UTC)
     old = store_as_before_partitions(app, bodies, received)
-    with app.app_context(), packed_as_before_0019():
+    with app.app_context(), packed_as_before_0019(), sealer_before_signal_key_sets():
         seal_everything()
     upgraded = runner.invoke(args=["db", "upgrade"])
     assert upgraded.exit_code == 0, upgraded.output
