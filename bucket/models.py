@@ -214,7 +214,10 @@ class SignalKeySet(db.Model):
     here and only its values (``Packet.signal_keys``, ``Packet.signal_values``). The keys are
     sorted, as canonical JSON orders them; each set is here once (ingest inserts ON CONFLICT).
     Rows are never deleted (packets of any age name them); ``BUCKET_SIGNAL_KEY_SETS_MAX``
-    bounds how many there are: beyond it packets are stored in full.
+    bounds how many there are: beyond it packets are stored in full. Each worker caches the
+    ids it has seen, so the table is never emptied or re-created under running workers (a
+    restore of it, or a downgrade past 0018 and back, is followed by a restart, as a release
+    is); no foreign key checks it on each insert.
     """
 
     __tablename__ = "signal_key_sets"
