@@ -831,6 +831,9 @@ def test_downgrade_from_packed_leaves_writes_the_old_packing_and_upgrade_reads_b
         verified.output
     )
     assert [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids] == artifacts
+    # Workers restart after a release's migrations: the ids of raw_signals' key sets this
+    # process cached went with the dictionary the downgrade dropped (0018).
+    fresh_app.extensions.pop("signal_key_sets", None)
     more = ingest_many(client, 2)
     assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
     assert packing(fresh_app, 4) == (
