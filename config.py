@@ -78,7 +78,7 @@ class Config:
         self.BUCKET_ACK_COALESCE_MAX = env_int("BUCKET_ACK_COALESCE_MAX", 500)
         # One packet's raw_signals as JSON; a larger one is refused (422) and quarantined.
         self.BUCKET_RAW_SIGNALS_MAX_BYTES = env_int("BUCKET_RAW_SIGNALS_MAX_BYTES", 16384)
-        # PostgreSQL: key sets of raw_signals kept in the dictionary at most (migration 0018,
+        # PostgreSQL: key sets of raw_signals kept in the dictionary at most (migration 0020,
         # bucket/services/signals.py); a packet whose set is not in it once full is stored whole.
         self.BUCKET_SIGNAL_KEY_SETS_MAX = env_int("BUCKET_SIGNAL_KEY_SETS_MAX", 1000)
         # Levels a packet's field may nest (raw_signals itself is level 1); deeper is a 422 and

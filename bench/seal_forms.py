@@ -1,4 +1,4 @@
-"""The sealer's statement over packets stored compact and in full (migration 0018).
+"""The sealer's statement over packets stored compact and in full (migration 0020).
 
     .venv/bin/python -m bench.seal_forms                 # 100,000 packets, seals of 50,000
     .venv/bin/python -m bench.seal_forms --packets 20000
@@ -8,7 +8,7 @@ A database of its own on the benchmark's private PostgreSQL, migrated and filled
 the sealer's statement (``LEAVES_SQL``, in its transaction settings) is timed five times over
 the first seal's packets; then every row is rewritten in full (raw_signals' canonical text,
 no key set), ``VACUUM FULL``, and timed again, with this statement and with the one before
-0018 (no join to the key sets). Prints the seconds of each run and whether the three gave the
+0020 (no join to the key sets). Prints the seconds of each run and whether the three gave the
 same leaf hashes, and one JSON line (``BENCH_SEAL_FORMS_JSON``).
 """
 
@@ -34,7 +34,7 @@ from bucket.services.audit.content import LEAF_FROM, SIGNALS_TEXT  # noqa: E402
 from bucket.services.audit.sealing import LEAVES_SQL, SEALER_SETTINGS  # noqa: E402
 from bucket.services.signals import REBUILT_SQL  # noqa: E402
 
-# The sealer's statement before migration 0018: raw_signals as stored, no key sets.
+# The sealer's statement before migration 0020: raw_signals as stored, no key sets.
 BEFORE_SQL = LEAVES_SQL.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
 IN_FULL_SQL = (
     "UPDATE packets p SET raw_signals = ("
@@ -79,7 +79,7 @@ def measure(dsn: str, packets: int, per_seal: int) -> dict:
         "compact_rows": compact[0],
         "compact_seconds": compact_s,
         "in_full_seconds": full_s,
-        "before_0018_in_full_seconds": before_s,
+        "before_0020_in_full_seconds": before_s,
         "same_leaves": compact_hashes == full_hashes == before_hashes,
     }
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         figures = measure(database.dsn.rsplit("/", 1)[0] + "/" + name, args.packets, args.per_seal)
     finally:
         database.stop()
-    for key in ("compact_seconds", "in_full_seconds", "before_0018_in_full_seconds"):
+    for key in ("compact_seconds", "in_full_seconds", "before_0020_in_full_seconds"):
         median = statistics.median(figures[key])
         print(f"{key}: median {median:.3f} s, {median * 1e6 / args.per_seal:.1f} us a packet")
     print(f"compact rows {figures['compact_rows']:,}, same leaves: {figures['same_leaves']}")

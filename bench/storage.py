@@ -131,7 +131,7 @@ PACKET_VALUES = {
     "auth_outcome": "NULL",
     "auth_subject": "NULL",
 }
-# Since migration 0018 (a dictionary of raw_signals' key sets), the same signals as ingest
+# Since migration 0020 (a dictionary of raw_signals' key sets), the same signals as ingest
 # stores them on PostgreSQL: the id of their key set (sorted keys) and the values' canonical
 # texts in key order joined by U+001F, raw_signals NULL (bucket/services/signals.py).
 SIGNAL_KEY_SETS = {

@@ -93,7 +93,7 @@ def json_text_any_depth(value: Any) -> str:
     return "".join(parts)
 
 
-# raw_signals on PostgreSQL since migration 0018 (bucket/services/signals.py): a key set of a
+# raw_signals on PostgreSQL since migration 0020 (bucket/services/signals.py): a key set of a
 # dictionary and the values' canonical JSON texts in key order, joined by this character,
 # which JSON text never holds unescaped (control characters are escaped inside strings).
 SIGNAL_SEPARATOR = "\x1f"

@@ -150,7 +150,7 @@ class Packet(db.Model):
     focus_score: Mapped[float | None] = mapped_column(Float)
     integrity_score: Mapped[float | None] = mapped_column(Float)
     # As received, canonical JSON (``bucket.jsonutil.canonical_json``). NULL on PostgreSQL for
-    # a packet stored compact since migration 0018: its key set and values below instead.
+    # a packet stored compact since migration 0020: its key set and values below instead.
     raw_signals: Mapped[dict | None] = mapped_column(JSON)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Who sent it (README, "Authenticated ingest"): verified, missing, invalid or mismatch, and
@@ -159,7 +159,7 @@ class Packet(db.Model):
     auth_subject: Mapped[str | None] = mapped_column(String(256))
     # The client's timestamp lay more than BUCKET_STALE_AFTER before its arrival.
     stale: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
-    # PostgreSQL, since migration 0018 (``services/signals``): raw_signals as the id of its key
+    # PostgreSQL, since migration 0020 (``services/signals``): raw_signals as the id of its key
     # set in ``SignalKeySet`` and its values' canonical JSON texts in key order, joined by
     # U+001F (``bucket.jsonutil.SIGNAL_SEPARATOR``). Both NULL for a packet stored in full
     # (every packet on SQLite, and those stored before the migration).
@@ -207,7 +207,7 @@ def expand_signals_on_load(packet: Packet, context: Any) -> None:
 
 
 class SignalKeySet(db.Model):
-    """PostgreSQL only (migration 0018): the dictionary of raw_signals' key sets.
+    """PostgreSQL only (migration 0020): the dictionary of raw_signals' key sets.
 
     A bridge sends the same keys every 5 s; a packet whose keys are all plain names
     (``services/signals.PLAIN_KEY``, at most ``MAX_SIGNAL_KEYS``) stores the id of its set
@@ -216,7 +216,7 @@ class SignalKeySet(db.Model):
     Rows are never deleted (packets of any age name them); ``BUCKET_SIGNAL_KEY_SETS_MAX``
     bounds how many there are: beyond it packets are stored in full. Each worker caches the
     ids it has seen, so the table is never emptied or re-created under running workers (a
-    restore of it, or a downgrade past 0018 and back, is followed by a restart, as a release
+    restore of it, or a downgrade past 0020 and back, is followed by a restart, as a release
     is); no foreign key checks it on each insert.
     """
 

@@ -52,7 +52,7 @@ def get_metadata():
 # 0014): the queue index lives on the hot partition only. packet_keys is partitioned by client
 # day, beside packet_idempotency_keys (0015). ix_packets_seq is a unique index of each
 # partition of packets (0017). The dictionary of raw_signals' key sets is PostgreSQL's only, and
-# SQLite's raw_signals stays NOT NULL, its table not rebuilt (0018: every SQLite row fills it).
+# SQLite's raw_signals stays NOT NULL, its table not rebuilt (0020: every SQLite row fills it).
 # The drift check compares the rest.
 PARTITION = re.compile(
     r"^(packets_(legacy|default|p\d{8})|packet_keys_(legacy|default|p\d{8})"

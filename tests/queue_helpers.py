@@ -97,7 +97,7 @@ def advance(app, seconds: float, packet_ids: list[str] | None = None) -> None:
 
 def _joined():
     """Every column of a packet and of its delivery, as the service sees them together
-    (raw_signals as the listings read it, whichever form it was stored in: migration 0018)."""
+    (raw_signals as the listings read it, whichever form it was stored in: migration 0020)."""
     packets, deliveries = Packet.__table__, Delivery.__table__
     return select(*LISTED, *[c for c in deliveries.c if c.name not in packets.c]).join_from(
         packets, deliveries, deliveries.c.packet_id == packets.c.packet_id
@@ -178,7 +178,7 @@ def measure_wake_up(waiting_app, ingesting_client, wait: float, label: str) -> f
 
 @contextmanager
 def sealer_before_signal_key_sets() -> Iterator[None]:
-    """The sealer's statement as it was before migration 0018 (no dictionary of raw_signals'
+    """The sealer's statement as it was before migration 0020 (no dictionary of raw_signals'
     key sets to join): for sealing a database kept at an older revision, as the code of that
     time sealed it."""
     from bucket.services.audit import sealing

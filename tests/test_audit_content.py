@@ -86,7 +86,7 @@ def test_every_packet_column_is_in_the_leaf():
     """A column added to packets must be placed in the leaf deliberately (a new leaf format
     for the packets stored after it), never by reading the model: that would change the bytes
     of every packet sealed before it."""
-    # raw_signals' compact form on PostgreSQL (migration 0018) is covered as raw_signals' text.
+    # raw_signals' compact form on PostgreSQL (migration 0020) is covered as raw_signals' text.
     compact_form = {"signal_keys", "signal_values"}
     assert set(FIELDS) == {column.name for column in Packet.__table__.columns} - compact_form
     assert len(FIELDS) == len(set(FIELDS))

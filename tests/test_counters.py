@@ -396,7 +396,7 @@ def first_type(kind):
 # The packets table as migration 0001 made it: content and delivery in one row.
 FIRST_SCHEMA_PACKETS = table(
     "packets",
-    # Neither seq nor the columns of migrations 0010 (who sent it) and 0018 existed yet.
+    # Neither seq nor the columns of migrations 0010 (who sent it) and 0020 existed yet.
     *[
         column(c.name, first_type(c.type))
         for c in Packet.__table__.c

@@ -712,7 +712,7 @@ def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_
 
     result = flask_db(fresh_app, "upgrade")
     assert result.exit_code == 0, result.output
-    # Every column of 0016 as it was; 0018's two, appended, NULL (its own test covers them).
+    # Every column of 0016 as it was; 0020's two, appended, NULL (its own test covers them).
     width = len(before[0])
     assert [row[:width] for row in rows_of(fresh_app, whole)] == before
     assert {row[width:] for row in rows_of(fresh_app, whole)} == {(None, None)}
@@ -832,7 +832,7 @@ def test_downgrade_from_packed_leaves_writes_the_old_packing_and_upgrade_reads_b
     )
     assert [client.get(f"/api/v1/audit/artifact/{pid}").json for pid in ids] == artifacts
     # Workers restart after a release's migrations: the ids of raw_signals' key sets this
-    # process cached went with the dictionary the downgrade dropped (0018).
+    # process cached went with the dictionary the downgrade dropped (0020).
     fresh_app.extensions.pop("signal_key_sets", None)
     more = ingest_many(client, 2)
     assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
@@ -857,7 +857,7 @@ def test_downgrade_from_packed_leaves_writes_the_old_packing_and_upgrade_reads_b
 def test_upgrade_to_signal_key_sets_keeps_old_rows_and_downgrade_writes_compact_ones_back(
     fresh_app, backend
 ):
-    """Migration 0018 with data: packets stored before it (in full) keep every column as they
+    """Migration 0020 with data: packets stored before it (in full) keep every column as they
     were and their seals verify; packets stored after it are compact on PostgreSQL (in full on
     SQLite), and verify passes over the mix; downgrading writes each compact packet's
     raw_signals back as the very canonical text ingest would have stored, and the sealed

@@ -1,4 +1,4 @@
-"""raw_signals stored compact on PostgreSQL (migration 0018): a key set of a dictionary and the
+"""raw_signals stored compact on PostgreSQL (migration 0020): a key set of a dictionary and the
 values. Every reader gets back exactly the JSON it got before, the audit leaf is the same bytes
 in either form, the dictionary is bounded and takes each set once, and ingest pays a statement
 only for a set new to its process. SQLite stores every packet in full, as before.
@@ -161,7 +161,7 @@ def test_a_compact_row_and_the_same_packet_stored_in_full_have_the_same_leaf(app
 
 def test_verify_passes_over_old_and_compact_rows_and_names_an_altered_value(app, client, backend):
     """Seals over packets stored in full (odd keys, and on PostgreSQL one rewritten as the
-    rows stored before migration 0018 are) and compact ones verify, their artifacts match;
+    rows stored before migration 0020 are) and compact ones verify, their artifacts match;
     changing one value of a compact row makes verify name that packet."""
     compact = [post(client, make_packet(raw_signals=SIGNALS))["packet_id"] for _ in range(3)]
     full = post(client, make_packet(raw_signals={"odd key": [1, 2]}))["packet_id"]

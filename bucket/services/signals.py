@@ -1,4 +1,4 @@
-"""raw_signals on PostgreSQL as a key set of a dictionary plus the values (migration 0018).
+"""raw_signals on PostgreSQL as a key set of a dictionary plus the values (migration 0020).
 
 A bridge sends the same keys every 5 s, and as canonical JSON most of a packet's
 ``raw_signals`` was their names. Ingest stores a packet whose top-level keys are all plain

@@ -11,7 +11,7 @@ and its binary value (UTF-8 text, big-endian int8 and float8, timestamps as micr
 for the artifact endpoint; ``tools/verify_proof.py`` decodes them with the standard library.
 ``raw_signals`` is its stored JSON text, which ingest writes canonically (keys sorted at every
 depth, no whitespace: ``bucket.jsonutil.canonical_json``); a packet stored compact on
-PostgreSQL (migration 0018: a key set and the values) gives the same text rebuilt
+PostgreSQL (migration 0020: a key set and the values) gives the same text rebuilt
 (``services/signals``), so its leaf is the one it would have had stored in full.
 
 The field list is fixed here, not read off the model: a column added to ``packets`` must not
@@ -135,7 +135,7 @@ JSON_FIELDS = frozenset(("raw_signals",))
 _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL), over
-# ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0018),
+# ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0020),
 # whose raw_signals text is rebuilt to the very text stored in full (services/signals).
 LEAF_SQL = "record_send(ROW({}))".format(
     ", ".join(

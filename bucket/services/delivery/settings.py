@@ -15,7 +15,7 @@ T = Packet.__table__
 D = Delivery.__table__
 # What a consumer sees of a packet: its content, then its delivery columns, in the order the
 # hand-written statements return them. raw_signals stands for the compact form too (migration
-# 0018, services/signals): its key set and values are not shown themselves.
+# 0020, services/signals): its key set and values are not shown themselves.
 HIDDEN = ("dedup_key", "idempotency_key", "seq", "signal_keys", "signal_values")
 CONTENT_COLUMNS = [c for c in T.c if c.name not in HIDDEN]
 DELIVERY_COLUMNS = [c for c in D.c if c.name not in ("packet_id", "received_at")]

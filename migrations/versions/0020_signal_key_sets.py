@@ -21,7 +21,7 @@ SQLite keeps its JSON column as it is: its two columns are added and stay NULL, 
 Written beside 0019 (packed leaves), from 0017, and applied after it: a database already at
 0019 upgrades to this one.
 
-Revision ID: 0018_signal_key_sets
+Revision ID: 0020_signal_key_sets
 Revises: 0019_packed_leaves
 Create Date: 2026-12-06 21:40:00.000000
 
@@ -32,7 +32,7 @@ import sqlalchemy as sa
 
 
 # revision identifiers, used by Alembic.
-revision = '0018_signal_key_sets'
+revision = '0020_signal_key_sets'
 down_revision = '0019_packed_leaves'
 branch_labels = None
 depends_on = None
