@@ -215,9 +215,12 @@ class SignalKeySet(db.Model):
     sorted, as canonical JSON orders them; each set is here once (ingest inserts ON CONFLICT).
     Rows are never deleted (packets of any age name them); ``BUCKET_SIGNAL_KEY_SETS_MAX``
     bounds how many there are: beyond it packets are stored in full. Each worker caches the
-    ids it has seen, so the table is never emptied or re-created under running workers (a
-    restore of it, or a downgrade past 0020 and back, is followed by a restart, as a release
-    is); no foreign key checks it on each insert.
+    ids it has seen; ingest's statement stores a packet compact only under a set that is
+    still here (a set gone, it writes the packet in full and the worker forgets its ids), but
+    a restore that gives an id to another set is not detected: the table is not re-created
+    under running workers (a restore of it, or a downgrade past 0020 and back, is followed by
+    a restart, as a release is). No foreign key: its KEY SHARE lock on the set's row would
+    be taken by every insert.
     """
 
     __tablename__ = "signal_key_sets"

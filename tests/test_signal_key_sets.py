@@ -227,7 +227,13 @@ def dictionary_size(app) -> int:
 
 
 def naming_dictionary(statements: list[str]) -> list[str]:
-    return [statement for statement in statements if "signal_key_sets" in statement]
+    """The statements that ask the dictionary (the write itself checks its sets exist, in the
+    same statement: not one more)."""
+    return [
+        statement
+        for statement in statements
+        if "signal_key_sets" in statement and "INSERT INTO packets" not in statement
+    ]
 
 
 @pytest.mark.parametrize("backend", ["postgres"], indirect=True)
@@ -291,3 +297,53 @@ def test_workers_racing_on_a_new_key_set_end_with_one_entry(make_app):
         (key_id,) = key_set_rows(apps[0], signals)
         forms = stored(apps[0])
         assert {forms[packet_id][:2] for packet_id in ids} == {(None, key_id)}
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)
+@pytest.mark.parametrize("shape", ["single", "batch", "shared"])
+def test_a_key_set_gone_behind_the_workers_cache_loses_no_packet(app, client, shape):
+    """The dictionary loses a set this process has cached (restored from a backup, emptied by
+    hand): the next packets of that set are stored anyway, their signals readable and intact
+    (in full, or compact under the set added again), never pointing at a set that is not there;
+    and the process stops trusting the ids it cached."""
+    post(client, make_packet(raw_signals=SIGNALS))
+    with app.app_context():
+        # (the packet above is left pointing at nothing: what a restore does, not ingest)
+        db.session.execute(text("DELETE FROM signal_key_sets"))
+        db.session.commit()
+    if shape == "single":
+        ids = [post(client, make_packet(raw_signals=SIGNALS))["packet_id"]]
+    elif shape == "batch":
+        body = {"packets": [make_packet(raw_signals=SIGNALS) for _ in range(2)]}
+        ids = [result["packet_id"] for result in post(client, body)["results"]]
+    else:
+        with app.app_context():
+            load = [fast_load_packet(make_packet(raw_signals=SIGNALS)) for _ in range(2)]
+            shared = write_submissions([Submission(load[:1]), Submission(load[1:])])
+        ids = [outcome.packet_id for outcomes in shared for outcome in outcomes]
+    with app.app_context():
+        dangling = db.session.execute(
+            text(
+                "SELECT count(*) FROM packets p WHERE p.signal_keys IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM signal_key_sets s WHERE s.id = p.signal_keys) "
+                "AND CAST(p.packet_id AS TEXT) = ANY(:ids)"
+            ),
+            {"ids": ids},
+        ).scalar_one()
+        db.session.commit()
+    assert dangling == 0
+    out = handed_out(client)
+    assert [out.get(packet_id) for packet_id in ids] == [CANONICAL] * len(ids)
+    # The set is learned again: the next packet of it is stored compact, under a set that exists.
+    packet_id = post(client, make_packet(raw_signals=SIGNALS))["packet_id"]
+    raw, keys, _ = stored(app)[packet_id]
+    assert raw is None and keys is not None
+    assert handed_out(client) == {packet_id: CANONICAL}
+
+
+def handed_out(client) -> dict[str, str]:
+    """The packets the pending poll hands out, each one's raw_signals as canonical text."""
+    return {
+        packet["packet_id"]: canonical_json(packet["raw_signals"])
+        for packet in poll(client, limit=100)["packets"]
+    }

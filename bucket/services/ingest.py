@@ -22,7 +22,7 @@ from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.coalescing import Submission, coalescer
 from bucket.services.dialect import dialect_name, holds_sqlite_turn, upsert_insert
-from bucket.services.signals import compact_rows
+from bucket.services.signals import compact_rows, key_sets
 from bucket.services.tokens import VERIFIED, PacketAuth
 from bucket.timeutil import new_packet_id, utc_now
 
@@ -64,9 +64,18 @@ _CLAIM_AND_STORE = (
     "FROM stored) "
     "SELECT replace(dedup_key::text, '-', '') FROM stored"
 )
+# A packet stored compact names a key set this process has cached (services/signals); one the
+# dictionary no longer holds (restored from a backup, emptied by hand) would leave its signals
+# unreadable, so such a packet does not go in at all (not even its identity), and
+# ``_store_postgres`` writes it again in full.
+_KNOWN_SET = (
+    "given.signal_keys IS NULL OR EXISTS "
+    "(SELECT 1 FROM signal_key_sets s WHERE s.id = given.signal_keys)"
+)
 BATCH_INSERT_SQL = (
     f"WITH incoming AS (SELECT {', '.join(PACKET_COLUMNS)} "
-    "FROM json_populate_recordset(NULL::packets, %(doc)s::json)), " + _CLAIM_AND_STORE
+    f"FROM json_populate_recordset(NULL::packets, %(doc)s::json) AS given WHERE {_KNOWN_SET}), "
+    + _CLAIM_AND_STORE
 )
 
 
@@ -78,11 +87,11 @@ def _postgres_type(column) -> str:
 
 # A single packet's values as typed parameters (a NULL must still know its column's type).
 SINGLE_INSERT_SQL = (
-    "WITH incoming AS (SELECT "
+    "WITH given AS (SELECT "
     + ", ".join(
         f"CAST(%s AS {_postgres_type(PACKET_TABLE.c[name])}) AS {name}" for name in PACKET_COLUMNS
     )
-    + "), "
+    + f"), incoming AS (SELECT * FROM given WHERE {_KNOWN_SET}), "
     + _CLAIM_AND_STORE
 )
 # Two index lookups, not an OR (which would need a bitmap scan, off on this pool); the client
@@ -309,10 +318,7 @@ def write_submissions(submissions: list[Submission]) -> list[list[IngestOutcome]
         for row in rows:
             first_by_key.setdefault(row["dedup_key"], row)
     fresh = list(first_by_key.values())
-    postgres = dialect_name() == "postgresql"
-    if postgres:
-        compact_rows(fresh)
-    store = _store_postgres if postgres else _store_sqlite
+    store = _store_postgres if dialect_name() == "postgresql" else _store_sqlite
     inserted, existing = store(fresh)
     if inserted:
         queue.publish_ready()
@@ -343,8 +349,26 @@ Existing = dict[str, tuple[str, datetime]]
 
 
 def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
+    """The rows stored compact where the dictionary takes their keys (services/signals), in
+    one statement; those that named a key set the dictionary no longer holds (this process's
+    cache outlived it) written again in full, and the cache forgotten."""
+    in_full = {row["dedup_key"]: row["raw_signals"] for row in rows}
+    compact_rows(rows)
+    inserted, existing, dangling = _write_postgres(rows)
+    if dangling:
+        key_sets().forget()
+        for row in dangling:
+            row.update(raw_signals=in_full[row["dedup_key"]], signal_keys=None, signal_values=None)
+        more_inserted, more_existing, _ = _write_postgres(dangling)
+        inserted |= more_inserted
+        existing.update(more_existing)
+    return inserted, existing
+
+
+def _write_postgres(rows: list[dict]) -> tuple[set[str], Existing, list[dict]]:
     """INSERT … ON CONFLICT DO NOTHING as one autocommit statement; then read back what the
-    conflicting rows duplicate. A single packet's values go as parameters of a prepared
+    conflicting rows duplicate, and which compact rows went nowhere (their key set gone).
+    A single packet's values go as parameters of a prepared
     statement; a batch goes as one JSON parameter instead of ~30 per row (the statement text
     stays small and cached, and PostgreSQL parses the rows server-side, several times faster)."""
     if len(rows) == 1:
@@ -357,7 +381,7 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
     inserted = {key for (key,) in result}
     missing = [row for row in rows if row["dedup_key"] not in inserted]
     if not missing:
-        return inserted, {}
+        return inserted, {}, []
     found = sql.run_postgres(
         EXISTING_SQL,
         {
@@ -366,7 +390,17 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
             "idems": idempotency_keys(missing),
         },
     )
-    return inserted, match_existing(missing, found)
+    dedups = {dedup for _, dedup, _, _ in found}
+    idems = {idem for _, _, idem, _ in found if idem}
+    dangling = [
+        row
+        for row in missing
+        if row["signal_keys"] is not None
+        and row["dedup_key"] not in dedups
+        and row["idempotency_key"] not in idems
+    ]
+    conflicting = [row for row in missing if all(row is not other for other in dangling)]
+    return inserted, match_existing(conflicting, found), dangling
 
 
 def _store_sqlite(rows: list[dict]) -> tuple[set[str], Existing]:

@@ -109,6 +109,13 @@ class KeySets:
             if any(keys not in self.ids for keys in wanted):
                 self.full_until = time.monotonic() + FULL_RECHECK_SECONDS
 
+    def forget(self) -> None:
+        """Drop every id learned: one was found gone from the dictionary (ingest), so none
+        is trusted until asked again."""
+        with self.lock:
+            self.ids.clear()
+            self.full_until = 0.0
+
 
 def key_sets() -> KeySets:
     """The app's dictionary cache."""

@@ -18,9 +18,6 @@ for the compact rows (the same text, as ``json`` keeps it) and drops the rest.
 SQLite keeps its JSON column as it is: its two columns are added and stay NULL, and its
 ``raw_signals`` stays NOT NULL (its table is not rebuilt); no dictionary there.
 
-Written beside 0019 (packed leaves), from 0017, and applied after it: a database already at
-0019 upgrades to this one.
-
 Revision ID: 0020_signal_key_sets
 Revises: 0019_packed_leaves
 Create Date: 2026-12-06 21:40:00.000000
