@@ -82,6 +82,7 @@ def fill(dsn: str, per_day: int, days: int) -> dict:
     first = today - days * 86400
     step = 86400.0 / per_day
     figures: dict = {"per_day": per_day, "days": days, "first_day": time.gmtime(first)[:3]}
+    figures["last_day_start"] = first + (days - 1) * 86400
     with psycopg.connect(dsn, autocommit=True) as conn:
         sql = fill_statement(conn, [])
         # A new deployment's legacy partition of keys is empty: the fill's days of keys get
@@ -113,6 +114,13 @@ def fill(dsn: str, per_day: int, days: int) -> dict:
         figures["vacuum_seconds"] = round(time.monotonic() - began, 1)
         figures["stored"] = total
     return figures
+
+
+def older_than(last_day_start: float) -> float:
+    """``purge_days``' age in days that drops every filled day but the last one, the backlog's:
+    counted from the fill's own days, not from today, so a run that crosses UTC midnight
+    between the fill and the purge still keeps the backlog's day out of the purge."""
+    return (time.time() - last_day_start) / 86400
 
 
 def explain(dsn: str) -> dict:
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_explain:
             figures["explain"] = explain(dsn)
         out = subprocess.run(
-            [sys.executable, "-c", PURGE_SCRIPT, str(args.days - 1)],
+            [sys.executable, "-c", PURGE_SCRIPT, str(older_than(figures["last_day_start"]))],
             cwd=Path(__file__).resolve().parent.parent,
             env={**env, "DATABASE_URL": url},
             check=True,

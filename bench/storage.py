@@ -669,6 +669,7 @@ def measure_database(
     # The last day ends a minute ago, so the backlog is the last minutes' packets.
     first = time.time() - days * 86400.0 - 60
     figures: dict = {"packets": packets, "days": days, "backlog": backlog, "learners": learners}
+    figures["backlog_since"] = first + (packets - backlog) * step
     unfilled: list[str] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         sql = fill_statement(conn, unfilled)
@@ -823,10 +824,18 @@ def run_script(env: dict, script: str, *args: str):
     return json.loads(out.strip().splitlines()[-1])
 
 
-def timed_purge(env: dict, dsn: str, days: int) -> dict:
-    """``purge_days`` on the filled database, dropping the oldest two calendar days (the fill's
-    first, partial one and the first whole one), everything counted booked as the bookkeeper
-    would have it: seconds, packets dropped, and the rows each table had deleted one by one."""
+def purge_age(days: int, backlog_since: float) -> float:
+    """``purge_days``' age in days for the timed purge: the oldest two calendar days (the fill's
+    first, partial one and the first whole one), and never the day the backlog begins in: a run
+    that crosses UTC midnight after the fill has the backlog's minutes in yesterday."""
+    backlog_day = backlog_since // 86400 * 86400
+    return max(days - 2, (time.time() - backlog_day) / 86400)
+
+
+def timed_purge(env: dict, dsn: str, days: int, backlog_since: float) -> dict:
+    """``purge_days`` on the filled database, dropping the oldest days but the backlog's (see
+    ``purge_age``), everything counted booked as the bookkeeper would have it: seconds, packets
+    dropped, and the rows each table had deleted one by one."""
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("DELETE FROM packet_counters WHERE name = 'booked'")
         conn.execute(
@@ -835,7 +844,7 @@ def timed_purge(env: dict, dsn: str, days: int) -> dict:
         )
         tables = [row[0] for row in conn.execute("SELECT relname FROM pg_stat_user_tables")]
         before = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
-    figures = run_script(env, PURGE_SCRIPT, str(max(days - 2, 0)))
+    figures = run_script(env, PURGE_SCRIPT, str(purge_age(days, backlog_since)))
     with psycopg.connect(dsn, autocommit=True) as conn:
         after = {t: conn.execute(DELETED_SQL, (t,)).fetchone()[0] for t in tables}
     figures["rows_deleted"] = {
@@ -880,7 +889,9 @@ def run(server_dsn: str, server_url: str, env: dict, mode: str, **override: int)
         figures = measure_database(
             dsn, packets, days, backlog, compact=lambda: compacted(app_env, dsn)
         )
-        figures["purge"] = timed_purge({**env, "DATABASE_URL": url_of(server_url, name)}, dsn, days)
+        figures["purge"] = timed_purge(
+            {**env, "DATABASE_URL": url_of(server_url, name)}, dsn, days, figures["backlog_since"]
+        )
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
