@@ -392,14 +392,14 @@ def _write_postgres(rows: list[dict]) -> tuple[set[str], Existing, list[dict]]:
     )
     dedups = {dedup for _, dedup, _, _ in found}
     idems = {idem for _, _, idem, _ in found if idem}
-    dangling = [
-        row
-        for row in missing
-        if row["signal_keys"] is not None
-        and row["dedup_key"] not in dedups
-        and row["idempotency_key"] not in idems
-    ]
-    conflicting = [row for row in missing if all(row is not other for other in dangling)]
+    dangling, conflicting = [], []
+    for row in missing:
+        went_nowhere = (
+            row["signal_keys"] is not None
+            and row["dedup_key"] not in dedups
+            and row["idempotency_key"] not in idems
+        )
+        (dangling if went_nowhere else conflicting).append(row)
     return inserted, match_existing(conflicting, found), dangling
 
 
