@@ -46,15 +46,17 @@ def series_of(system: str | None, state: str | None) -> str:
 
 
 def add(minute_values: list[dict[str, Any]]) -> None:
-    """Add to per-minute series in the session's transaction."""
+    """Add to per-minute series in the session's transaction. The rows go as parameter sets of
+    one statement (the driver batches them): a booking after a long stretch unbooked has
+    hundreds of thousands, more than one statement may carry as its own parameters."""
     if not minute_values:
         return
-    statement = upsert_insert(A).values(minute_values)
+    statement = upsert_insert(A)
     statement = statement.on_conflict_do_update(
         index_elements=[A.c.minute, A.c.series, A.c.shard],
         set_={"value": A.c.value + statement.excluded.value},
     )
-    db.session.execute(statement)
+    db.session.execute(statement, minute_values)
 
 
 def book(after: int, through: int) -> int:
