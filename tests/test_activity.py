@@ -43,8 +43,9 @@ def test_one_booking_of_tens_of_thousands_of_minutes_rolls_up_every_one(app):
         db.session.commit()
         booking = book_new_packets()
         rolled = db.session.execute(
-            text("SELECT count(*), sum(value) FROM activity_minutes WHERE series LIKE 'ingested:%'")
-        ).one()
+            text("SELECT series, count(*), sum(value) FROM activity_minutes GROUP BY series")
+        ).all()
         db.session.commit()
     assert booking is not None and booking.packets == MINUTES
-    assert tuple(rolled) == (MINUTES, MINUTES)
+    series = f"ingested:{rows[0]['system_type']}:{rows[0]['cognitive_state']}"
+    assert [tuple(row) for row in rolled] == [(series, MINUTES, MINUTES)]

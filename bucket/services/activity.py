@@ -41,10 +41,6 @@ ON CONFLICT (minute, series, shard) DO UPDATE SET value = a.value + excluded.val
 """
 
 
-def series_of(system: str | None, state: str | None) -> str:
-    return f"{INGESTED}{system or 'unknown'}:{state or 'unknown'}"[:96]
-
-
 def add(minute_values: list[dict[str, Any]]) -> None:
     """Add to per-minute series in the session's transaction. The rows go as parameter sets of
     one statement (the driver batches them): a booking after a long stretch unbooked has
@@ -59,37 +55,34 @@ def add(minute_values: list[dict[str, Any]]) -> None:
     db.session.execute(statement, minute_values)
 
 
+# The booked packets' minutes, set-based in the database: a booking after a long stretch
+# unbooked (an import, a restore behind the service's back) covers hundreds of thousands of
+# minutes and series, which never travel to the worker. Series ``ingested:<system>:<state>``
+# (the cognitive state, else the state; "unknown" for none), and stored packets by
+# authentication outcome (only those ingest checked): the console's share of verified packets
+# per minute.
+ROLL_UP_SQL = """
+INSERT INTO activity_minutes (minute, series, shard, value)
+SELECT minute, series, 0, count(*) FROM (
+  SELECT {minute} AS minute, substr('ingested:' || coalesce(nullif(system_type, ''), 'unknown')
+    || ':' || coalesce(nullif(coalesce(cognitive_state, state), ''), 'unknown'), 1, 96) AS series
+  FROM packets WHERE seq > :after AND seq <= :through
+  UNION ALL
+  SELECT {minute}, substr('auth:' || auth_outcome, 1, 96) FROM packets
+  WHERE seq > :after AND seq <= :through AND auth_outcome IS NOT NULL
+) AS booked WHERE true GROUP BY minute, series
+ON CONFLICT (minute, series, shard) DO UPDATE SET value = activity_minutes.value + excluded.value
+"""
+
+
 def book(after: int, through: int) -> int:
     """Roll the packets with ``after`` < seq <= ``through`` into their minutes (in the
     booking's transaction); how many there were."""
-    groups = db.session.execute(
-        text(
-            f"SELECT {MINUTE_OF[dialect_name()]}, system_type, coalesce(cognitive_state, state), "
-            "count(*) FROM packets WHERE seq > :after AND seq <= :through GROUP BY 1, 2, 3"
-        ),
-        {"after": after, "through": through},
-    ).all()
-    # Stored packets by authentication outcome (only those ingest checked): the console's
-    # share of verified packets per minute.
-    outcomes = db.session.execute(
-        text(
-            f"SELECT {MINUTE_OF[dialect_name()]}, auth_outcome, count(*) FROM packets "
-            "WHERE seq > :after AND seq <= :through AND auth_outcome IS NOT NULL "
-            "GROUP BY 1, 2"
-        ),
-        {"after": after, "through": through},
-    ).all()
-    add(
-        [
-            {"minute": minute, "series": series_of(system, state), "shard": 0, "value": count}
-            for minute, system, state, count in groups
-        ]
-        + [
-            {"minute": minute, "series": f"{AUTH}{outcome}"[:96], "shard": 0, "value": count}
-            for minute, outcome, count in outcomes
-        ]
-    )
-    return sum(count for *_, count in groups)
+    bounds = {"after": after, "through": through}
+    db.session.execute(text(ROLL_UP_SQL.format(minute=MINUTE_OF[dialect_name()])), bounds)
+    return db.session.execute(
+        text("SELECT count(*) FROM packets WHERE seq > :after AND seq <= :through"), bounds
+    ).scalar_one()
 
 
 def processed(count: int, now: float) -> None:
