@@ -923,3 +923,178 @@ def check_signal_key_sets_revision(fresh_app, backend, old, before, whole, signa
     assert flask_db(fresh_app, "upgrade").exit_code == 0
     verified = runner.invoke(args=["bucket", "verify"])
     assert verified.exit_code == 0, verified.output
+
+
+# Every column of a delivery, as the old and the new shape both hold them.
+DELIVERY_ROWS = (
+    "SELECT CAST(packet_id AS TEXT), delivery_state, visible_at, lease_id, delivery_count, "
+    "last_error, last_delivered_at, processed_at, processed_by_karma, "
+    "CAST(karma_actions AS TEXT), dead_at, received_at FROM deliveries ORDER BY 1"
+)
+STATUS_FIGURES = (
+    "total_packets",
+    "processed_packets",
+    "pending_packets",
+    "dead_packets",
+    "queue_size",
+)
+
+
+def old_shape_deliveries(app, backend) -> dict[str, str]:
+    """On revision 0020, packets in every state, their processed rows as the code before 0021
+    wrote them (``processed_at`` the ack's instant, which ``visible_at`` holds too), one of
+    them with a ``processed_at`` of its own (another writer's clock); their ids by role."""
+    from bucket.services.counters import recount
+    from bucket.timeutil import from_epoch
+    from tests.queue_helpers import ack, ingest_many, poll, sql
+
+    client = app.test_client()
+    names = ("actions", "empty", "own_clock", "retrying", "leased", "dead", "waiting")
+    ids = dict(zip(names, ingest_many(client, len(names), user_id="lean"), strict=True))
+    served = {p["packet_id"] for p in poll(client, limit=6)["packets"]}
+    assert served == set(ids.values()) - {ids["waiting"]}
+    assert ack(client, ids["actions"]).status_code == 200
+    assert ack(client, ids["empty"], karma_actions=[]).status_code == 200
+    assert ack(client, ids["own_clock"], karma_actions=None).status_code == 200
+    assert ack(client, ids["retrying"], success=False, error_message="down").status_code == 200
+    sql(
+        app,
+        "UPDATE deliveries SET delivery_state = 'dead', dead_at = :t, last_error = 'gone', "
+        "lease_id = NULL WHERE packet_id = :p",
+        t=datetime(2026, 12, 6, 12, 0, 0, 123456),
+        p=ids["dead"],
+    )
+    with app.app_context():
+        recount()
+    processed = sql(
+        app, "SELECT packet_id, visible_at FROM deliveries WHERE delivery_state = 'processed'"
+    )
+    assert len(processed) == 3
+    for pid, visible_at in processed:
+        moment = from_epoch(visible_at).replace(tzinfo=None)
+        if str(pid) == ids["own_clock"]:
+            moment += timedelta(microseconds=1)
+        elif backend == "sqlite":
+            continue  # the code writes it there as before
+        sql(app, "UPDATE deliveries SET processed_at = :t WHERE packet_id = :p", t=moment, p=pid)
+    return ids
+
+
+def test_upgrade_to_lean_processed_deliveries_keeps_every_delivery_and_reads_the_same(
+    fresh_app, backend
+):
+    """Migration 0021 with data in the old shape: every delivery keeps its state, attempts,
+    errors and outcome; the listing, status and a repeated acknowledgement answer exactly as
+    before; nothing finished or leased is served again. On PostgreSQL the processed rows lose
+    their processed_at (one of another clock keeps it) and sit in partitions ordered without
+    padding; downgrading writes every row back as it was."""
+    from tests.queue_helpers import ack, listing, poll, status
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    assert flask_db(fresh_app, "downgrade", "0020_signal_key_sets").exit_code == 0
+    client = fresh_app.test_client()
+    ids = old_shape_deliveries(fresh_app, backend)
+    rows = rows_of(fresh_app, DELIVERY_ROWS)
+    assert all(row[7] is not None for row in rows if row[1] == "processed")
+    listed = listing(client, "lean", limit=50)
+    figures = {name: status(client)[name] for name in STATUS_FIGURES}
+    repeated = ack(client, ids["actions"]).json
+    assert repeated["outcome"] == "already_processed"
+    postgres = backend == "postgres"
+    if postgres:
+        assert row_bytes(fresh_app, ids["empty"]) == 108
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    lean = rows_of(fresh_app, DELIVERY_ROWS)
+    processed = {ids["actions"], ids["empty"], ids["own_clock"]}
+    cleared = processed - {ids["own_clock"]} if postgres else set()
+    assert lean == [(*row[:7], None if row[0] in cleared else row[7], *row[8:]) for row in rows]
+    assert listing(client, "lean", limit=50) == listed
+    assert {name: status(client)[name] for name in STATUS_FIGURES} == figures
+    assert ack(client, ids["actions"]).json == repeated
+    if postgres:
+        layout = rows_of(
+            fresh_app,
+            "SELECT c.relname, a.attname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = 1 "
+            "WHERE i.inhparent = 'deliveries_processed'::regclass",
+        )
+        assert layout and {first for _, first in layout} == {"received_at"}, layout
+        indexed = rows_of(
+            fresh_app,
+            "SELECT count(*) FROM pg_indexes WHERE tablename LIKE 'deliveries_processed_%'",
+        )
+        assert indexed == [(len(layout),)]
+        assert row_bytes(fresh_app, ids["empty"]) == 90
+    served = {p["packet_id"] for p in poll(client, limit=10)["packets"]}
+    assert served <= {ids["waiting"], ids["retrying"]} and ids["waiting"] in served
+
+    assert flask_db(fresh_app, "downgrade", "0020_signal_key_sets").exit_code == 0
+    back = {row[0]: row for row in rows_of(fresh_app, DELIVERY_ROWS)}
+    for row in rows:
+        if row[0] in processed:
+            assert back[row[0]] == row
+    if postgres:
+        first = rows_of(
+            fresh_app,
+            "SELECT a.attname FROM pg_attribute a JOIN pg_inherits i ON i.inhrelid = a.attrelid "
+            "WHERE a.attnum = 1 AND i.inhparent = 'deliveries_processed'::regclass "
+            "GROUP BY 1",
+        )
+        assert first == [("packet_id",)]
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    assert listing(client, "lean", limit=50)[0]["packet_id"] in ids.values()
+
+
+def row_bytes(app, packet_id: str) -> int:
+    """PostgreSQL: the bytes of a delivery's row as its partition holds it (a row read through
+    ``deliveries`` is converted to the parent's order)."""
+    ((partition, day),) = rows_of(
+        app,
+        "SELECT tableoid::regclass::text, received_at::date FROM deliveries "
+        f"WHERE CAST(packet_id AS TEXT) = '{packet_id}'",
+    )
+    ((size,),) = rows_of(
+        app,
+        f"SELECT pg_column_size(d.*) FROM {partition} d "
+        f"WHERE CAST(packet_id AS TEXT) = '{packet_id}'",
+    )
+    assert partition == f"deliveries_processed_p{day:%Y%m%d}"
+    return size
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_lean_deliveries_migration_computes_processed_at_as_python_does(fresh_app, backend):
+    """Migration 0021 clears a processed_at only where it equals visible_at as
+    ``datetime.fromtimestamp`` converts it, and its downgrade writes that value back: its SQL
+    agrees with Python on every instant, halfway microseconds (rounded to even) included."""
+    import importlib.util
+    import pathlib
+    import random
+
+    from bucket.timeutil import from_epoch
+
+    path = pathlib.Path(__file__).parents[1] / (
+        "migrations/versions/0021_lean_processed_deliveries.py"
+    )
+    spec = importlib.util.spec_from_file_location("lean_deliveries", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    generator = random.Random(21)
+    instants = [1765000000 + j / 128 for j in range(128)]  # 7812.5 us and the like: ties
+    instants += [time.time() + generator.uniform(-1e7, 1e7) for _ in range(20000)]
+    instants += [generator.randrange(10**9, 2 * 10**9) + generator.random() for _ in range(20000)]
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    with fresh_app.app_context():
+        found = db.session.execute(
+            text(
+                f"SELECT visible_at, {module.FROM_EPOCH} FROM unnest(CAST(:v AS float8[])) "
+                "AS v(visible_at)"
+            ),
+            {"v": instants},
+        ).all()
+        db.session.commit()
+    assert len(found) == len(instants)
+    wrong = [(v, t) for v, t in found if t != from_epoch(v).replace(tzinfo=None)]
+    assert wrong == []

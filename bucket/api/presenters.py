@@ -9,8 +9,10 @@ documented schemas, so the two cannot drift apart unnoticed.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any
 
+from bucket.models import DeliveryState
 from bucket.timeutil import from_epoch
 
 Row = Mapping[str, Any]
@@ -60,13 +62,22 @@ def pending_packet_out(row: Row, receipt: str | None, suspect: bool) -> dict[str
 def user_packet_out(row: Row) -> dict[str, Any]:
     """A packet in the user listing, with its outcome and delivery history."""
     body = packet_out(row)
-    body["processed_at"] = row["processed_at"]
+    body["processed_at"] = processed_time(row)
     body["processed_by_karma"] = bool(row["processed_by_karma"])
     body["karma_actions"] = row["karma_actions"]
     body["last_error"] = row["last_error"]
     body["dead_at"] = row["dead_at"]
     body["last_delivered_at"] = row["last_delivered_at"]
     return body
+
+
+def processed_time(row: Row) -> datetime | None:
+    """When the packet was processed. PostgreSQL keeps no ``processed_at`` in a processed row
+    written since migration 0021: the acknowledgement set ``visible_at`` to that instant,
+    which converts back to the very datetime it stored before."""
+    if row["processed_at"] is not None or row["delivery_state"] != DeliveryState.PROCESSED:
+        return row["processed_at"]
+    return from_epoch(row["visible_at"])
 
 
 def quarantine_entry_out(row: Row) -> dict[str, Any]:

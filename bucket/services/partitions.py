@@ -15,6 +15,8 @@ has one partition per partition of ``packets``, same bounds, named after it
 (``deliveries_processed_pYYYYMMDD``, ``…_legacy``, ``…_default``). Each day is created with
 the packets' day, and retention drops both together (``services/retention``). Processed
 deliveries that reached the default (their day had no partition yet) move with the packets.
+Their day partitions order the columns so that a row wastes nothing on padding (migration
+0021, ``create_partition_table``); PostgreSQL routes rows between partitions by name.
 
 The packets' natural identities (``packet_keys``, migration 0015) are partitioned by the UTC
 day of the client's timestamp (``packet_keys_pYYYYMMDD``, ``…_legacy`` for every day before
@@ -67,6 +69,22 @@ DAY_NAME = re.compile(r"^packets_p(\d{8})$")
 # pg_advisory_xact_lock key of the partition maintainer: "prana-part" as an integer.
 MAINTAINER_LOCK = 0x7072616E61706172
 LOCK_TIMEOUT = "2s"
+# A table's columns in their order.
+COLUMNS_SQL = (
+    "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:parent AS regclass) "
+    "AND attnum > 0 AND NOT attisdropped ORDER BY attnum"
+)
+# A table's columns ordered so that no value of a row is padded to its alignment: fixed-width
+# ones by alignment, 8 bytes first (times, double), then 4, 2 and 1 (a uuid aligns on bytes),
+# variable-width ones (text, json) last; among equals, the table's order. A NULL takes no room
+# but its bit, so a processed delivery's row (migration 0021) with an empty list of karma
+# actions takes 90 bytes, not 108 (96 and 112 once aligned in its page).
+COMPACT_COLUMNS_SQL = """
+SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull
+FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attrelid = CAST(:parent AS regclass) AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY t.typlen = -1, position(t.typalign::text IN 'disc'), t.typlen DESC, a.attnum
+"""
 # A watched count: beyond this many rows the default partition is not counted further.
 DEFAULT_COUNT_CAP = 1_000_000
 # The partitions of packets with no valid index whose only key is seq, and no predicate.
@@ -452,16 +470,31 @@ def adopt_from_default(
     routed to it until the commit, so none slips in between; attaching builds the parent's
     indexes on the new partition."""
     session.execute(text(f"LOCK TABLE {default} IN EXCLUSIVE MODE"))
-    session.execute(text(f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS)"))
+    listed = ", ".join(create_partition_table(session, parent, name))
     moved = session.execute(
         text(
-            f"WITH moved AS (DELETE FROM {default} WHERE {rows} RETURNING *) "
-            f"INSERT INTO {name} SELECT * FROM moved"
+            f"WITH moved AS (DELETE FROM {default} WHERE {rows} RETURNING {listed}) "
+            f"INSERT INTO {name} ({listed}) SELECT {listed} FROM moved"
         ),
         params,
     ).rowcount
     session.execute(text(f"ALTER TABLE {parent} ATTACH PARTITION {name} {bounds}"))
     return moved
+
+
+def create_partition_table(session, parent: str, name: str) -> list[str]:
+    """Create table ``name``, to be attached to ``parent``, with the parent's columns; return
+    their names. A partition of processed deliveries orders them so that none is padded
+    (migration 0021); any other partition takes the parent's order."""
+    if parent != PROCESSED:
+        session.execute(text(f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS)"))
+        return list(session.execute(text(COLUMNS_SQL), {"parent": parent}).scalars())
+    columns = session.execute(text(COMPACT_COLUMNS_SQL), {"parent": parent}).all()
+    definitions = ", ".join(
+        f"{column} {kind}{' NOT NULL' if not_null else ''}" for column, kind, not_null in columns
+    )
+    session.execute(text(f"CREATE TABLE {name} ({definitions})"))
+    return [column for column, _, _ in columns]
 
 
 def backfill_keys(since: datetime) -> int | None:

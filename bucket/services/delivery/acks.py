@@ -57,6 +57,8 @@ ACK_MESSAGES = {
 # packets passes an empty array there, which no index descends. An ack racing another for
 # the same packet can find its row moved away under its lock: PostgreSQL then refuses the
 # statement (40001), and ``sql.run`` runs it again, when it finds the packet processed.
+# A success writes no processed_at (migration 0021): its time is visible_at, set to the same
+# instant, which readers convert back; a processed row is 8 bytes shorter for it.
 # The ids arrive as text and are cast to uuid (migration 0016) on the parameter's side, never
 # the column's, so each lookup stays an index probe; an id that is no UUID never gets here
 # (``write_acks``: it names no packet).
@@ -91,7 +93,7 @@ WITH r AS (
     lease_id = NULL,
     last_error = CASE WHEN r.success THEN p.last_error
                       ELSE coalesce(r.error_message, %(failure)s) END,
-    processed_at = CASE WHEN r.success THEN %(now_ts)s::timestamp END,
+    processed_at = NULL,
     processed_by_karma = r.success,
     karma_actions = CASE WHEN r.success THEN r.karma_actions END,
     dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END

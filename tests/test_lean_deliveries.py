@@ -1,0 +1,109 @@
+"""A processed packet's delivery row is lean on PostgreSQL (migration 0021): no
+``processed_at`` beside ``visible_at``, which holds the same instant; columns of its day's
+partition ordered so that nothing is padded. What the listing,
+an acknowledgement's answer and status show is what they showed before. SQLite keeps
+``processed_at`` in its one table."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import pytest
+
+from bucket.services import partitions
+from bucket.timeutil import from_epoch, utc_now
+from tests.queue_helpers import ack, ingest_many, listing, poll, sql, status
+
+# A processed partition's columns in the order migration 0021 gives them: 8-byte times and
+# the double, the integer, the uuid, the boolean, then text and json.
+LEAN_ORDER = [
+    "received_at",
+    "visible_at",
+    "last_delivered_at",
+    "processed_at",
+    "dead_at",
+    "delivery_count",
+    "packet_id",
+    "processed_by_karma",
+    "delivery_state",
+    "lease_id",
+    "last_error",
+    "karma_actions",
+]
+
+
+def column_order(app, table: str) -> list[str]:
+    rows = sql(
+        app,
+        "SELECT attname FROM pg_attribute WHERE attrelid = CAST(:t AS regclass) "
+        "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        t=table,
+    )
+    return [name for (name,) in rows]
+
+
+def test_a_processed_packet_lists_its_processed_time_from_its_one_clock(app, client, backend):
+    """A processed packet (one after a failed delivery too) lists the time of its
+    acknowledgement as ``processed_at``, exactly the instant its ``visible_at`` holds; on
+    PostgreSQL the row stores no ``processed_at`` of its own. A repeated acknowledgement
+    answers as before and changes nothing; a pending packet lists none."""
+    first, second, waiting = ingest_many(client, 3, user_id="lean")
+    poll(client, limit=2)
+    assert ack(client, second, success=False, error_message="karma down").status_code == 200
+    sql(app, "UPDATE deliveries SET visible_at = 0 WHERE packet_id = :p", p=second)
+    before = utc_now()
+    for packet_id in (first, second):
+        if packet_id == second:
+            poll(client, limit=3)
+        answer = ack(client, packet_id)
+        assert answer.status_code == 200 and answer.json["outcome"] == "processed", answer.json
+    after = utc_now()
+    stored = dict(
+        (str(packet_id), (processed_at, visible_at))
+        for packet_id, processed_at, visible_at in sql(
+            app, "SELECT packet_id, processed_at, visible_at FROM deliveries"
+        )
+    )
+    listed = {row["packet_id"]: row for row in listing(client, "lean")}
+    for packet_id in (first, second):
+        processed_at, visible_at = stored[packet_id]
+        assert (processed_at is None) == (backend == "postgres"), processed_at
+        shown = datetime.fromisoformat(listed[packet_id]["processed_at"])
+        assert shown == from_epoch(visible_at), (shown, visible_at)
+        assert before - timedelta(seconds=1) <= shown <= after + timedelta(seconds=1)
+        assert listed[packet_id]["processed_by_karma"] is True
+    assert listed[second]["delivery_count"] == 2 and listed[second]["last_error"] == "karma down"
+    assert listed[waiting]["processed_at"] is None
+    assert listed[waiting]["processed_by_karma"] is False
+    again = ack(client, second)
+    assert again.status_code == 200, again.json
+    assert again.json == {
+        "status": "ok",
+        "outcome": "already_processed",
+        "code": 200,
+        "delivery_count": 2,
+        "packet_id": second,
+        "message": "Packet was already processed; its stored outcome is unchanged",
+    }
+    assert {row["packet_id"]: row for row in listing(client, "lean")} == listed
+    assert status(client)["processed_packets"] == 2
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_a_processed_day_is_laid_out_without_padding(app, client, backend):
+    """PostgreSQL: today's partition of processed deliveries, and one the maintenance makes
+    ahead, order their columns 8-byte first and text last, while the hot partition keeps the
+    parent's order; a processed row with an empty list of karma actions takes 90 bytes as a
+    tuple (108 in the parent's order with its processed_at: migration 0021's test)."""
+    today = partitions.processed_name(partitions.day_name(utc_now().date()))
+    ahead = partitions.processed_name(partitions.day_name(utc_now().date() + timedelta(days=1)))
+    ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
+    assert ensured.exit_code == 0, ensured.output
+    assert column_order(app, today) == LEAN_ORDER
+    assert column_order(app, ahead) == LEAN_ORDER
+    assert column_order(app, "deliveries_hot") == column_order(app, "deliveries")
+    (packet_id,) = ingest_many(client, 1)
+    poll(client)
+    assert ack(client, packet_id, karma_actions=[]).status_code == 200
+    ((size,),) = sql(app, f"SELECT pg_column_size(d.*) FROM {today} d")
+    assert size == 90, size
