@@ -311,8 +311,9 @@ OWN_INDEXES_SQL = (
 def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int) -> int:
     """When ``table`` is range-partitioned on one time column, create the day partitions of
     the fill that no partition covers yet (a layout's own job; here so that no fill lands in
-    a default partition), each with the indexes of its own that the layout's default
-    partition has; how many were created."""
+    a default partition), each with the column order and the indexes of its own that the
+    layout's default partition has (a layout may order a partition's columns otherwise than
+    its parent's: processed deliveries since migration 0021); how many were created."""
     key = conn.execute("SELECT pg_get_partkeydef(%s::regclass)", (table,)).fetchone()[0]
     if not key or not key.upper().startswith("RANGE (") or "," in key:
         return 0
@@ -326,10 +327,12 @@ def day_partitions(conn: psycopg.Connection, table: str, first: float, days: int
         name = f"{table}_bench_{start.replace('-', '')}"
         try:
             with conn.transaction():
-                conn.execute(
-                    f'CREATE TABLE "{name}" PARTITION OF {table} FOR VALUES FROM '
-                    f"('{start}') TO ('{start}'::date + 1)"
-                )
+                bounds = f"FOR VALUES FROM ('{start}') TO ('{start}'::date + 1)"
+                if exists(conn, default):
+                    conn.execute(f'CREATE TABLE "{name}" (LIKE {default})')
+                    conn.execute(f'ALTER TABLE {table} ATTACH PARTITION "{name}" {bounds}')
+                else:
+                    conn.execute(f'CREATE TABLE "{name}" PARTITION OF {table} {bounds}')
                 for definition in own:
                     conn.execute(definition.replace(default, name))
             made += 1
@@ -369,10 +372,11 @@ WITH source AS (
   INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
   SELECT dedup_key, client_timestamp::date, received_at, packet_id FROM stored
 )
+-- a processed one's time in visible_at only, its processed_at NULL (migration 0021)
 INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,
-  processed_by_karma, processed_at)
+  processed_by_karma)
 SELECT packet_id, received_at, %(state)s, extract(epoch FROM received_at), %(count)s,
-  %(processed)s, CASE WHEN %(processed)s THEN received_at END
+  %(processed)s
 FROM stored
 """
 
