@@ -204,11 +204,12 @@ DELIVERY_VALUES = {
     # Since migration 0021 a processed row keeps the time it was processed in visible_at only.
     "processed_at": "NULL",
     "processed_by_karma": "k = 'processed'",
-    # The client acknowledges [] without an action, else its action naming the packet.
+    # The client acknowledges [] without an action, else its action naming the packet, which
+    # is stored as a mark since migration 0021 (services/delivery/actions).
     "karma_actions": (
         "CASE WHEN k <> 'processed' THEN NULL WHEN hh % 4 = 0 THEN"
-        ' \'[{"action":"completing_lessons","packet_id":"\' || packet_id::text'
-        " || '\",\"intensity\":0.85}]' ELSE '[]' END"
+        ' \'[{"action":"completing_lessons","packet_id":\' || chr(9)'
+        " || '0,\"intensity\":0.85}]' ELSE '[]' END"
     ),
     "dead_at": "CASE WHEN k = 'dead' THEN received_at + interval '600 s' END",
 }

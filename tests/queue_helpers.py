@@ -12,7 +12,7 @@ from sqlalchemy import select, text
 
 from bucket.extensions import db, queue
 from bucket.models import Delivery, Packet
-from bucket.services.listing import LISTED
+from bucket.services.listing import LISTED, LISTED_DELIVERY
 from bucket.timeutil import epoch_now
 from tests.concurrency import join_all
 from tests.factories import make_packet
@@ -97,9 +97,10 @@ def advance(app, seconds: float, packet_ids: list[str] | None = None) -> None:
 
 def _joined():
     """Every column of a packet and of its delivery, as the service sees them together
-    (raw_signals as the listings read it, whichever form it was stored in: migration 0020)."""
+    (raw_signals as the listings read it, whichever form it was stored in: migration 0020;
+    karma_actions likewise: 0021)."""
     packets, deliveries = Packet.__table__, Delivery.__table__
-    return select(*LISTED, *[c for c in deliveries.c if c.name not in packets.c]).join_from(
+    return select(*LISTED, *LISTED_DELIVERY).join_from(
         packets, deliveries, deliveries.c.packet_id == packets.c.packet_id
     )
 

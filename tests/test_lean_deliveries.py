@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
+import orjson
 import pytest
 
 from bucket.services import partitions
+from bucket.services.delivery.actions import PG_RESTORED
 from bucket.timeutil import from_epoch, utc_now
 from tests.queue_helpers import ack, ingest_many, listing, poll, sql, status
 
@@ -107,3 +109,41 @@ def test_a_processed_day_is_laid_out_without_padding(app, client, backend):
     assert ack(client, packet_id, karma_actions=[]).status_code == 200
     ((size,),) = sql(app, f"SELECT pg_column_size(d.*) FROM {today} d")
     assert size == 90, size
+
+
+def test_karma_actions_naming_their_packet_list_exactly_as_acknowledged(app, client, backend):
+    """The Karma Tracker names the packet in its actions. On PostgreSQL each JSON string equal
+    to the packet's id, where it stands as a value, is stored as a mark 36 bytes shorter, and
+    the listing puts it back: the actions list exactly as acknowledged, the strings that only
+    contain the id, an object key equal to it, and text that looks like a mark included.
+    SQLite stores them as they came."""
+    (packet_id,) = ingest_many(client, 1, user_id="named")
+    poll(client)
+    actions = [
+        {"action": "completing_lessons", "packet_id": packet_id, "intensity": 0.85},
+        {"list": [packet_id, [packet_id]], "nested": {"p": packet_id}},
+        {packet_id: 1, "quoted": f'a"{packet_id}"', "inside": f"x{packet_id}", "upper": None},
+        {"tab": "\t0", "escaped": f"\\{packet_id}", "last": packet_id},
+    ]
+    actions[2]["upper"] = packet_id.upper()
+    assert ack(client, packet_id, karma_actions=actions).status_code == 200
+    (listed,) = listing(client, "named")
+    assert listed["karma_actions"] == actions
+    sent = orjson.dumps(actions).decode()
+    ((stored, restored),) = sql(
+        app,
+        "SELECT CAST(karma_actions AS TEXT), CAST(:restored AS TEXT) FROM deliveries",
+        restored=sent,
+    )
+    if backend == "postgres":
+        ((restored,),) = sql(
+            app,
+            "SELECT CAST("
+            + PG_RESTORED.format(actions="karma_actions", packet_id="packet_id")
+            + " AS TEXT) FROM deliveries",
+        )
+        assert stored.count("\t0") == 5, stored
+        assert len(stored) == len(sent) - 5 * 36
+    else:
+        assert stored == sent
+    assert restored == sent

@@ -942,9 +942,11 @@ STATUS_FIGURES = (
 
 def old_shape_deliveries(app, backend) -> dict[str, str]:
     """On revision 0020, packets in every state, their processed rows as the code before 0021
-    wrote them (``processed_at`` the ack's instant, which ``visible_at`` holds too), one of
-    them with a ``processed_at`` of its own (another writer's clock); their ids by role."""
+    wrote them (``processed_at`` the ack's instant, which ``visible_at`` holds too; karma
+    actions naming the packet, as the Karma Tracker sends them, verbatim), one of them with a
+    ``processed_at`` of its own (another writer's clock); their ids by role."""
     from bucket.services.counters import recount
+    from bucket.services.delivery.actions import PG_RESTORED
     from bucket.timeutil import from_epoch
     from tests.queue_helpers import ack, ingest_many, poll, sql
 
@@ -953,7 +955,8 @@ def old_shape_deliveries(app, backend) -> dict[str, str]:
     ids = dict(zip(names, ingest_many(client, len(names), user_id="lean"), strict=True))
     served = {p["packet_id"] for p in poll(client, limit=6)["packets"]}
     assert served == set(ids.values()) - {ids["waiting"]}
-    assert ack(client, ids["actions"]).status_code == 200
+    named = [{"action": "completing_lessons", "packet_id": ids["actions"], "intensity": 0.85}]
+    assert ack(client, ids["actions"], karma_actions=named).status_code == 200
     assert ack(client, ids["empty"], karma_actions=[]).status_code == 200
     assert ack(client, ids["own_clock"], karma_actions=None).status_code == 200
     assert ack(client, ids["retrying"], success=False, error_message="down").status_code == 200
@@ -977,6 +980,9 @@ def old_shape_deliveries(app, backend) -> dict[str, str]:
         elif backend == "sqlite":
             continue  # the code writes it there as before
         sql(app, "UPDATE deliveries SET processed_at = :t WHERE packet_id = :p", t=moment, p=pid)
+    if backend == "postgres":
+        restored = PG_RESTORED.format(actions="karma_actions", packet_id="packet_id")
+        sql(app, f"UPDATE deliveries SET karma_actions = {restored}")
     return ids
 
 
@@ -996,6 +1002,8 @@ def test_upgrade_to_lean_processed_deliveries_keeps_every_delivery_and_reads_the
     ids = old_shape_deliveries(fresh_app, backend)
     rows = rows_of(fresh_app, DELIVERY_ROWS)
     assert all(row[7] is not None for row in rows if row[1] == "processed")
+    named = f'"packet_id":"{ids["actions"]}"'
+    assert [row[9] for row in rows if named in (row[9] or "")] != []
     listed = listing(client, "lean", limit=50)
     figures = {name: status(client)[name] for name in STATUS_FIGURES}
     repeated = ack(client, ids["actions"]).json
@@ -1009,7 +1017,18 @@ def test_upgrade_to_lean_processed_deliveries_keeps_every_delivery_and_reads_the
     lean = rows_of(fresh_app, DELIVERY_ROWS)
     processed = {ids["actions"], ids["empty"], ids["own_clock"]}
     cleared = processed - {ids["own_clock"]} if postgres else set()
-    assert lean == [(*row[:7], None if row[0] in cleared else row[7], *row[8:]) for row in rows]
+    # PostgreSQL: the packet's own id in its actions becomes a mark (a TAB and 0).
+    marked = {ids["actions"]} if postgres else set()
+    assert lean == [
+        (
+            *row[:7],
+            None if row[0] in cleared else row[7],
+            row[8],
+            row[9].replace(f'"{row[0]}"', "\t0") if row[0] in marked else row[9],
+            *row[10:],
+        )
+        for row in rows
+    ]
     assert listing(client, "lean", limit=50) == listed
     assert {name: status(client)[name] for name in STATUS_FIGURES} == figures
     assert ack(client, ids["actions"]).json == repeated

@@ -9,6 +9,7 @@ from sqlalchemy import and_, literal, select, tuple_
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet, is_packet_id
 from bucket.services import cursors
+from bucket.services.delivery.actions import stored_actions
 from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 from bucket.services.signals import stored_signals
 
@@ -18,6 +19,11 @@ LISTED = [
     stored_signals().label("raw_signals") if c.name == "raw_signals" else c
     for c in T.c
     if c.name not in ("signal_keys", "signal_values")
+]
+# A delivery's columns as listed: karma actions as acknowledged (services/delivery/actions).
+LISTED_DELIVERY = [
+    stored_actions().label("karma_actions") if c.name == "karma_actions" else c
+    for c in DELIVERY_COLUMNS
 ]
 
 
@@ -61,7 +67,7 @@ def user_packets(
     # Two index-ordered lookups merged here beat one OR that the planner must sort; each
     # packet's delivery is joined on its primary key, and on received_at, which PostgreSQL's
     # processed deliveries are partitioned by (migration 0014): one day's index, not every.
-    packets = select(*LISTED, *DELIVERY_COLUMNS).select_from(
+    packets = select(*LISTED, *LISTED_DELIVERY).select_from(
         T.join(D, and_(D.c.packet_id == T.c.packet_id, D.c.received_at == T.c.received_at))
     )
     by_user = packets.where(T.c.user_id == user_id, *filters).order_by(*order).limit(limit + 1)
@@ -98,7 +104,7 @@ def dead_letters(limit: int, cursor: str | None = None) -> tuple[list, str | Non
         last = tuple_(dead_at, literal(packet_id, D.c.packet_id.type))
         filters.append(tuple_(D.c.visible_at, D.c.packet_id) < last)
     rows = db.session.execute(
-        select(*LISTED, *DELIVERY_COLUMNS)
+        select(*LISTED, *LISTED_DELIVERY)
         .select_from(D.join(T, T.c.packet_id == D.c.packet_id))
         .where(*filters)
         .order_by(D.c.visible_at.desc(), D.c.packet_id.desc())

@@ -1,4 +1,4 @@
-"""PostgreSQL: a processed delivery's row without padding and without a second clock.
+"""PostgreSQL: a processed delivery's row without padding, a second clock or its id twice.
 
 A processed packet's row in ``deliveries_processed`` cost 141.6 bytes of heap a packet
 (BENCHMARKS.md, "The full storage run again"): 25 bytes of tuple header padded to 32, and the
@@ -11,6 +11,11 @@ acknowledgement sets both from one clock reading). Since this revision:
   same value. Existing rows are converted only where ``processed_at`` is exactly that value
   (computed here as Python computes it: whole seconds, then the fraction's microseconds
   rounded half to even); any other keeps its own.
+- The packet's own id inside its karma actions (the Karma Tracker names it in each action) is
+  stored as a mark, a TAB and ``0`` (valid JSON: whitespace and a number), wherever a JSON
+  string equal to it stands as a value; the readers put it back, so they see the very text
+  that was acknowledged (``services/delivery/actions``). A TAB never stands outside a string
+  in the text the service stores, so a mark is never mistaken.
 - Each partition of processed deliveries orders its columns so that no value is padded:
   8-byte times and the double first, then the integer, the uuid and the boolean, text and
   json last (``services/partitions.create_partition_table`` makes new days the same way).
@@ -69,6 +74,17 @@ COMPACT_ORDER = (
 # visible_at as the naive UTC timestamp Python's datetime.fromtimestamp(visible_at, UTC) gives:
 # the whole seconds, plus the fraction's microseconds rounded half to even (round() on a
 # double is rint() in PostgreSQL, as in Python's C code).
+# A processed row's karma actions with the packet's id marked, and put back (as
+# services/delivery/actions.PG_MARKED and PG_RESTORED).
+MARKED = (
+    "CAST(regexp_replace(CAST(karma_actions AS TEXT), '([[,:])\"' || CAST(packet_id AS TEXT) "
+    "|| '\"(?=[],}])', '\\1' || chr(9) || '0', 'g') AS JSON)"
+)
+RESTORED = (
+    "CASE WHEN strpos(CAST(karma_actions AS TEXT), chr(9)) > 0 THEN CAST(replace(CAST("
+    "karma_actions AS TEXT), chr(9) || '0', '\"' || CAST(packet_id AS TEXT) || '\"') AS JSON) "
+    "ELSE karma_actions END"
+)
 FROM_EPOCH = (
     "(timestamp '1970-01-01' + floor(visible_at)::bigint * interval '1 second'"
     " + round((visible_at - floor(visible_at)) * 1000000)::bigint * interval '1 microsecond')"
@@ -79,9 +95,10 @@ def columns(order: str) -> list[tuple[str, str, bool]]:
     return [tuple(row) for row in op.get_bind().execute(sa.text(COLUMNS_SQL.format(order=order)))]
 
 
-def rebuild(order: str, processed_at: str) -> None:
+def rebuild(order: str, processed_at: str, karma_actions: str) -> None:
     """Copy every partition of processed deliveries into a table with the parent's columns in
-    ``order`` and ``processed_at`` as the expression given, and attach it in its place."""
+    ``order`` and ``processed_at`` and ``karma_actions`` as the expressions given, and attach
+    it in its place."""
     op.execute("LOCK TABLE packets, deliveries IN ACCESS EXCLUSIVE MODE")
     shape = columns(order)
     definitions = ", ".join(
@@ -89,7 +106,8 @@ def rebuild(order: str, processed_at: str) -> None:
     )
     names = [column for column, _, _ in shape]
     listed = ", ".join(names)
-    values = ", ".join(processed_at if column == "processed_at" else column for column in names)
+    computed = {"processed_at": processed_at, "karma_actions": karma_actions}
+    values = ", ".join(computed.get(column, column) for column in names)
     for name, bound in op.get_bind().execute(sa.text(CHILDREN_SQL)).all():
         op.execute(f"ALTER TABLE {PROCESSED} DETACH PARTITION {name}")
         op.execute(f"ALTER TABLE {name} RENAME TO {name}_old")
@@ -105,10 +123,14 @@ def rebuild(order: str, processed_at: str) -> None:
 def upgrade():
     if op.get_bind().dialect.name != "postgresql":
         return
-    rebuild(COMPACT_ORDER, f"CASE WHEN processed_at = {FROM_EPOCH} THEN NULL ELSE processed_at END")
+    rebuild(
+        COMPACT_ORDER,
+        f"CASE WHEN processed_at = {FROM_EPOCH} THEN NULL ELSE processed_at END",
+        MARKED,
+    )
 
 
 def downgrade():
     if op.get_bind().dialect.name != "postgresql":
         return
-    rebuild(PARENT_ORDER, f"coalesce(processed_at, {FROM_EPOCH})")
+    rebuild(PARENT_ORDER, f"coalesce(processed_at, {FROM_EPOCH})", RESTORED)

@@ -26,6 +26,7 @@ from bucket.services import activity, counters, sql
 from bucket.services.activity import PG_PROCESSED
 from bucket.services.coalescing import ACK_EXTENSION_KEY, Submission, coalescer
 from bucket.services.counters import PG_BUMP
+from bucket.services.delivery.actions import PG_MARKED
 from bucket.services.delivery.settings import D, DeliverySettings
 from bucket.services.dialect import dialect_name, holds_sqlite_turn
 from bucket.timeutil import epoch_now, from_epoch
@@ -58,7 +59,8 @@ ACK_MESSAGES = {
 # the same packet can find its row moved away under its lock: PostgreSQL then refuses the
 # statement (40001), and ``sql.run`` runs it again, when it finds the packet processed.
 # A success writes no processed_at (migration 0021): its time is visible_at, set to the same
-# instant, which readers convert back; a processed row is 8 bytes shorter for it.
+# instant, which readers convert back; and its karma actions with the packet's own id marked
+# (services/delivery/actions), which the listing puts back.
 # The ids arrive as text and are cast to uuid (migration 0016) on the parameter's side, never
 # the column's, so each lookup stays an index probe; an id that is no UUID never gets here
 # (``write_acks``: it names no packet).
@@ -66,6 +68,7 @@ _ATTEMPTS = (
     "CASE WHEN p.delivery_state = 'leased' THEN p.delivery_count ELSE p.delivery_count + 1 END"
 )
 _EXHAUSTED = f"({_ATTEMPTS}) >= %(max)s"
+_MARKED_ACTIONS = PG_MARKED.format(actions="r.karma_actions", packet_id="r.packet_id")
 PG_ACK = f"""
 WITH r AS (
   SELECT * FROM json_to_recordset(%(doc)s::json) AS r(packet_id uuid, success boolean,
@@ -95,7 +98,7 @@ WITH r AS (
                       ELSE coalesce(r.error_message, %(failure)s) END,
     processed_at = NULL,
     processed_by_karma = r.success,
-    karma_actions = CASE WHEN r.success THEN r.karma_actions END,
+    karma_actions = CASE WHEN r.success THEN {_MARKED_ACTIONS} END,
     dead_at = CASE WHEN NOT r.success AND {_EXHAUSTED} THEN %(now_ts)s::timestamp END
   FROM accepted r
   WHERE p.packet_id = r.packet_id AND p.delivery_state <> 'processed'
