@@ -93,22 +93,27 @@ def test_a_processed_packet_lists_its_processed_time_from_its_one_clock(app, cli
 
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_a_processed_day_is_laid_out_without_padding(app, client, backend):
-    """PostgreSQL: today's partition of processed deliveries, and one the maintenance makes
-    ahead, order their columns 8-byte first and text last, while the hot partition keeps the
-    parent's order; a processed row with an empty list of karma actions takes 90 bytes as a
-    tuple (108 in the parent's order with its processed_at: migration 0021's test)."""
+    """PostgreSQL: a partition of processed deliveries the maintenance makes (here today's,
+    gone, so that an ack lands in the default partition and the maintenance adopts it) orders
+    its columns 8-byte first and text last, like those the migration made, while the hot
+    partition keeps the parent's order; a processed row with an empty list of karma actions
+    takes 90 bytes as a tuple (108 in the parent's order with its processed_at: migration
+    0021's test), and lists as before."""
     today = partitions.processed_name(partitions.day_name(utc_now().date()))
-    ahead = partitions.processed_name(partitions.day_name(utc_now().date() + timedelta(days=1)))
-    ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
-    assert ensured.exit_code == 0, ensured.output
     assert column_order(app, today) == LEAN_ORDER
-    assert column_order(app, ahead) == LEAN_ORDER
+    assert column_order(app, partitions.PROCESSED_DEFAULT) == LEAN_ORDER
     assert column_order(app, "deliveries_hot") == column_order(app, "deliveries")
-    (packet_id,) = ingest_many(client, 1)
+    sql(app, f"DROP TABLE {today}")
+    (packet_id,) = ingest_many(client, 1, user_id="laid")
     poll(client)
     assert ack(client, packet_id, karma_actions=[]).status_code == 200
+    ensured = app.test_cli_runner().invoke(args=["bucket", "partitions", "ensure"])
+    assert ensured.exit_code == 0 and f"created {today}" in ensured.output, ensured.output
+    assert column_order(app, today) == LEAN_ORDER
     ((size,),) = sql(app, f"SELECT pg_column_size(d.*) FROM {today} d")
     assert size == 90, size
+    (listed,) = listing(client, "laid")
+    assert listed["processed_at"] is not None and listed["karma_actions"] == []
 
 
 def test_karma_actions_naming_their_packet_list_exactly_as_acknowledged(app, client, backend):
@@ -123,6 +128,7 @@ def test_karma_actions_naming_their_packet_list_exactly_as_acknowledged(app, cli
         {"action": "completing_lessons", "packet_id": packet_id, "intensity": 0.85},
         {"list": [packet_id, [packet_id]], "nested": {"p": packet_id}},
         {packet_id: 1, "quoted": f'a"{packet_id}"', "inside": f"x{packet_id}", "upper": None},
+        {"first": 0, packet_id: 1},
         {"tab": "\t0", "escaped": f"\\{packet_id}", "last": packet_id},
     ]
     actions[2]["upper"] = packet_id.upper()
