@@ -294,8 +294,9 @@ class Delivery(db.Model):
 
     A processed row on PostgreSQL is lean (migration 0021): its ``processed_at`` is NULL, the
     acknowledgement's instant being its ``visible_at``, which the listing converts back
-    (``api.presenters.processed_time``); its day's partition orders the columns so that none
-    is padded (8-byte times first, text and json last).
+    (``api.presenters.processed_time``); the packet's own id inside ``karma_actions`` is a
+    mark the listing replaces with the id (``services/delivery/actions``); its day's partition
+    orders the columns so that none is padded (8-byte times first, text and json last).
     """
 
     __tablename__ = "deliveries"
