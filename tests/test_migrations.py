@@ -1087,11 +1087,14 @@ def row_bytes(app, packet_id: str) -> int:
 def test_lean_deliveries_migration_computes_processed_at_as_python_does(fresh_app, backend):
     """Migration 0021 clears a processed_at only where it equals visible_at as
     ``datetime.fromtimestamp`` converts it, and its downgrade writes that value back: its SQL
-    agrees with Python on every instant, halfway microseconds (rounded to even) included."""
+    agrees with Python on every instant, halfway microseconds (rounded to even) included
+    (PostgreSQL's own to_timestamp differs on about one in twenty). Its marks of karma actions
+    are the service's."""
     import importlib.util
     import pathlib
     import random
 
+    from bucket.services.delivery.actions import PG_MARKED, PG_RESTORED
     from bucket.timeutil import from_epoch
 
     path = pathlib.Path(__file__).parents[1] / (
@@ -1117,3 +1120,7 @@ def test_lean_deliveries_migration_computes_processed_at_as_python_does(fresh_ap
     assert len(found) == len(instants)
     wrong = [(v, t) for v, t in found if t != from_epoch(v).replace(tzinfo=None)]
     assert wrong == []
+    # Its marks in karma actions are the service's own (services/delivery/actions).
+    own = {"actions": "karma_actions", "packet_id": "packet_id"}
+    assert module.MARKED == PG_MARKED.format(**own)
+    assert module.RESTORED == PG_RESTORED.format(**own)

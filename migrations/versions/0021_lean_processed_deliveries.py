@@ -25,15 +25,18 @@ acknowledgement sets both from one clock reading). Since this revision:
 No column changes type: a running process of the version before keeps its prepared statements
 (a type change would fail each one returning the column, "cached plan must not change result
 type", every poll and ack until it restarts; ``delivery_count`` as a smallint would save 8
-bytes more on a row with an empty list of actions, not worth that). Such a process writes
-processed rows with their ``processed_at``, which the readers show as before.
+bytes more on a row with an empty list of actions, not worth that). Such a process keeps
+ingesting, serving and acknowledging; the processed rows it writes keep their
+``processed_at`` and their actions as they came, which the readers show as before, while its
+own listing shows the lean rows without ``processed_at`` and with the mark (``0``) for the
+id, until it is replaced.
 
 Every partition of processed deliveries is detached, copied once into its lean shape and
 attached again (attaching checks its bounds and builds its ``packet_id`` index), in this
 transaction, with the tables locked against writers meanwhile: work that grows with the
 processed rows stored, like 0014's copy (a VACUUM FULL of them). The hot partition is not
 touched. No delivery changes state, so no packet is lost or delivered again. Downgrade copies
-them back in the parent's order with ``processed_at`` written out again.
+them back in the parent's order with ``processed_at`` and the ids written out again.
 
 SQLite keeps its one table as it is.
 
@@ -71,9 +74,6 @@ PARENT_ORDER = "a.attnum"
 COMPACT_ORDER = (
     "t.typlen = -1, position(t.typalign::text IN 'disc'), t.typlen DESC, a.attnum"
 )
-# visible_at as the naive UTC timestamp Python's datetime.fromtimestamp(visible_at, UTC) gives:
-# the whole seconds, plus the fraction's microseconds rounded half to even (round() on a
-# double is rint() in PostgreSQL, as in Python's C code).
 # A processed row's karma actions with the packet's id marked, and put back (as
 # services/delivery/actions.PG_MARKED and PG_RESTORED).
 MARKED = (
@@ -85,6 +85,9 @@ RESTORED = (
     "karma_actions AS TEXT), chr(9) || '0', '\"' || CAST(packet_id AS TEXT) || '\"') AS JSON) "
     "ELSE karma_actions END"
 )
+# visible_at as the naive UTC timestamp Python's datetime.fromtimestamp(visible_at, UTC) gives:
+# the whole seconds, plus the fraction's microseconds rounded half to even (round() on a
+# double is rint() in PostgreSQL, as in Python's C code).
 FROM_EPOCH = (
     "(timestamp '1970-01-01' + floor(visible_at)::bigint * interval '1 second'"
     " + round((visible_at - floor(visible_at)) * 1000000)::bigint * interval '1 microsecond')"
