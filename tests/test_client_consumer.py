@@ -27,8 +27,10 @@ from pathlib import Path
 import pytest
 import redis
 import requests
-from sqlalchemy import bindparam, create_engine, text
+from sqlalchemy import create_engine, select
 
+from bucket.services.delivery.actions import stored_actions
+from bucket.services.delivery.settings import D
 from tests import servers
 from tests.cluster import Instance, fresh_database_env, migrate, service_env
 from tests.concurrency import wait_until
@@ -48,16 +50,20 @@ class Bucket:
     database_url: str
 
     def rows(self, packet_ids: list[str]) -> dict[str, dict]:
-        """Each packet's delivery row, read from the database."""
+        """Each packet's delivery row, read from the database (its karma actions as the
+        listing reads them: migration 0021 marks the packet's own id in them on PostgreSQL)."""
         engine = create_engine(self.database_url)
         try:
             with engine.connect() as conn:
                 found = conn.execute(
-                    text(
-                        "SELECT packet_id, delivery_state, delivery_count, visible_at, "
-                        "last_error, karma_actions FROM deliveries WHERE packet_id IN :ids"
-                    ).bindparams(bindparam("ids", expanding=True)),
-                    {"ids": packet_ids},
+                    select(
+                        D.c.packet_id,
+                        D.c.delivery_state,
+                        D.c.delivery_count,
+                        D.c.visible_at,
+                        D.c.last_error,
+                        stored_actions().label("karma_actions"),
+                    ).where(D.c.packet_id.in_(packet_ids))
                 )
                 # str(): a uuid column (PostgreSQL, migration 0016) reads back as uuid.UUID here.
                 return {str(row.packet_id): dict(row._mapping) for row in found}
