@@ -51,6 +51,8 @@ if __package__ in (None, ""):
 import psycopg  # noqa: E402
 
 from bench.harness import Database, day_tables, exists, migrate  # noqa: E402
+from bucket.models import PACKET_CODES  # noqa: E402
+from bucket.services import codes  # noqa: E402
 
 # (packets, days, unfinished backlog) of each mode.
 SIZES = {
@@ -152,6 +154,39 @@ SIGNAL_KEY_SETS = {
         "scroll_depth",
         "tab_visible",
     ),
+}
+
+
+def code_of(name: str, value: str) -> str:
+    return "'" + PACKET_CODES[name][value] + "'"
+
+
+def codes_array(name: str, values: tuple[str, ...]) -> str:
+    return "ARRAY[" + ",".join(code_of(name, value) for value in values) + "]"
+
+
+# Since migration 0022, the same strings as ingest stores them on PostgreSQL: known values as
+# one-byte codes, text NULL; an EMS packet's employee_id (its user_id) NULL, flagged
+# (bucket/services/codes.py).
+CODED_VALUES = {
+    "system_type": "NULL",
+    "system_type_code": (
+        f"CASE WHEN ems THEN {code_of('system_type', 'ems')} "
+        f"ELSE {code_of('system_type', 'gurukul')} END"
+    ),
+    "role": "NULL",
+    "role_code": (
+        f"CASE WHEN ems THEN {code_of('role', 'employee')} ELSE {code_of('role', 'student')} END"
+    ),
+    "cognitive_state": "NULL",
+    "cognitive_state_code": (
+        f"CASE WHEN NOT ems THEN ({codes_array('cognitive_state', STATES)})[1 + g % 7] END"
+    ),
+    "state": "NULL",
+    "state_code": f"CASE WHEN ems THEN ({codes_array('state', EMS_STATES)})[1 + g % 5] END",
+    "auth_outcome_code": "NULL",
+    "employee_id": "NULL",
+    "employee_is_user": "CASE WHEN ems THEN true END",
 }
 
 
@@ -283,8 +318,8 @@ FROM generate_series(1, %(rows)s) AS g
 ACTIVITY_SQL = """
 INSERT INTO activity_minutes (minute, series, shard, value)
 SELECT floor(extract(epoch FROM received_at) / 60)::bigint,
-  left('ingested:' || coalesce(system_type, 'unknown') || ':'
-       || coalesce(cognitive_state, state, 'unknown'), 96), 0, count(*)
+  left('ingested:' || coalesce({system_type}, 'unknown') || ':'
+       || coalesce({cognitive_state}, {state}, 'unknown'), 96), 0, count(*)
 FROM packets WHERE received_at >= %(since)s GROUP BY 1, 2
 UNION ALL
 SELECT m, 'processed', s, greatest(1, n / 8) FROM (
@@ -627,10 +662,25 @@ def fill_range(
     )
 
 
+def coded(conn: psycopg.Connection) -> bool:
+    """Whether packets stores its low-cardinality strings as codes (migration 0022)."""
+    return "system_type_code" in {column[0] for column in columns(conn, "packets")}
+
+
+def activity_sql(conn: psycopg.Connection) -> str:
+    """ACTIVITY_SQL over the strings as stored (decoded where coded)."""
+    names = ("system_type", "cognitive_state", "state")
+    if coded(conn):
+        return ACTIVITY_SQL.format(**{name: codes.decoded_sql(name, "packets") for name in names})
+    return ACTIVITY_SQL.format(**{name: name for name in names})
+
+
 def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
     values = PACKET_VALUES
     if "signal_values" in {column[0] for column in columns(conn, "packets")}:
-        values = {**PACKET_VALUES, **COMPACT_SIGNAL_VALUES}
+        values = {**values, **COMPACT_SIGNAL_VALUES}
+    if coded(conn):
+        values = {**values, **CODED_VALUES}
     packet_columns, packet_values = insert_parts(conn, "packets", values, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.
@@ -721,7 +771,7 @@ def measure_database(
         since = time.strftime(
             "%Y-%m-%d %H:%M:%S", time.gmtime(first + (days - KEEP_ACTIVITY_DAYS) * 86400)
         )
-        conn.execute(ACTIVITY_SQL, {"since": since})
+        conn.execute(activity_sql(conn), {"since": since})
         began, wal = time.monotonic(), wal_lsn(conn)
         conn.execute("VACUUM (ANALYZE)")
         figures["vacuum_seconds"] = round(time.monotonic() - began, 1)

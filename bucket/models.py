@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.types import UserDefinedType
 
 from bucket.extensions import db
 from bucket.jsonutil import expand_signals
@@ -95,6 +96,42 @@ class UuidString(TypeDecorator):
             return value
         text_form = str(value)
         return text_form if self.hyphens else text_form.replace("-", "")
+
+
+class InternalChar(UserDefinedType):
+    """PostgreSQL's one-byte ``"char"`` (not ``char(1)``, a varlena of two bytes or more)."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **kw: Any) -> str:
+        return '"char"'
+
+
+# The codes of the five low-cardinality strings a packet carries (PostgreSQL, migration 0022,
+# which holds the same table): fixed, never reassigned (stored rows name them; a new value
+# gets a new letter here and in a migration). A value not listed is stored as text.
+STATE_CODES = {
+    "DEEP_FOCUS": "D",
+    "ON_TASK": "O",
+    "THINKING": "T",
+    "IDLE": "I",
+    "DISTRACTED": "X",
+    "AWAY": "A",
+    "OFF_TASK": "F",
+    "WORKING": "W",
+    "FAKING": "K",
+}
+PACKET_CODES: dict[str, dict[str, str]] = {
+    "system_type": {"gurukul": "g", "ems": "e"},
+    "role": {"student": "s", "employee": "e"},
+    "cognitive_state": STATE_CODES,
+    "state": STATE_CODES,
+    "auth_outcome": {"verified": "v", "missing": "m", "invalid": "i", "mismatch": "x"},
+}
+
+
+# A one-byte code: ``"char"`` on PostgreSQL, a one-character string on SQLite (never filled).
+CODE = String().with_variant(InternalChar(), "postgresql")
 
 
 class DeliveryState:
@@ -165,6 +202,17 @@ class Packet(db.Model):
     # (every packet on SQLite, and those stored before the migration).
     signal_keys: Mapped[int | None] = mapped_column(Integer)
     signal_values: Mapped[str | None] = mapped_column(Text)
+    # PostgreSQL, since migration 0022 (``services/codes``): a known value of the five
+    # low-cardinality strings as a one-byte code, its text column NULL; a value outside the
+    # code table stays in the text column, code NULL. ``employee_is_user``: true when the
+    # packet's employee_id is its user_id, then stored NULL (EMS packets); NULL otherwise.
+    # All NULL on SQLite, which stores every value as text.
+    system_type_code: Mapped[str | None] = mapped_column(CODE)
+    role_code: Mapped[str | None] = mapped_column(CODE)
+    cognitive_state_code: Mapped[str | None] = mapped_column(CODE)
+    state_code: Mapped[str | None] = mapped_column(CODE)
+    auth_outcome_code: Mapped[str | None] = mapped_column(CODE)
+    employee_is_user: Mapped[bool | None] = mapped_column(Boolean)
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
@@ -195,8 +243,15 @@ class Packet(db.Model):
 
 @event.listens_for(Packet, "load")
 def expand_signals_on_load(packet: Packet, context: Any) -> None:
-    """A compact packet loaded through the model (``flask shell``) shows its raw_signals as
-    every reader does: rebuilt from its key set."""
+    """A compact packet loaded through the model (``flask shell``) shows its raw_signals and
+    its coded strings as every reader does: rebuilt from its key set and its codes."""
+    for name, codes in PACKET_CODES.items():
+        code = getattr(packet, f"{name}_code")
+        if getattr(packet, name) is None and code is not None:
+            decoded = next((value for value, known in codes.items() if known == code), None)
+            set_committed_value(packet, name, decoded)
+    if packet.employee_id is None and packet.employee_is_user:
+        set_committed_value(packet, "employee_id", packet.user_id)
     if packet.raw_signals is not None or packet.signal_keys is None:
         return
     found = text("SELECT keys FROM signal_key_sets WHERE id = :id")

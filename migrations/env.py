@@ -5,6 +5,9 @@ from logging.config import fileConfig
 from flask import current_app
 
 from alembic import context
+from sqlalchemy import String
+
+from bucket.models import InternalChar
 
 # this is the Alembic Config object, which provides
 # access to the values within the .ini file in use.
@@ -80,6 +83,14 @@ def include_object(obj, name, type_, reflected, compare_to):
     return True
 
 
+def compare_type(context, inspected_column, metadata_column, inspected_type, metadata_type):
+    """PostgreSQL reflects a ``"char"`` column (``models.InternalChar``) as a String without a
+    length: that is the same type; anything else as Alembic compares it."""
+    if isinstance(metadata_type.dialect_impl(context.dialect), InternalChar):
+        return not (type(inspected_type) is String and inspected_type.length is None)
+    return None
+
+
 def run_migrations_offline():
     """Run migrations in 'offline' mode.
 
@@ -128,6 +139,8 @@ def run_migrations_online():
             connection=connection,
             target_metadata=get_metadata(),
             include_object=include_object,
+            # Flask-Migrate asks for type comparison (True): with the "char" rule above.
+            compare_type=compare_type if conf_args.pop("compare_type", True) else False,
             **conf_args,
         )
 

@@ -183,12 +183,13 @@ def sealer_before_signal_key_sets() -> Iterator[None]:
     key sets to join): for sealing a database kept at an older revision, as the code of that
     time sealed it."""
     from bucket.services.audit import sealing
-    from bucket.services.audit.content import LEAF_FROM, SIGNALS_TEXT
+    from bucket.services.audit.content import DECODED_TEXTS, LEAF_FROM, SIGNALS_TEXT
 
     current = sealing.LEAVES_SQL
-    sealing.LEAVES_SQL = current.replace(LEAF_FROM, "packets").replace(
-        SIGNALS_TEXT, "raw_signals::text"
-    )
+    before = current.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
+    for name, decoded in DECODED_TEXTS.items():  # nor codes (migration 0022)
+        before = before.replace(decoded, f"{name}::text")
+    sealing.LEAVES_SQL = before
     try:
         yield
     finally:

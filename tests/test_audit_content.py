@@ -31,6 +31,7 @@ from bucket.services.audit.content import (
     leaf_content,
 )
 from bucket.services.audit.sealing import seal_everything
+from bucket.services.codes import CODE_COLUMNS
 from bucket.services.signals import stored_signals_text
 from tests.factories import make_packet
 
@@ -86,8 +87,9 @@ def test_every_packet_column_is_in_the_leaf():
     """A column added to packets must be placed in the leaf deliberately (a new leaf format
     for the packets stored after it), never by reading the model: that would change the bytes
     of every packet sealed before it."""
-    # raw_signals' compact form on PostgreSQL (migration 0020) is covered as raw_signals' text.
-    compact_form = {"signal_keys", "signal_values"}
+    # raw_signals' compact form on PostgreSQL (migration 0020) is covered as raw_signals' text,
+    # and the codes (migration 0022) as the text of the columns they stand for.
+    compact_form = {"signal_keys", "signal_values", *CODE_COLUMNS}
     assert set(FIELDS) == {column.name for column in Packet.__table__.columns} - compact_form
     assert len(FIELDS) == len(set(FIELDS))
     assert load_verifier().LEAF_FIELDS == FIELDS

@@ -23,6 +23,7 @@ from bucket.models import Delivery, DeliveryState, Packet, UuidString
 from bucket.schemas import PacketSchema
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.bookkeeping import book_new_packets
+from bucket.services.codes import CODE_COLUMNS
 from bucket.services.counters import recount
 from bucket.services.delivery.acks import PG_ACK, ack_item, ack_params
 from bucket.services.delivery.settings import DeliverySettings
@@ -396,12 +397,20 @@ def first_type(kind):
 # The packets table as migration 0001 made it: content and delivery in one row.
 FIRST_SCHEMA_PACKETS = table(
     "packets",
-    # Neither seq nor the columns of migrations 0010 (who sent it) and 0020 existed yet.
+    # Neither seq nor the columns of migrations 0010 (who sent it), 0020 and 0022 existed yet.
     *[
         column(c.name, first_type(c.type))
         for c in Packet.__table__.c
         if c.name
-        not in ("seq", "auth_outcome", "auth_subject", "stale", "signal_keys", "signal_values")
+        not in (
+            "seq",
+            "auth_outcome",
+            "auth_subject",
+            "stale",
+            "signal_keys",
+            "signal_values",
+            *CODE_COLUMNS,
+        )
     ],
     *[
         column(c.name, c.type)

@@ -710,12 +710,14 @@ def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_
     before = rows_of(fresh_app, whole)
     assert len(before) == 6
 
-    result = flask_db(fresh_app, "upgrade")
+    result = flask_db(fresh_app, "upgrade", "0020_signal_key_sets")
     assert result.exit_code == 0, result.output
-    # Every column of 0016 as it was; 0020's two, appended, NULL (its own test covers them).
+    # Every column of 0016 as it was; 0020's two, appended, NULL (its own test covers them,
+    # and 0022's test the codes it then stores).
     width = len(before[0])
     assert [row[:width] for row in rows_of(fresh_app, whole)] == before
     assert {row[width:] for row in rows_of(fresh_app, whole)} == {(None, None)}
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
     if postgres:
         odd_name = partitions.day_name(odd)
         assert seq_indexes(fresh_app) == {
@@ -740,7 +742,9 @@ def test_upgrade_to_unique_day_seqs_indexes_each_partition_and_keeps_a_day_with_
             "ix_packets_seq"
         ] == ["seq"]
 
+    assert flask_db(fresh_app, "downgrade", "0020_signal_key_sets").exit_code == 0
     after_purge = [row[:width] for row in rows_of(fresh_app, whole)]
+    assert after_purge == [row for row in before if row[0] in {row[0] for row in after_purge}]
     assert flask_db(fresh_app, "downgrade", "0016_uuid_ids").exit_code == 0
     assert rows_of(fresh_app, whole) == after_purge
     if postgres:
@@ -1124,3 +1128,122 @@ def test_lean_deliveries_migration_computes_processed_at_as_python_does(fresh_ap
     own = {"actions": "karma_actions", "packet_id": "packet_id"}
     assert module.MARKED == PG_MARKED.format(**own)
     assert module.RESTORED == PG_RESTORED.format(**own)
+
+
+CODED_VIEW = (
+    "SELECT CAST(packet_id AS TEXT), user_id, employee_id, system_type, role, cognitive_state, "
+    "state, auth_outcome FROM packets ORDER BY seq"
+)
+
+
+def test_upgrade_to_packet_codes_converts_old_rows_and_downgrade_writes_their_text_back(
+    fresh_app, backend
+):
+    """Migration 0022 with data in the 0021 layout (every string as text, an EMS packet's
+    employee_id repeating its user_id): a learner's packet, an EMS one, one naming a user and
+    another employee, one with a state outside the code table and one with an authentication
+    outcome, sealed. Upgrading stores the known values as codes and the repeated employee_id
+    as NULL on PostgreSQL (SQLite: unchanged), and every reader answers byte for byte as
+    before: the listings by user and by employee, the artifacts, verify over the old seals,
+    the poll; downgrading writes every row back exactly as it was."""
+    from bucket.schemas.packets import fast_load_packet
+    from bucket.services.coalescing import Submission
+    from bucket.services.ingest import write_submissions
+    from bucket.services.tokens import PacketAuth
+    from tests.factories import fixture
+    from tests.queue_helpers import API, ingest, poll
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    runner = fresh_app.test_cli_runner()
+    ems = {**fixture("ems_packet.json"), "timestamp": make_packet()["timestamp"]}
+    ems.pop("user_id", None)
+    other = make_packet(user_id="emp_boss", employee_id="emp_7", system_type="ems")
+    ids = [
+        ingest(client),
+        client.post(f"{API}/ingest", json=ems).json["packet_id"],
+        client.post(f"{API}/ingest", json=other).json["packet_id"],
+    ]
+    with fresh_app.app_context():
+        # A state a newer bridge sends (configured by BUCKET_COGNITIVE_STATES).
+        flow = {**fast_load_packet(make_packet()), "cognitive_state": "FLOW"}
+        verified = fast_load_packet(make_packet())
+        written = write_submissions(
+            [
+                Submission([flow]),
+                Submission([verified], None, [PacketAuth("verified", "stu_test")]),
+            ]
+        )
+    ids += [outcomes[0].packet_id for outcomes in written]
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+
+    def answers() -> list:
+        listed = [
+            client.get(f"{API}/packets/user/{who}?limit=50").get_data()
+            for who in ("stu_test", "emp_0387", "emp_7", "emp_boss")
+        ]
+        artifacts = [client.get(f"/api/v1/audit/artifact/{pid}").get_data() for pid in ids]
+        return [listed, artifacts]
+
+    seen = answers()
+    # The 0021 layout (packets as before 0022), with these rows (the downgrade is tested too).
+    result = flask_db(fresh_app, "downgrade", "0021_lean_processed_deliveries")
+    assert result.exit_code == 0, result.output
+    old = rows_of(fresh_app, CODED_VIEW)
+    assert old == [
+        (ids[0], "stu_test", None, "gurukul", "student", "ON_TASK", None, None),
+        (ids[1], "emp_0387", "emp_0387", "ems", "employee", None, "WORKING", None),
+        (ids[2], "emp_boss", "emp_7", "ems", "student", "ON_TASK", None, None),
+        (ids[3], "stu_test", None, "gurukul", "student", "FLOW", None, None),
+        (ids[4], "stu_test", None, "gurukul", "student", "ON_TASK", None, "verified"),
+    ]
+    whole = "SELECT * FROM packets ORDER BY seq"
+    before = rows_of(fresh_app, whole)
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    stored = rows_of(fresh_app, CODED_VIEW)
+    codes = rows_of(
+        fresh_app,
+        "SELECT system_type_code, role_code, cognitive_state_code, state_code, "
+        "auth_outcome_code, employee_is_user FROM packets ORDER BY seq",
+    )
+    if backend == "postgres":
+        assert stored == [
+            (ids[0], "stu_test", None, None, None, None, None, None),
+            (ids[1], "emp_0387", None, None, None, None, None, None),
+            (ids[2], "emp_boss", "emp_7", None, None, None, None, None),
+            (ids[3], "stu_test", None, None, None, "FLOW", None, None),
+            (ids[4], "stu_test", None, None, None, None, None, None),
+        ]
+        assert codes == [
+            ("g", "s", "O", None, None, None),
+            ("e", "e", None, "W", None, True),
+            ("e", "s", "O", None, None, None),
+            ("g", "s", None, None, None, None),
+            ("g", "s", "O", None, "v", None),
+        ]
+    else:
+        assert stored == old
+        assert set(codes) == {(None,) * 6}
+    assert answers() == seen
+    verified_output = runner.invoke(args=["bucket", "verify"])
+    assert verified_output.exit_code == 0 and "5 packets" in verified_output.output, (
+        verified_output.output
+    )
+    polled = {p["packet_id"]: p for p in poll(client, limit=10)["packets"]}
+    assert [
+        (polled[pid]["employee_id"], polled[pid]["system_type"], polled[pid]["cognitive_state"])
+        for pid in ids
+    ] == [
+        (None, "gurukul", "ON_TASK"),
+        ("emp_0387", "ems", "WORKING"),
+        ("emp_7", "ems", "ON_TASK"),
+        (None, "gurukul", "FLOW"),
+        (None, "gurukul", "ON_TASK"),
+    ]
+    assert polled[ids[4]]["auth_outcome"] == "verified"
+
+    assert flask_db(fresh_app, "downgrade", "0021_lean_processed_deliveries").exit_code == 0
+    assert rows_of(fresh_app, whole) == before
+    assert flask_db(fresh_app, "upgrade").exit_code == 0

@@ -18,6 +18,7 @@ from sqlalchemy import delete, text
 from bucket.extensions import db
 from bucket.models import ActivityMinute
 from bucket.services import counters
+from bucket.services.codes import column_sql
 from bucket.services.dialect import dialect_name, upsert_insert
 from bucket.timeutil import epoch_now
 
@@ -60,16 +61,17 @@ def add(minute_values: list[dict[str, Any]]) -> None:
 # minutes and series, which never travel to the worker. Series ``ingested:<system>:<state>``
 # (the cognitive state, else the state; "unknown" for none), and stored packets by
 # authentication outcome (only those ingest checked): the console's share of verified packets
-# per minute.
+# per minute. The strings as stored, decoded where coded (PostgreSQL, migration 0022).
 ROLL_UP_SQL = """
 INSERT INTO activity_minutes (minute, series, shard, value)
 SELECT minute, series, 0, count(*) FROM (
-  SELECT {minute} AS minute, substr('ingested:' || coalesce(nullif(system_type, ''), 'unknown')
-    || ':' || coalesce(nullif(coalesce(cognitive_state, state), ''), 'unknown'), 1, 96) AS series
+  SELECT {minute} AS minute, substr('ingested:' || coalesce(nullif({system_type}, ''), 'unknown')
+    || ':' || coalesce(nullif(coalesce({cognitive_state}, {state}), ''), 'unknown'), 1, 96)
+    AS series
   FROM packets WHERE seq > :after AND seq <= :through
   UNION ALL
-  SELECT {minute}, substr('auth:' || auth_outcome, 1, 96) FROM packets
-  WHERE seq > :after AND seq <= :through AND auth_outcome IS NOT NULL
+  SELECT {minute}, substr('auth:' || {auth_outcome}, 1, 96) FROM packets
+  WHERE seq > :after AND seq <= :through AND {auth_outcome} IS NOT NULL
 ) AS booked WHERE true GROUP BY minute, series
 ON CONFLICT (minute, series, shard) DO UPDATE SET value = activity_minutes.value + excluded.value
 """
@@ -79,7 +81,11 @@ def book(after: int, through: int) -> int:
     """Roll the packets with ``after`` < seq <= ``through`` into their minutes (in the
     booking's transaction); how many there were."""
     bounds = {"after": after, "through": through}
-    db.session.execute(text(ROLL_UP_SQL.format(minute=MINUTE_OF[dialect_name()])), bounds)
+    strings = {name: column_sql(name) for name in ("system_type", "cognitive_state", "state")}
+    roll_up = ROLL_UP_SQL.format(
+        minute=MINUTE_OF[dialect_name()], auth_outcome=column_sql("auth_outcome"), **strings
+    )
+    db.session.execute(text(roll_up), bounds)
     return db.session.execute(
         text("SELECT count(*) FROM packets WHERE seq > :after AND seq <= :through"), bounds
     ).scalar_one()

@@ -21,6 +21,7 @@ from bucket.jsonutil import canonical_json
 from bucket.models import Delivery, DeliveryState, Packet
 from bucket.services import sql
 from bucket.services.coalescing import Submission, coalescer
+from bucket.services.codes import encode_rows
 from bucket.services.dialect import dialect_name, holds_sqlite_turn, upsert_insert
 from bucket.services.signals import compact_rows, key_sets
 from bucket.services.tokens import VERIFIED, PacketAuth
@@ -253,6 +254,13 @@ def packet_row(
         # Filled on PostgreSQL where the dictionary takes its keys (services/signals).
         "signal_keys": None,
         "signal_values": None,
+        # Filled on PostgreSQL for known values (services/codes).
+        "system_type_code": None,
+        "role_code": None,
+        "cognitive_state_code": None,
+        "state_code": None,
+        "auth_outcome_code": None,
+        "employee_is_user": None,
     }
 
 
@@ -354,6 +362,7 @@ def _store_postgres(rows: list[dict]) -> tuple[set[str], Existing]:
     cache outlived it) written again in full, and the cache forgotten."""
     in_full = {row["dedup_key"]: row["raw_signals"] for row in rows}
     compact_rows(rows)
+    encode_rows(rows)
     inserted, existing, dangling = _write_postgres(rows)
     if dangling:
         key_sets().forget()

@@ -9,16 +9,22 @@ from sqlalchemy import and_, literal, select, tuple_
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet, is_packet_id
 from bucket.services import cursors
+from bucket.services.codes import CODE_COLUMNS, DECODED, decoded
 from bucket.services.delivery.actions import stored_actions
 from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 from bucket.services.signals import stored_signals
 
 T = Packet.__table__
-# A packet's columns as listed: raw_signals in whichever form it was stored (services/signals).
+# A packet's columns as listed: raw_signals and the coded strings in whichever form they were
+# stored (services/signals, services/codes).
 LISTED = [
-    stored_signals().label("raw_signals") if c.name == "raw_signals" else c
+    stored_signals().label("raw_signals")
+    if c.name == "raw_signals"
+    else decoded(c.name).label(c.name)
+    if c.name in DECODED
+    else c
     for c in T.c
-    if c.name not in ("signal_keys", "signal_values")
+    if c.name not in ("signal_keys", "signal_values", *CODE_COLUMNS)
 ]
 # A delivery's columns as listed: karma actions as acknowledged (services/delivery/actions).
 LISTED_DELIVERY = [

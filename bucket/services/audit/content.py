@@ -34,6 +34,7 @@ import orjson
 
 from bucket.models import PACKET_ID, Packet
 from bucket.services.audit.merkle import leaf_hash
+from bucket.services.codes import DECODED, decoded, decoded_sql
 from bucket.services.signals import KEYS_JOIN, TEXT_SQL, stored_signals_text
 
 T = Packet.__table__
@@ -134,12 +135,20 @@ FIELDS_V2 = tuple(name for name, _ in LEAF_COLUMNS_V2)
 JSON_FIELDS = frozenset(("raw_signals",))
 _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
+# The coded strings' text (migration 0022, services/codes) in the leaf: the same bytes as the
+# text stored in full.
+DECODED_TEXTS = {name: f"({decoded_sql(name, 'packets')})::text" for name in DECODED}
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL), over
 # ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0020),
-# whose raw_signals text is rebuilt to the very text stored in full (services/signals).
+# whose raw_signals text is rebuilt to the very text stored in full (services/signals), and
+# the coded strings decoded.
 LEAF_SQL = "record_send(ROW({}))".format(
     ", ".join(
-        SIGNALS_TEXT if name == "raw_signals" else kind.expression(name)
+        SIGNALS_TEXT
+        if name == "raw_signals"
+        else DECODED_TEXTS[name]
+        if name in DECODED_TEXTS
+        else kind.expression(name)
         for name, kind in LEAF_COLUMNS
     )
 )
@@ -147,7 +156,12 @@ LEAF_FROM = "packets " + KEYS_JOIN.format(p="packets", s="signal_set")
 # The columns ``leaf_content`` reads: JSON as its stored text, not parsed (rebuilt where stored
 # compact).
 LEAF_SELECT = tuple(
-    stored_signals_text().label(name) if name in JSON_FIELDS else T.c[name] for name in FIELDS
+    stored_signals_text().label(name)
+    if name in JSON_FIELDS
+    else decoded(name).label(name)
+    if name in DECODED
+    else T.c[name]
+    for name in FIELDS
 )
 
 

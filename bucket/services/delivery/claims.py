@@ -19,7 +19,7 @@ from sqlalchemy import func, select, update
 
 from bucket.extensions import db, queue
 from bucket.models import DeliveryState
-from bucket.services import counters, signals, sql
+from bucket.services import codes, counters, signals, sql
 from bucket.services.counters import PG_BUMP
 from bucket.services.delivery.reaping import reap_exhausted
 from bucket.services.delivery.settings import (
@@ -75,9 +75,12 @@ FROM c
 
 
 def content_sql(name: str) -> str:
-    """A packet column as the lease reads it: raw_signals in whichever form it was stored."""
+    """A packet column as the lease reads it: raw_signals and the coded strings in whichever
+    form they were stored (services/signals, services/codes)."""
     if name == "raw_signals":
         return f"{signals.JSON_SQL.format(p='p', s='signal_set')} AS raw_signals"
+    if name in codes.DECODED:
+        return f"{codes.decoded_sql(name, 'p')} AS {name}"
     return f"p.{name}"
 
 
