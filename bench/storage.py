@@ -389,6 +389,18 @@ HEAP_ALTERNATIVES = (
         "lesson_id, task_id, auth_subject, raw_signals",
     ),
     (
+        "packets_coded_eight_first",
+        "packets as stored since migration 0022 (strings as codes), reordered: the 8-byte "
+        "columns first, then the fixed-width ones, then the variable-width ones",
+        "packets",
+        "seq, client_timestamp, received_at, active_seconds, idle_seconds, away_seconds, "
+        "focus_score, integrity_score, packet_id, dedup_key, signal_keys, stale, "
+        "system_type_code, role_code, cognitive_state_code, state_code, auth_outcome_code, "
+        "employee_is_user, idempotency_key, user_id, employee_id, session_id, lesson_id, "
+        "task_id, system_type, role, cognitive_state, state, auth_outcome, auth_subject, "
+        "raw_signals, signal_values",
+    ),
+    (
         "packets_uuid_only",
         "packets as they are, but packet_id and dedup_key as uuid",
         "packets",

@@ -21,8 +21,9 @@ from sqlalchemy import select, text
 from bucket import create_app
 from bucket.exceptions import IngestAuthMisconfigured
 from bucket.extensions import db
-from bucket.models import Packet, QuarantinedPacket
+from bucket.models import QuarantinedPacket
 from bucket.services.audit.sealing import seal_everything
+from bucket.services.listing import LISTED
 from tests.factories import make_packet
 from tests.test_audit import artifact, outside_check, verify
 
@@ -87,8 +88,9 @@ def packet(user="stu_a", session="sess_a", **overrides) -> dict:
 
 
 def stored(app) -> list[dict]:
+    """Every stored packet as the service reads it (coded strings decoded: migration 0022)."""
     with app.app_context():
-        rows = db.session.execute(select(Packet.__table__)).mappings().all()
+        rows = db.session.execute(select(*LISTED)).mappings().all()
         db.session.commit()
         return [dict(row) for row in rows]
 

@@ -21,8 +21,8 @@ from tests.queue_helpers import API, listing, poll
 
 CODED = ("system_type", "role", "cognitive_state", "state", "auth_outcome", "employee_id")
 STORED_SQL = (
-    "SELECT CAST(packet_id AS TEXT) AS packet_id, system_type, role, cognitive_state, state, auth_outcome, "
-    "employee_id, system_type_code, role_code, cognitive_state_code, state_code, "
+    "SELECT CAST(packet_id AS TEXT) AS packet_id, system_type, role, cognitive_state, state, "
+    "auth_outcome, employee_id, system_type_code, role_code, cognitive_state_code, state_code, "
     "auth_outcome_code, employee_is_user FROM packets"
 )
 
