@@ -945,12 +945,13 @@ STATUS_FIGURES = (
 
 
 def old_shape_deliveries(app, backend) -> dict[str, str]:
-    """On revision 0020, packets in every state, their processed rows as the code before 0021
-    wrote them (``processed_at`` the ack's instant, which ``visible_at`` holds too; karma
-    actions naming the packet, as the Karma Tracker sends them, verbatim), one of them with a
-    ``processed_at`` of its own (another writer's clock); their ids by role."""
+    """At the head revision, packets in every state (the service of today writes them: it
+    reads packets as 0022 stores them, so it does not run on 0020), one processed row with a
+    ``processed_at`` of its own (another writer's clock); their ids by role. Downgraded to 0020
+    (``downgraded_to_0020``), their processed rows are as the code before 0021 wrote them
+    (``processed_at`` the ack's instant, which ``visible_at`` holds too; karma actions naming
+    the packet, as the Karma Tracker sends them, verbatim)."""
     from bucket.services.counters import recount
-    from bucket.services.delivery.actions import PG_RESTORED
     from bucket.timeutil import from_epoch
     from tests.queue_helpers import ack, ingest_many, poll, sql
 
@@ -978,16 +979,22 @@ def old_shape_deliveries(app, backend) -> dict[str, str]:
     )
     assert len(processed) == 3
     for pid, visible_at in processed:
-        moment = from_epoch(visible_at).replace(tzinfo=None)
         if str(pid) == ids["own_clock"]:
-            moment += timedelta(microseconds=1)
-        elif backend == "sqlite":
-            continue  # the code writes it there as before
-        sql(app, "UPDATE deliveries SET processed_at = :t WHERE packet_id = :p", t=moment, p=pid)
-    if backend == "postgres":
-        restored = PG_RESTORED.format(actions="karma_actions", packet_id="packet_id")
-        sql(app, f"UPDATE deliveries SET karma_actions = {restored}")
+            moment = from_epoch(visible_at).replace(tzinfo=None) + timedelta(microseconds=1)
+            sql(
+                app,
+                "UPDATE deliveries SET processed_at = :t WHERE packet_id = :p",
+                t=moment,
+                p=pid,
+            )
     return ids
+
+
+def downgraded_to_0020(app) -> None:
+    """Revision 0020: 0021's downgrade writes the processed rows back as the code before it
+    wrote them (the ack's instant in ``processed_at``, the packet's id in its karma actions;
+    the test checks both)."""
+    assert flask_db(app, "downgrade", "0020_signal_key_sets").exit_code == 0
 
 
 def test_upgrade_to_lean_processed_deliveries_keeps_every_delivery_and_reads_the_same(
@@ -1001,17 +1008,18 @@ def test_upgrade_to_lean_processed_deliveries_keeps_every_delivery_and_reads_the
     from tests.queue_helpers import ack, listing, poll, status
 
     assert flask_db(fresh_app, "upgrade").exit_code == 0
-    assert flask_db(fresh_app, "downgrade", "0020_signal_key_sets").exit_code == 0
     client = fresh_app.test_client()
     ids = old_shape_deliveries(fresh_app, backend)
-    rows = rows_of(fresh_app, DELIVERY_ROWS)
-    assert all(row[7] is not None for row in rows if row[1] == "processed")
-    named = f'"packet_id":"{ids["actions"]}"'
-    assert [row[9] for row in rows if named in (row[9] or "")] != []
+    # What the service answers (it cannot run on 0020 since 0022): the same after the round trip.
     listed = listing(client, "lean", limit=50)
     figures = {name: status(client)[name] for name in STATUS_FIGURES}
     repeated = ack(client, ids["actions"]).json
     assert repeated["outcome"] == "already_processed"
+    downgraded_to_0020(fresh_app)
+    rows = rows_of(fresh_app, DELIVERY_ROWS)
+    assert all(row[7] is not None for row in rows if row[1] == "processed")
+    named = f'"packet_id":"{ids["actions"]}"'
+    assert [row[9] for row in rows if named in (row[9] or "")] != []
     postgres = backend == "postgres"
     if postgres:
         assert row_bytes(fresh_app, ids["empty"]) == 108
