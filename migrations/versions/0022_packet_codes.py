@@ -14,6 +14,10 @@ Existing rows are converted by one UPDATE (every partition; a rewrite of the row
 any known value: on a large table run it in a quiet hour, and VACUUM afterwards so the old
 row versions' space is reused). Downgrade writes the text back and drops the six columns.
 
+A process of the version before reads the text columns only: stop those before this runs
+(their polls would serve a coded packet's strings as NULL and their sealer would seal them so,
+leaves that verify then reports as altered; README, "Deploying").
+
 SQLite keeps every value as text: its six columns are added and stay NULL.
 
 Revision ID: 0022_packet_codes
