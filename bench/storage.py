@@ -297,7 +297,7 @@ KEY_VALUES = {
 
 SEALS_SQL = """
 INSERT INTO audit_seals (seq, sealed_at, after_seq, last_seq, packet_count, packets_total,
-  root, previous_hash, hash, leaf_seqs, leaf_uuids, leaf_hashes, leaf_format)
+  root, previous_hash, hash, leaf_seqs, leaf_uuids, leaf_hashes, leaf_format, packet_layout)
 SELECT row_number() OVER (ORDER BY min(seq)), max(received_at) + interval '5 s', min(seq) - 1,
   max(seq), count(*), max(seq), md5(min(seq)::text) || md5(max(seq)::text),
   md5(min(seq)::text || 'p') || md5(max(seq)::text || 'p'),
@@ -305,7 +305,7 @@ SELECT row_number() OVER (ORDER BY min(seq)), max(received_at) + interval '5 s',
   CASE WHEN count(*) = max(seq) - min(seq) + 1 THEN ''::bytea
        ELSE string_agg(int8send(seq), ''::bytea ORDER BY seq) END,
   string_agg(uuid_send(packet_id::uuid), ''::bytea ORDER BY seq),
-  string_agg(sha256(convert_to(packet_id::text, 'UTF8')), ''::bytea ORDER BY seq), 3
+  string_agg(sha256(convert_to(packet_id::text, 'UTF8')), ''::bytea ORDER BY seq), 3, 22
 FROM packets GROUP BY (seq - 1) / %(per_seal)s
 """
 PURGES_SQL = """

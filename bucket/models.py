@@ -451,6 +451,10 @@ class AuditSeal(db.Model):
     # made before migration 0008); 2, PostgreSQL's binary record; 3, the same with the
     # authentication outcome, subject and staleness (migration 0010).
     leaf_format: Mapped[int] = mapped_column(SmallInteger, server_default=text("1"))
+    # The packets' storage layout the sealer read them in (``content.PACKET_LAYOUT``; 0 for
+    # seals made before migration 0023). No default: a sealer of an earlier release, which
+    # would read rows of a newer layout as NULLs and seal them so, cannot insert a seal.
+    packet_layout: Mapped[int] = mapped_column(SmallInteger)
 
 
 class AuditPurgedRange(db.Model):

@@ -185,12 +185,14 @@ def sealer_before_signal_key_sets() -> Iterator[None]:
     from bucket.services.audit import sealing
     from bucket.services.audit.content import DECODED_TEXTS, LEAF_FROM, SIGNALS_TEXT
 
-    current = sealing.LEAVES_SQL
+    current, stamp = sealing.LEAVES_SQL, sealing.STAMP
     before = current.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
     for name, decoded in DECODED_TEXTS.items():  # nor codes (migration 0022)
         before = before.replace(decoded, f"{name}::text")
     sealing.LEAVES_SQL = before
+    # Nor the layout its seals name (migration 0023).
+    sealing.STAMP = {k: v for k, v in stamp.items() if k != "packet_layout"}
     try:
         yield
     finally:
-        sealing.LEAVES_SQL = current
+        sealing.LEAVES_SQL, sealing.STAMP = current, stamp

@@ -12,11 +12,12 @@ from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.exc import IntegrityError
 
 from bucket.extensions import db
 from bucket.models import AuditSeal
 from bucket.services.audit import merkle
-from bucket.services.audit.content import LEAF_SELECT, Leaves, packet_leaf
+from bucket.services.audit.content import LEAF_SELECT, PACKET_LAYOUT, Leaves, packet_leaf
 from tests.factories import another_day
 from tests.queue_helpers import ingest_many
 from tests.test_audit import artifact, seal, sql, verify
@@ -364,3 +365,28 @@ def test_the_servers_own_inclusion_check_accepts_every_leaf_and_nothing_else():
                 assert not merkle.verify_inclusion(leaf, other, size, path, root)
         with pytest.raises(IndexError, match=f"^leaf {size} is not in a tree of {size}$"):
             merkle.inclusion_proof(size, leaves)
+
+
+def test_a_seal_written_as_an_earlier_release_writes_it_is_refused(app, client, runner):
+    """During a rolling deploy an instance of a release before migration 0023 keeps running
+    beside the new ones; it reads packets stored in a newer layout (codes, key sets) as NULLs,
+    and a seal of those leaves would make ``verify`` report them altered. Its sealer names no
+    ``packet_layout``: the database refuses that seal, and the new sealer seals the packets."""
+    ingest_many(client, 3)
+    assert seal(app)
+    row = seal_row(app, 1)
+    earlier = {name: value for name, value in row.items() if name != "packet_layout"}
+    earlier.update(seq=2, after_seq=row["last_seq"], last_seq=row["last_seq"] + 1, hash="e" * 64)
+    with app.app_context():
+        columns = ", ".join(earlier)
+        values = ", ".join(":" + name for name in earlier)
+        with pytest.raises(IntegrityError):
+            db.session.execute(
+                text(f"INSERT INTO audit_seals ({columns}) VALUES ({values})"), earlier
+            )
+        db.session.rollback()
+    assert row["packet_layout"] == PACKET_LAYOUT
+    ingest_many(client, 2)
+    assert [made.packet_count for made in seal(app)] == [2]
+    result = verify(runner)
+    assert result.exit_code == 0, result.output

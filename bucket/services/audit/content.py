@@ -199,6 +199,9 @@ def leaf_content_v2(row: Any) -> bytes:
 
 
 LEAF_FORMAT = 3  # what new seals use
+# The migration that last changed how a packet's fields are stored (0022: strings as codes),
+# which every new seal names (migration 0023: a sealer of an earlier release cannot seal).
+PACKET_LAYOUT = 22
 ENCODINGS: dict[int, Callable[[Any], bytes]] = {
     1: json_leaf_content,
     2: leaf_content_v2,

@@ -25,6 +25,7 @@ from bucket.services.audit.content import (
     LEAF_FROM,
     LEAF_SELECT,
     LEAF_SQL,
+    PACKET_LAYOUT,
     Leaves,
     leaf_content,
     seal_hash,
@@ -62,6 +63,11 @@ SEALER_SETTINGS = (
     "SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true), "
     "set_config('enable_seqscan', 'off', true), set_config('client_encoding', 'UTF8', true)"
 )
+
+
+# What every new seal says of how it was made: its leaves' encoding, and the packets' storage
+# layout it read them in (migration 0023: a seal that names none is refused).
+STAMP = {"leaf_format": LEAF_FORMAT, "packet_layout": PACKET_LAYOUT}
 
 
 @dataclass
@@ -118,7 +124,7 @@ def seal_new_packets(max_packets: int | None = None) -> Sealed | None:
         seal["hash"] = seal_hash(seal)
         seal["packets_total"] = (previous.packets_total if previous else 0) + len(leaves.seqs)
         packed = leaves.packed(after, uuids)
-        session.execute(insert(S).values(**seal, **packed, leaf_format=LEAF_FORMAT))
+        session.execute(insert(S).values(**seal, **packed, **STAMP))
         session.commit()
         return Sealed(seal["seq"], len(leaves.seqs), seal["hash"])
     except BaseException:
