@@ -15,8 +15,9 @@ any known value: on a large table run it in a quiet hour, and VACUUM afterwards 
 row versions' space is reused). Downgrade writes the text back and drops the six columns.
 
 A process of the version before reads the text columns only: stop those before this runs
-(their polls would serve a coded packet's strings as NULL and their sealer would seal them so,
-leaves that verify then reports as altered; README, "Deploying").
+(their polls would serve a coded packet's strings as NULL; README, "Deploying"). Their
+sealer would seal them so, leaves that verify then reports as altered: migration 0023 makes
+the database refuse the seals of a release before it.
 
 SQLite keeps every value as text: its six columns are added and stay NULL.
 
