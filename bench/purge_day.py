@@ -82,7 +82,7 @@ def fill(dsn: str, per_day: int, days: int) -> dict:
     first = today - days * 86400
     step = 86400.0 / per_day
     figures: dict = {"per_day": per_day, "days": days, "first_day": time.gmtime(first)[:3]}
-    figures["last_day_start"] = first + (days - 1) * 86400
+    figures["oldest_day_end"] = first + 86400
     with psycopg.connect(dsn, autocommit=True) as conn:
         sql = fill_statement(conn, [])
         # A new deployment's legacy partition of keys is empty: the fill's days of keys get
@@ -116,11 +116,12 @@ def fill(dsn: str, per_day: int, days: int) -> dict:
     return figures
 
 
-def older_than(last_day_start: float) -> float:
-    """``purge_days``' age in days that drops every filled day but the last one, the backlog's:
-    counted from the fill's own days, not from today, so a run that crosses UTC midnight
-    between the fill and the purge still keeps the backlog's day out of the purge."""
-    return (time.time() - last_day_start) / 86400
+def older_than(oldest_day_end: float) -> float:
+    """``purge_days``' age in days that drops the oldest filled day and no other (its cutoff
+    falls in the day after it): counted from the fill's own days, not from today, so a run
+    that crosses UTC midnight between the fill and the purge still keeps the next day, and the
+    backlog's, out of the purge."""
+    return (time.time() - oldest_day_end) / 86400
 
 
 def explain(dsn: str) -> dict:
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_explain:
             figures["explain"] = explain(dsn)
         out = subprocess.run(
-            [sys.executable, "-c", PURGE_SCRIPT, str(older_than(figures["last_day_start"]))],
+            [sys.executable, "-c", PURGE_SCRIPT, str(older_than(figures["oldest_day_end"]))],
             cwd=Path(__file__).resolve().parent.parent,
             env={**env, "DATABASE_URL": url},
             check=True,

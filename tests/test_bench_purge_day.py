@@ -43,6 +43,7 @@ def test_the_benchmarks_purge_age_keeps_the_backlogs_day_when_the_run_crosses_mi
         backlog_age = now % DAY + 90
     backlog_since = now - backlog_age
     backlog_day = backlog_since // DAY * DAY
+    # bench.purge_day's two days: the oldest one ends where the backlog's day begins.
     for age in (storage.purge_age(2, backlog_since), purge_day.older_than(backlog_day)):
         cutoff = time.time() - age * DAY  # the purge asks for its cutoff after the age is set
         assert backlog_day <= cutoff < backlog_day + DAY
