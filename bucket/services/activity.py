@@ -43,17 +43,15 @@ ON CONFLICT (minute, series, shard) DO UPDATE SET value = a.value + excluded.val
 
 
 def add(minute_values: list[dict[str, Any]]) -> None:
-    """Add to per-minute series in the session's transaction. The rows go as parameter sets of
-    one statement (the driver batches them): a booking after a long stretch unbooked has
-    hundreds of thousands, more than one statement may carry as its own parameters."""
+    """Add to per-minute series in the session's transaction."""
     if not minute_values:
         return
-    statement = upsert_insert(A)
+    statement = upsert_insert(A).values(minute_values)
     statement = statement.on_conflict_do_update(
         index_elements=[A.c.minute, A.c.series, A.c.shard],
         set_={"value": A.c.value + statement.excluded.value},
     )
-    db.session.execute(statement, minute_values)
+    db.session.execute(statement)
 
 
 # The booked packets' minutes, set-based in the database: a booking after a long stretch
@@ -65,12 +63,12 @@ def add(minute_values: list[dict[str, Any]]) -> None:
 ROLL_UP_SQL = """
 INSERT INTO activity_minutes (minute, series, shard, value)
 SELECT minute, series, 0, count(*) FROM (
-  SELECT {minute} AS minute, substr('ingested:' || coalesce(nullif({system_type}, ''), 'unknown')
+  SELECT {minute} AS minute, substr('{ingested}' || coalesce(nullif({system_type}, ''), 'unknown')
     || ':' || coalesce(nullif(coalesce({cognitive_state}, {state}), ''), 'unknown'), 1, 96)
     AS series
   FROM packets WHERE seq > :after AND seq <= :through
   UNION ALL
-  SELECT {minute}, substr('auth:' || {auth_outcome}, 1, 96) FROM packets
+  SELECT {minute}, substr('{auth}' || {auth_outcome}, 1, 96) FROM packets
   WHERE seq > :after AND seq <= :through AND {auth_outcome} IS NOT NULL
 ) AS booked WHERE true GROUP BY minute, series
 ON CONFLICT (minute, series, shard) DO UPDATE SET value = activity_minutes.value + excluded.value
@@ -83,7 +81,11 @@ def book(after: int, through: int) -> int:
     bounds = {"after": after, "through": through}
     strings = {name: column_sql(name) for name in ("system_type", "cognitive_state", "state")}
     roll_up = ROLL_UP_SQL.format(
-        minute=MINUTE_OF[dialect_name()], auth_outcome=column_sql("auth_outcome"), **strings
+        minute=MINUTE_OF[dialect_name()],
+        ingested=INGESTED,
+        auth=AUTH,
+        auth_outcome=column_sql("auth_outcome"),
+        **strings,
     )
     db.session.execute(text(roll_up), bounds)
     return db.session.execute(

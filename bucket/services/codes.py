@@ -8,10 +8,10 @@ newer bridge sends, a value in another case) as text, exactly as received, code 
 packet's ``employee_id`` equal to its ``user_id`` is stored NULL with ``employee_is_user``
 true. SQLite stores every value as text, as before.
 
-Readers get the text back: ``DECODED_SQL`` for the hand-written statements (the lease, the
-sealer, the booking), ``decoded`` for SQLAlchemy selects (the listings, the audit's rows):
-the stored text when there is one, else the code's value (a CASE PostgreSQL folds in C), so
-every answer, and the audit leaf, is the same text as stored in full.
+Readers get the text back: ``decoded_sql`` and ``column_sql`` for the hand-written statements
+(the lease, the sealer, the booking), ``decoded`` for SQLAlchemy selects (the listings, the
+audit's rows): the stored text when there is one, else the code's value (a CASE PostgreSQL
+folds in C), so every answer, and the audit leaf, is the same text as stored in full.
 """
 
 from __future__ import annotations
