@@ -354,9 +354,9 @@ WITH source AS (
   FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
     LATERAL (SELECT %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t) AS received
 ), stored AS (
-  INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type, role,
-    client_timestamp, cognitive_state, active_seconds, idle_seconds, away_seconds, focus_score,
-    raw_signals, received_at)
+  INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type_text,
+    role_text, client_timestamp, cognitive_state_text, active_seconds, idle_seconds, away_seconds,
+    focus_score, raw_signals, received_at)
   SELECT
     CAST(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
       || substr(h, 18, 3) || '-' || substr(h, 21, 12) AS uuid),

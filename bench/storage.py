@@ -133,6 +133,8 @@ PACKET_VALUES = {
     "auth_outcome": "NULL",
     "auth_subject": "NULL",
 }
+# Since migration 0024 the five strings' columns are named <name>_text (bucket/services/codes).
+PACKET_VALUES.update({f"{name}_text": PACKET_VALUES[name] for name in PACKET_CODES})
 # Since migration 0020 (a dictionary of raw_signals' key sets), the same signals as ingest
 # stores them on PostgreSQL: the id of their key set (sorted keys) and the values' canonical
 # texts in key order joined by U+001F, raw_signals NULL (bucket/services/signals.py).
@@ -188,6 +190,7 @@ CODED_VALUES = {
     "employee_id": "NULL",
     "employee_is_user": "CASE WHEN ems THEN true END",
 }
+CODED_VALUES.update({f"{name}_text": "NULL" for name in PACKET_CODES})
 
 
 def key_set_literal(kind: str) -> str:
@@ -375,20 +378,6 @@ ALTERNATIVES = (
 SAMPLE_ROWS = 200_000
 HEAP_ALTERNATIVES = (
     (
-        "packets_compact",
-        "packets with packet_id and dedup_key as uuid, the five low-cardinality strings "
-        "(system_type, role, cognitive_state, state, auth_outcome) as one-byte codes, "
-        "employee_id NULL when it repeats user_id, 8-byte columns first",
-        "packets",
-        "seq, client_timestamp, received_at, active_seconds, idle_seconds, away_seconds, "
-        "focus_score, integrity_score, packet_id::uuid AS packet_id, "
-        'dedup_key::uuid AS dedup_key, stale, left(system_type, 1)::"char" AS system_type, '
-        'left(role, 1)::"char" AS role, left(cognitive_state, 1)::"char" AS cs, '
-        'left(state, 1)::"char" AS state, left(auth_outcome, 1)::"char" AS auth_outcome, '
-        "idempotency_key, user_id, nullif(employee_id, user_id) AS employee_id, session_id, "
-        "lesson_id, task_id, auth_subject, raw_signals",
-    ),
-    (
         "packets_coded_eight_first",
         "packets as stored since migration 0022 (strings as codes), reordered: the 8-byte "
         "columns first, then the fixed-width ones, then the variable-width ones",
@@ -397,18 +386,9 @@ HEAP_ALTERNATIVES = (
         "focus_score, integrity_score, packet_id, dedup_key, signal_keys, stale, "
         "system_type_code, role_code, cognitive_state_code, state_code, auth_outcome_code, "
         "employee_is_user, idempotency_key, user_id, employee_id, session_id, lesson_id, "
-        "task_id, system_type, role, cognitive_state, state, auth_outcome, auth_subject, "
+        "task_id, system_type_text, role_text, cognitive_state_text, state_text, "
+        "auth_outcome_text, auth_subject, "
         "raw_signals, signal_values",
-    ),
-    (
-        "packets_uuid_only",
-        "packets as they are, but packet_id and dedup_key as uuid",
-        "packets",
-        "packet_id::uuid AS packet_id, seq, dedup_key::uuid AS dedup_key, idempotency_key, "
-        "user_id, employee_id, session_id, lesson_id, task_id, system_type, role, "
-        "client_timestamp, cognitive_state, state, active_seconds, idle_seconds, away_seconds, "
-        "focus_score, integrity_score, raw_signals, received_at, auth_outcome, auth_subject, "
-        "stale",
     ),
     (
         "deliveries_compact",

@@ -130,6 +130,17 @@ PACKET_CODES: dict[str, dict[str, str]] = {
 }
 
 
+def _coded_string(name: str) -> property:
+    """The packet's ``name`` as every reader shows it: its text, else its code's value."""
+    values = {code: value for value, code in PACKET_CODES[name].items()}
+
+    def read(packet: Any) -> str | None:
+        stored = getattr(packet, f"{name}_text")
+        return stored if stored is not None else values.get(getattr(packet, f"{name}_code"))
+
+    return property(read, doc=f"The packet's {name}, whichever form it was stored in.")
+
+
 # A one-byte code: ``"char"`` on PostgreSQL, a one-character string on SQLite (never filled).
 CODE = String().with_variant(InternalChar(), "postgresql")
 
@@ -176,11 +187,11 @@ class Packet(db.Model):
     session_id: Mapped[str | None] = mapped_column(String(256))
     lesson_id: Mapped[str | None] = mapped_column(String(256))
     task_id: Mapped[str | None] = mapped_column(String(256))
-    system_type: Mapped[str | None] = mapped_column(String(16))
-    role: Mapped[str | None] = mapped_column(String(16))
+    system_type_text: Mapped[str | None] = mapped_column(String(16))
+    role_text: Mapped[str | None] = mapped_column(String(16))
     client_timestamp: Mapped[datetime] = mapped_column(UTCDateTime())
-    cognitive_state: Mapped[str | None] = mapped_column(String(32))
-    state: Mapped[str | None] = mapped_column(String(32))
+    cognitive_state_text: Mapped[str | None] = mapped_column(String(32))
+    state_text: Mapped[str | None] = mapped_column(String(32))
     active_seconds: Mapped[float] = mapped_column(Float)
     idle_seconds: Mapped[float] = mapped_column(Float)
     away_seconds: Mapped[float] = mapped_column(Float)
@@ -192,7 +203,7 @@ class Packet(db.Model):
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Who sent it (README, "Authenticated ingest"): verified, missing, invalid or mismatch, and
     # the valid token's subject; NULL when ingest did not check tokens (BUCKET_INGEST_AUTH=off).
-    auth_outcome: Mapped[str | None] = mapped_column(String(16))
+    auth_outcome_text: Mapped[str | None] = mapped_column(String(16))
     auth_subject: Mapped[str | None] = mapped_column(String(256))
     # The client's timestamp lay more than BUCKET_STALE_AFTER before its arrival.
     stale: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
@@ -203,16 +214,26 @@ class Packet(db.Model):
     signal_keys: Mapped[int | None] = mapped_column(Integer)
     signal_values: Mapped[str | None] = mapped_column(Text)
     # PostgreSQL, since migration 0022 (``services/codes``): a known value of the five
-    # low-cardinality strings as a one-byte code, its text column NULL; a value outside the
-    # code table stays in the text column, code NULL. ``employee_is_user``: true when the
-    # packet's employee_id is its user_id, then stored NULL (EMS packets); NULL otherwise.
-    # All NULL on SQLite, which stores every value as text.
+    # low-cardinality strings as a one-byte code, its ``<name>_text`` column NULL; a value
+    # outside the code table stays in the text column, code NULL. ``employee_is_user``: true
+    # when the packet's employee_id is its user_id, then stored NULL (EMS packets); NULL
+    # otherwise. All NULL on SQLite, which stores every value as text. The text columns were
+    # named without ``_text`` before migration 0024, which renamed them so that an instance of
+    # an earlier release, still serving during an upgrade, fails on every statement that
+    # reads or writes packets instead of serving coded strings as null (``services/codes``).
     system_type_code: Mapped[str | None] = mapped_column(CODE)
     role_code: Mapped[str | None] = mapped_column(CODE)
     cognitive_state_code: Mapped[str | None] = mapped_column(CODE)
     state_code: Mapped[str | None] = mapped_column(CODE)
     auth_outcome_code: Mapped[str | None] = mapped_column(CODE)
     employee_is_user: Mapped[bool | None] = mapped_column(Boolean)
+
+    # ``flask shell``: the coded strings by their field names, read-only.
+    system_type = _coded_string("system_type")
+    role = _coded_string("role")
+    cognitive_state = _coded_string("cognitive_state")
+    state = _coded_string("state")
+    auth_outcome = _coded_string("auth_outcome")
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),
@@ -244,12 +265,8 @@ class Packet(db.Model):
 @event.listens_for(Packet, "load")
 def expand_signals_on_load(packet: Packet, context: Any) -> None:
     """A compact packet loaded through the model (``flask shell``) shows its raw_signals and
-    its coded strings as every reader does: rebuilt from its key set and its codes."""
-    for name, codes in PACKET_CODES.items():
-        code = getattr(packet, f"{name}_code")
-        if getattr(packet, name) is None and code is not None:
-            decoded = next((value for value, known in codes.items() if known == code), None)
-            set_committed_value(packet, name, decoded)
+    its employee_id as every reader does: rebuilt from its key set and from its user_id (its
+    coded strings read through the properties above)."""
     if packet.employee_id is None and packet.employee_is_user:
         set_committed_value(packet, "employee_id", packet.user_id)
     if packet.raw_signals is not None or packet.signal_keys is None:

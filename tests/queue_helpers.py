@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import literal_column, select, text
 
 from bucket.extensions import db, queue
 from bucket.models import Delivery, Packet
+from bucket.services.codes import TEXT_COLUMNS
 from bucket.services.listing import LISTED, LISTED_DELIVERY
 from bucket.timeutil import epoch_now
 from tests.concurrency import join_all
@@ -185,14 +186,21 @@ def sealer_before_signal_key_sets() -> Iterator[None]:
     from bucket.services.audit import sealing
     from bucket.services.audit.content import DECODED_TEXTS, LEAF_FROM, SIGNALS_TEXT
 
-    current, stamp = sealing.LEAVES_SQL, sealing.STAMP
+    current, stamp, selected = sealing.LEAVES_SQL, sealing.STAMP, sealing.LEAF_SELECT
     before = current.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
     for name, decoded in DECODED_TEXTS.items():  # nor codes (migration 0022)
         before = before.replace(decoded, f"{name}::text")
     sealing.LEAVES_SQL = before
     # Nor the layout its seals name (migration 0023).
     sealing.STAMP = {k: v for k, v in stamp.items() if k != "packet_layout"}
+    # SQLite: nor the text columns' names of migration 0024.
+    sealing.LEAF_SELECT = tuple(
+        literal_column(f"packets.{column.name}").label(column.name)
+        if column.name in TEXT_COLUMNS
+        else column
+        for column in selected
+    )
     try:
         yield
     finally:
-        sealing.LEAVES_SQL, sealing.STAMP = current, stamp
+        sealing.LEAVES_SQL, sealing.STAMP, sealing.LEAF_SELECT = current, stamp, selected

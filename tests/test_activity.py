@@ -47,5 +47,5 @@ def test_one_booking_of_tens_of_thousands_of_minutes_rolls_up_every_one(app):
         ).all()
         db.session.commit()
     assert booking is not None and booking.packets == MINUTES
-    series = f"ingested:{rows[0]['system_type']}:{rows[0]['cognitive_state']}"
+    series = f"ingested:{packet['system_type']}:{packet['cognitive_state']}"
     assert [tuple(row) for row in rolled] == [(series, MINUTES, MINUTES)]

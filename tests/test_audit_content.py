@@ -31,7 +31,7 @@ from bucket.services.audit.content import (
     leaf_content,
 )
 from bucket.services.audit.sealing import seal_everything
-from bucket.services.codes import CODE_COLUMNS
+from bucket.services.codes import CODE_COLUMNS, TEXT_COLUMNS, field_name
 from bucket.services.signals import stored_signals_text
 from tests.factories import make_packet
 
@@ -56,7 +56,7 @@ def packet_rows(draw) -> dict:
     row = {}
     for column in Packet.__table__.columns:  # text within each column's declared length
         size = min(40, getattr(column.type, "length", None) or 40)
-        row[column.name] = draw(st.none() | st.text(CHARACTERS, max_size=size))
+        row[field_name(column.name)] = draw(st.none() | st.text(CHARACTERS, max_size=size))
     row["packet_id"] = str(uuid.uuid4())
     row["seq"] = draw(st.integers(1, 2**62))
     row["dedup_key"] = uuid.uuid4().hex
@@ -88,9 +88,11 @@ def test_every_packet_column_is_in_the_leaf():
     for the packets stored after it), never by reading the model: that would change the bytes
     of every packet sealed before it."""
     # raw_signals' compact form on PostgreSQL (migration 0020) is covered as raw_signals' text,
-    # and the codes (migration 0022) as the text of the columns they stand for.
+    # and the codes (migration 0022) as the text of the columns they stand for, which hold
+    # their fields under ``<name>_text`` (migration 0024).
     compact_form = {"signal_keys", "signal_values", *CODE_COLUMNS}
-    assert set(FIELDS) == {column.name for column in Packet.__table__.columns} - compact_form
+    stored = {field_name(column.name) for column in Packet.__table__.columns}
+    assert set(FIELDS) == stored - compact_form
     assert len(FIELDS) == len(set(FIELDS))
     assert load_verifier().LEAF_FIELDS == FIELDS
 
@@ -104,7 +106,7 @@ def test_every_packet_column_is_in_the_leaf():
 def test_postgres_and_python_encode_the_same_leaf(app, rows):
     """Stored on PostgreSQL, each row's record_send bytes equal the Python encoder's over the
     row as read back: NULLs, any Unicode, -0.0 and extreme floats, timestamps before 2000."""
-    columns = ", ".join(FIELDS)
+    columns = ", ".join(TEXT_COLUMNS.get(name, name) for name in FIELDS)
     values = ", ".join(
         f"CAST(:{name} AS json)" if name == "raw_signals" else f":{name}" for name in FIELDS
     )

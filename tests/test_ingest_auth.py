@@ -547,7 +547,8 @@ def test_verify_is_clean_across_the_leaf_format_change(app, client, tmp_path):
     assert "sender not checked" in checked.stdout
     with app.app_context():
         db.session.execute(
-            text("UPDATE packets SET auth_outcome = 'verified' WHERE packet_id = :p"), {"p": new}
+            text("UPDATE packets SET auth_outcome_text = 'verified' WHERE packet_id = :p"),
+            {"p": new},
         )
         db.session.commit()
     result = verify(app.test_cli_runner())

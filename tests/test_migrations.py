@@ -1142,6 +1142,11 @@ CODED_VIEW = (
     "SELECT CAST(packet_id AS TEXT), user_id, employee_id, system_type, role, cognitive_state, "
     "state, auth_outcome FROM packets ORDER BY seq"
 )
+# The same columns since migration 0024 (``<name>_text``).
+CODED_VIEW_NOW = (
+    "SELECT CAST(packet_id AS TEXT), user_id, employee_id, system_type_text, role_text, "
+    "cognitive_state_text, state_text, auth_outcome_text FROM packets ORDER BY seq"
+)
 
 
 def test_upgrade_to_packet_codes_converts_old_rows_and_downgrade_writes_their_text_back(
@@ -1210,7 +1215,7 @@ def test_upgrade_to_packet_codes_converts_old_rows_and_downgrade_writes_their_te
 
     result = flask_db(fresh_app, "upgrade")
     assert result.exit_code == 0, result.output
-    stored = rows_of(fresh_app, CODED_VIEW)
+    stored = rows_of(fresh_app, CODED_VIEW_NOW)
     codes = rows_of(
         fresh_app,
         "SELECT system_type_code, role_code, cognitive_state_code, state_code, "

@@ -7,23 +7,31 @@ every value as text, as before.
 
 from __future__ import annotations
 
+import re
+
+import orjson
 import pytest
+from psycopg.errors import UndefinedColumn
 from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 
 from bucket.extensions import db
 from bucket.models import Packet
 from bucket.schemas.packets import fast_load_packet
+from bucket.services import codes
 from bucket.services.coalescing import Submission
 from bucket.services.ingest import write_submissions
 from bucket.services.tokens import PacketAuth
+from bucket.timeutil import epoch_now, utc_now
 from tests.factories import fixture, make_packet
 from tests.queue_helpers import API, listing, poll
 
 CODED = ("system_type", "role", "cognitive_state", "state", "auth_outcome", "employee_id")
 STORED_SQL = (
-    "SELECT CAST(packet_id AS TEXT) AS packet_id, system_type, role, cognitive_state, state, "
-    "auth_outcome, employee_id, system_type_code, role_code, cognitive_state_code, state_code, "
-    "auth_outcome_code, employee_is_user FROM packets"
+    "SELECT CAST(packet_id AS TEXT) AS packet_id, system_type_text AS system_type, "
+    "role_text AS role, cognitive_state_text AS cognitive_state, state_text AS state, "
+    "auth_outcome_text AS auth_outcome, employee_id, system_type_code, role_code, "
+    "cognitive_state_code, state_code, auth_outcome_code, employee_is_user FROM packets"
 )
 
 
@@ -186,9 +194,10 @@ def test_a_coded_row_and_the_same_packet_stored_as_text_have_the_same_leaf(app, 
         coded = db.session.execute(text(leaf_sql), {"id": packet_id}).scalar()
         db.session.execute(
             text(
-                "UPDATE packets SET system_type = 'ems', system_type_code = NULL, "
-                "role = 'employee', role_code = NULL, employee_id = user_id, "
-                "employee_is_user = NULL, state = :state, state_code = NULL WHERE packet_id = :id"
+                "UPDATE packets SET system_type_text = 'ems', system_type_code = NULL, "
+                "role_text = 'employee', role_code = NULL, employee_id = user_id, "
+                "employee_is_user = NULL, state_text = :state, state_code = NULL "
+                "WHERE packet_id = :id"
             ),
             {"id": packet_id, "state": ems["state"]},
         )
@@ -198,9 +207,55 @@ def test_a_coded_row_and_the_same_packet_stored_as_text_have_the_same_leaf(app, 
     assert runner_ok(app, "seal") and "1 packets" in runner_ok(app, "verify")
     with app.app_context():
         db.session.execute(
-            text("UPDATE packets SET state = NULL, state_code = 'K' WHERE packet_id = :id"),
+            text("UPDATE packets SET state_text = NULL, state_code = 'K' WHERE packet_id = :id"),
             {"id": packet_id},
         )
         db.session.commit()
     result = app.test_cli_runner().invoke(args=["bucket", "verify"])
     assert result.exit_code != 0 and packet_id in result.output, result.output
+
+
+def as_before_0024(statement: str) -> str:
+    """A statement of today's service as the release before migration 0024 sent it: the same,
+    with the five text columns under the fields' names."""
+    renamed = re.compile(r"\b(system_type|role|cognitive_state|state|auth_outcome)_text\b")
+    assert renamed.search(statement) and statement.count("_text") == len(renamed.findall(statement))
+    return renamed.sub(r"\1", statement)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # several instances: PostgreSQL
+def test_an_instance_of_a_release_before_0024_fails_instead_of_serving_codes_as_null(app, client):
+    """During an upgrade the previous release's instances keep answering beside the new ones.
+    They read the coded strings' columns by the fields' names, so on a coded row they would
+    lease and list null strings: since 0024 those columns are named ``<name>_text`` and each of
+    their statements fails instead, leasing and storing nothing; the packet reaches the
+    consumer whole through a new instance."""
+    from bucket.services import sql
+    from bucket.services.delivery.claims import PG_LEASE, lease_params
+    from bucket.services.ingest import BATCH_INSERT_SQL, packet_row
+
+    body = make_packet(cognitive_state="ON_TASK")
+    packet_id = post(client, body)
+    assert stored(app)[packet_id]["cognitive_state_code"] == "O"
+    with app.app_context():
+        now = epoch_now()
+        params = lease_params(
+            now, 5, receipt="old-release", until=now + 30, source="pending", limit=10
+        )
+        with pytest.raises(ProgrammingError) as refused:
+            sql.run(as_before_0024(PG_LEASE), params)
+        assert isinstance(refused.value.orig, UndefinedColumn)
+        # The earlier release's rows held the strings under the fields' names.
+        row = packet_row(fast_load_packet(make_packet(user_id="stu_later")), utc_now(), None)
+        row.update({codes.field_name(column): row.pop(column) for column in codes.FIELDS})
+        doc = orjson.dumps([row], option=orjson.OPT_NAIVE_UTC).decode()
+        with pytest.raises(ProgrammingError) as refused:
+            sql.run(as_before_0024(BATCH_INSERT_SQL), {"doc": doc})
+        assert isinstance(refused.value.orig, UndefinedColumn)
+        with pytest.raises(ProgrammingError, match="system_type"):
+            db.session.execute(text("SELECT system_type FROM packets"))
+        db.session.rollback()
+    (polled,) = poll(client, limit=10)["packets"]
+    assert polled["packet_id"] == packet_id and polled["delivery_count"] == 1
+    assert {**shown(polled), "employee_id": polled["employee_id"]} == sent_values(body)
+    assert listing(client, "stu_later") == []

@@ -3,10 +3,16 @@
 Five strings of every packet take a handful of values (``system_type``, ``role``,
 ``cognitive_state``, ``state``, ``auth_outcome``): stored as text they cost 8-11 bytes each in
 every row. Ingest stores a value of the fixed table ``models.PACKET_CODES`` as its one-byte
-``"char"`` code (``<name>_code``) with the text column NULL, and any other value (a state a
-newer bridge sends, a value in another case) as text, exactly as received, code NULL. An EMS
-packet's ``employee_id`` equal to its ``user_id`` is stored NULL with ``employee_is_user``
-true. SQLite stores every value as text, as before.
+``"char"`` code (``<name>_code``) with its text column (``<name>_text``) NULL, and any other
+value (a state a newer bridge sends, a value in another case) as text, exactly as received,
+code NULL. An EMS packet's ``employee_id`` equal to its ``user_id`` is stored NULL with
+``employee_is_user`` true. SQLite stores every value as text, as before.
+
+The text columns are named ``<name>_text`` since migration 0024: the instances of a release
+before it read the columns by the fields' names, and would serve a coded string, an EMS
+packet's employee_id or (0020) a compact packet's raw_signals as null during an upgrade, while
+they still answer beside the new ones. Without those names every statement of theirs that
+reads or writes packets fails, and its client retries on a new instance.
 
 Readers get the text back: ``decoded_sql`` and ``column_sql`` for the hand-written statements
 (the lease, the sealer, the booking), ``decoded`` for SQLAlchemy selects (the listings, the
@@ -28,6 +34,9 @@ from bucket.services.dialect import dialect_name
 
 T = Packet.__table__
 CODED = tuple(PACKET_CODES)
+# Each coded field's text column (migration 0024), and the field each such column holds.
+TEXT_COLUMNS = {name: f"{name}_text" for name in CODED}
+FIELDS = {column: name for name, column in TEXT_COLUMNS.items()}
 # The columns a reader must not read as stored: the coded ones and ``employee_id``.
 DECODED = (*CODED, "employee_id")
 # Stored, never shown: the codes themselves.
@@ -41,7 +50,12 @@ def _sql(name: str, column: Callable[[str], str]) -> str:
             f"CASE WHEN {column('employee_is_user')} THEN {column('user_id')} END)"
         )
     arms = " ".join(f"WHEN '{code}' THEN '{value}'" for value, code in PACKET_CODES[name].items())
-    return f"coalesce({column(name)}, CASE {column(name + '_code')} {arms} END)"
+    return f"coalesce({column(TEXT_COLUMNS[name])}, CASE {column(name + '_code')} {arms} END)"
+
+
+def field_name(column: str) -> str:
+    """The packet field a stored column holds (a coded field's text column names its field)."""
+    return FIELDS.get(column, column)
 
 
 def decoded_sql(name: str, p: str) -> str:
@@ -55,7 +69,7 @@ def column_sql(name: str, p: str = "packets") -> str:
     every value as text)."""
     if name in DECODED and dialect_name() == "postgresql":
         return decoded_sql(name, p)
-    return f"{p}.{name}"
+    return f"{p}.{TEXT_COLUMNS.get(name, name)}"
 
 
 def encode_rows(rows: list[dict[str, Any]]) -> None:
@@ -63,10 +77,10 @@ def encode_rows(rows: list[dict[str, Any]]) -> None:
     user_id as NULL (``employee_is_user``); every other value stays as it came."""
     for row in rows:
         for name, codes in PACKET_CODES.items():
-            value = row[name]
+            value = row[TEXT_COLUMNS[name]]
             code = codes.get(value) if isinstance(value, str) else None
             if code is not None:
-                row[name] = None
+                row[TEXT_COLUMNS[name]] = None
                 row[f"{name}_code"] = code
         if row["employee_id"] is not None and row["employee_id"] == row["user_id"]:
             row["employee_id"] = None
@@ -74,23 +88,23 @@ def encode_rows(rows: list[dict[str, Any]]) -> None:
 
 
 class decoded(FunctionElement):
-    """A coded packet column (``DECODED``) as its text, labelled by the caller."""
+    """A coded packet field (``DECODED``) as its text, labelled by the caller."""
 
     type = String()
     inherit_cache = True
 
     def __init__(self, name: str) -> None:
-        super().__init__(T.c[name])
+        super().__init__(T.c[TEXT_COLUMNS.get(name, name)])
 
 
 def _name(element: decoded) -> str:
-    return element.clauses.clauses[0].name
+    return field_name(element.clauses.clauses[0].name)
 
 
 @compiles(decoded)
 def _decoded(element: decoded, compiler: Any, **kw: Any) -> str:
-    """SQLite: the column, which holds every value as text."""
-    return compiler.process(T.c[_name(element)], **kw)
+    """SQLite: the text column, which holds every value."""
+    return compiler.process(element.clauses.clauses[0], **kw)
 
 
 @compiles(decoded, "postgresql")

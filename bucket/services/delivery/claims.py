@@ -79,8 +79,9 @@ def content_sql(name: str) -> str:
     form they were stored (services/signals, services/codes)."""
     if name == "raw_signals":
         return f"{signals.JSON_SQL.format(p='p', s='signal_set')} AS raw_signals"
-    if name in codes.DECODED:
-        return f"{codes.decoded_sql(name, 'p')} AS {name}"
+    field = codes.field_name(name)
+    if field in codes.DECODED:
+        return f"{codes.decoded_sql(field, 'p')} AS {field}"
     return f"p.{name}"
 
 
@@ -254,7 +255,9 @@ def _lease_sqlite(limit: int, timeout: int, settings: DeliverySettings) -> Claim
         )
     }
     contents = db.session.execute(
-        select(*CONTENT_COLUMNS).where(T.c.packet_id.in_(list(leased)))
+        select(*(c.label(codes.field_name(c.name)) for c in CONTENT_COLUMNS)).where(
+            T.c.packet_id.in_(list(leased))
+        )
     ).all()
     db.session.commit()
     rows = [{**content._mapping, **leased[content.packet_id]} for content in contents]

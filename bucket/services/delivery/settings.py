@@ -10,19 +10,20 @@ from flask import current_app
 from sqlalchemy import and_
 
 from bucket.models import Delivery, DeliveryState, Packet
-from bucket.services.codes import CODE_COLUMNS
+from bucket.services.codes import CODE_COLUMNS, field_name
 
 T = Packet.__table__
 D = Delivery.__table__
 # What a consumer sees of a packet: its content, then its delivery columns, in the order the
 # hand-written statements return them. raw_signals stands for the compact form too (migration
 # 0020, services/signals): its key set and values are not shown themselves, nor the codes of
-# the strings stored coded (migration 0022, services/codes), which their text columns stand for.
+# the strings stored coded (migration 0022, services/codes), which their text columns stand for
+# (under the fields' names).
 HIDDEN = ("dedup_key", "idempotency_key", "seq", "signal_keys", "signal_values", *CODE_COLUMNS)
 CONTENT_COLUMNS = [c for c in T.c if c.name not in HIDDEN]
 DELIVERY_COLUMNS = [c for c in D.c if c.name not in ("packet_id", "received_at")]
 PACKET_COLUMNS = CONTENT_COLUMNS + DELIVERY_COLUMNS
-PACKET_COLUMN_NAMES = [c.name for c in PACKET_COLUMNS]
+PACKET_COLUMN_NAMES = [field_name(c.name) for c in PACKET_COLUMNS]
 DELIVERY_COLUMN_NAMES = [c.name for c in DELIVERY_COLUMNS]
 EXHAUSTED_LEASE_ERROR = "lease expired without acknowledgement on the last allowed delivery"
 RELEASED_LAST_ERROR = "lease released by its consumer on the last allowed delivery"
