@@ -23,7 +23,7 @@ from bucket.models import Delivery, DeliveryState, Packet, UuidString
 from bucket.schemas import PacketSchema
 from bucket.services.audit.sealing import seal_everything
 from bucket.services.bookkeeping import book_new_packets
-from bucket.services.codes import CODE_COLUMNS
+from bucket.services.codes import CODE_COLUMNS, field_name
 from bucket.services.counters import recount
 from bucket.services.delivery.acks import PG_ACK, ack_item, ack_params
 from bucket.services.delivery.settings import DeliverySettings
@@ -397,14 +397,15 @@ def first_type(kind):
 # The packets table as migration 0001 made it: content and delivery in one row.
 FIRST_SCHEMA_PACKETS = table(
     "packets",
-    # Neither seq nor the columns of migrations 0010 (who sent it), 0020 and 0022 existed yet.
+    # Neither seq nor the columns of migrations 0010 (who sent it), 0020 and 0022 existed yet;
+    # the strings' columns had the fields' names (before migration 0024).
     *[
-        column(c.name, first_type(c.type))
+        column(field_name(c.name), first_type(c.type))
         for c in Packet.__table__.c
         if c.name
         not in (
             "seq",
-            "auth_outcome",
+            "auth_outcome_text",
             "auth_subject",
             "stale",
             "signal_keys",
@@ -428,7 +429,11 @@ def insert_as_an_older_version(app, count: int) -> list[str]:
             content = packet_row(PacketSchema().load(make_packet()), utc_now(), None)
             row = {**content, **delivery_row(content)}
             rows.append(
-                {name: value for name, value in row.items() if name in FIRST_SCHEMA_PACKETS.c}
+                {
+                    field_name(name): value
+                    for name, value in row.items()
+                    if field_name(name) in FIRST_SCHEMA_PACKETS.c
+                }
             )
         db.session.execute(insert(FIRST_SCHEMA_PACKETS), rows)
         db.session.commit()

@@ -1080,7 +1080,7 @@ def test_keys_missing_from_a_rolling_upgrade_are_backfilled(app, client, backend
                 dedup_key=identity_key("gurukul", body["user_id"], body["session_id"], timestamp),
                 user_id=body["user_id"],
                 session_id=body["session_id"],
-                system_type="gurukul",
+                system_type_text="gurukul",
                 client_timestamp=timestamp,
                 active_seconds=4.0,
                 idle_seconds=1.0,
