@@ -218,7 +218,7 @@ def test_a_coded_row_and_the_same_packet_stored_as_text_have_the_same_leaf(app, 
 def as_before_0024(statement: str) -> str:
     """A statement of today's service as the release before migration 0024 sent it: the same,
     with the five text columns under the fields' names."""
-    renamed = re.compile(r"\b(system_type|role|cognitive_state|state|auth_outcome)_text\b")
+    renamed = re.compile(rf"\b({'|'.join(codes.CODED)})_text\b")
     assert renamed.search(statement) and statement.count("_text") == len(renamed.findall(statement))
     return renamed.sub(r"\1", statement)
 
