@@ -9,6 +9,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import psycopg
 import pytest
+from sqlalchemy import event
 
 from bucket.extensions import db
 from bucket.services import partitions, retention
@@ -343,3 +344,64 @@ def test_a_purge_leaves_the_days_of_keys_made_ahead_and_a_dry_run_drops_none(app
     assert {k.partition: k.kept for k in report.key_days}[old] is None
     assert sql(app, f"SELECT to_regclass('{old}')") == [(None,)]
     assert sql(app, existing, names=names) == [(name,) for name in names]
+
+
+def test_a_day_of_keys_is_dropped_once_detached_so_ingest_never_waits_for_its_files(
+    app, client, backend
+):
+    """Dropping a table deletes its files at commit, which takes a while for a day of millions
+    of keys (BENCHMARKS.md: 0.18-0.23 s for 5M). Done in the transaction that detached the day,
+    the drop would hold ``packet_keys`` locked all that time, and every ingest (which inserts
+    through it) would wait: when the day's ``DROP TABLE`` runs, another connection takes an
+    insert's lock on ``packet_keys`` at once. A purge stopped between the two leaves the day
+    detached with its Idempotency-Keys gone; the next purge drops it."""
+    old = today() - timedelta(days=45)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    (body,) = day_bodies(app, old, 1)
+    post(client, body, **{"Idempotency-Key": "k-old"})
+    (packet,) = poll(client, limit=1)["packets"]
+    assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, [packet["packet_id"]], old)
+    key_day = partitions.key_day_name(old)
+    with app.app_context():
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        engines = set(db.engines.values())
+    inserts_waited: list[bool] = []
+
+    def try_an_insert_lock(conn, cursor, statement, parameters, context, executemany):
+        if statement.startswith(f"DROP TABLE {key_day}"):
+            with psycopg.connect(dsn) as other:
+                other.execute("SET lock_timeout = '200ms'")
+                try:
+                    other.execute("LOCK TABLE packet_keys IN ROW EXCLUSIVE MODE")
+                    inserts_waited.append(False)
+                except psycopg.errors.LockNotAvailable:
+                    inserts_waited.append(True)
+
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", try_an_insert_lock)
+    try:
+        with app.app_context():
+            report = retention.purge_days(30)
+    finally:
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", try_an_insert_lock)
+    assert {k.partition: k.kept for k in report.key_days}[key_day] is None
+    assert inserts_waited == [False]
+    assert sql(app, f"SELECT to_regclass('{key_day}')") == [(None,)]
+
+    # A purge stopped after detaching a day of keys: the next one drops the table.
+    later = today() - timedelta(days=40)
+    (body,) = day_bodies(app, later, 1)
+    post(client, body, **{"Idempotency-Key": "k-later"})
+    later_day = partitions.key_day_name(later)
+    sql(app, f"ALTER TABLE {partitions.KEYS} DETACH PARTITION {later_day}")
+    sql(app, "DELETE FROM packet_idempotency_keys WHERE client_day = :day", day=later)
+    with app.app_context():
+        retention.purge_days(30, dry_run=True)
+    assert sql(app, f"SELECT to_regclass('{later_day}')::text") == [(later_day,)]
+    with app.app_context():
+        retention.purge_days(30)
+    assert sql(app, f"SELECT to_regclass('{later_day}')") == [(None,)]

@@ -18,9 +18,11 @@ day's dead deliveries removed, and the partition detached with its partition of 
 (a run interrupted there is finished by the next purge).
 
 Then the days of keys (``packet_keys``, partitioned by the client timestamp's day, migration
-0015) that ended more than N days back go whole too, each once none of its keys names a packet
-still stored: a key is dropped only after its packet (a packet kept because it is unfinished
-or dead keeps its key, and a copy resent meanwhile is still its duplicate). Until then a copy
+0015) that ended more than N days back go whole too (detached in one short transaction and
+dropped in the next, so ingest, which inserts through ``packet_keys``, never waits while the
+day's files are deleted), each once none of its keys names a packet still stored: a key is
+dropped only after its packet (a packet kept because it is unfinished or dead keeps its key,
+and a copy resent meanwhile is still its duplicate). Until then a copy
 of a packet already purged is answered as the duplicate of the purged packet, and afterwards
 it is stored anew. With the day's keys go the Idempotency-Keys pointing into it. The check
 reads the day's keys' reception times against the packets' partitions still attached,
@@ -296,6 +298,10 @@ LEFTOVERS_SQL = (
     "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
     "AND relname ~ '^packets_(p[0-9]{8}|legacy)$' ORDER BY relname"
 )
+KEY_LEFTOVERS_SQL = (
+    "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
+    "AND relname ~ '^packet_keys_(p[0-9]{8}|legacy)$' ORDER BY relname"
+)
 PROCESSED_LEFTOVERS_SQL = (
     "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
     "AND relname ~ '^deliveries_processed_(p[0-9]{8}|legacy)$' ORDER BY relname"
@@ -367,8 +373,9 @@ def purge_days(
     if not dry_run:
         for name in db.session.execute(text(LEFTOVERS_SQL)).scalars().all():
             clear_detached(name, batch_size)  # an earlier purge stopped before dropping it
-        for name in db.session.execute(text(PROCESSED_LEFTOVERS_SQL)).scalars().all():
-            db.session.execute(text(f"DROP TABLE {name}"))
+        for leftovers in (PROCESSED_LEFTOVERS_SQL, KEY_LEFTOVERS_SQL):
+            for name in db.session.execute(text(leftovers)).scalars().all():
+                db.session.execute(text(f"DROP TABLE {name}"))
         db.session.commit()
     book_new_packets()
     seal_everything()
@@ -429,8 +436,10 @@ def live_condition(session) -> tuple[str, dict]:
 
 
 def drop_key_day(part: partitions.Partition, dry_run: bool) -> KeyDayOutcome:
-    """Detach and drop one day of keys with the Idempotency-Keys pointing into it, in one
-    transaction, unless one of its keys names a packet still stored (then it is kept whole)."""
+    """Detach one day of keys and remove the Idempotency-Keys pointing into it in one
+    transaction, then drop its table in another, unless one of its keys names a packet still
+    stored (then it is kept whole). A purge stopped between the two leaves the table detached:
+    the next one drops it (``KEY_LEFTOVERS_SQL``)."""
     name = part.name
     session = db.session
     try:
@@ -457,14 +466,17 @@ def drop_key_day(part: partitions.Partition, dry_run: bool) -> KeyDayOutcome:
         if part.start is not None:
             bounds["start"] = part.start.date()
         session.execute(text(f"DELETE FROM {IK.name} WHERE {window}"), bounds)
-        session.execute(text(f"DROP TABLE {name}"))
         session.commit()
-        return outcome
     except Exception as exc:
         session.rollback()
         if not sql.lock_not_granted(exc):
             raise
         return KeyDayOutcome(name, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
+    # Its files are deleted at the DROP's commit: in a transaction of its own, which locks
+    # only the detached table, not packet_keys, that every ingest inserts through.
+    session.execute(text(f"DROP TABLE {name}"))
+    session.commit()
+    return outcome
 
 
 def forget_default_keys() -> int:
