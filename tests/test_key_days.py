@@ -5,6 +5,7 @@ the default partition of keys watched."""
 from __future__ import annotations
 
 import re
+import threading
 from datetime import UTC, date, datetime, timedelta
 
 import psycopg
@@ -12,11 +13,13 @@ import pytest
 from sqlalchemy import event
 
 from bucket.extensions import db
-from bucket.services import partitions, retention
+from bucket.services import ingest, partitions, retention
 from bucket.timeutil import utc_now
+from tests.concurrency import join_all, wait_until
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, sql, status
 from tests.statements import captured_statements
+from tests.test_ingest_coalescing import blocked_by
 from tests.test_partitions import day_bodies, drop_partition, move_to_day, partition_of, stored
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
@@ -405,3 +408,42 @@ def test_a_day_of_keys_is_dropped_once_detached_so_ingest_never_waits_for_its_fi
     with app.app_context():
         retention.purge_days(30)
     assert sql(app, f"SELECT to_regclass('{later_day}')") == [(None,)]
+
+
+def test_a_copy_whose_key_another_write_claims_meanwhile_is_answered_as_its_duplicate(
+    app, client, backend
+):
+    """A copy's write on another worker claims the packet's identity while this one's is in
+    flight: the identity's INSERT (ON CONFLICT DO NOTHING) waits for that write, finds the key
+    taken once it commits, and the answer names the other copy's packet as the original, with
+    nothing stored twice. (A plain INSERT of the keys no committed row holds would save the
+    speculative insertion's 48 bytes of WAL a packet, and cost PostgreSQL more CPU than it
+    saves: BENCHMARKS.md.)"""
+    body = make_packet()
+    moment = datetime.fromisoformat(body["timestamp"].replace("Z", "+00:00"))
+    key = ingest.identity_key(
+        body["system_type"], ingest.packet_user(body), body["session_id"], moment
+    )
+    theirs = "0190a5b4-0000-7000-8000-00000000c0de"
+    with app.app_context():
+        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    answers = []
+    with psycopg.connect(dsn) as other:
+        other.execute(
+            "INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
+            "VALUES (CAST(%s AS uuid), %s, now(), CAST(%s AS uuid))",
+            (key, moment.date(), theirs),
+        )
+        (pid,) = other.execute("SELECT pg_backend_pid()").fetchone()
+        sender = threading.Thread(
+            target=lambda: answers.append(client.post(f"{API}/ingest", json=body))
+        )
+        sender.start()
+        wait_until(lambda: blocked_by(dsn, pid) == 1, 10, "the ingest never waited for the key")
+        other.commit()
+        join_all([sender], 10, "ingest")
+    (answer,) = answers
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert (answer.json["packet_id"], answer.json["duplicate"]) == (theirs, True)
+    assert stored(app) == set()
+    assert sql(app, "SELECT count(*) FROM packet_keys") == [(1,)]
