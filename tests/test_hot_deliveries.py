@@ -314,3 +314,21 @@ def test_processed_deliveries_of_a_day_without_partition_are_adopted(app, client
     assert ensured.exit_code == 0 and f"created {name}" in ensured.output, ensured.output
     assert placement(app) == {name: 1}
     assert status(client)["default_partition_deliveries"] == 0
+
+
+def test_a_claim_rewrites_each_delivery_on_its_own_page(app, client, backend):
+    """Ingest fills each page of the hot partition to 40 % (fillfactor 40, migration
+    0025), so a claim's new version of a delivery goes on the page of the old one: PostgreSQL
+    then logs the update compressed against the old version, and no lock of the old version
+    before moving to another page (BENCHMARKS.md: about 70 bytes of WAL a drained packet). A full
+    page would send every new version elsewhere."""
+    ids = ingest_many(client, 300)
+    where = "SELECT packet_id::text, (ctid::text::point)[0] FROM deliveries_hot"
+    before = dict(sql(app, where))
+    assert set(before) == set(ids) and len(set(before.values())) > 3
+    for _ in range(3):
+        assert len(poll(client, limit=100)["packets"]) == 100
+    sizes = "SELECT avg(pg_column_size(d.*)) FROM deliveries_hot d"
+    after = dict(sql(app, where))
+    moved = {packet_id for packet_id, page in after.items() if page != before[packet_id]}
+    assert moved == set(), (len(moved), sql(app, sizes))
