@@ -95,6 +95,16 @@ class Service:
     def worker_pids(self) -> list[int]:
         return child_pids(self.process.pid)
 
+    def thread_counts(self) -> list[int]:
+        """Threads of each worker (gunicorn's pool starts its threads as requests need them)."""
+        counts = []
+        for pid in self.worker_pids():
+            try:
+                counts.append(len(os.listdir(f"/proc/{pid}/task")))
+            except OSError:
+                continue
+        return counts
+
     def rss_mb(self) -> list[float]:
         """Resident memory of each worker, in MB."""
         sizes = []
