@@ -317,10 +317,10 @@ def test_processed_deliveries_of_a_day_without_partition_are_adopted(app, client
 
 
 def test_a_claim_rewrites_each_delivery_on_its_own_page(app, client, backend):
-    """Ingest fills each page of the hot partition to 40 % (fillfactor 40, migration
-    0025), so a claim's new version of a delivery goes on the page of the old one: PostgreSQL
-    then logs the update compressed against the old version, and no lock of the old version
-    before moving to another page (BENCHMARKS.md: about 70 bytes of WAL a drained packet). A full
+    """Ingest fills each page of the hot partition to 40 % (fillfactor 40, migration 0025), so
+    a claim's new version of a delivery goes on the page of the old one: PostgreSQL then logs
+    the update compressed against the old version, and no lock of the old version before
+    moving to another page (BENCHMARKS.md: about 70 bytes of WAL a drained packet). A full
     page would send every new version elsewhere."""
     ids = ingest_many(client, 300)
     where = "SELECT packet_id::text, (ctid::text::point)[0] FROM deliveries_hot"

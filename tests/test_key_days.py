@@ -19,7 +19,7 @@ from tests.concurrency import join_all, wait_until
 from tests.factories import make_packet
 from tests.queue_helpers import API, ack, poll, sql, status
 from tests.statements import captured_statements
-from tests.test_ingest_coalescing import blocked_by
+from tests.test_ingest_coalescing import blocked_by, postgres_dsn
 from tests.test_partitions import day_bodies, drop_partition, move_to_day, partition_of, stored
 
 pytestmark = pytest.mark.parametrize("backend", ["postgres"])
@@ -368,8 +368,8 @@ def test_a_day_of_keys_is_dropped_once_detached_so_ingest_never_waits_for_its_fi
     assert ack(client, packet["packet_id"]).status_code == 200
     move_to_day(app, [packet["packet_id"]], old)
     key_day = partitions.key_day_name(old)
+    dsn = postgres_dsn(app)
     with app.app_context():
-        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
         engines = set(db.engines.values())
     inserts_waited: list[bool] = []
 
@@ -425,8 +425,7 @@ def test_a_copy_whose_key_another_write_claims_meanwhile_is_answered_as_its_dupl
         body["system_type"], ingest.packet_user(body), body["session_id"], moment
     )
     theirs = "0190a5b4-0000-7000-8000-00000000c0de"
-    with app.app_context():
-        dsn = db.engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    dsn = postgres_dsn(app)
     answers = []
     with psycopg.connect(dsn) as other:
         other.execute(

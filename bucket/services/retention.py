@@ -294,17 +294,11 @@ def purged_ranges(
 
 
 LOCK_TIMEOUT = "1s"
+# Tables an earlier purge detached from ``:parent`` (a day's or the legacy partition) and did
+# not drop: it stopped in between.
 LEFTOVERS_SQL = (
     "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
-    "AND relname ~ '^packets_(p[0-9]{8}|legacy)$' ORDER BY relname"
-)
-KEY_LEFTOVERS_SQL = (
-    "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
-    "AND relname ~ '^packet_keys_(p[0-9]{8}|legacy)$' ORDER BY relname"
-)
-PROCESSED_LEFTOVERS_SQL = (
-    "SELECT relname FROM pg_class WHERE relkind = 'r' AND NOT relispartition "
-    "AND relname ~ '^deliveries_processed_(p[0-9]{8}|legacy)$' ORDER BY relname"
+    "AND relname ~ ('^' || :parent || '_(p[0-9]{8}|legacy)$') ORDER BY relname"
 )
 ATTACHED_SQL = (
     "SELECT c.relispartition FROM pg_class c WHERE c.oid = to_regclass(:name) AND c.relkind = 'r'"
@@ -371,11 +365,10 @@ def purge_days(
     cutoff = utc_now() - timedelta(days=older_than_days)
     report = DayPurgeReport(cutoff, dry_run)
     if not dry_run:
-        for name in db.session.execute(text(LEFTOVERS_SQL)).scalars().all():
-            clear_detached(name, batch_size)  # an earlier purge stopped before dropping it
-        for leftovers in (PROCESSED_LEFTOVERS_SQL, KEY_LEFTOVERS_SQL):
-            for name in db.session.execute(text(leftovers)).scalars().all():
-                db.session.execute(text(f"DROP TABLE {name}"))
+        for name in leftovers("packets"):
+            clear_detached(name, batch_size)
+        for name in leftovers(partitions.PROCESSED) + leftovers(partitions.KEYS):
+            db.session.execute(text(f"DROP TABLE {name}"))
         db.session.commit()
     book_new_packets()
     seal_everything()
@@ -403,6 +396,11 @@ def purge_days(
         if outcome.kept is not None:
             log.info("retention kept %s: %s", part.name, outcome.kept)
     return report
+
+
+def leftovers(parent: str) -> list[str]:
+    """The tables an earlier purge detached from ``parent`` and stopped before dropping."""
+    return list(db.session.execute(text(LEFTOVERS_SQL), {"parent": parent}).scalars())
 
 
 def live_condition(session) -> tuple[str, dict]:
@@ -439,7 +437,7 @@ def drop_key_day(part: partitions.Partition, dry_run: bool) -> KeyDayOutcome:
     """Detach one day of keys and remove the Idempotency-Keys pointing into it in one
     transaction, then drop its table in another, unless one of its keys names a packet still
     stored (then it is kept whole). A purge stopped between the two leaves the table detached:
-    the next one drops it (``KEY_LEFTOVERS_SQL``)."""
+    the next one drops it (``leftovers``)."""
     name = part.name
     session = db.session
     try:
