@@ -1,14 +1,16 @@
 """A worker's CPU per single-packet ingest, in process, one version of the code beside another.
 
     .venv/bin/python -m bench.ingest_cpu [--against REF] [--rounds 5] [--requests 3000]
-        [--threads 16] [--modes concurrent,sequential,gunicorn] [--revision REF]
+        [--threads 16] [--modes concurrent,sequential,batch,gunicorn] [--revision REF]
 
 Each measurement is a fresh Python process serving requests through Flask's test client (no
 gunicorn, no wrk), configured as in production: rate limits on (raised so they never refuse),
 the request log on (its lines discarded), Prometheus metrics in multiprocess files, a private
 PostgreSQL database on the machine's server and a private redis-server. ``concurrent``: 16
 threads post unique single packets at once with ingest coalescing on; ``sequential``: one
-thread, coalescing off; ``gunicorn``: the Procfile's gunicorn with one worker (coalescing on)
+thread, coalescing off; ``batch``: one thread posts envelopes of 100 packets, each of another
+learner as in ``bench/batch.lua`` (the figure is then per packet, ``--requests`` counting
+packets); ``gunicorn``: the Procfile's gunicorn with one worker (coalescing on)
 under wrk, 16 connections, for ``--seconds``, the worker's CPU from ``/proc`` per answered
 request (what ``make bench`` reports, without the rest of the benchmark). The figure is the
 process's CPU per request (``time.process_time``, every thread, the test client's share
@@ -38,6 +40,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 INGEST = "/api/v1/bucket/prana/ingest"
+BATCH = 100  # packets per envelope in the batch mode, as bench/batch.lua sends them
 HIGH = "100000000 per minute"
 TOKEN = "bench-ingest-cpu-token"
 
@@ -101,6 +104,26 @@ def child(args: argparse.Namespace) -> None:
             raise RuntimeError(f"{len(failures)} requests failed: {sorted(set(failures))}")
         return spent, sum(len(mine) for mine in work)
 
+    def envelopes(packets: int, tag: str) -> tuple[float, int]:
+        bodies = [
+            {
+                "packets": [
+                    make_packet(user_id=f"learner-{run_id}-{tag}-{e}-{n}") for n in range(BATCH)
+                ],
+                "batch_size": BATCH,
+            }
+            for e in range(max(1, packets // BATCH))
+        ]
+        spent, count = timed(
+            [bodies], lambda client, body: client.post(INGEST, json=body).status_code
+        )
+        return spent, count * BATCH
+
+    if args.mode == "batch":
+        envelopes(2 * BATCH, "warm")
+        spent, count = envelopes(args.requests, "run")
+        print(json.dumps({"us": spent / count * 1e6, "requests": count}))
+        return
     ingest(64, "warm")  # connections, prepared statements, scripts
     spent, count = ingest(args.requests, "run")
     print(json.dumps({"us": spent / count * 1e6, "requests": count}))

@@ -6,7 +6,6 @@ import os
 import re
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
 
 
@@ -86,4 +85,6 @@ def new_packet_id() -> str:
     value |= counter << 64
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
-    return str(uuid.UUID(int=value))
+    # str(uuid.UUID(int=value)), without the object (its checks cost twice the rest).
+    digits = f"{value:032x}"
+    return f"{digits[:8]}-{digits[8:12]}-{digits[12:16]}-{digits[16:20]}-{digits[20:]}"

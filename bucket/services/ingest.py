@@ -7,6 +7,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from json.encoder import encode_basestring_ascii as quote_json
 from typing import Any
 
 import orjson
@@ -182,6 +183,25 @@ def store_batch(
 UNVERIFIED_SCOPE = "unverified"
 
 
+def _json_part(value: str | int | None) -> str:
+    """One element of a digest's JSON array, exactly as ``json.dumps`` writes it."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return quote_json(value)
+    if type(value) is int:
+        return int.__repr__(value)
+    return json.dumps(value)
+
+
+def _digest(*parts: str | int | None) -> str:
+    """blake2b-128 of the parts as a compact JSON array (``json.dumps`` with ``(",", ":")``
+    separators, non-ASCII escaped), the form every stored key was hashed from. Joined here
+    from the C string escaper ``json.dumps`` itself uses, at less than half its cost."""
+    text = "[" + ",".join([_json_part(part) for part in parts]) + "]"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 def identity_key(
     system_type: str | None,
     user_id: str,
@@ -191,20 +211,16 @@ def identity_key(
 ) -> str:
     """Digest of the natural identity: nulls equal, the timestamp as a UTC instant in ms."""
     millis = (ts - EPOCH) // timedelta(milliseconds=1)
-    parts = [system_type, user_id, session_id, millis]
-    if scope is not None:
-        parts.insert(0, scope)
-    text = json.dumps(parts, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    if scope is None:
+        return _digest(system_type, user_id, session_id, millis)
+    return _digest(scope, system_type, user_id, session_id, millis)
 
 
 def scoped_idempotency_key(user_id: str, key: str | None, scope: str | None = None) -> str | None:
     """The key as stored, scoped to its user: two browsers choosing one key never collide."""
     if key is None:
         return None
-    parts = [user_id, key] if scope is None else [scope, user_id, key]
-    text = json.dumps(parts, separators=(",", ":"))
-    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return _digest(user_id, key) if scope is None else _digest(scope, user_id, key)
 
 
 def packet_user(data: dict[str, Any]) -> str:
