@@ -497,6 +497,45 @@ def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_doe
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
+def test_a_day_whose_drop_fails_fails_the_purge_after_its_keys_and_the_next_purge_drops_it(
+    app, client, backend
+):
+    """The detached days are dropped on a thread of their own while the purge goes on to the
+    days of keys: a drop that fails (an operator's view still reads the day) does not stop
+    them, and fails the purge once they are done; the day stays detached, out of every read,
+    and the next purge drops it."""
+    old = today() - timedelta(days=50)
+    drop_partition(app, old)
+    with app.app_context():
+        partitions.create_day(old, adopt=False)
+    bodies = day_bodies(app, old, 2)
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    for packet in poll(client, limit=2)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, old)
+    name = partitions.day_name(old)
+    sql(app, f"CREATE VIEW operator_look AS SELECT packet_id FROM {name}")
+    try:
+        with app.app_context(), pytest.raises(Exception, match="depend"):
+            retention.purge_days(30)
+        detached = "SELECT relispartition FROM pg_class WHERE relname = :name"
+        assert sql(app, detached, name=name) == [(False,)]
+        assert stored(app) == set()
+        assert sql(app, f"SELECT to_regclass('{partitions.key_day_name(old)}')") == [(None,)]
+        ranges = sql(
+            app, "SELECT packet_count FROM audit_purged_ranges WHERE partition = :n", n=name
+        )
+        assert ranges == [(2,)]
+    finally:
+        sql(app, "DROP VIEW IF EXISTS operator_look")
+    with app.app_context():
+        retention.purge_days(30)
+    assert sql(app, detached, name=name) == []
+    for body, purged_id in zip(bodies, ids, strict=True):
+        assert_resent_is_new(client, body, purged_id)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
 def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_past_the_lock_timeout(
     app, client, backend
 ):

@@ -15,7 +15,9 @@ leaves of only the seals that skip a seq, so ``verify`` tells each of them "purg
 retention" and still calls any other missing packet deleted), the counters are lowered, the
 day's dead deliveries removed, and the partition detached with its partition of processed deliveries
 (``deliveries_processed_pYYYYMMDD``, migration 0014), and both detached tables are dropped
-(a run interrupted there is finished by the next purge).
+(a run interrupted there is finished by the next purge): on a connection and a thread of
+their own, since deleting a day's files is most of a purge's time, while the purge goes on to
+the next day and to the days of keys; a drop that fails fails the purge once those are done.
 
 Then the days of keys (``packet_keys``, partitioned by the client timestamp's day, migration
 0015) that ended more than N days back go whole too (detached in one short transaction and
@@ -45,6 +47,7 @@ from __future__ import annotations
 import logging
 import struct
 from bisect import bisect_right
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -377,24 +380,28 @@ def purge_days(
     ).scalar_one_or_none()
     horizon = min(sealed_through(), booked or 0)
     db.session.commit()
-    for part in partitions.partitions():
-        if part.name == partitions.DEFAULT or part.end is None or part.end > cutoff:
-            continue
-        outcome = drop_day(part, horizon, include_dead, dry_run)
-        report.days.append(outcome)
-        if outcome.kept is not None:
-            log.warning("retention kept %s: %s", part.name, outcome.kept)
-        elif not dry_run:
-            clear_detached(part.name, batch_size)
-    if not dry_run:
-        report.default_keys = forget_default_keys()
-    for part in partitions.partitions(partitions.KEYS):
-        if part.name == partitions.KEYS_DEFAULT or part.end is None or part.end > cutoff:
-            continue
-        outcome = drop_key_day(part, dry_run)
-        report.key_days.append(outcome)
-        if outcome.kept is not None:
-            log.info("retention kept %s: %s", part.name, outcome.kept)
+    # A detached day's files are deleted when its DROP commits (most of a purge's time):
+    # on a connection of its own, one day after another, while this one goes on to the next
+    # day and to the days of keys.
+    with DetachedDrops(db.engine) as drops:
+        for part in partitions.partitions():
+            if part.name == partitions.DEFAULT or part.end is None or part.end > cutoff:
+                continue
+            outcome = drop_day(part, horizon, include_dead, dry_run)
+            report.days.append(outcome)
+            if outcome.kept is not None:
+                log.warning("retention kept %s: %s", part.name, outcome.kept)
+            elif not dry_run:
+                drops.add(part.name)
+        if not dry_run:
+            report.default_keys = forget_default_keys()
+        for part in partitions.partitions(partitions.KEYS):
+            if part.name == partitions.KEYS_DEFAULT or part.end is None or part.end > cutoff:
+                continue
+            outcome = drop_key_day(part, dry_run)
+            report.key_days.append(outcome)
+            if outcome.kept is not None:
+                log.info("retention kept %s: %s", part.name, outcome.kept)
     return report
 
 
@@ -605,18 +612,54 @@ def drop_day(
         return DayOutcome(name, 0, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
 
 
-def clear_detached(name: str, batch_size: int) -> None:
+def clear_detached(name: str, batch_size: int = 0, connection=None) -> None:
     """Drop a detached day's table and its processed deliveries' (detached with it, or still
     attached when a purge of the version before migration 0014 stopped here: every row in it
-    is of that day). Its keys stay in their own days (``packet_keys``, migration 0015), which
-    go once none of their packets is stored; ``batch_size`` is no longer needed here."""
-    session = db.session
+    is of that day), on ``connection`` (the session's by default) and commit. Its keys stay in
+    their own days (``packet_keys``, migration 0015), which go once none of their packets is
+    stored; ``batch_size`` is no longer needed here."""
+    on = connection if connection is not None else db.session
     processed = partitions.processed_name(name)
-    attached = session.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
+    attached = on.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
     if attached:
-        session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-        session.execute(text(f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {processed}"))
+        on.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        on.execute(text(f"ALTER TABLE {partitions.PROCESSED} DETACH PARTITION {processed}"))
     if attached is not None:
-        session.execute(text(f"DROP TABLE {processed}"))
-    session.execute(text(f"DROP TABLE {name}"))
-    session.commit()
+        on.execute(text(f"DROP TABLE {processed}"))
+    on.execute(text(f"DROP TABLE {name}"))
+    on.commit()
+
+
+class DetachedDrops:
+    """Drops detached days (``clear_detached``) in order on a thread and a connection of its
+    own, so that deleting one day's files overlaps the purge's work on the next day and on the
+    days of keys. Leaving the block waits for every drop and raises the first that failed;
+    a day left detached by a failure (or by a purge stopped midway) is dropped by the next
+    purge (``leftovers``)."""
+
+    def __init__(self, engine) -> None:
+        self._engine = engine
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
+
+    def add(self, name: str) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="purge-drop")
+        self._pending.append(self._pool.submit(self._drop, name))
+
+    def _drop(self, name: str) -> None:
+        with self._engine.connect() as connection:
+            clear_detached(name, connection=connection)
+
+    def __enter__(self) -> DetachedDrops:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self._pool is None:
+            return
+        self._pool.shutdown(wait=True)
+        failures = [f.exception() for f in self._pending if f.exception() is not None]
+        if failures and exc_info[0] is None:
+            raise failures[0]
+        for failure in failures:
+            log.error("retention left a detached day for the next purge: %s", failure)
