@@ -132,7 +132,16 @@ def purge_command(
     days = config["BUCKET_RETENTION_DAYS"] if older_than_days is None else older_than_days
     batch_size = batch_size or config["BUCKET_PURGE_BATCH_SIZE"]
     if partitions.partitioned() and not by_rows:
-        echo_day_purge(purge_days(days, include_dead, batch_size, dry_run))
+        day_report = purge_days(days, include_dead, batch_size, dry_run)
+        echo_day_purge(day_report)
+        for name, reason in day_report.undropped:
+            click.echo(
+                f"could not drop {name}: {reason}; it stays detached (no read sees it) and "
+                "the next purge drops it",
+                err=True,
+            )
+        if day_report.undropped:
+            raise SystemExit(1)
         return
     report = purge_rows(days, include_dead=include_dead, batch_size=batch_size, dry_run=dry_run)
     states = " and ".join(report.states)

@@ -497,14 +497,16 @@ def test_the_next_purge_finishes_a_day_an_earlier_one_detached_but_a_dry_run_doe
 
 
 @pytest.mark.parametrize("backend", ["postgres"])
-def test_a_day_whose_drop_fails_fails_the_purge_after_its_keys_and_the_next_purge_drops_it(
+def test_a_day_whose_drop_fails_is_named_and_fails_the_purge_and_the_next_purge_drops_it(
     app, client, backend
 ):
     """The detached days are dropped on a thread of their own while the purge goes on to the
     days of keys: a drop that fails (an operator's view still reads the day) does not stop
-    them, and fails the purge once they are done; the day stays detached, out of every read,
-    and the next purge drops it."""
-    old = today() - timedelta(days=50)
+    them; ``flask bucket purge`` reports what it purged, names the day it could not drop and
+    why, and exits 1; the day stays detached, out of every read. While it cannot be dropped it
+    holds up no other day's purge, and once it can, the next purge drops it (on its own thread
+    too, while it books and seals)."""
+    old, later = today() - timedelta(days=50), today() - timedelta(days=45)
     drop_partition(app, old)
     with app.app_context():
         partitions.create_day(old, adopt=False)
@@ -514,22 +516,41 @@ def test_a_day_whose_drop_fails_fails_the_purge_after_its_keys_and_the_next_purg
         assert ack(client, packet["packet_id"]).status_code == 200
     move_to_day(app, ids, old)
     name = partitions.day_name(old)
+    detached = "SELECT relispartition FROM pg_class WHERE relname = :name"
+    purge = ["bucket", "purge", "--older-than-days", "30"]
     sql(app, f"CREATE VIEW operator_look AS SELECT packet_id FROM {name}")
     try:
-        with app.app_context(), pytest.raises(Exception, match="depend"):
-            retention.purge_days(30)
-        detached = "SELECT relispartition FROM pg_class WHERE relname = :name"
+        failed = app.test_cli_runner().invoke(args=purge)
+        assert failed.exit_code == 1, failed.output
+        assert f"dropped {name}: 2 packets" in failed.output
+        assert f"dropped {partitions.key_day_name(old)}" in failed.output
+        assert f"could not drop {name}: " in failed.output
+        assert "depend" in failed.output and "the next purge drops it" in failed.output
         assert sql(app, detached, name=name) == [(False,)]
         assert stored(app) == set()
         assert sql(app, f"SELECT to_regclass('{partitions.key_day_name(old)}')") == [(None,)]
-        ranges = sql(
-            app, "SELECT packet_count FROM audit_purged_ranges WHERE partition = :n", n=name
-        )
-        assert ranges == [(2,)]
+        purged = "SELECT packet_count FROM audit_purged_ranges WHERE partition = :name"
+        assert sql(app, purged, name=name) == [(2,)]
+        # A later day comes due while the view still holds the first: it goes, the first is
+        # named again.
+        drop_partition(app, later)
+        with app.app_context():
+            partitions.create_day(later, adopt=False)
+        (body,) = day_bodies(app, later, 1)
+        later_id = client.post(f"{API}/ingest", json=body).json["packet_id"]
+        (packet,) = poll(client, limit=1)["packets"]
+        assert ack(client, packet["packet_id"]).status_code == 200
+        move_to_day(app, [later_id], later)
+        stuck = app.test_cli_runner().invoke(args=purge)
+        assert stuck.exit_code == 1, stuck.output
+        assert f"dropped {partitions.day_name(later)}: 1 packets" in stuck.output
+        assert f"could not drop {name}: " in stuck.output
+        assert sql(app, detached, name=partitions.day_name(later)) == []
     finally:
         sql(app, "DROP VIEW IF EXISTS operator_look")
-    with app.app_context():
-        retention.purge_days(30)
+    again = app.test_cli_runner().invoke(args=purge)
+    assert again.exit_code == 0, again.output
+    assert "could not drop" not in again.output
     assert sql(app, detached, name=name) == []
     for body, purged_id in zip(bodies, ids, strict=True):
         assert_resent_is_new(client, body, purged_id)
@@ -542,9 +563,10 @@ def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_pa
     """A purge of the version before migration 0014 stopped after detaching a day: the day's
     packets detached, its processed deliveries' partition still attached. The next purge
     detaches and drops that partition, but waits for a reader of the processed deliveries no
-    longer than its lock timeout: it fails with the lock timeout, dropping nothing, instead of
-    hanging (and making every ack wait behind its lock). Once the reader is done, the purge
-    after it drops both tables and forgets the day's keys."""
+    longer than its lock timeout: it names the day as not dropped, with the lock timeout,
+    instead of hanging (and making every ack wait behind its lock), and leaves both tables as
+    they were; the rest of the purge is not held up by it (the day's keys go, since none of
+    their packets is stored). Once the reader is done, the purge after it drops both tables."""
     old = today() - timedelta(days=55)
     drop_partition(app, old)
     with app.app_context():
@@ -587,11 +609,13 @@ def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_pa
         reader.rollback()
     join_all([worker], 60, "purge")
     assert not waited, "the purge waited for the reader past its lock timeout"
-    assert "lock timeout" in str(answer.get("error")), answer
+    assert "error" not in answer, answer
+    ((undropped, reason),) = answer["report"].undropped
+    assert undropped == name and "lock timeout" in reason
     assert sql(app, tables, a=name, b=processed) == left
-    assert {key for (key,) in sql(app, "SELECT packet_id::text FROM packet_keys")} >= set(ids)
+    assert not {key for (key,) in sql(app, "SELECT packet_id::text FROM packet_keys")} & set(ids)
     with app.app_context():
-        retention.purge_days(30, batch_size=1)
+        assert retention.purge_days(30, batch_size=1).undropped == []
     assert sql(app, tables, a=name, b=processed) == []
     for body, purged_id in zip(bodies, ids, strict=True):
         assert_resent_is_new(client, body, purged_id)

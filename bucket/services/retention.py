@@ -17,7 +17,8 @@ day's dead deliveries removed, and the partition detached with its partition of 
 (``deliveries_processed_pYYYYMMDD``, migration 0014), and both detached tables are dropped
 (a run interrupted there is finished by the next purge): on a connection and a thread of
 their own, since deleting a day's files is most of a purge's time, while the purge goes on to
-the next day and to the days of keys; a drop that fails fails the purge once those are done.
+the next day and to the days of keys; a drop that fails is reported (``undropped``) and the
+table, detached, waits for the next purge.
 
 Then the days of keys (``packet_keys``, partitioned by the client timestamp's day, migration
 0015) that ended more than N days back go whole too (detached in one short transaction and
@@ -341,6 +342,8 @@ class DayPurgeReport:
     key_days: list[KeyDayOutcome] = field(default_factory=list)
     # Keys of days long past removed from the default partition of ``packet_keys``.
     default_keys: int = 0
+    # Detached tables whose DROP failed, with why: out of every read, dropped by a next purge.
+    undropped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def dropped(self) -> list[DayOutcome]:
@@ -367,12 +370,25 @@ def purge_days(
         raise ValueError("older_than_days must be >= 0 and batch_size >= 1")
     cutoff = utc_now() - timedelta(days=older_than_days)
     report = DayPurgeReport(cutoff, dry_run)
-    if not dry_run:
-        for name in leftovers("packets"):
-            clear_detached(name, batch_size)
-        for name in leftovers(partitions.PROCESSED) + leftovers(partitions.KEYS):
-            db.session.execute(text(f"DROP TABLE {name}"))
-        db.session.commit()
+    # A detached day's files are deleted when its DROP commits (most of a purge's time): on a
+    # connection of its own, one table after another, while this one books, seals and goes
+    # through the days, first the tables an earlier purge detached and did not drop.
+    with DetachedDrops(db.engine) as drops:
+        if not dry_run:
+            for name in leftovers("packets"):
+                drops.add(name)
+            for name in leftovers(partitions.PROCESSED) + leftovers(partitions.KEYS):
+                drops.add(name, alone=True)
+            db.session.commit()
+        purge_each_day(report, include_dead, drops)
+    report.undropped = drops.failures
+    return report
+
+
+def purge_each_day(report: DayPurgeReport, include_dead: bool, drops: DetachedDrops) -> None:
+    """``purge_days`` once the leftovers are on their way: book and seal, then the days of
+    packets (each dropped by ``drops``) and the days of keys."""
+    cutoff, dry_run = report.cutoff, report.dry_run
     book_new_packets()
     seal_everything()
     booked = db.session.execute(
@@ -380,29 +396,24 @@ def purge_days(
     ).scalar_one_or_none()
     horizon = min(sealed_through(), booked or 0)
     db.session.commit()
-    # A detached day's files are deleted when its DROP commits (most of a purge's time):
-    # on a connection of its own, one day after another, while this one goes on to the next
-    # day and to the days of keys.
-    with DetachedDrops(db.engine) as drops:
-        for part in partitions.partitions():
-            if part.name == partitions.DEFAULT or part.end is None or part.end > cutoff:
-                continue
-            outcome = drop_day(part, horizon, include_dead, dry_run)
-            report.days.append(outcome)
-            if outcome.kept is not None:
-                log.warning("retention kept %s: %s", part.name, outcome.kept)
-            elif not dry_run:
-                drops.add(part.name)
-        if not dry_run:
-            report.default_keys = forget_default_keys()
-        for part in partitions.partitions(partitions.KEYS):
-            if part.name == partitions.KEYS_DEFAULT or part.end is None or part.end > cutoff:
-                continue
-            outcome = drop_key_day(part, dry_run)
-            report.key_days.append(outcome)
-            if outcome.kept is not None:
-                log.info("retention kept %s: %s", part.name, outcome.kept)
-    return report
+    for part in partitions.partitions():
+        if part.name == partitions.DEFAULT or part.end is None or part.end > cutoff:
+            continue
+        outcome = drop_day(part, horizon, include_dead, dry_run)
+        report.days.append(outcome)
+        if outcome.kept is not None:
+            log.warning("retention kept %s: %s", part.name, outcome.kept)
+        elif not dry_run:
+            drops.add(part.name)
+    if not dry_run:
+        report.default_keys = forget_default_keys()
+    for part in partitions.partitions(partitions.KEYS):
+        if part.name == partitions.KEYS_DEFAULT or part.end is None or part.end > cutoff:
+            continue
+        outcome = drop_key_day(part, dry_run)
+        report.key_days.append(outcome)
+        if outcome.kept is not None:
+            log.info("retention kept %s: %s", part.name, outcome.kept)
 
 
 def leftovers(parent: str) -> list[str]:
@@ -612,12 +623,12 @@ def drop_day(
         return DayOutcome(name, 0, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
 
 
-def clear_detached(name: str, batch_size: int = 0, connection=None) -> None:
+def clear_detached(name: str, connection=None) -> None:
     """Drop a detached day's table and its processed deliveries' (detached with it, or still
     attached when a purge of the version before migration 0014 stopped here: every row in it
     is of that day), on ``connection`` (the session's by default) and commit. Its keys stay in
     their own days (``packet_keys``, migration 0015), which go once none of their packets is
-    stored; ``batch_size`` is no longer needed here."""
+    stored."""
     on = connection if connection is not None else db.session
     processed = partitions.processed_name(name)
     attached = on.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
@@ -631,25 +642,32 @@ def clear_detached(name: str, batch_size: int = 0, connection=None) -> None:
 
 
 class DetachedDrops:
-    """Drops detached days (``clear_detached``) in order on a thread and a connection of its
-    own, so that deleting one day's files overlaps the purge's work on the next day and on the
-    days of keys. Leaving the block waits for every drop and raises the first that failed;
-    a day left detached by a failure (or by a purge stopped midway) is dropped by the next
-    purge (``leftovers``)."""
+    """Drops detached tables in order on a thread and a connection of its own, so that
+    deleting one day's files overlaps the purge's work on the next day and on the days of
+    keys. Leaving the block waits for every drop; ``failures`` names the tables whose DROP
+    failed and why (they stay detached, out of every read, and the next purge drops them as
+    ``leftovers``)."""
 
     def __init__(self, engine) -> None:
         self._engine = engine
         self._pool: ThreadPoolExecutor | None = None
-        self._pending: list[Future] = []
+        self._pending: list[tuple[str, Future]] = []
+        self.failures: list[tuple[str, str]] = []
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, alone: bool = False) -> None:
+        """Drop ``name``: a detached day of packets with its processed deliveries
+        (``clear_detached``), or, ``alone``, one table."""
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="purge-drop")
-        self._pending.append(self._pool.submit(self._drop, name))
+        self._pending.append((name, self._pool.submit(self._drop, name, alone)))
 
-    def _drop(self, name: str) -> None:
+    def _drop(self, name: str, alone: bool) -> None:
         with self._engine.connect() as connection:
-            clear_detached(name, connection=connection)
+            if alone:  # gone already when it was a leftover day's, dropped just before
+                connection.execute(text(f"DROP TABLE IF EXISTS {name}"))
+                connection.commit()
+            else:
+                clear_detached(name, connection=connection)
 
     def __enter__(self) -> DetachedDrops:
         return self
@@ -658,8 +676,9 @@ class DetachedDrops:
         if self._pool is None:
             return
         self._pool.shutdown(wait=True)
-        failures = [f.exception() for f in self._pending if f.exception() is not None]
-        if failures and exc_info[0] is None:
-            raise failures[0]
-        for failure in failures:
-            log.error("retention left a detached day for the next purge: %s", failure)
+        for name, future in self._pending:
+            failure = future.exception()
+            if failure is not None:
+                reason = str(getattr(failure, "orig", None) or failure).strip().splitlines()[0]
+                log.error("retention could not drop %s, left detached: %s", name, reason)
+                self.failures.append((name, reason))
