@@ -399,6 +399,20 @@ def day_bodies(app, day: date, count: int) -> list[dict]:
     return bodies
 
 
+def processed_on(app, client, day: date, count: int) -> tuple[list[dict], list[str]]:
+    """``count`` packets of ``day`` (``day_bodies``) in a fresh partition of that day,
+    ingested, processed and moved there; their bodies and ids."""
+    drop_partition(app, day)
+    with app.app_context():
+        partitions.create_day(day, adopt=False)
+    bodies = day_bodies(app, day, count)
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    for packet in poll(client, limit=count)["packets"]:
+        assert ack(client, packet["packet_id"]).status_code == 200
+    move_to_day(app, ids, day)
+    return bodies, ids
+
+
 def assert_resent_is_new(client, body: dict, purged_id: str) -> None:
     """A purged packet's keys went with it (its day of keys dropped once none of that day's
     packets was stored): the same packet sent again is stored anew, as after any purge."""
@@ -507,14 +521,7 @@ def test_a_day_whose_drop_fails_is_named_and_fails_the_purge_and_the_next_purge_
     holds up no other day's purge, and once it can, the next purge drops it (on its own thread
     too, while it books and seals)."""
     old, later = today() - timedelta(days=50), today() - timedelta(days=45)
-    drop_partition(app, old)
-    with app.app_context():
-        partitions.create_day(old, adopt=False)
-    bodies = day_bodies(app, old, 2)
-    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
-    for packet in poll(client, limit=2)["packets"]:
-        assert ack(client, packet["packet_id"]).status_code == 200
-    move_to_day(app, ids, old)
+    bodies, ids = processed_on(app, client, old, 2)
     name = partitions.day_name(old)
     detached = "SELECT relispartition FROM pg_class WHERE relname = :name"
     purge = ["bucket", "purge", "--older-than-days", "30"]
@@ -533,14 +540,7 @@ def test_a_day_whose_drop_fails_is_named_and_fails_the_purge_and_the_next_purge_
         assert sql(app, purged, name=name) == [(2,)]
         # A later day comes due while the view still holds the first: it goes, the first is
         # named again.
-        drop_partition(app, later)
-        with app.app_context():
-            partitions.create_day(later, adopt=False)
-        (body,) = day_bodies(app, later, 1)
-        later_id = client.post(f"{API}/ingest", json=body).json["packet_id"]
-        (packet,) = poll(client, limit=1)["packets"]
-        assert ack(client, packet["packet_id"]).status_code == 200
-        move_to_day(app, [later_id], later)
+        processed_on(app, client, later, 1)
         stuck = app.test_cli_runner().invoke(args=purge)
         assert stuck.exit_code == 1, stuck.output
         assert f"dropped {partitions.day_name(later)}: 1 packets" in stuck.output
@@ -568,14 +568,7 @@ def test_a_leftover_with_its_processed_partition_attached_waits_for_no_reader_pa
     they were; the rest of the purge is not held up by it (the day's keys go, since none of
     their packets is stored). Once the reader is done, the purge after it drops both tables."""
     old = today() - timedelta(days=55)
-    drop_partition(app, old)
-    with app.app_context():
-        partitions.create_day(old, adopt=False)
-    bodies = day_bodies(app, old, 2)
-    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
-    for packet in poll(client, limit=2)["packets"]:
-        assert ack(client, packet["packet_id"]).status_code == 200
-    move_to_day(app, ids, old)
+    bodies, ids = processed_on(app, client, old, 2)
     name = partitions.day_name(old)
     processed = partitions.processed_name(name)
     with app.app_context():
