@@ -623,13 +623,12 @@ def drop_day(
         return DayOutcome(name, 0, kept=f"busy: a lock was not granted within {LOCK_TIMEOUT}")
 
 
-def clear_detached(name: str, connection=None) -> None:
+def clear_detached(on, name: str) -> None:
     """Drop a detached day's table and its processed deliveries' (detached with it, or still
     attached when a purge of the version before migration 0014 stopped here: every row in it
-    is of that day), on ``connection`` (the session's by default) and commit. Its keys stay in
+    is of that day) on connection ``on`` (``DetachedDrops``' own) and commit. Its keys stay in
     their own days (``packet_keys``, migration 0015), which go once none of their packets is
     stored."""
-    on = connection if connection is not None else db.session
     processed = partitions.processed_name(name)
     attached = on.execute(text(ATTACHED_SQL), {"name": processed}).scalar()
     if attached:
@@ -667,7 +666,7 @@ class DetachedDrops:
                 connection.execute(text(f"DROP TABLE IF EXISTS {name}"))
                 connection.commit()
             else:
-                clear_detached(name, connection=connection)
+                clear_detached(connection, name)
 
     def __enter__(self) -> DetachedDrops:
         return self
