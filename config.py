@@ -87,6 +87,9 @@ class Config:
         # Seconds a request (head and body) may take to arrive once its connection is readable;
         # then 408 (bucket/web/gunicorn_worker.py reads it, not the app).
         self.BUCKET_REQUEST_READ_TIMEOUT = env_float("BUCKET_REQUEST_READ_TIMEOUT", 10.0)
+        # Seconds between a worker's returns of its freed heap to the system (glibc's
+        # malloc_trim, bucket/web/heap.py); 0 never returns it.
+        self.BUCKET_HEAP_TRIM_INTERVAL = env_float("BUCKET_HEAP_TRIM_INTERVAL", 60.0)
         # What cognitive_state may hold (the legacy EMS states are accepted besides).
         self.BUCKET_COGNITIVE_STATES = env_list(
             "BUCKET_COGNITIVE_STATES",

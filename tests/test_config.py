@@ -109,6 +109,7 @@ CASES: dict[str, dict] = {
         "value": "4.5",
         "config": ("BUCKET_REQUEST_READ_TIMEOUT", 4.5),
     },
+    "BUCKET_HEAP_TRIM_INTERVAL": {"value": "7.5", "config": ("BUCKET_HEAP_TRIM_INTERVAL", 7.5)},
     "BUCKET_COGNITIVE_STATES": {
         "value": "ON_TASK, FATIGUED",
         "config": ("BUCKET_COGNITIVE_STATES", ["ON_TASK", "FATIGUED"]),

@@ -28,6 +28,7 @@ import orjson
 from gunicorn import util
 from gunicorn.workers.gthread import ThreadWorker
 
+from bucket.web.heap import HeapTrimmer
 from config import Config
 
 RECV_SIZE = 256 * 1024
@@ -223,7 +224,14 @@ class BufferingThreadWorker(ThreadWorker):
         self.read_timeout = config.BUCKET_REQUEST_READ_TIMEOUT
         self.max_body = config.BUCKET_MAX_BODY_BYTES
         self.readings: dict = {}  # connection -> RequestReading
+        self.heap = HeapTrimmer(config.BUCKET_HEAP_TRIM_INTERVAL)
         super().init_process()
+
+    def notify(self) -> None:
+        """The heartbeat of every turn of the event loop; also gives the worker's freed heap
+        back to the system when ``BUCKET_HEAP_TRIM_INTERVAL`` has passed (bucket/web/heap)."""
+        super().notify()
+        self.heap.tick(time.monotonic())
 
     def buffers(self, conn) -> bool:
         """Whether this worker reads the connection's requests itself (plain HTTP/1.x)."""
