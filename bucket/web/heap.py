@@ -4,12 +4,12 @@ glibc's malloc keeps what a process frees for reuse, in an arena per thread that
 and returns it to the system only from the top of a heap. A worker's 16 threads free memory
 all over theirs, so its resident size climbs through its first minutes under load and stays
 there, though nothing in it is live: measured, 101.5 -> 108.7 MB over four minutes of ingest,
-and 101.8 MB once ``malloc_trim(0)`` had released every free page of every arena
-(BENCHMARKS.md, "The worker's memory"). A memory graph that only climbs looks like a leak and
-moves an instance toward its memory limit for nothing, so each worker calls ``malloc_trim``
-every ``BUCKET_HEAP_TRIM_INTERVAL`` seconds from its event loop (``gunicorn_worker``). ctypes
-lets go of the GIL during the call, so request threads keep running. A C library without it
-(musl, macOS) makes this a no-op.
+and 101.8 MB once ``malloc_trim(0)`` had released every free page of every arena (BENCHMARKS.md,
+"The worker's memory, given back"). A memory graph that only climbs looks like a leak and moves
+an instance toward its memory limit for nothing, so each worker calls ``malloc_trim`` every
+``BUCKET_HEAP_TRIM_INTERVAL`` seconds from its event loop (``gunicorn_worker``). ctypes lets go
+of the GIL during the call, so request threads keep running. A C library without it (musl,
+macOS) makes this a no-op.
 """
 
 from __future__ import annotations
