@@ -17,7 +17,7 @@ from sqlalchemy import delete, text
 
 from bucket.extensions import db
 from bucket.models import ActivityMinute
-from bucket.services import counters
+from bucket.services import counters, sql
 from bucket.services.codes import column_sql
 from bucket.services.dialect import dialect_name, upsert_insert
 from bucket.timeutil import epoch_now
@@ -131,14 +131,13 @@ def refusals(minutes: int = 24 * 60) -> dict[str, int]:
     """Packets refused by authenticated ingest over the last ``minutes``, by reason (every
     reason present, zero included); a bounded read of the roll-ups, committed."""
     first = int(epoch_now() // 60) - minutes + 1
-    found = db.session.execute(
-        text(
-            "SELECT series, sum(value) FROM activity_minutes "
-            "WHERE minute >= :first AND series LIKE 'refused:%' GROUP BY series"
-        ),
-        {"first": first},
-    ).all()
-    db.session.commit()
+    # On PostgreSQL the autocommit connection: no transaction to begin and commit (status).
+    found = sql.run(
+        "SELECT series, sum(value) FROM activity_minutes "
+        "WHERE minute >= %(first)s AND series LIKE %(refused)s GROUP BY series",
+        {"first": first, "refused": REFUSED + "%"},
+    )
+    sql.finish()
     counts = dict.fromkeys(AUTH_REFUSALS, 0)
     for series, count in found:
         counts[series[len(REFUSED) :]] = int(count)

@@ -211,6 +211,23 @@ def default_rows(table: str = DEFAULT) -> int | None:
     return count
 
 
+# The three default partitions' rows in one statement on the autocommit connection: status
+# reads them on every call, where three session reads with a commit each took 2.7 of its 6.8 ms.
+DEFAULTS_HELD_SQL = "SELECT " + ", ".join(
+    f"(SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT %(cap)s) AS held_{n})"
+    for n, table in enumerate((DEFAULT, PROCESSED_DEFAULT, KEYS_DEFAULT))
+)
+
+
+def defaults_held() -> tuple[int, int, int] | tuple[None, None, None]:
+    """``default_rows`` of the packets', the processed deliveries' and the keys' default
+    partitions, read together; Nones on SQLite."""
+    if not partitioned():
+        return None, None, None
+    ((packets, deliveries, keys),) = sql.run(DEFAULTS_HELD_SQL, {"cap": DEFAULT_COUNT_CAP})
+    return packets, deliveries, keys
+
+
 def days_ahead() -> int | None:
     """Whole days after today covered by day partitions without a gap (-1: not even today);
     None on SQLite."""

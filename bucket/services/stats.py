@@ -178,6 +178,7 @@ def collect_stats() -> QueueStats:
     """Every status figure."""
     figures = queue_figures()
     oldest_age = (utc_now() - figures.oldest).total_seconds() if figures.oldest else None
+    held_packets, held_deliveries, held_keys = partitions.defaults_held()
     return QueueStats(
         queue_size=figures.queue_size,
         queue_size_exact=figures.exact,
@@ -195,9 +196,9 @@ def collect_stats() -> QueueStats:
         quarantine_bytes=figures.quarantine[1],
         quarantine_evicted=figures.quarantine[2],
         quarantine_expired=figures.quarantine[3],
-        default_partition_packets=partitions.default_rows(),
-        default_partition_deliveries=partitions.default_rows(partitions.PROCESSED_DEFAULT),
-        default_partition_keys=partitions.default_rows(partitions.KEYS_DEFAULT),
+        default_partition_packets=held_packets,
+        default_partition_deliveries=held_deliveries,
+        default_partition_keys=held_keys,
         partition_days_ahead=partitions.days_ahead(),
         consumer_auth=bool(current_app.config.get("BUCKET_CONSUMER_TOKEN")),
         ingest_auth=current_app.config.get("BUCKET_INGEST_AUTH") or "off",
