@@ -19,7 +19,7 @@ import pytest
 import requests
 
 from bucket.web.heap import HeapTrimmer, malloc_trim
-from tests.cluster import BIN, Instance
+from tests.cluster import Instance, migrate
 from tests.concurrency import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,14 +82,7 @@ def test_every_worker_the_procfile_starts_trims_its_heap_when_due():
             LOG_LEVEL="DEBUG",
             LOG_FORMAT="text",
         )
-        subprocess.run(
-            [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-            cwd=ROOT,
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        migrate(env)
         instance = Instance(env, workers=2, threads=2).start()
         try:
             assert requests.get(f"{instance.url}/health", timeout=5).ok
