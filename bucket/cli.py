@@ -234,11 +234,10 @@ def partitions_list_command() -> None:
             start = part.start.date().isoformat() if part.start else "-"
             end = part.end.date().isoformat() if part.end else "-"
             click.echo(f"{part.name}\t{start}\t{end}\t~{part.estimated_rows} rows")
+    held_packets, held_deliveries, held_keys = partitions.defaults_held()
     click.echo(
-        f"default partitions: {partitions.default_rows()} packets, "
-        f"{partitions.default_rows(partitions.PROCESSED_DEFAULT)} processed deliveries, "
-        f"{partitions.default_rows(partitions.KEYS_DEFAULT)} packet keys; "
-        f"days ahead: {partitions.days_ahead()}"
+        f"default partitions: {held_packets} packets, {held_deliveries} processed deliveries, "
+        f"{held_keys} packet keys; days ahead: {partitions.days_ahead()}"
     )
 
 
