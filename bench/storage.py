@@ -51,7 +51,7 @@ if __package__ in (None, ""):
 import psycopg  # noqa: E402
 
 from bench.harness import Database, day_tables, exists, migrate  # noqa: E402
-from bucket.models import PACKET_CODES  # noqa: E402
+from bucket.models import PACKET_CODES, PACKET_SCALES  # noqa: E402
 from bucket.services import codes  # noqa: E402
 
 # (packets, days, unfinished backlog) of each mode.
@@ -133,8 +133,19 @@ PACKET_VALUES = {
     "auth_outcome": "NULL",
     "auth_subject": "NULL",
 }
-# Since migration 0024 the five strings' columns are named <name>_text (bucket/services/codes).
+# Since migration 0024 the five strings' columns are named <name>_text (bucket/services/codes),
+# since 0026 the five numbers' <name>_float.
 PACKET_VALUES.update({f"{name}_text": PACKET_VALUES[name] for name in PACKET_CODES})
+PACKET_VALUES.update({f"{name}_float": PACKET_VALUES[name] for name in PACKET_SCALES})
+# Since migration 0026, the same numbers as ingest stores them on PostgreSQL: each value
+# times its scale as a smallint, float NULL (every value filled has few decimals).
+SCALED_VALUES = {f"{name}_float": "NULL" for name in PACKET_SCALES}
+SCALED_VALUES.update(
+    {
+        f"{name}_scaled": f"round(({PACKET_VALUES[name]}) * {scale})"
+        for name, scale in PACKET_SCALES.items()
+    }
+)
 # Since migration 0020 (a dictionary of raw_signals' key sets), the same signals as ingest
 # stores them on PostgreSQL: the id of their key set (sorted keys) and the values' canonical
 # texts in key order joined by U+001F, raw_signals NULL (bucket/services/signals.py).
@@ -379,11 +390,14 @@ SAMPLE_ROWS = 200_000
 HEAP_ALTERNATIVES = (
     (
         "packets_coded_eight_first",
-        "packets as stored since migration 0022 (strings as codes), reordered: the 8-byte "
-        "columns first, then the fixed-width ones, then the variable-width ones",
+        "packets as stored since migration 0026 (strings as codes, numbers scaled), "
+        "reordered: the 8-byte columns first, then the fixed-width ones, then the "
+        "variable-width ones",
         "packets",
-        "seq, client_timestamp, received_at, active_seconds, idle_seconds, away_seconds, "
-        "focus_score, integrity_score, packet_id, dedup_key, signal_keys, stale, "
+        "seq, client_timestamp, received_at, active_seconds_float, idle_seconds_float, "
+        "away_seconds_float, focus_score_float, integrity_score_float, packet_id, dedup_key, "
+        "signal_keys, active_seconds_scaled, idle_seconds_scaled, away_seconds_scaled, "
+        "focus_score_scaled, integrity_score_scaled, stale, "
         "system_type_code, role_code, cognitive_state_code, state_code, auth_outcome_code, "
         "employee_is_user, idempotency_key, user_id, employee_id, session_id, lesson_id, "
         "task_id, system_type_text, role_text, cognitive_state_text, state_text, "
@@ -673,6 +687,8 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
         values = {**values, **COMPACT_SIGNAL_VALUES}
     if coded(conn):
         values = {**values, **CODED_VALUES}
+    if "active_seconds_scaled" in {column[0] for column in columns(conn, "packets")}:
+        values = {**values, **SCALED_VALUES}
     packet_columns, packet_values = insert_parts(conn, "packets", values, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.

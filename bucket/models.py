@@ -141,6 +141,32 @@ def _coded_string(name: str) -> property:
     return property(read, doc=f"The packet's {name}, whichever form it was stored in.")
 
 
+# The numbers a packet carries with few decimals in a small range, and the factor that makes
+# each value a bridge sends an integer (milliseconds of the 5-second window; hundredths of the
+# 0-100 focus score; ten-thousandths of the 0-1 integrity score). Fixed, like the codes:
+# stored rows hold values multiplied by them (migration 0026).
+PACKET_SCALES = {
+    "active_seconds": 1000,
+    "idle_seconds": 1000,
+    "away_seconds": 1000,
+    "focus_score": 100,
+    "integrity_score": 10_000,
+}
+
+
+def _scaled_number(name: str) -> property:
+    """The packet's ``name`` as every reader shows it: the float stored, else its integer
+    divided by the scale (the same float: ``services/codes.scaled``)."""
+    scale = PACKET_SCALES[name]
+
+    def read(packet: Any) -> float | None:
+        stored = getattr(packet, f"{name}_float")
+        scaled = getattr(packet, f"{name}_scaled")
+        return stored if stored is not None or scaled is None else scaled / scale
+
+    return property(read, doc=f"The packet's {name}, whichever form it was stored in.")
+
+
 # A one-byte code: ``"char"`` on PostgreSQL, a one-character string on SQLite (never filled).
 CODE = String().with_variant(InternalChar(), "postgresql")
 
@@ -192,11 +218,13 @@ class Packet(db.Model):
     client_timestamp: Mapped[datetime] = mapped_column(UTCDateTime())
     cognitive_state_text: Mapped[str | None] = mapped_column(String(32))
     state_text: Mapped[str | None] = mapped_column(String(32))
-    active_seconds: Mapped[float] = mapped_column(Float)
-    idle_seconds: Mapped[float] = mapped_column(Float)
-    away_seconds: Mapped[float] = mapped_column(Float)
-    focus_score: Mapped[float | None] = mapped_column(Float)
-    integrity_score: Mapped[float | None] = mapped_column(Float)
+    # The five numbers as received, unless stored scaled below (``<name>_scaled``); named
+    # ``<name>_float`` since migration 0026, for the reason of migration 0024's renames.
+    active_seconds_float: Mapped[float | None] = mapped_column(Float)
+    idle_seconds_float: Mapped[float | None] = mapped_column(Float)
+    away_seconds_float: Mapped[float | None] = mapped_column(Float)
+    focus_score_float: Mapped[float | None] = mapped_column(Float)
+    integrity_score_float: Mapped[float | None] = mapped_column(Float)
     # As received, canonical JSON (``bucket.jsonutil.canonical_json``). NULL on PostgreSQL for
     # a packet stored compact since migration 0020: its key set and values below instead.
     raw_signals: Mapped[dict | None] = mapped_column(JSON)
@@ -227,13 +255,27 @@ class Packet(db.Model):
     state_code: Mapped[str | None] = mapped_column(CODE)
     auth_outcome_code: Mapped[str | None] = mapped_column(CODE)
     employee_is_user: Mapped[bool | None] = mapped_column(Boolean)
+    # PostgreSQL, since migration 0026 (``services/codes``): a number of ``PACKET_SCALES``
+    # that a smallint holds exactly once multiplied by its scale (every value a bridge sends
+    # with few decimals) as that integer, its ``<name>_float`` NULL; any other as the float.
+    # All NULL on SQLite, which stores every number as received.
+    active_seconds_scaled: Mapped[int | None] = mapped_column(SmallInteger)
+    idle_seconds_scaled: Mapped[int | None] = mapped_column(SmallInteger)
+    away_seconds_scaled: Mapped[int | None] = mapped_column(SmallInteger)
+    focus_score_scaled: Mapped[int | None] = mapped_column(SmallInteger)
+    integrity_score_scaled: Mapped[int | None] = mapped_column(SmallInteger)
 
-    # ``flask shell``: the coded strings by their field names, read-only.
+    # ``flask shell``: the coded strings and scaled numbers by their field names, read-only.
     system_type = _coded_string("system_type")
     role = _coded_string("role")
     cognitive_state = _coded_string("cognitive_state")
     state = _coded_string("state")
     auth_outcome = _coded_string("auth_outcome")
+    active_seconds = _scaled_number("active_seconds")
+    idle_seconds = _scaled_number("idle_seconds")
+    away_seconds = _scaled_number("away_seconds")
+    focus_score = _scaled_number("focus_score")
+    integrity_score = _scaled_number("integrity_score")
 
     __table_args__ = (
         UniqueConstraint("dedup_key", name="uq_packets_dedup_key"),

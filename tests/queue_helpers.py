@@ -12,7 +12,7 @@ from sqlalchemy import literal_column, select, text
 
 from bucket.extensions import db, queue
 from bucket.models import Delivery, Packet
-from bucket.services.codes import TEXT_COLUMNS
+from bucket.services.codes import AS_RECEIVED
 from bucket.services.listing import LISTED, LISTED_DELIVERY
 from bucket.timeutil import epoch_now
 from tests.concurrency import join_all
@@ -188,15 +188,16 @@ def sealer_before_signal_key_sets() -> Iterator[None]:
 
     current, stamp, selected = sealing.LEAVES_SQL, sealing.STAMP, sealing.LEAF_SELECT
     before = current.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
-    for name, decoded in DECODED_TEXTS.items():  # nor codes (migration 0022)
-        before = before.replace(decoded, f"{name}::text")
+    # Nor codes (migration 0022) nor scaled numbers (0026).
+    for name, decoded in DECODED_TEXTS.items():
+        before = before.replace(decoded, f"{name}::{decoded.rsplit('::', 1)[1]}")
     sealing.LEAVES_SQL = before
     # Nor the layout its seals name (migration 0023).
     sealing.STAMP = {k: v for k, v in stamp.items() if k != "packet_layout"}
-    # SQLite: nor the text columns' names of migration 0024.
+    # SQLite: nor the columns' names of migrations 0024 and 0026.
     sealing.LEAF_SELECT = tuple(
         literal_column(f"packets.{column.name}").label(column.name)
-        if column.name in TEXT_COLUMNS
+        if column.name in AS_RECEIVED
         else column
         for column in selected
     )

@@ -332,7 +332,7 @@ def test_verify_names_every_kind_of_tampering(app, client):
     forged inside a sealed range, a seal edited: each is found and named; exit non-zero."""
     ids = ingest_many(client, 8)
     seal(app)
-    sql(app, "UPDATE packets SET focus_score = 99 WHERE packet_id = :p", p=ids[0])
+    sql(app, "UPDATE packets SET focus_score_float = 99 WHERE packet_id = :p", p=ids[0])
     sql(
         app,
         """UPDATE packets SET raw_signals = '{"tab_visible": false, "n": 0}'
@@ -355,7 +355,7 @@ def test_verify_names_every_kind_of_tampering(app, client):
             victim,
             packet_id=FORGED_ID,
             dedup_key="f" * 32,
-            focus_score=1.0,
+            focus_score_float=1.0,
             received_at=another_day(victim["received_at"]),
         )
         forged["raw_signals"] = json.dumps(forged["raw_signals"])
@@ -432,7 +432,7 @@ def test_verify_since_checks_only_later_seals_but_their_link(app, client):
         db.session.commit()
     ids = ingest_many(client, 2)
     seal(app)
-    sql(app, "UPDATE packets SET focus_score = 1 WHERE seq = (SELECT min(seq) FROM packets)")
+    sql(app, "UPDATE packets SET focus_score_float = 1 WHERE seq = (SELECT min(seq) FROM packets)")
     with app.app_context():
         second = db.session.get(AuditSeal, 2).sealed_at
         db.session.commit()
@@ -526,7 +526,7 @@ def test_seals_of_the_json_leaf_format_stay_verifiable_and_the_chain_goes_on(app
     assert proven.stdout.startswith(f"packet {old[1]}: user stu_test, received 20"), proven.stdout
     assert artifact(client, new[0])["leaf_format"] == LEAF_FORMAT
 
-    sql(app, "UPDATE packets SET focus_score = 1 WHERE packet_id = :p", p=old[0])
+    sql(app, "UPDATE packets SET focus_score_float = 1 WHERE packet_id = :p", p=old[0])
     result = verify(app.test_cli_runner())
     assert result.exit_code == 1 and f"altered: seal 1 packet {old[0]}" in result.output
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from sqlalchemy import select, text
 
 from bucket.extensions import db
-from bucket.models import Packet
+from bucket.models import PACKET_SCALES, Packet
 from bucket.services.audit.content import (
     FIELDS,
     LEAF_FROM,
@@ -31,7 +31,7 @@ from bucket.services.audit.content import (
     leaf_content,
 )
 from bucket.services.audit.sealing import seal_everything
-from bucket.services.codes import CODE_COLUMNS, TEXT_COLUMNS, field_name
+from bucket.services.codes import AS_RECEIVED, CODE_COLUMNS, field_name, scaled
 from bucket.services.signals import stored_signals_text
 from tests.factories import make_packet
 
@@ -43,6 +43,14 @@ VERIFIER = Path(__file__).resolve().parent.parent / "tools" / "verify_proof.py"
 CHARACTERS = st.characters(exclude_characters="\x00", exclude_categories=("Cs",))
 TEXT = st.text(CHARACTERS, max_size=40)
 FLOAT = st.floats(allow_nan=False, allow_infinity=False)
+# Numbers as bridges send them (a few decimals, in range): stored scaled (migration 0026).
+FEW_DECIMALS = st.one_of(
+    st.integers(0, 5000).map(lambda n: n / 1000),
+    st.integers(0, 10_000).map(lambda n: n / 100),
+    st.integers(0, 100),
+    st.sampled_from([0.0, -0.0, 5.0, 4.8, 0.1, 32.767, 32.768, 1e-7, 3.0000001]),
+)
+NUMBER = st.one_of(FLOAT, FEW_DECIMALS)
 TIMESTAMP = st.datetimes(
     min_value=datetime(1900, 1, 1), max_value=datetime(2999, 12, 31, 23, 59, 59, 999999)
 )
@@ -64,9 +72,9 @@ def packet_rows(draw) -> dict:
         row["idempotency_key"] += uuid.uuid4().hex
     row["user_id"] = draw(st.text(CHARACTERS, max_size=40))
     for name in ("active_seconds", "idle_seconds", "away_seconds"):
-        row[name] = draw(FLOAT)
+        row[name] = draw(NUMBER)
     for name in ("focus_score", "integrity_score"):
-        row[name] = draw(st.none() | FLOAT)
+        row[name] = draw(st.none() | NUMBER)
     outcomes = [None, "verified", "missing", "invalid", "mismatch"]
     row["auth_outcome"] = draw(st.sampled_from(outcomes))
     row["stale"] = draw(st.booleans())
@@ -105,16 +113,28 @@ def test_every_packet_column_is_in_the_leaf():
 @given(rows=st.lists(packet_rows(), min_size=1, max_size=4, unique_by=lambda row: row["seq"]))
 def test_postgres_and_python_encode_the_same_leaf(app, rows):
     """Stored on PostgreSQL, each row's record_send bytes equal the Python encoder's over the
-    row as read back: NULLs, any Unicode, -0.0 and extreme floats, timestamps before 2000."""
-    columns = ", ".join(TEXT_COLUMNS.get(name, name) for name in FIELDS)
+    row as read back: NULLs, any Unicode, -0.0 and extreme floats, timestamps before 2000.
+    A number a smallint holds exactly once scaled is stored so (migration 0026), as ingest
+    stores it, and read back as the very float it was."""
+    scaled_columns = [f"{name}_scaled" for name in PACKET_SCALES]
+    columns = ", ".join([*(AS_RECEIVED.get(name, name) for name in FIELDS), *scaled_columns])
     values = ", ".join(
-        f"CAST(:{name} AS json)" if name == "raw_signals" else f":{name}" for name in FIELDS
+        [
+            *(f"CAST(:{name} AS json)" if name == "raw_signals" else f":{name}" for name in FIELDS),
+            *(f":{column}" for column in scaled_columns),
+        ]
     )
+    stored = [dict(row) for row in rows]
+    for row in stored:
+        for name, scale in PACKET_SCALES.items():
+            row[f"{name}_scaled"] = scaled(row[name], scale)
+            if row[f"{name}_scaled"] is not None:
+                row[name] = None
     with app.app_context():
         try:
             db.session.execute(
                 text(f"INSERT INTO packets ({columns}) OVERRIDING SYSTEM VALUE VALUES ({values})"),
-                rows,
+                stored,
             )
             ids = [row["packet_id"] for row in rows]
             in_postgres = dict(
@@ -128,8 +148,12 @@ def test_postgres_and_python_encode_the_same_leaf(app, rows):
             read_back = db.session.execute(
                 select(*LEAF_SELECT).where(Packet.packet_id.in_(ids))
             ).mappings()
+            sent = {row["packet_id"]: row for row in rows}
             for row in read_back:
                 assert leaf_content(row) == bytes(in_postgres[row["packet_id"]]), row
+                for name in PACKET_SCALES:  # repr tells -0.0 from 0.0
+                    value = sent[row["packet_id"]][name]
+                    assert repr(row[name]) == repr(None if value is None else float(value)), name
         finally:
             db.session.rollback()
 

@@ -114,7 +114,7 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
     ]
     # seal 1's header edited: its hash no longer matches (seal 2 still names the stored hash)
     sql(app, "UPDATE audit_seals SET sealed_at = '2020-01-01 00:00:00' WHERE seq = 1")
-    sql(app, "UPDATE packets SET focus_score = 99 WHERE packet_id = :p", p=first[1])
+    sql(app, "UPDATE packets SET focus_score_float = 99 WHERE packet_id = :p", p=first[1])
     delete_packet(app, second[1])
     # a row forged with a sealed packet's seq, listed before it; and one before the first seal
     victim = second[2]
@@ -141,7 +141,7 @@ def test_verify_prints_each_problem_in_full_and_counts_every_seal(app, client):
     forge_copy(app, FORGED_BEFORE, packet_id=RENAMED, dedup_key="d" * 32, seq=renamed_seq)
     sql(
         app,
-        "UPDATE packets SET seq = :s, focus_score = 1 WHERE packet_id = :p",
+        "UPDATE packets SET seq = :s, focus_score_float = 1 WHERE packet_id = :p",
         s=renamed_seq,
         p=RENAMED,
     )

@@ -1260,3 +1260,78 @@ def test_upgrade_to_packet_codes_converts_old_rows_and_downgrade_writes_their_te
     assert flask_db(fresh_app, "downgrade", "0021_lean_processed_deliveries").exit_code == 0
     assert rows_of(fresh_app, whole) == before
     assert flask_db(fresh_app, "upgrade").exit_code == 0
+
+
+NUMBERS_BEFORE_0026 = (
+    "SELECT CAST(packet_id AS TEXT), active_seconds, idle_seconds, away_seconds, focus_score, "
+    "integrity_score FROM packets ORDER BY seq"
+)
+# The same since migration 0026: the floats under ``<name>_float``, then the scaled integers.
+NUMBERS_NOW = (
+    "SELECT CAST(packet_id AS TEXT), active_seconds_float, idle_seconds_float, "
+    "away_seconds_float, focus_score_float, integrity_score_float, active_seconds_scaled, "
+    "idle_seconds_scaled, away_seconds_scaled, focus_score_scaled, integrity_score_scaled "
+    "FROM packets ORDER BY seq"
+)
+
+
+def test_upgrade_to_scaled_numbers_keeps_old_rows_and_downgrade_writes_their_floats_back(
+    fresh_app, backend
+):
+    """Migration 0026, both ways, with data: two packets stored on the head (the first with
+    few decimals, scaled on PostgreSQL; the second with a third and a long decimal, floats),
+    sealed. Downgrading to 0025 writes every number back as the float sent, under the fields'
+    names, the durations NOT NULL again; upgrading leaves those rows as floats (no rewrite),
+    and every reader answers byte for byte as on the head: the listing, the artifacts, verify
+    over the seal, the poll; a packet ingested afterwards is stored scaled again."""
+    from tests.queue_helpers import API, ingest, poll
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    runner = fresh_app.test_cli_runner()
+    sent = [
+        dict(active_seconds=4.8, idle_seconds=0.2, away_seconds=0.0, focus_score=85),
+        dict(active_seconds=1 / 3, idle_seconds=5 - 1 / 3, away_seconds=0.0, focus_score=70.125),
+    ]
+    ids = [ingest(client, **numbers) for numbers in sent]
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+
+    def answers() -> list:
+        listed = client.get(f"{API}/packets/user/stu_test?limit=50").get_data()
+        return [listed, *(client.get(f"/api/v1/audit/artifact/{pid}").get_data() for pid in ids)]
+
+    seen = answers()
+    as_floats = [
+        (ids[0], 4.8, 0.2, 0.0, 85.0, None),
+        (ids[1], 1 / 3, 5 - 1 / 3, 0.0, 70.125, None),
+    ]
+    if backend == "postgres":
+        assert rows_of(fresh_app, NUMBERS_NOW) == [
+            (ids[0], None, None, None, None, None, 4800, 200, 0, 8500, None),
+            (ids[1], 1 / 3, 5 - 1 / 3, None, 70.125, None, None, None, 0, None, None),
+        ]
+    else:
+        assert rows_of(fresh_app, NUMBERS_NOW) == [row + (None,) * 5 for row in as_floats]
+
+    result = flask_db(fresh_app, "downgrade", "0025_hot_fillfactor")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, NUMBERS_BEFORE_0026) == as_floats
+    with fresh_app.app_context():
+        columns = {c["name"]: c for c in inspect(db.engine).get_columns("packets")}
+    nullable = [columns[name]["nullable"] for name in ("active_seconds", "focus_score")]
+    assert nullable == [False, True]
+
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, NUMBERS_NOW) == [row + (None,) * 5 for row in as_floats]
+    assert answers() == seen
+    verified = runner.invoke(args=["bucket", "verify"])
+    assert verified.exit_code == 0 and "2 packets" in verified.output, verified.output
+    polled = {p["packet_id"]: p for p in poll(client, limit=10)["packets"]}
+    assert [
+        tuple(polled[pid][name] for name in ("active_seconds", "idle_seconds", "focus_score"))
+        for pid in ids
+    ] == [(4.8, 0.2, 85.0), (1 / 3, 5 - 1 / 3, 70.125)]
+    later = ingest(client, **sent[0])
+    scaled = [row[6:] for row in rows_of(fresh_app, NUMBERS_NOW) if row[0] == later]
+    assert scaled == [(4800, 200, 0, 8500, None) if backend == "postgres" else (None,) * 5]

@@ -29,8 +29,8 @@ from tests.queue_helpers import ingest_many
 
 FILL = """
 WITH stored AS (
-  INSERT INTO packets (packet_id, dedup_key, user_id, client_timestamp, active_seconds,
-    idle_seconds, away_seconds, raw_signals, received_at)
+  INSERT INTO packets (packet_id, dedup_key, user_id, client_timestamp, active_seconds_float,
+    idle_seconds_float, away_seconds_float, raw_signals, received_at)
   SELECT CAST(md5(:prefix || g || '/id') AS uuid), CAST(md5(:prefix || g) AS uuid),
     'fill_' || (g % 500), now(), 5, 0, 0,
     '{"tab_visible": true}'::json, now() - make_interval(secs => g)

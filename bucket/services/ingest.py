@@ -257,11 +257,11 @@ def packet_row(
         "client_timestamp": timestamp,
         "cognitive_state_text": data.get("cognitive_state"),
         "state_text": data.get("state"),
-        "active_seconds": data["active_seconds"],
-        "idle_seconds": data["idle_seconds"],
-        "away_seconds": data["away_seconds"],
-        "focus_score": data.get("focus_score"),
-        "integrity_score": data.get("integrity_score"),
+        "active_seconds_float": data["active_seconds"],
+        "idle_seconds_float": data["idle_seconds"],
+        "away_seconds_float": data["away_seconds"],
+        "focus_score_float": data.get("focus_score"),
+        "integrity_score_float": data.get("integrity_score"),
         "raw_signals": data["raw_signals"],
         "received_at": received_at,
         "auth_outcome_text": auth.outcome if auth is not None else None,
@@ -270,13 +270,18 @@ def packet_row(
         # Filled on PostgreSQL where the dictionary takes its keys (services/signals).
         "signal_keys": None,
         "signal_values": None,
-        # Filled on PostgreSQL for known values (services/codes).
+        # Filled on PostgreSQL for known values and exact numbers (services/codes).
         "system_type_code": None,
         "role_code": None,
         "cognitive_state_code": None,
         "state_code": None,
         "auth_outcome_code": None,
         "employee_is_user": None,
+        "active_seconds_scaled": None,
+        "idle_seconds_scaled": None,
+        "away_seconds_scaled": None,
+        "focus_score_scaled": None,
+        "integrity_score_scaled": None,
     }
 
 

@@ -135,9 +135,12 @@ FIELDS_V2 = tuple(name for name, _ in LEAF_COLUMNS_V2)
 JSON_FIELDS = frozenset(("raw_signals",))
 _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 
-# The coded strings' text (migration 0022, services/codes) in the leaf: the same bytes as the
-# text stored in full.
-DECODED_TEXTS = {name: f"({decoded_sql(name, 'packets')})::text" for name in DECODED}
+# The coded strings' text (migration 0022, services/codes) and the scaled numbers' float
+# (migration 0026) in the leaf: the same bytes as the value stored as received.
+LEAF_TYPES = dict(LEAF_COLUMNS)
+DECODED_TEXTS = {
+    name: f"({decoded_sql(name, 'packets')})::{LEAF_TYPES.get(name, TEXT).sql}" for name in DECODED
+}
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL), over
 # ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0020),
 # whose raw_signals text is rebuilt to the very text stored in full (services/signals), and
@@ -199,9 +202,9 @@ def leaf_content_v2(row: Any) -> bytes:
 
 
 LEAF_FORMAT = 3  # what new seals use
-# The migration that last changed how a packet's fields are stored (0022: strings as codes),
+# The migration that last changed how a packet's fields are stored (0026: numbers scaled),
 # which every new seal names (migration 0023: a sealer of an earlier release cannot seal).
-PACKET_LAYOUT = 22
+PACKET_LAYOUT = 26
 ENCODINGS: dict[int, Callable[[Any], bytes]] = {
     1: json_leaf_content,
     2: leaf_content_v2,
