@@ -364,16 +364,17 @@ WITH source AS (
   FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
     LATERAL (SELECT %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t) AS received
 ), stored AS (
+  -- the numbers as ingest stores them on PostgreSQL: scaled integers (migration 0026)
   INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type_text,
-    role_text, client_timestamp, cognitive_state_text, active_seconds, idle_seconds, away_seconds,
-    focus_score, raw_signals, received_at)
+    role_text, client_timestamp, cognitive_state_text, active_seconds_scaled,
+    idle_seconds_scaled, away_seconds_scaled, focus_score_scaled, raw_signals, received_at)
   SELECT
     CAST(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
       || substr(h, 18, 3) || '-' || substr(h, 21, 12) AS uuid),
     CAST(md5(%(run)s || g::text) AS uuid), 'fill_' || (g %% 5000), 's_' || (g %% 5000),
     'lesson_1', 'gurukul',
-    'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4.0, 1.0, 0.0,
-    50 + g %% 50, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
+    'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4000, 1000, 0,
+    (50 + g %% 50) * 100, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
   FROM source
   RETURNING packet_id, dedup_key, received_at, client_timestamp
 ), keyed AS (
