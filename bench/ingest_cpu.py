@@ -185,6 +185,20 @@ def worktree(ref: str) -> tuple[str, Path]:
     return str(tree), place
 
 
+def migrate_with(tree: str, url: str) -> None:
+    """``flask db upgrade`` of ``tree``'s code on the database at ``url``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
+    env.update(DATABASE_URL=url, REDIS_URL="")
+    subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
+        cwd=tree,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -210,10 +224,6 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    from flask_migrate import upgrade  # noqa: PLC0415
-
-    from bucket import create_app  # noqa: PLC0415
-    from bucket.extensions import db  # noqa: PLC0415
     from tests import servers  # noqa: PLC0415
 
     trees = {"this tree": str(ROOT)}
@@ -226,20 +236,24 @@ def main() -> None:
         trees[ref], place = worktree(ref)
         cleanups.append(place)
     private = servers.PrivateRedis().start()
-    name, url = servers.create_database()
+    # A database for each tree, migrated by that tree's own migrations: two versions of the
+    # packets' layout cannot share one.
+    databases = {label: servers.create_database() for label in trees}
     results: dict[str, list[float]] = {}
     try:
-        migrating = create_app({"SQLALCHEMY_DATABASE_URI": url}, testing=True)
-        with migrating.app_context():
-            upgrade()
-            db.engine.dispose()
+        for label, (_, url) in databases.items():
+            migrate_with(trees[label], url)
         variants = [(mode, label) for mode in args.modes.split(",") for label in trees]
         for round_ in range(args.rounds):
             order = variants if round_ % 2 == 0 else list(reversed(variants))
             for mode, label in order:
                 if mode == "gunicorn":
                     us, per_write = under_gunicorn(
-                        trees[label], url, private.url, f"cpu{round_}{label}", args.seconds
+                        trees[label],
+                        databases[label][1],
+                        private.url,
+                        f"cpu{round_}{label}",
+                        args.seconds,
                     )
                     results.setdefault(f"{mode}, {label}", []).append(us)
                     print(
@@ -254,7 +268,7 @@ def main() -> None:
                     "--child",
                     f"--tree={trees[label]}",
                     f"--mode={mode}",
-                    f"--url={url}",
+                    f"--url={databases[label][1]}",
                     f"--redis={private.url}",
                     f"--prefix=cpu{round_}",
                     f"--requests={args.requests}",
@@ -282,7 +296,8 @@ def main() -> None:
             )
         )
     finally:
-        servers.drop_database(name)
+        for name, _ in databases.values():
+            servers.drop_database(name)
         private.stop()
         for place in cleanups:
             subprocess.run(
