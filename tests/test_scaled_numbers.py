@@ -6,12 +6,19 @@ sees exactly the float sent, -0.0 included. SQLite stores every number as receiv
 
 from __future__ import annotations
 
+import re
+
+import orjson
 import pytest
+from psycopg.errors import UndefinedColumn
 from sqlalchemy import text
+from sqlalchemy.exc import ProgrammingError
 
 from bucket.extensions import db
 from bucket.models import PACKET_SCALES, Packet
+from bucket.schemas.packets import fast_load_packet
 from bucket.services import codes
+from bucket.timeutil import epoch_now, utc_now
 from tests.factories import make_packet
 from tests.queue_helpers import API, listing, poll
 
@@ -197,3 +204,51 @@ def test_scaled_is_the_integer_only_when_it_gives_back_the_float(value, scale, e
     assert codes.scaled(value, scale) == expected
     if expected is not None:
         assert expected / scale == value
+
+
+def as_before_0026(statement: str) -> str:
+    """A statement of today's service as the release before migration 0026 sent it, as far as
+    the numbers go: each read and written under the field's own name."""
+    for name in SCALED:
+        statement = statement.replace(codes.decoded_sql(name, "p"), f"p.{name}")
+        statement = re.sub(rf"\b{name}_float\b", name, statement)
+    return statement
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # several instances: PostgreSQL
+def test_an_instance_of_a_release_before_0026_fails_instead_of_serving_numbers_as_null(app, client):
+    """During an upgrade the previous release's instances keep answering beside the new ones.
+    They read the numbers' columns by the fields' names, so on a scaled row they would lease
+    and list null numbers: since 0026 those columns are named ``<name>_float`` and their lease
+    and their ingest fail instead, leasing and storing nothing; the packet reaches the consumer
+    whole through a new instance."""
+    from bucket.services import sql
+    from bucket.services.delivery.claims import PG_LEASE, lease_params
+    from bucket.services.ingest import BATCH_INSERT_SQL, packet_row
+
+    body = make_packet(**SENT["typical"][0])
+    packet_id = client.post(f"{API}/ingest", json=body).json["packet_id"]
+    with app.app_context():
+        now = epoch_now()
+        params = lease_params(
+            now, 5, receipt="old-release", until=now + 30, source="pending", limit=10
+        )
+        old_lease = as_before_0026(PG_LEASE)
+        assert "p.active_seconds AS active_seconds" in old_lease
+        with pytest.raises(ProgrammingError) as refused:
+            sql.run(old_lease, params)
+        assert isinstance(refused.value.orig, UndefinedColumn)
+        row = packet_row(fast_load_packet(make_packet(user_id="stu_later")), utc_now(), None)
+        # The earlier release's rows held the numbers under the fields' names, and no integers.
+        row.update({name: row.pop(column) for name, column in codes.FLOAT_COLUMNS.items()})
+        for name in SCALED:
+            del row[f"{name}_scaled"]
+        doc = orjson.dumps([row], option=orjson.OPT_NAIVE_UTC).decode()
+        with pytest.raises(ProgrammingError) as refused:
+            sql.run(as_before_0026(BATCH_INSERT_SQL), {"doc": doc})
+        assert isinstance(refused.value.orig, UndefinedColumn)
+        db.session.rollback()
+    (polled,) = poll(client, limit=10)["packets"]
+    assert polled["packet_id"] == packet_id and polled["delivery_count"] == 1
+    assert numbers(polled) == numbers(SENT["typical"][0])
+    assert listing(client, "stu_later") == []
