@@ -459,10 +459,11 @@ def bucket_command(env: dict[str, str], command: str) -> None:
     )
 
 
-def migrate(env: dict[str, str]) -> None:
+def migrate(env: dict[str, str], tree: Path | str = ROOT) -> None:
+    """``flask db upgrade`` with ``env``, by the migrations of the checkout at ``tree``."""
     subprocess.run(
         [str(BIN / "flask"), "--app", "wsgi", "db", "upgrade"],
-        cwd=ROOT,
+        cwd=tree,
         env=env,
         check=True,
         capture_output=True,

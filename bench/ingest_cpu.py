@@ -185,20 +185,6 @@ def worktree(ref: str) -> tuple[str, Path]:
     return str(tree), place
 
 
-def migrate_with(tree: str, url: str) -> None:
-    """``flask db upgrade`` of ``tree``'s code on the database at ``url``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
-    env.update(DATABASE_URL=url, REDIS_URL="")
-    subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "wsgi", "db", "upgrade"],
-        cwd=tree,
-        env=env,
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -224,6 +210,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
+    from bench.harness import migrate  # noqa: PLC0415
     from tests import servers  # noqa: PLC0415
 
     trees = {"this tree": str(ROOT)}
@@ -241,8 +228,9 @@ def main() -> None:
     databases = {label: servers.create_database() for label in trees}
     results: dict[str, list[float]] = {}
     try:
+        migrating = {k: v for k, v in os.environ.items() if not k.startswith("BUCKET_")}
         for label, (_, url) in databases.items():
-            migrate_with(trees[label], url)
+            migrate({**migrating, "DATABASE_URL": url, "REDIS_URL": ""}, trees[label])
         variants = [(mode, label) for mode in args.modes.split(",") for label in trees]
         for round_ in range(args.rounds):
             order = variants if round_ % 2 == 0 else list(reversed(variants))

@@ -184,13 +184,18 @@ def sealer_before_signal_key_sets() -> Iterator[None]:
     key sets to join): for sealing a database kept at an older revision, as the code of that
     time sealed it."""
     from bucket.services.audit import sealing
-    from bucket.services.audit.content import DECODED_TEXTS, LEAF_FROM, SIGNALS_TEXT
+    from bucket.services.audit.content import (
+        DECODED_LEAF_VALUES,
+        LEAF_FROM,
+        LEAF_TYPES,
+        SIGNALS_TEXT,
+    )
 
     current, stamp, selected = sealing.LEAVES_SQL, sealing.STAMP, sealing.LEAF_SELECT
     before = current.replace(LEAF_FROM, "packets").replace(SIGNALS_TEXT, "raw_signals::text")
     # Nor codes (migration 0022) nor scaled numbers (0026).
-    for name, decoded in DECODED_TEXTS.items():
-        before = before.replace(decoded, f"{name}::{decoded.rsplit('::', 1)[1]}")
+    for name, decoded in DECODED_LEAF_VALUES.items():
+        before = before.replace(decoded, f"{name}::{LEAF_TYPES[name].sql}")
     sealing.LEAVES_SQL = before
     # Nor the layout its seals name (migration 0023).
     sealing.STAMP = {k: v for k, v in stamp.items() if k != "packet_layout"}

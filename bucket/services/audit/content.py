@@ -138,8 +138,8 @@ _NULLS = {kind.oid: _FIELD_HEAD.pack(kind.oid, -1) for _, kind in LEAF_COLUMNS}
 # The coded strings' text (migration 0022, services/codes) and the scaled numbers' float
 # (migration 0026) in the leaf: the same bytes as the value stored as received.
 LEAF_TYPES = dict(LEAF_COLUMNS)
-DECODED_TEXTS = {
-    name: f"({decoded_sql(name, 'packets')})::{LEAF_TYPES.get(name, TEXT).sql}" for name in DECODED
+DECODED_LEAF_VALUES = {
+    name: f"({decoded_sql(name, 'packets')})::{LEAF_TYPES[name].sql}" for name in DECODED
 }
 # The leaf's bytes, computed by PostgreSQL (the sealer's statement on PostgreSQL), over
 # ``LEAF_FROM``: the packets with the key set of each one stored compact (migration 0020),
@@ -149,8 +149,8 @@ LEAF_SQL = "record_send(ROW({}))".format(
     ", ".join(
         SIGNALS_TEXT
         if name == "raw_signals"
-        else DECODED_TEXTS[name]
-        if name in DECODED_TEXTS
+        else DECODED_LEAF_VALUES[name]
+        if name in DECODED_LEAF_VALUES
         else kind.expression(name)
         for name, kind in LEAF_COLUMNS
     )
