@@ -364,24 +364,27 @@ WITH source AS (
   FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS g,
     LATERAL (SELECT %(start)s::timestamp + make_interval(secs => g * %(step)s) AS t) AS received
 ), stored AS (
-  -- the numbers as ingest stores them on PostgreSQL: scaled integers (migration 0026)
-  INSERT INTO packets (packet_id, dedup_key, user_id, session_id, lesson_id, system_type_text,
+  -- the numbers as ingest stores them on PostgreSQL: scaled integers (migration 0026); the
+  -- dedup key in packet_keys only (migration 0027)
+  INSERT INTO packets (packet_id, user_id, session_id, lesson_id, system_type_text,
     role_text, client_timestamp, cognitive_state_text, active_seconds_scaled,
     idle_seconds_scaled, away_seconds_scaled, focus_score_scaled, raw_signals, received_at)
   SELECT
     CAST(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(h, 14, 3) || '-8'
       || substr(h, 18, 3) || '-' || substr(h, 21, 12) AS uuid),
-    CAST(md5(%(run)s || g::text) AS uuid), 'fill_' || (g %% 5000), 's_' || (g %% 5000),
+    'fill_' || (g %% 5000), 's_' || (g %% 5000),
     'lesson_1', 'gurukul',
     'student', t, (ARRAY['DEEP_FOCUS','ON_TASK','THINKING','IDLE'])[1 + g %% 4], 4000, 1000, 0,
     (50 + g %% 50) * 100, '{"tab_visible": true, "dwell_time_ms": 4000}'::json, t
   FROM source
-  RETURNING packet_id, dedup_key, received_at, client_timestamp
+  RETURNING packet_id, received_at, client_timestamp
 ), keyed AS (
   -- the packets' natural identities (migration 0012: packet_keys holds them across day
-  -- partitions; 0015: by the client timestamp's day; uuid in both tables since 0016)
+  -- partitions; 0015: by the client timestamp's day; uuid in both tables since 0016), a
+  -- digest of the packet's id standing in for the digest of its fields
   INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
-  SELECT dedup_key, client_timestamp::date, received_at, packet_id FROM stored
+  SELECT CAST(md5(packet_id::text) AS uuid), client_timestamp::date, received_at, packet_id
+  FROM stored
 )
 -- a processed one's time in visible_at only, its processed_at NULL (migration 0021)
 INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,

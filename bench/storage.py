@@ -93,7 +93,8 @@ EMS_STATES = ("WORKING", "IDLE", "AWAY", "DISTRACTED", "FAKING")
 # at (naive UTC), u: its learner, ems: an EMS packet, h: a random hex digest, pid: its id).
 PACKET_VALUES = {
     "packet_id": "pid",
-    "dedup_key": "md5(h || 'k')",
+    # A digest of the packet's id stands in for the digest of its fields (``KEY_VALUES``).
+    "dedup_key": "md5(pid)",
     "user_id": "CASE WHEN ems THEN 'emp_' ELSE 'stu_' END || lpad(u::text, 4, '0')",
     "employee_id": "CASE WHEN ems THEN 'emp_' || lpad(u::text, 4, '0') END",
     "session_id": (
@@ -297,12 +298,13 @@ KEYS_CTE = """, keyed AS (
   INSERT INTO packet_keys ({key_columns}) SELECT {key_values} FROM stored
 )"""
 # What each known column of packet_keys holds, over ``stored``, cast to packet_keys' own column
-# types like every other fill value: the packet's own ids (uuid in both tables since
-# migrations 0015 and 0016, text in both before), and since 0015 its client day; the
+# types like every other fill value: the packet's own id and the digest standing in for its
+# identity (``PACKET_VALUES``; uuid since migrations 0015 and 0016, text before; on the
+# packet too before 0027), and since 0015 its client day; the
 # Idempotency-Key only in the layouts before 0015 (the fill sends none, so
 # packet_idempotency_keys stays empty).
 KEY_VALUES = {
-    "dedup_key": "dedup_key",
+    "dedup_key": "md5(packet_id::text)",
     "client_day": "client_timestamp::date",
     "idempotency_key": "idempotency_key",
     "packet_id": "packet_id",
@@ -381,6 +383,21 @@ ALTERNATIVES = (
         "ix_deliveries_queue only over unfinished and dead deliveries",
         "deliveries (delivery_state, visible_at) WHERE delivery_state <> 'processed'",
     ),
+    (
+        "packet_id_hash",
+        "a hash index on packets' packet_id (equality only, not unique) instead of the primary key",
+        "packets USING hash (packet_id)",
+    ),
+    (
+        "user_hashed",
+        "ix_packets_user on a 4-byte hash of user_id (the listing rechecks user_id)",
+        "packets (hashtext(user_id), received_at)",
+    ),
+    (
+        "processed_packet_hash",
+        "the processed deliveries' packet_id index as a hash index",
+        "deliveries USING hash (packet_id) WHERE delivery_state = 'processed'",
+    ),
 )
 
 # Row layouts that could replace today's, measured on a sample of the filled rows copied into
@@ -415,6 +432,25 @@ HEAP_ALTERNATIVES = (
         'left(delivery_state, 1)::"char" AS delivery_state, lease_id, last_error, '
         "replace(karma_actions::text, '\"packet_id\":\"' || packet_id || '\",', '')::json "
         "AS karma_actions",
+    ),
+    (
+        "packets_context_id",
+        "packets with session, lesson, task, system type, role and employee flag as one "
+        "4-byte id of a dictionary of contexts (user_id kept for its index)",
+        "packets",
+        "seq, client_timestamp, received_at, active_seconds_float, idle_seconds_float, "
+        "away_seconds_float, focus_score_float, integrity_score_float, packet_id, dedup_key, "
+        "signal_keys, 0::int AS context_id, active_seconds_scaled, idle_seconds_scaled, "
+        "away_seconds_scaled, focus_score_scaled, integrity_score_scaled, stale, "
+        "cognitive_state_code, state_code, auth_outcome_code, idempotency_key, user_id, "
+        "employee_id, cognitive_state_text, state_text, auth_outcome_text, auth_subject, "
+        "raw_signals, signal_values",
+    ),
+    (
+        "packet_keys_seq",
+        "packet_keys with the packet's seq (8 bytes) instead of its packet_id",
+        "packet_keys",
+        "dedup_key, client_day, received_at, 0::bigint AS seq",
     ),
     (
         "finished_record",
@@ -689,6 +725,8 @@ def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
         values = {**values, **CODED_VALUES}
     if "active_seconds_scaled" in {column[0] for column in columns(conn, "packets")}:
         values = {**values, **SCALED_VALUES}
+    if not {column[0]: column[2] for column in columns(conn, "packets")}["dedup_key"]:
+        values = {**values, "dedup_key": "NULL"}  # in packet_keys only (migration 0027)
     packet_columns, packet_values = insert_parts(conn, "packets", values, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
     # The values' SQL holds % (modulo): doubled for psycopg, whose placeholders are %(name)s.

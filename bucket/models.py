@@ -205,7 +205,10 @@ class Packet(db.Model):
     # The bookkeeper counts (and seals) packets by ranges of it (services/bookkeeping.py).
     seq: Mapped[int] = mapped_column(BigInteger, Identity())
     # Digest of (system_type, user_id, session_id, timestamp in ms): the natural identity.
-    dedup_key: Mapped[str] = mapped_column(UuidString(hyphens=False))
+    # SQLite only since migration 0027 (its unique constraint below is its deduplication);
+    # PostgreSQL keeps it in ``PacketKey`` only and stores NULL here (``ingest.packet_identity``
+    # recomputes it from the packet; packets stored before 0027 keep theirs).
+    dedup_key: Mapped[str | None] = mapped_column(UuidString(hyphens=False))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
 
     user_id: Mapped[str] = mapped_column(String(256))

@@ -1335,3 +1335,59 @@ def test_upgrade_to_scaled_numbers_keeps_old_rows_and_downgrade_writes_their_flo
     later = ingest(client, **sent[0])
     scaled = [row[6:] for row in rows_of(fresh_app, NUMBERS_NOW) if row[0] == later]
     assert scaled == [(4800, 200, 0, 8500, None) if backend == "postgres" else (None,) * 5]
+
+
+OWN_KEYS = "SELECT CAST(packet_id AS TEXT), CAST(dedup_key AS TEXT) FROM packets ORDER BY seq"
+
+
+def test_keys_in_packet_keys_only_migrate_both_ways_without_touching_a_key_or_a_seal(
+    fresh_app, backend
+):
+    """Migration 0027, both ways, with data: a packet stored with its key on the row (as the
+    release before it did, written here by hand on PostgreSQL) and one without, sealed.
+    Downgrading to 0026 leaves every row as it is (PostgreSQL: the seals committed to the
+    NULL keys, so none is written back and the column stays nullable; SQLite, which keeps
+    its keys, makes it NOT NULL again); upgrading again changes nothing. Throughout, a copy
+    of either packet is still its duplicate and verify passes."""
+    from tests.queue_helpers import API
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    runner = fresh_app.test_cli_runner()
+    bodies = [make_packet(), make_packet()]
+    ids = [client.post(f"{API}/ingest", json=body).json["packet_id"] for body in bodies]
+    if backend == "postgres":
+        with fresh_app.app_context():
+            db.session.execute(
+                text(
+                    "UPDATE packets p SET dedup_key = k.dedup_key FROM packet_keys k "
+                    "WHERE k.packet_id = p.packet_id AND p.packet_id = CAST(:id AS uuid)"
+                ),
+                {"id": ids[0]},
+            )
+            db.session.commit()
+    assert runner.invoke(args=["bucket", "seal"]).exit_code == 0
+    before = rows_of(fresh_app, OWN_KEYS)
+    assert [key is None for _, key in before] == (
+        [False, True] if backend == "postgres" else [False, False]
+    )
+
+    def still_whole() -> None:
+        for body, packet_id in zip(bodies, ids, strict=True):
+            again = client.post(f"{API}/ingest", json=body).json
+            assert (again["packet_id"], again["duplicate"]) == (packet_id, True)
+        verified = runner.invoke(args=["bucket", "verify"])
+        assert verified.exit_code == 0 and "2 packets" in verified.output, verified.output
+
+    still_whole()
+    result = flask_db(fresh_app, "downgrade", "0026_scaled_numbers")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, OWN_KEYS) == before
+    with fresh_app.app_context():
+        columns = {c["name"]: c for c in inspect(db.engine).get_columns("packets")}
+    assert columns["dedup_key"]["nullable"] is (backend == "postgres")
+    still_whole()
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert rows_of(fresh_app, OWN_KEYS) == before
+    still_whole()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from json.encoder import encode_basestring_ascii as quote_json
@@ -47,7 +48,10 @@ JSON_COLUMNS = frozenset(("raw_signals",))
 # on both sides, so the statement does not depend on the physical column order.
 # Packet ids and dedup keys are uuid in every table here (migrations 0015 and 0016): they
 # move between them uncast. The Idempotency-Key stays text on ``packets`` (its scoped
-# digest's 32 hex digits) and is cast to its key table's uuid.
+# digest's 32 hex digits) and is cast to its key table's uuid. The dedup key goes into
+# ``packet_keys`` only, the packet's own column left NULL (migration 0027: it repeated the
+# key row's 16 bytes in every packet; ``packet_identity`` recomputes it from the packet).
+_STORED_COLUMNS = ", ".join("NULL" if name == "dedup_key" else name for name in PACKET_COLUMNS)
 _CLAIM_AND_STORE = (
     "idempotent AS (INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
     "SELECT idempotency_key::uuid, dedup_key, client_timestamp::date FROM incoming "
@@ -55,16 +59,16 @@ _CLAIM_AND_STORE = (
     "claimed AS (INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
     "SELECT dedup_key, client_timestamp::date, received_at, packet_id FROM incoming "
     "WHERE idempotency_key IS NULL OR dedup_key IN (SELECT dedup_key FROM idempotent) "
-    "ON CONFLICT DO NOTHING RETURNING packet_id), "
+    "ON CONFLICT DO NOTHING RETURNING packet_id, dedup_key), "
     f"stored AS (INSERT INTO packets ({', '.join(PACKET_COLUMNS)}) "
-    f"SELECT {', '.join(PACKET_COLUMNS)} FROM incoming "
+    f"SELECT {_STORED_COLUMNS} FROM incoming "
     "WHERE packet_id IN (SELECT packet_id FROM claimed) "
-    "RETURNING packet_id, dedup_key, received_at), "
+    "RETURNING packet_id, received_at), "
     "delivered AS (INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, "
     "delivery_count, processed_by_karma) "
     "SELECT packet_id, received_at, 'pending', extract(epoch FROM received_at)::float8, 0, false "
     "FROM stored) "
-    "SELECT replace(dedup_key::text, '-', '') FROM stored"
+    "SELECT replace(claimed.dedup_key::text, '-', '') FROM claimed JOIN stored USING (packet_id)"
 )
 # A packet stored compact names a key set this process has cached (services/signals); one the
 # dictionary no longer holds (restored from a backup, emptied by hand) would leave its signals
@@ -216,6 +220,29 @@ def identity_key(
     return _digest(scope, system_type, user_id, session_id, millis)
 
 
+def identity_scope(auth_outcome: str | None) -> str | None:
+    """The namespace of a packet's identity: none while tokens are not checked (``None``) or
+    for a verified packet, ``UNVERIFIED_SCOPE`` for any other outcome."""
+    return None if auth_outcome is None or auth_outcome == VERIFIED else UNVERIFIED_SCOPE
+
+
+# A stored packet's fields its identity is a digest of (as every reader shows them).
+IDENTITY_FIELDS = ("system_type", "user_id", "session_id", "client_timestamp", "auth_outcome")
+
+
+def packet_identity(packet: Mapping[str, Any]) -> str:
+    """The dedup key ingest claimed for a stored packet (a mapping over ``IDENTITY_FIELDS``),
+    recomputed from the fields it covers: PostgreSQL keeps the key in ``packet_keys`` only
+    (migration 0027), and retention forgets a purged packet's key by it."""
+    return identity_key(
+        packet["system_type"],
+        packet["user_id"],
+        packet["session_id"],
+        packet["client_timestamp"],
+        identity_scope(packet["auth_outcome"]),
+    )
+
+
 def scoped_idempotency_key(user_id: str, key: str | None, scope: str | None = None) -> str | None:
     """The key as stored, scoped to its user: two browsers choosing one key never collide."""
     if key is None:
@@ -239,7 +266,7 @@ def packet_row(
     its authentication outcome (None: not checked) and whether it arrived stale."""
     user_id = packet_user(data)
     timestamp = data["timestamp"]
-    scope = None if auth is None or auth.outcome == VERIFIED else UNVERIFIED_SCOPE
+    scope = identity_scope(auth.outcome if auth is not None else None)
     stale = stale_after is not None and (received_at - timestamp).total_seconds() > stale_after
     return {
         "packet_id": new_packet_id(),

@@ -516,7 +516,8 @@ def backfill_keys(since: datetime) -> int | None:
     how many were added (None on SQLite). For the packets that instances of the version before
     migration 0012 stored while the upgrade rolled out (they wrote no key): a copy of one of
     them sent afterwards is then a duplicate again. Where such a copy was stored already, both
-    rows stay; the first keeps the key."""
+    rows stay; the first keeps the key. A packet without its key on the row (stored since
+    migration 0027) has its key row already: ingest wrote them together."""
     if not partitioned():
         return None
     since_naive = naive(since)
@@ -524,7 +525,8 @@ def backfill_keys(since: datetime) -> int | None:
         text(
             "INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id) "
             "SELECT dedup_key, client_timestamp::date, received_at, packet_id "
-            "FROM packets WHERE received_at >= :since ORDER BY seq ON CONFLICT DO NOTHING"
+            "FROM packets WHERE received_at >= :since AND dedup_key IS NOT NULL "
+            "ORDER BY seq ON CONFLICT DO NOTHING"
         ),
         {"since": since_naive},
     ).rowcount
@@ -533,6 +535,7 @@ def backfill_keys(since: datetime) -> int | None:
             "INSERT INTO packet_idempotency_keys (idempotency_key, dedup_key, client_day) "
             "SELECT idempotency_key::uuid, dedup_key, client_timestamp::date FROM packets "
             "WHERE received_at >= :since AND idempotency_key IS NOT NULL "
+            "AND dedup_key IS NOT NULL "
             "ORDER BY seq ON CONFLICT DO NOTHING"
         ),
         {"since": since_naive},

@@ -68,6 +68,8 @@ from bucket.models import (
 from bucket.services import counters, partitions, sql
 from bucket.services.audit.sealing import seal_everything, sealed_through
 from bucket.services.bookkeeping import book_new_packets
+from bucket.services.codes import DECODED, decoded
+from bucket.services.ingest import IDENTITY_FIELDS, packet_identity
 from bucket.timeutil import epoch_now, from_epoch, utc_now
 
 T = Packet.__table__
@@ -76,6 +78,11 @@ C = PacketCounter.__table__
 K = PacketKey.__table__
 IK = PacketIdempotencyKey.__table__
 SECONDS_PER_DAY = 86400.0
+# What a packet's identity is a digest of, as ingest saw it: the key of a packet stored since
+# migration 0027 is not on its row (``ingest.packet_identity``).
+IDENTITY_COLUMNS = tuple(
+    decoded(name).label(name) if name in DECODED else T.c[name] for name in IDENTITY_FIELDS
+)
 log = logging.getLogger(__name__)
 
 
@@ -139,19 +146,28 @@ def purge_rows(
         ).all()
         if gone:
             ids = [pid for pid, _ in gone]
-            removed = db.session.execute(
-                delete(T)
-                .where(T.c.packet_id.in_(ids))
-                .returning(T.c.seq, T.c.packet_id, T.c.dedup_key, T.c.client_timestamp)
-            ).all()
+            removed = (
+                db.session.execute(
+                    delete(T)
+                    .where(T.c.packet_id.in_(ids))
+                    .returning(T.c.seq, T.c.packet_id, T.c.dedup_key, *IDENTITY_COLUMNS)
+                )
+                .mappings()
+                .all()
+            )
             if partitions.partitioned():  # the keys a resent copy would have been matched on
-                forget_keys([(key, moment) for _, _, key, moment in removed])
+                forget_keys(
+                    [
+                        (row["dedup_key"] or packet_identity(row), row["client_timestamp"])
+                        for row in removed
+                    ]
+                )
             now = utc_now()
             db.session.execute(
                 insert(AuditPurge.__table__),
                 [
-                    {"packet_seq": seq, "packet_id": pid, "purged_at": now}
-                    for seq, pid, _, _ in removed
+                    {"packet_seq": row["seq"], "packet_id": row["packet_id"], "purged_at": now}
+                    for row in removed
                 ],
             )
         count = len(gone)
