@@ -389,9 +389,9 @@ ALTERNATIVES = (
         "packets USING hash (packet_id)",
     ),
     (
-        "user_hashed",
-        "ix_packets_user on a 4-byte hash of user_id (the listing rechecks user_id)",
-        "packets (hashtext(user_id), received_at)",
+        "user_by_id",
+        "ix_packets_user on the user id itself, as before migration 0028 (its 8-byte key now)",
+        "packets (user_id, received_at)",
     ),
     (
         "processed_packet_hash",

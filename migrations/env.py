@@ -54,14 +54,17 @@ def get_metadata():
 # and deliveries has no foreign key to it. Deliveries are partitioned by state (migration
 # 0014): the queue index lives on the hot partition only. packet_keys is partitioned by client
 # day, beside packet_idempotency_keys (0015). ix_packets_seq is a unique index of each
-# partition of packets (0017). The dictionary of raw_signals' key sets is PostgreSQL's only, and
-# SQLite's raw_signals stays NOT NULL, its table not rebuilt (0020: every SQLite row fills it).
+# partition of packets (0017); ix_packets_user is built on the user id's key (0028). The
+# dictionary of raw_signals' key sets is PostgreSQL's only, and SQLite's raw_signals stays NOT
+# NULL, its table not rebuilt (0020: every SQLite row fills it).
 # The drift check compares the rest.
 PARTITION = re.compile(
     r"^(packets_(legacy|default|p\d{8})|packet_keys_(legacy|default|p\d{8})"
     r"|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
 )
 POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue", "ix_packets_seq"}
+# Built on an expression on PostgreSQL (0028: the user id's key), which Alembic cannot reflect.
+POSTGRES_EXPRESSION_INDEXES = {"ix_packets_user"}
 POSTGRES_ONLY_TABLES = {"packet_keys", "packet_idempotency_keys", "signal_key_sets"}
 SQLITE_ONLY = {"uq_packets_dedup_key", "uq_packets_idempotency_key"}
 
@@ -75,6 +78,8 @@ def include_object(obj, name, type_, reflected, compare_to):
     if not postgres and type_ == "column" and name == "raw_signals":
         return False
     if postgres and type_ == "index" and name in POSTGRES_PARTITION_INDEXES:
+        return False
+    if postgres and type_ == "index" and name in POSTGRES_EXPRESSION_INDEXES:
         return False
     if postgres and type_ in ("index", "unique_constraint") and name in SQLITE_ONLY:
         return False

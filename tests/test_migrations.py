@@ -79,6 +79,10 @@ def test_upgrade_builds_the_schema_with_its_constraints_and_indexes(fresh_app, b
         if postgres and name == "ix_packets_seq":
             assert name not in indexes  # one of its own in each partition (migration 0017)
             continue
+        if postgres and name == "ix_packets_user":  # on the user id's key (migration 0028)
+            (user_index,) = [ix for ix in all_indexes if ix["name"] == name]
+            assert user_index["expressions"] == ["packet_user_key(user_id::text)", "received_at"]
+            continue
         assert indexes.get(name) == columns, name
     if postgres:
         assert seq_indexes(fresh_app) == {
@@ -1391,3 +1395,47 @@ def test_keys_in_packet_keys_only_migrate_both_ways_without_touching_a_key_or_a_
     assert result.exit_code == 0, result.output
     assert rows_of(fresh_app, OWN_KEYS) == before
     still_whole()
+
+
+USER_INDEX = (
+    "SELECT x.indrelid::regclass::text, pg_get_indexdef(x.indexrelid) FROM pg_index x "
+    "WHERE x.indexrelid = CAST('ix_packets_user' AS regclass) OR x.indexrelid IN "
+    "(SELECT inhrelid FROM pg_inherits WHERE inhparent = CAST('ix_packets_user' AS regclass)) "
+    "ORDER BY 1"
+)
+
+
+@pytest.mark.parametrize("backend", ["postgres"], indirect=True)  # SQLite keeps its index
+def test_user_key_index_migrates_both_ways_on_every_partition(fresh_app):
+    """Migration 0028, both ways, with packets of two users: the parent's index and every
+    partition's are on (packet_user_key(user_id), received_at) at the head and on (user_id,
+    received_at) at 0027, with the function gone; the listing answers the same throughout."""
+    from tests.queue_helpers import API
+
+    assert flask_db(fresh_app, "upgrade").exit_code == 0
+    client = fresh_app.test_client()
+    for user in ("stu_a", "stu_b", "stu_a"):
+        client.post(f"{API}/ingest", json=make_packet(user_id=user))
+
+    def answers() -> list:
+        return [client.get(f"{API}/packets/user/{u}").get_data() for u in ("stu_a", "stu_b")]
+
+    def definitions() -> set[str]:
+        return {
+            definition.split(" USING btree ")[1] for _, definition in rows_of(fresh_app, USER_INDEX)
+        }
+
+    seen = answers()
+    partitions = len(rows_of(fresh_app, USER_INDEX))
+    assert partitions > 2 and definitions() == {"(packet_user_key((user_id)::text), received_at)"}
+    result = flask_db(fresh_app, "downgrade", "0027_keys_in_packet_keys_only")
+    assert result.exit_code == 0, result.output
+    assert definitions() == {"(user_id, received_at)"}
+    assert len(rows_of(fresh_app, USER_INDEX)) == partitions
+    assert rows_of(fresh_app, "SELECT count(*) FROM pg_proc WHERE proname = 'packet_user_key'") == [
+        (0,)
+    ]
+    result = flask_db(fresh_app, "upgrade")
+    assert result.exit_code == 0, result.output
+    assert definitions() == {"(packet_user_key((user_id)::text), received_at)"}
+    assert answers() == seen

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from sqlalchemy import and_, literal, select, tuple_
 
 from bucket.extensions import db
-from bucket.models import DeliveryState, Packet, is_packet_id
+from bucket.models import DeliveryState, Packet, is_packet_id, of_user
 from bucket.services import cursors
 from bucket.services.codes import CODE_COLUMNS, DECODED, decoded, field_name
 from bucket.services.delivery.actions import stored_actions
@@ -76,7 +76,7 @@ def user_packets(
     packets = select(*LISTED, *LISTED_DELIVERY).select_from(
         T.join(D, and_(D.c.packet_id == T.c.packet_id, D.c.received_at == T.c.received_at))
     )
-    by_user = packets.where(T.c.user_id == user_id, *filters).order_by(*order).limit(limit + 1)
+    by_user = packets.where(of_user(user_id), *filters).order_by(*order).limit(limit + 1)
     by_employee = (
         packets.where(T.c.employee_id == user_id, T.c.user_id != user_id, *filters)
         .order_by(*order)

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select, update
 
 from bucket.extensions import db, queue
-from bucket.models import DeliveryState, is_packet_id
+from bucket.models import DeliveryState, is_packet_id, of_user
 from bucket.services import counters, sql
 from bucket.services.delivery.settings import D, T
 from bucket.timeutil import epoch_now
@@ -33,7 +33,7 @@ def requeue(
     """
     conditions = []
     if user_id is not None:
-        conditions.append(D.c.packet_id.in_(select(T.c.packet_id).where(T.c.user_id == user_id)))
+        conditions.append(D.c.packet_id.in_(select(T.c.packet_id).where(of_user(user_id))))
     if received_from is not None:
         conditions.append(D.c.received_at >= received_from)
     if received_to is not None:
