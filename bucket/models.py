@@ -209,7 +209,8 @@ class Packet(db.Model):
     # Storage order: an identity on PostgreSQL, assigned in the write transaction on SQLite.
     # The bookkeeper counts (and seals) packets by ranges of it (services/bookkeeping.py).
     seq: Mapped[int] = mapped_column(BigInteger, Identity())
-    # Digest of (system_type, user_id, session_id, timestamp in ms): the natural identity.
+    # Digest of (system_type, user_id, session_id, timestamp in ms), scoped by the
+    # authentication outcome (``ingest.identity_scope``): the natural identity.
     # SQLite only since migration 0027 (its unique constraint below is its deduplication);
     # PostgreSQL keeps it in ``PacketKey`` only and stores NULL here (``ingest.packet_identity``
     # recomputes it from the packet; packets stored before 0027 keep theirs).
@@ -351,7 +352,8 @@ def _user_key_postgres(element: user_key, compiler: Any, **kw: Any) -> str:
 
 def of_user(user_id: str) -> ColumnElement[bool]:
     """The condition that finds a user's packets through ``ix_packets_user`` on either backend:
-    the key (its index condition; another user sharing a key is one in 2**64) and the id."""
+    the key (its index condition; among N users some two share one with a chance of about
+    N**2 / 2**65) and the id, which keeps another user's packets out when they do."""
     packets = Packet.__table__
     return and_(
         user_key(packets.c.user_id) == user_key(literal(user_id, String())),

@@ -63,7 +63,8 @@ PARTITION = re.compile(
     r"|deliveries_(hot|processed(_(legacy|default|p\d{8}))?))$"
 )
 POSTGRES_PARTITION_INDEXES = {"ix_deliveries_queue", "ix_packets_seq"}
-# Built on an expression on PostgreSQL (0028: the user id's key), which Alembic cannot reflect.
+# Built on the user id's key on PostgreSQL (0028), on the id on SQLite, whose definition the
+# model declares (tests/test_migrations.py checks PostgreSQL's).
 POSTGRES_EXPRESSION_INDEXES = {"ix_packets_user"}
 POSTGRES_ONLY_TABLES = {"packet_keys", "packet_idempotency_keys", "signal_key_sets"}
 SQLITE_ONLY = {"uq_packets_dedup_key", "uq_packets_idempotency_key"}

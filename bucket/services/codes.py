@@ -150,6 +150,12 @@ def _name(element: decoded) -> str:
     return field_name(element.clauses.clauses[0].name)
 
 
+def as_shown(name: str) -> Any:
+    """Packet field ``name`` as every reader shows it, labelled with its name: decoded where it
+    may be stored coded or scaled (``DECODED``), else its column."""
+    return decoded(name).label(name) if name in DECODED else T.c[name]
+
+
 @compiles(decoded)
 def _decoded(element: decoded, compiler: Any, **kw: Any) -> str:
     """SQLite: the column as received, which holds every value."""

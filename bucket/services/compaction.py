@@ -1,7 +1,7 @@
 """Compacting the indexes of past days (PostgreSQL): rebuilt packed once, without a lock that
 holds ingest.
 
-Two kinds of index grow half-full: ``ix_packets_user`` (user_id, received_at) and
+Two kinds of index grow half-full: ``ix_packets_user`` (the user id's key, received_at) and
 ``ix_packets_employee`` take inserts at one place per learner, and ``packet_keys_pkey`` on
 random 16-byte digests anywhere; a page that splits in the middle of an index stays half
 empty (1.8 and 1.3 times their packed size, BENCHMARKS.md). Once a day is over its partition

@@ -68,7 +68,8 @@ _CLAIM_AND_STORE = (
     "delivery_count, processed_by_karma) "
     "SELECT packet_id, received_at, 'pending', extract(epoch FROM received_at)::float8, 0, false "
     "FROM stored) "
-    "SELECT replace(claimed.dedup_key::text, '-', '') FROM claimed JOIN stored USING (packet_id)"
+    # Every claimed packet is stored (the same statement; one that fails fails it all).
+    "SELECT replace(dedup_key::text, '-', '') FROM claimed"
 )
 # A packet stored compact names a key set this process has cached (services/signals); one the
 # dictionary no longer holds (restored from a backup, emptied by hand) would leave its signals

@@ -9,7 +9,7 @@ from sqlalchemy import and_, literal, select, tuple_
 from bucket.extensions import db
 from bucket.models import DeliveryState, Packet, is_packet_id, of_user
 from bucket.services import cursors
-from bucket.services.codes import CODE_COLUMNS, DECODED, decoded, field_name
+from bucket.services.codes import CODE_COLUMNS, as_shown, field_name
 from bucket.services.delivery.actions import stored_actions
 from bucket.services.delivery.settings import DELIVERY_COLUMNS, D
 from bucket.services.signals import stored_signals
@@ -20,9 +20,7 @@ T = Packet.__table__
 LISTED = [
     stored_signals().label("raw_signals")
     if c.name == "raw_signals"
-    else decoded(field_name(c.name)).label(field_name(c.name))
-    if field_name(c.name) in DECODED
-    else c
+    else as_shown(field_name(c.name))
     for c in T.c
     if c.name not in ("signal_keys", "signal_values", *CODE_COLUMNS)
 ]

@@ -68,7 +68,7 @@ from bucket.models import (
 from bucket.services import counters, partitions, sql
 from bucket.services.audit.sealing import seal_everything, sealed_through
 from bucket.services.bookkeeping import book_new_packets
-from bucket.services.codes import DECODED, decoded
+from bucket.services.codes import as_shown
 from bucket.services.ingest import IDENTITY_FIELDS, packet_identity
 from bucket.timeutil import epoch_now, from_epoch, utc_now
 
@@ -80,9 +80,7 @@ IK = PacketIdempotencyKey.__table__
 SECONDS_PER_DAY = 86400.0
 # What a packet's identity is a digest of, as ingest saw it: the key of a packet stored since
 # migration 0027 is not on its row (``ingest.packet_identity``).
-IDENTITY_COLUMNS = tuple(
-    decoded(name).label(name) if name in DECODED else T.c[name] for name in IDENTITY_FIELDS
-)
+IDENTITY_COLUMNS = tuple(as_shown(name) for name in IDENTITY_FIELDS)
 log = logging.getLogger(__name__)
 
 

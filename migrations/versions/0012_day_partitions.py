@@ -139,6 +139,14 @@ def downgrade():
         op.execute("DROP TABLE packets")
         op.execute("ALTER TABLE packets_flat RENAME TO packets")
         op.execute("ALTER TABLE packets ADD CONSTRAINT packets_pkey PRIMARY KEY (packet_id)")
+        # Packets stored since migration 0027 hold their key in packet_keys only: back on the
+        # packet, where this layout's unique constraint deduplicates (every stored packet has
+        # its key row: ingest writes both in one statement).
+        op.execute(
+            "UPDATE packets p SET dedup_key = k.dedup_key FROM packet_keys k "
+            "WHERE p.dedup_key IS NULL AND k.packet_id = p.packet_id"
+        )
+        op.execute("ALTER TABLE packets ALTER COLUMN dedup_key SET NOT NULL")
         op.create_unique_constraint('uq_packets_dedup_key', 'packets', ['dedup_key'])
         op.create_index(
             'uq_packets_idempotency_key', 'packets', ['idempotency_key'],

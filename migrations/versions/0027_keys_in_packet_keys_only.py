@@ -17,7 +17,10 @@ the column NOT NULL again: the seals made since committed to NULL, and a key wri
 would make ``verify`` report every one of those packets as altered. The release before this
 one reads a NULL key everywhere but in retention's purge by rows (which then leaves that
 packet's key row behind until its day of keys is dropped) and in ``backfill-keys`` (for a
-rolling upgrade from before migration 0012 only).
+rolling upgrade from before migration 0012 only; it fails on such a packet). Below 0012 the
+packets' own column is their deduplication again: that downgrade writes every missing key back
+from ``packet_keys`` before dropping it (the seals made since this revision then no longer
+match those packets' leaves there).
 
 SQLite's unique constraint on ``packets.dedup_key`` is its deduplication: ingest there still
 stores the key, and the column becomes nullable only so that both backends share one model.
@@ -40,10 +43,7 @@ depends_on = None
 
 
 def upgrade():
-    if op.get_bind().dialect.name == "postgresql":
-        # A catalogue change: the partitions follow their parent, no row is read.
-        op.execute("ALTER TABLE packets ALTER COLUMN dedup_key DROP NOT NULL")
-        return
+    # PostgreSQL: a catalogue change, the partitions follow their parent, no row is read.
     with op.batch_alter_table('packets') as batch_op:
         batch_op.alter_column('dedup_key', existing_type=sa.String(32), nullable=True)
 

@@ -9,11 +9,15 @@ an entry whatever the id's length. The listing and requeue look a user up by the
 index condition, in the same order as before) and the id (a filter that drops the rare
 packet of another user sharing the key: ``models.of_user``).
 
-The index is dropped and built again in the migration's one transaction, as in 0013: on
-PostgreSQL building it on the partitioned parent builds it on every partition, under a lock
-that holds inserts back while it builds. On a large deployment, build the new definition on
-each partition first with ``CREATE INDEX CONCURRENTLY`` (README, "Deploying"); the parent's
-build then attaches those.
+The new index is built beside the old one in the migration's one transaction, then the old
+one dropped and the new one renamed: building it on the partitioned parent builds it on every
+partition, under a SHARE lock that holds inserts back (reads go on) while it builds; the
+drop's ACCESS EXCLUSIVE lock comes last, for a moment. On a large deployment, build the new
+definition on each partition first with ``CREATE INDEX CONCURRENTLY`` (README, "Deploying");
+the parent's build then attaches those.
+
+The key is md5's: a PostgreSQL built to run OpenSSL in FIPS mode refuses md5, and with it
+this migration.
 
 SQLite keeps its index on the user id itself.
 
@@ -39,18 +43,24 @@ USER_KEY_FUNCTION = (
 )
 
 
+def swap(definition):
+    """Build the new index beside the old one (a SHARE lock: reads go on, inserts wait), then
+    drop the old and give the new its name: the ACCESS EXCLUSIVE lock of the drop is taken
+    last, just before the commit, and no reader ever finds the table without an index."""
+    op.execute(f"CREATE INDEX ix_packets_user_next ON packets {definition}")
+    op.execute("DROP INDEX ix_packets_user")
+    op.execute("ALTER INDEX ix_packets_user_next RENAME TO ix_packets_user")
+
+
 def upgrade():
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute(USER_KEY_FUNCTION)
-    # One transaction: readers never see the table without the index.
-    op.execute("DROP INDEX ix_packets_user")
-    op.execute("CREATE INDEX ix_packets_user ON packets (packet_user_key(user_id), received_at)")
+    swap("(packet_user_key(user_id), received_at)")
 
 
 def downgrade():
     if op.get_bind().dialect.name != "postgresql":
         return
-    op.execute("DROP INDEX ix_packets_user")
-    op.execute("CREATE INDEX ix_packets_user ON packets (user_id, received_at)")
+    swap("(user_id, received_at)")
     op.execute("DROP FUNCTION packet_user_key(text)")

@@ -34,7 +34,7 @@ import orjson
 
 from bucket.models import PACKET_ID, Packet
 from bucket.services.audit.merkle import leaf_hash
-from bucket.services.codes import DECODED, decoded, decoded_sql
+from bucket.services.codes import DECODED, as_shown, decoded_sql
 from bucket.services.signals import KEYS_JOIN, TEXT_SQL, stored_signals_text
 
 T = Packet.__table__
@@ -159,12 +159,7 @@ LEAF_FROM = "packets " + KEYS_JOIN.format(p="packets", s="signal_set")
 # The columns ``leaf_content`` reads: JSON as its stored text, not parsed (rebuilt where stored
 # compact).
 LEAF_SELECT = tuple(
-    stored_signals_text().label(name)
-    if name in JSON_FIELDS
-    else decoded(name).label(name)
-    if name in DECODED
-    else T.c[name]
-    for name in FIELDS
+    stored_signals_text().label(name) if name in JSON_FIELDS else as_shown(name) for name in FIELDS
 )
 
 
