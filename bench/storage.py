@@ -718,16 +718,17 @@ def activity_sql(conn: psycopg.Connection) -> str:
 
 
 def fill_statement(conn: psycopg.Connection, unfilled: list[str]) -> str:
-    # Each packet column's NOT NULL: the layout the fill writes packets as ingest would.
-    not_null = {column[0]: column[2] for column in columns(conn, "packets")}
+    # Each packet column and whether it is NOT NULL: the layout whose packets the fill writes
+    # as ingest would.
+    layout = {column[0]: column[2] for column in columns(conn, "packets")}
     values = PACKET_VALUES
-    if "signal_values" in not_null:
+    if "signal_values" in layout:
         values = {**values, **COMPACT_SIGNAL_VALUES}
-    if "system_type_code" in not_null:  # ``coded``
+    if coded(conn):
         values = {**values, **CODED_VALUES}
-    if "active_seconds_scaled" in not_null:
+    if "active_seconds_scaled" in layout:
         values = {**values, **SCALED_VALUES}
-    if not not_null["dedup_key"]:
+    if not layout["dedup_key"]:
         values = {**values, "dedup_key": "NULL"}  # in packet_keys only (migration 0027)
     packet_columns, packet_values = insert_parts(conn, "packets", values, unfilled)
     delivery_columns, delivery_values = insert_parts(conn, "deliveries", DELIVERY_VALUES, unfilled)
