@@ -12,9 +12,10 @@ The audit leaf seals the column as stored: NULL for a packet stored from now on,
 one stored before. The fields the key is computed from are all in the leaf, so it commits to
 the same identity; ``verify`` recomputes each leaf from the stored row, as before.
 
-Existing rows keep their keys (no rewrite). Downgrade does not write the keys back, nor make
-the column NOT NULL again: the seals made since committed to NULL, and a key written back
-would make ``verify`` report every one of those packets as altered. The release before this
+Existing rows keep their keys (no rewrite). On PostgreSQL the downgrade does not write the
+keys back, nor make the column NOT NULL again: the seals made since committed to NULL, and a
+key written back would make ``verify`` report every one of those packets as altered (SQLite's,
+whose keys stayed on the packets, makes it NOT NULL again). The release before this
 one reads a NULL key everywhere but in retention's purge by rows (which then leaves that
 packet's key row behind until its day of keys is dropped) and in ``backfill-keys`` (for a
 rolling upgrade from before migration 0012 only; it fails on such a packet). Below 0012 the
