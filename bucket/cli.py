@@ -283,14 +283,15 @@ def partitions_ensure_command(days_ahead: int | None) -> None:
     help="Seconds a rebuild may wait for a lock (or a transaction in flight) before it stops.",
 )
 def partitions_compact_command(days_back: int | None, dry_run: bool, lock_timeout: float) -> None:
-    """Rebuild packed the half-full indexes of past days, one at a time, without blocking
-    ingest.
+    """Rebuild packed the indexes of past days, one at a time, without blocking ingest.
 
-    The user indexes of each day partition of packets whose day ended, and the primary key of
-    each day of packet_keys a day after its client day ended, grow half-full while their day
-    is written; REINDEX INDEX CONCURRENTLY rebuilds each once (a comment on the index records
-    it, so the next run skips it). A rebuild that waits longer than --lock-timeout for a lock
-    (a long transaction, a purge's detach) is undone and the run stops with exit 1; the next
+    Every b-tree index of each day partition of packets whose day ended, and of each day of
+    processed deliveries and of packet_keys a day after it ended, is rebuilt once at
+    fillfactor 100 with REINDEX INDEX CONCURRENTLY: the user indexes and the keys' primary
+    key grow half-full while their day is written, the others keep a tenth of each page free
+    for inserts a past day no longer takes (a comment on the index records the rebuild, so
+    the next run skips it). A rebuild that waits longer than --lock-timeout for a lock (a
+    long transaction, a purge's detach) is undone and the run stops with exit 1; the next
     run goes on. Schedule it daily after the purge (``flask --app wsgi bucket partitions
     compact``): each rebuild reads its whole day, so it takes longer the more packets a day
     holds (never in the workers' maintenance). PostgreSQL only.

@@ -1,6 +1,6 @@
-"""``flask bucket partitions compact``: the half-full indexes of past days rebuilt packed,
-concurrently, once; today's never touched; a dry run changes nothing; a rebuild that waits
-too long for a lock is undone; SQLite does nothing."""
+"""``flask bucket partitions compact``: every b-tree index of the days that ended rebuilt
+packed (fillfactor 100), concurrently, once; today's never touched; a dry run changes
+nothing; a rebuild that waits too long for a lock is undone; SQLite does nothing."""
 
 from __future__ import annotations
 
@@ -27,6 +27,13 @@ SELECT (jsonb_populate_record(NULL::packets, to_jsonb(p) || jsonb_build_object(
   'received_at', CAST(:start AS timestamp) + g * interval '1 s'))).*
 FROM packets p, generate_series(1, :rows) AS g WHERE p.packet_id = :model
 """
+# Each copied packet processed, in its day's partition of processed deliveries.
+FILL_PROCESSED = """
+INSERT INTO deliveries (packet_id, received_at, delivery_state, visible_at, delivery_count,
+  processed_by_karma)
+SELECT packet_id, received_at, 'processed', extract(epoch FROM received_at), 1, true
+FROM packets WHERE seq > :first AND seq <= :first + :rows
+"""
 FILL_KEYS = """
 INSERT INTO packet_keys (dedup_key, client_day, received_at, packet_id)
 SELECT gen_random_uuid(), :day, CAST(:day AS timestamp), gen_random_uuid()
@@ -34,14 +41,14 @@ FROM generate_series(1, :rows)
 """
 INDEXES = """
 SELECT ix.relname, ix.relfilenode, pg_relation_size(ix.oid), x.indisvalid,
-  coalesce(obj_description(ix.oid, 'pg_class'), '')
+  coalesce(obj_description(ix.oid, 'pg_class'), ''), coalesce(ix.reloptions, '{}')
 FROM pg_index x JOIN pg_class ix ON ix.oid = x.indexrelid
 WHERE x.indrelid = CAST(:table AS regclass) ORDER BY ix.relname
 """
 
 
 def indexes(app, table: str) -> dict[str, tuple]:
-    """Each index of ``table``: (relfilenode, bytes, valid, comment)."""
+    """Each index of ``table``: (relfilenode, bytes, valid, comment, options)."""
     return {name: rest for name, *rest in sql(app, INDEXES, table=table)}
 
 
@@ -59,6 +66,20 @@ def user_index(app, table: str, column: str = "user_id") -> str:
     return name
 
 
+def btree_indexes(app, table: str) -> set[str]:
+    """The b-tree indexes of ``table`` (not the keys' BRIN on received_at)."""
+    return {
+        name
+        for (name,) in sql(
+            app,
+            "SELECT ix.relname FROM pg_index x JOIN pg_class ix ON ix.oid = x.indexrelid "
+            "JOIN pg_am am ON am.oid = ix.relam "
+            "WHERE x.indrelid = CAST(:table AS regclass) AND am.amname = 'btree'",
+            table=table,
+        )
+    }
+
+
 def drop_days(app, *days: date) -> None:
     for day in days:
         name = partitions.day_name(day)
@@ -68,8 +89,9 @@ def drop_days(app, *days: date) -> None:
 
 @pytest.fixture
 def past_days(app, client):
-    """Two days before today, full: packets two days ago and yesterday, keys two days ago
-    and yesterday; packets today too. Dropped afterwards (the test database is shared)."""
+    """Two days before today, full: packets (all processed) two days ago and yesterday, keys
+    two days ago and yesterday; packets today too. Dropped afterwards (the test database is
+    shared)."""
     today = utc_now().date()
     old, yesterday = today - timedelta(days=2), today - timedelta(days=1)
     drop_days(app, old, yesterday)
@@ -83,8 +105,10 @@ def past_days(app, client):
             partitions.create_key_day(day)
     for number, day in enumerate((old, yesterday)):
         start = f"{day.isoformat()} 00:00:00"
-        fill = FILL_PACKETS.replace("1000000", str(1_000_000 * (number + 1)))
+        first = 1_000_000 * (number + 1)
+        fill = FILL_PACKETS.replace("1000000", str(first))
         sql(app, fill, learners=LEARNERS, start=start, rows=ROWS, model=model)
+        sql(app, FILL_PROCESSED, first=first, rows=ROWS)
         sql(app, FILL_KEYS, day=day, rows=ROWS)
     sql(app, "ANALYZE packets")
     yield old, yesterday
@@ -93,19 +117,25 @@ def past_days(app, client):
 
 @pytest.mark.parametrize("backend", ["postgres"])
 def test_compact_rebuilds_past_days_packed_once_and_leaves_today_alone(app, past_days, backend):
-    """The user and employee indexes of the days that ended and the key primary key of the day that
-    settled are rebuilt smaller or equal, valid, still used by the listing, and marked; a
-    second run skips them; today's partitions and yesterday's day of keys keep their files."""
+    """Every b-tree index of the days of packets that ended, and of the days of processed
+    deliveries and of keys that settled, is rebuilt at fillfactor 100, smaller or equal,
+    valid, still used by the listing, and marked; a second run skips them; today's
+    partitions, yesterday's processed deliveries and keys and the keys' BRIN keep their
+    files."""
     old, yesterday = past_days
     today = utc_now().date()
     old_packets, new_packets = partitions.day_name(old), partitions.day_name(yesterday)
+    old_processed = partitions.processed_name(old_packets)
     old_keys = partitions.key_day_name(old)
     watched = (
         old_packets,
         new_packets,
+        old_processed,
+        partitions.processed_name(new_packets),
         old_keys,
         partitions.key_day_name(yesterday),
         partitions.day_name(today),
+        partitions.processed_name(partitions.day_name(today)),
         partitions.key_day_name(today),
     )
     before = {table: indexes(app, table) for table in watched}
@@ -121,16 +151,24 @@ def test_compact_rebuilds_past_days_packed_once_and_leaves_today_alone(app, past
         for name in after[table]
         if after[table][name][0] != before[table][name][0]
     }
-    assert rebuilt == {
-        (old_packets, user_index(app, old_packets)),
-        (old_packets, user_index(app, old_packets, "employee_id")),
-        (new_packets, user_index(app, new_packets)),
-        (new_packets, user_index(app, new_packets, "employee_id")),
-        (old_keys, f"{old_keys}_pkey"),
-    }, result.output
+    expected = {
+        (table, name)
+        for table in (old_packets, new_packets, old_processed, old_keys)
+        for name in btree_indexes(app, table)
+    }
+    assert {name for _, name in expected} >= {
+        f"{old_packets}_pkey",
+        f"{old_packets}_seq_key",
+        user_index(app, old_packets),
+        user_index(app, old_packets, "employee_id"),
+        f"{old_keys}_pkey",
+    }
+    assert len([1 for table, _ in expected if table == old_processed]) == 1
+    assert rebuilt == expected, result.output
     for table, name in rebuilt:
-        _, size, valid, comment = after[table][name]
+        _, size, valid, comment, options = after[table][name]
         assert valid and comment.startswith(COMPACTED)
+        assert "fillfactor=100" in options, (name, options)
         assert size <= before[table][name][1]
         assert f"compacted {name} ({table}): {before[table][name][1]:,} -> {size:,}" in (
             result.output
@@ -139,6 +177,11 @@ def test_compact_rebuilds_past_days_packed_once_and_leaves_today_alone(app, past
         after[old_packets][user_index(app, old_packets)][1]
         < (before[old_packets][user_index(app, old_packets)][1])
     ), "round-robin inserts leave the user index half-full: a rebuild packs it"
+    seq_key = f"{old_packets}_seq_key"
+    assert after[old_packets][seq_key][1] < 0.95 * before[old_packets][seq_key][1], (
+        "seq grows at the right edge, where a b-tree leaves a tenth of each page free: "
+        "packed at fillfactor 100 it is smaller still"
+    )
     plan = sql(
         app,
         "EXPLAIN SELECT packet_id FROM packets WHERE packet_user_key(user_id) = "
@@ -196,10 +239,34 @@ def test_a_rebuild_kept_waiting_is_undone_and_the_next_run_goes_on(app, past_day
         other.rollback()
 
     assert stopped.exit_code == 1 and "not finished" in stopped.output, stopped.output
-    assert indexes(app, table) == before  # no copy left, nothing swapped or marked
+    # No copy left, nothing swapped or marked (the fillfactor set before the rebuild may stay:
+    # it only decides how full a page that splits is left, and the next run rebuilds it).
+    unchanged = {name: found[:4] for name, found in before.items()}
+    assert {name: found[:4] for name, found in indexes(app, table).items()} == unchanged
     done = app.test_cli_runner().invoke(args=["bucket", "partitions", "compact"])
     assert done.exit_code == 0, done.output
     assert f"compacted {user_index(app, table)} ({table})" in done.output
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+def test_an_index_compacted_by_an_earlier_release_is_packed_again(app, past_days, backend):
+    """An index marked compacted but rebuilt at the default fillfactor (before every
+    index was packed full) is rebuilt once more; one marked and packed is skipped."""
+    old, _ = past_days
+    table = partitions.day_name(old)
+    earlier, packed = f"{table}_seq_key", f"{table}_pkey"
+    for name in (earlier, packed):
+        sql(app, f"COMMENT ON INDEX {name} IS '{COMPACTED} 2026-12-01: 1 -> 1 bytes'")
+    sql(app, f"ALTER INDEX {packed} SET (fillfactor = 100)")
+    before = indexes(app, table)
+
+    result = app.test_cli_runner().invoke(args=["bucket", "partitions", "compact"])
+
+    assert result.exit_code == 0, result.output
+    after = indexes(app, table)
+    assert after[earlier][0] != before[earlier][0] and "fillfactor=100" in after[earlier][4]
+    assert f"compacted {earlier} ({table})" in result.output
+    assert after[packed] == before[packed]
 
 
 @pytest.mark.parametrize("backend", ["sqlite"])

@@ -1,29 +1,36 @@
-"""Compacting the indexes of past days (PostgreSQL): rebuilt packed once, without a lock that
-holds ingest.
+"""Compacting the indexes of past days (PostgreSQL): every b-tree index of a day that is over,
+rebuilt packed (fillfactor 100) once, without a lock that holds ingest.
 
-Two kinds of index grow half-full: ``ix_packets_user`` (the user id's key, received_at) and
-``ix_packets_employee`` take inserts at one place per learner, and ``packet_keys_pkey`` on
-random 16-byte digests anywhere; a page that splits in the middle of an index stays half
-empty (1.8 and 1.3 times their packed size, BENCHMARKS.md). Once a day is over its partition
-of ``packets`` takes no more inserts (a late resend is received today, so it lands in today's
-partition), and a day of keys (by the client's day) takes only the trickle of packets resent
-from offline queues once ``KEY_DAY_SETTLE`` has passed after it (late packets stop being
-routine an hour after their day: BUCKET_STALE_AFTER). Each of those indexes can then be
-rebuilt packed once.
+A b-tree grows with room to spare. ``ix_packets_user`` (the user id's key, received_at) and
+``ix_packets_employee`` take inserts at one place per learner, and ``packet_keys_pkey`` random
+16-byte digests anywhere: a page that splits in the middle stays half empty (1.8 and 1.3 times
+their packed size, BENCHMARKS.md). The others grow at their right edge (packets' primary key
+on a time-ordered uuid, the day's unique index on seq, processed deliveries' packet_id), where
+a b-tree fills each page to its fillfactor, 90 %: the tenth kept free for inserts in the
+middle. Once a day is over, none of them takes inserts in the middle any more. A partition of
+``packets`` takes no more inserts at all (a late resend is received today, so it lands in
+today's partition); a day of keys (by the client's day) takes only the trickle of packets
+resent from offline queues once ``SETTLE`` has passed after it (late packets stop being
+routine an hour after their day: BUCKET_STALE_AFTER), and a day of processed deliveries the
+acknowledgements of the packets of that day still unfinished then. So each index is rebuilt at
+fillfactor 100, once (a late insert splits one page, as it would anyway).
 
-``REINDEX INDEX CONCURRENTLY`` builds the copy beside the index and swaps them under
-SHARE UPDATE EXCLUSIVE locks, which no insert, query or acknowledgement waits for. It does
-wait for the transactions in flight (twice) and for locks held by DDL (a purge detaching a
-day), at most ``lock_timeout`` each time; a wait that times out leaves the half-built copy
-(``<index>_ccnew``, invalid), which is dropped at once, and the run stops there (the next
-one goes on). On a day of 5M packets a rebuild takes minutes, so it runs from cron
-(``flask bucket partitions compact``), never in the bookkeeper's maintenance step.
+``ALTER INDEX .. SET (fillfactor = 100)`` (a SHARE UPDATE EXCLUSIVE lock on the index alone),
+then ``REINDEX INDEX CONCURRENTLY``, which keeps the option, builds the copy beside the index
+and swaps them under SHARE UPDATE EXCLUSIVE locks, which no insert, query or acknowledgement
+waits for. It does wait for the transactions in flight (twice) and for locks held by DDL (a
+purge detaching a day), at most ``lock_timeout`` each time; a wait that times out leaves the
+half-built copy (``<index>_ccnew``, invalid), which is dropped at once, and the run stops
+there; the next one goes on (the index keeps its fillfactor meanwhile, which only decides how
+full a page that splits is left). On a day of 5M packets a rebuild takes minutes, so it runs from
+cron (``flask bucket partitions compact``), never in the bookkeeper's maintenance step.
 
 A compacted index carries a comment saying so (``COMPACTED``, the date and its bytes before
-and after): it is written in the same catalogs as the index, costs nothing to read, survives
-the swap (``REINDEX CONCURRENTLY`` moves the comment to the new index), and goes with the
-index when retention drops the day, so no table of compactions has to follow the partitions.
-One compaction at a time across every instance (a session-level advisory lock).
+and after) and its fillfactor of 100: both are written in the same catalogs as the index, cost
+nothing to read, survive the swap and go with the index when retention drops the day, so no
+table of compactions has to follow the partitions. An index an earlier release compacted at
+the default fillfactor (a comment, no option) is rebuilt once more. One compaction at a time
+across every instance (a session-level advisory lock).
 """
 
 from __future__ import annotations
@@ -38,31 +45,37 @@ from sqlalchemy import text
 
 from bucket.extensions import db
 from bucket.services import sql
-from bucket.services.partitions import KEYS, day_start, partitioned, upper_bound
+from bucket.services.partitions import KEYS, PROCESSED, day_start, partitioned, upper_bound
 from bucket.timeutil import utc_now
 
 log = logging.getLogger(__name__)
-# The partitioned indexes whose partitions grow half-full, by table.
-HALF_FULL = {
-    "packets": ("ix_packets_user", "ix_packets_employee"),
-    KEYS: ("packet_keys_pkey",),
+# The partitioned tables whose days' b-tree indexes are compacted, and how long after its day
+# ended a partition of each is compacted (the days of keys and of processed deliveries take
+# late rows for a while: the module's docstring).
+SETTLE = {
+    "packets": timedelta(0),
+    PROCESSED: timedelta(days=1),
+    KEYS: timedelta(days=1),
 }
-# A day of keys is compacted once this long has passed since it ended.
-KEY_DAY_SETTLE = timedelta(days=1)
 COMPACTED = "compacted"
+FILLFACTOR = 100
+PACKED = f"fillfactor={FILLFACTOR}"  # as pg_class.reloptions lists it
 DEFAULT_LOCK_TIMEOUT = 5.0
 # pg_try_advisory_lock key of the compaction: "prana-cmp" as an integer.
 COMPACTOR_LOCK = 0x7072616E61636D70
+# Every valid b-tree index of each partition of a table (not the keys' BRIN on received_at,
+# which a rebuild would not make smaller): whether it is marked compacted, and packed.
 CANDIDATES_SQL = """
 SELECT part.relname, pg_get_expr(part.relpartbound, part.oid), ix.relname,
-  pg_relation_size(ix.oid), coalesce(obj_description(ix.oid, 'pg_class'), '')
+  pg_relation_size(ix.oid),
+  starts_with(coalesce(obj_description(ix.oid, 'pg_class'), ''), :compacted)
+    AND coalesce(ix.reloptions, '{}') @> ARRAY[CAST(:packed AS text)]
 FROM pg_inherits tp
 JOIN pg_class part ON part.oid = tp.inhrelid
 JOIN pg_index x ON x.indrelid = part.oid AND x.indisvalid
 JOIN pg_class ix ON ix.oid = x.indexrelid
-JOIN pg_inherits ip ON ip.inhrelid = ix.oid
-JOIN pg_class parent ON parent.oid = ip.inhparent
-WHERE tp.inhparent = CAST(:table AS regclass) AND parent.relname = ANY(:indexes)
+JOIN pg_am am ON am.oid = ix.relam AND am.amname = 'btree'
+WHERE tp.inhparent = CAST(:table AS regclass)
 ORDER BY part.relname, ix.relname
 """
 # Copies a REINDEX CONCURRENTLY that gave up left behind (invalid), on one partition.
@@ -101,29 +114,29 @@ class Compaction:
 
 
 def compactable(table: str, end: datetime | None, now: datetime, days_back: int | None) -> bool:
-    """Whether a partition of ``table`` ending at ``end`` is over for good (a day of packets
-    once it ended, a day of keys ``KEY_DAY_SETTLE`` later) and, with ``days_back``, one of the
-    last ``days_back`` days before today."""
+    """Whether a partition of ``table`` ending at ``end`` is over for good (its day ended
+    ``SETTLE[table]`` ago) and, with ``days_back``, one of the last ``days_back`` days before
+    today."""
     if end is None:  # the default partition: written whenever a day is missing
         return False
-    settled = end + (KEY_DAY_SETTLE if table == KEYS else timedelta(0))
+    settled = end + SETTLE[table]
     if settled > now:
         return False
     return days_back is None or end > day_start(now.date() - timedelta(days=days_back))
 
 
 def candidates(connection, now: datetime, days_back: int | None) -> list[IndexCompaction]:
-    """The half-full indexes of the partitions over for good, oldest day first."""
+    """The b-tree indexes of the partitions over for good, by table, oldest day first."""
     found = []
-    for table, indexes in HALF_FULL.items():
+    for table in SETTLE:
         rows = connection.execute(
-            text(CANDIDATES_SQL), {"table": table, "indexes": list(indexes)}
+            text(CANDIDATES_SQL), {"table": table, "compacted": COMPACTED, "packed": PACKED}
         ).all()
-        for partition, bound, index, size, comment in rows:
+        for partition, bound, index, size, done in rows:
             if not compactable(table, upper_bound(bound), now, days_back):
                 continue
             item = IndexCompaction(table, partition, index, size)
-            if comment.startswith(COMPACTED):
+            if done:
                 item.outcome = "already compacted"
             found.append(item)
     return found
@@ -171,8 +184,9 @@ def compact_partitions(
     dry_run: bool = False,
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> Compaction | None:
-    """Rebuild, one at a time and concurrently, the half-full indexes of the day partitions
-    of ``packets`` whose day ended and of ``packet_keys`` whose day settled (with
+    """Rebuild packed, one at a time and concurrently, the b-tree indexes of the day
+    partitions of ``packets`` whose day ended and of processed deliveries and ``packet_keys``
+    whose day settled (with
     ``days_back``, only those of the last ``days_back`` days before today), skipping those
     compacted already. With ``dry_run``, only name them. None on SQLite."""
     if not partitioned():
@@ -204,8 +218,9 @@ def compact_partitions(
 
 
 def rebuild(connection, item: IndexCompaction) -> None:
-    """Rebuild one index concurrently and mark it compacted, with its bytes before and
-    after."""
+    """Rebuild one index concurrently at fillfactor 100 and mark it compacted, with its bytes
+    before and after."""
+    connection.execute(text(f'ALTER INDEX "{item.index}" SET (fillfactor = {FILLFACTOR})'))
     connection.execute(text(f'REINDEX INDEX CONCURRENTLY "{item.index}"'))
     item.after = index_size(connection, item.index)
     item.outcome = "compacted"
