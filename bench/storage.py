@@ -1072,11 +1072,12 @@ def table(figures: dict) -> str:
         parts = [("heap", size["heap"]), ("TOAST", size["toast"]), *size["indexes"].items()]
         if size["other_indexes"]:
             parts.append(("other indexes", size["other_indexes"]))
-        after = (compaction or {}).get("relations", {}).get(name, {}).get("indexes", {})
+        compacted = (compaction or {}).get("relations", {}).get(name, {})
+        after = {**compacted.get("indexes", {}), "other indexes": compacted.get("other_indexes")}
         for part, value in parts:
             packed = figures["rebuilt_indexes"].get(part)
             note = f"  (built afresh: {packed / stored:.1f})" if packed is not None else ""
-            if after.get(part, value) != value:
+            if after.get(part) not in (None, value):
                 note += f"  (compacted: {after[part] / stored:.1f})"
             lines.append(f"  {part:<32} {'':>12} {value:>14,} {value / stored:>9.1f}{note}")
     for name, alt in figures["alternatives"].items():
