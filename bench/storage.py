@@ -398,6 +398,18 @@ ALTERNATIVES = (
         "the processed deliveries' packet_id index as a hash index",
         "deliveries USING hash (packet_id) WHERE delivery_state = 'processed'",
     ),
+    (
+        "key_digest_alone",
+        "packet_keys' index on the digest alone (a unique index per partition: the digest "
+        "covers the client's timestamp, so it fixes the day) instead of on digest and day",
+        "packet_keys (dedup_key) WITH (fillfactor = 100)",
+    ),
+    (
+        "packet_keys_pkey_packed",
+        "packet_keys' primary key built afresh at fillfactor 100, as the compaction leaves it "
+        "(beside key_digest_alone)",
+        "packet_keys (dedup_key, client_day) WITH (fillfactor = 100)",
+    ),
 )
 
 # Row layouts that could replace today's, measured on a sample of the filled rows copied into
@@ -460,6 +472,17 @@ HEAP_ALTERNATIVES = (
         "coalesce(processed_at, to_timestamp(visible_at) AT TIME ZONE 'UTC') AS processed_at, "
         "packet_id::uuid AS packet_id, delivery_count::smallint AS attempts, "
         "last_error, replace(karma_actions::text, '\"packet_id\":\"' || packet_id || '\",', '')"
+        "::json AS karma_actions",
+    ),
+    (
+        "finished_record_dated",
+        "finished_record with what the day partitions and the user listing need of it too: "
+        "received_at (the partition key) and last_delivered_at",
+        "deliveries",
+        "received_at, coalesce(processed_at, to_timestamp(visible_at) AT TIME ZONE 'UTC') "
+        "AS processed_at, last_delivered_at, packet_id::uuid AS packet_id, "
+        "delivery_count::smallint AS attempts, last_error, "
+        "replace(karma_actions::text, '\"packet_id\":\"' || packet_id || '\",', '')"
         "::json AS karma_actions",
     ),
 )
