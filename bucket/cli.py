@@ -272,7 +272,8 @@ def partitions_ensure_command(days_ahead: int | None) -> None:
 @click.option(
     "--days-back",
     type=click.IntRange(min=1),
-    help="Only the last N days before today (default: every past day still kept).",
+    help="Only the days that ended within the last N days (default: every past day still "
+    "kept); keys and processed deliveries, settled a day later, need 2 or more.",
 )
 @click.option("--dry-run", is_flag=True, help="Name the indexes it would rebuild; rebuild none.")
 @click.option(
@@ -285,14 +286,16 @@ def partitions_ensure_command(days_ahead: int | None) -> None:
 def partitions_compact_command(days_back: int | None, dry_run: bool, lock_timeout: float) -> None:
     """Rebuild packed the indexes of past days, one at a time, without blocking ingest.
 
-    Every b-tree index of each day partition of packets whose day ended, and of each day of
-    processed deliveries and of packet_keys a day after it ended, is rebuilt once at
-    fillfactor 100 with REINDEX INDEX CONCURRENTLY: the user indexes and the keys' primary
-    key grow half-full while their day is written, the others keep a tenth of each page free
-    for inserts a past day no longer takes (a comment on the index records the rebuild, so
-    the next run skips it). A rebuild that waits longer than --lock-timeout for a lock (a
-    long transaction, a purge's detach) is undone and the run stops with exit 1; the next
-    run goes on. Schedule it daily after the purge (``flask --app wsgi bucket partitions
+    Every b-tree index of each day partition of packets whose day ended, of each day of
+    packet_keys a day after it ended, and of each day of processed deliveries a day after it
+    ended once none of its packets is pending or leased, is rebuilt once at fillfactor 100
+    with REINDEX INDEX CONCURRENTLY: the user indexes and the keys' primary key grow
+    half-full while their day is written, the others keep a tenth of each page free for
+    inserts a past day no longer takes (a comment on the index and its fillfactor record the
+    rebuild, so the next run skips it). --days-back counts from each day's end: keys and
+    processed deliveries need 2 or more. A rebuild that waits longer than --lock-timeout for
+    a lock (a long transaction, a purge's detach) is undone and the run stops with exit 1;
+    the next run goes on. Schedule it daily after the purge (``flask --app wsgi bucket partitions
     compact``): each rebuild reads its whole day, so it takes longer the more packets a day
     holds (never in the workers' maintenance). PostgreSQL only.
     """

@@ -177,6 +177,12 @@ def _bound(expression: str, keyword: str) -> datetime | None:
     return datetime.fromisoformat(found.group(1)).replace(tzinfo=UTC)
 
 
+def lower_bound(expression: str) -> datetime | None:
+    """Where a partition's range starts (its bound as ``pg_get_expr`` gives it), in UTC; None
+    for the default partition and a range from MINVALUE."""
+    return _bound(expression, "FROM")
+
+
 def upper_bound(expression: str) -> datetime | None:
     """Where a partition's range ends (its bound as ``pg_get_expr`` gives it), in UTC; None
     for the default partition and a range up to MAXVALUE."""
