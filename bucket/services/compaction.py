@@ -216,9 +216,9 @@ def compact_partitions(
 ) -> Compaction | None:
     """Rebuild packed, one at a time and concurrently, the b-tree indexes of the day
     partitions of ``packets`` whose day ended and of processed deliveries and ``packet_keys``
-    whose day settled (with
-    ``days_back``, only those of the last ``days_back`` days before today), skipping those
-    compacted already. With ``dry_run``, only name them. None on SQLite."""
+    whose day settled (with ``days_back``, only those of the last ``days_back`` days before
+    today), skipping those compacted already. With ``dry_run``, only name them. None on
+    SQLite."""
     if not partitioned():
         return None
     if days_back is not None and days_back < 1:
