@@ -128,15 +128,24 @@ class Compaction:
         return [index for index in self.indexes if index.outcome == outcome]
 
 
-def compactable(table: str, end: datetime | None, now: datetime, days_back: int | None) -> bool:
-    """Whether a partition of ``table`` ending at ``end`` is over for good (its day ended
-    ``SETTLE[table]`` ago) and, with ``days_back``, one of the last ``days_back`` days before
-    today (counted from the day's end: a day of keys or of processed deliveries, settled a day
-    later, needs ``days_back`` of 2 at least)."""
+def compactable(
+    table: str, bound: str, now: datetime, days_back: int | None, unfinished: list[datetime]
+) -> bool:
+    """Whether a partition of ``table`` (its bound as ``pg_get_expr`` gives it) is over for
+    good: its day ended ``SETTLE[table]`` ago and, for processed deliveries, none of its
+    packets is still pending or leased (received on one of the ``unfinished`` days); and,
+    with ``days_back``, whether it is one of the last ``days_back`` days before today (counted
+    from the day's end: a day of keys or of processed deliveries, settled a day later, needs
+    ``days_back`` of 2 at least)."""
+    end = upper_bound(bound)
     if end is None:  # the default partition: written whenever a day is missing
         return False
-    settled = end + SETTLE[table]
-    if settled > now:
+    if end + SETTLE[table] > now:
+        return False
+    start = lower_bound(bound)
+    if table == PROCESSED and any(
+        (start is None or start <= day) and day < end for day in unfinished
+    ):
         return False
     return days_back is None or end > day_start(now.date() - timedelta(days=days_back))
 
@@ -157,13 +166,7 @@ def candidates(connection, now: datetime, days_back: int | None) -> list[IndexCo
             text(CANDIDATES_SQL), {"table": table, "compacted": COMPACTED, "packed": PACKED}
         ).all()
         for partition, bound, index, size, done in rows:
-            end = upper_bound(bound)
-            if not compactable(table, end, now, days_back):
-                continue
-            start = lower_bound(bound)
-            if table == PROCESSED and any(
-                (start is None or start <= day) and day < end for day in unfinished
-            ):
+            if not compactable(table, bound, now, days_back, unfinished):
                 continue
             item = IndexCompaction(table, partition, index, size)
             if done:
